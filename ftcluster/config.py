@@ -1,0 +1,394 @@
+"""The typed config schema, Hydra composition, and validate(): everything a run needs is checked here,
+before any process or cluster starts.
+
+The YAML tree under conf/ supplies values; the dataclasses below supply types and the set of keys that
+exist. Composition merges the YAML onto the schema, so a misspelt key or a string where a number
+belongs fails with the key's name instead of deep inside a worker.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any, List, Optional
+
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from ftcluster.errors import ConfigError, UserError
+
+ASSETS = Path(__file__).parent / "assets"
+
+
+@dataclass
+class ModelConfig:
+    name: str = "tiny"
+    # A local Hugging Face folder (config.json, weights, tokenizer). Bundled models fill it in.
+    path: Optional[str] = None
+    # "pretrained" loads the folder's weights; "random" builds the architecture from its config.json
+    # with seeded random weights (the tiny test model ships no weights).
+    init: str = "pretrained"
+    attn_implementation: str = "sdpa"
+    gradient_checkpointing: bool = False
+    trust_remote_code: bool = False
+
+
+@dataclass
+class DataConfig:
+    name: str = "custom"
+    path: Optional[str] = None
+    eval_path: Optional[str] = None
+    format: str = "chat"
+    # Held out from `path` when there is no eval_path (a fraction, 0 disables).
+    eval_fraction: float = 0.0
+    # A Jinja chat template (inline, or a path to a .jinja file) replacing the tokenizer's own.
+    chat_template: Optional[str] = None
+    system_prompt: Optional[str] = None
+    # "assistant": loss on assistant tokens only; "all": on every token of the rendered chat.
+    train_on: str = "assistant"
+    packing: bool = True
+    # What to do with an example longer than trainer.max_seq_len: truncate, drop or error.
+    truncation: str = "truncate"
+    shuffle: bool = True
+
+
+@dataclass
+class StageConfig:
+    name: str = "sft"
+
+
+@dataclass
+class PeftConfig:
+    method: str = "none"
+    r: int = 8
+    alpha: int = 16
+    dropout: float = 0.0
+    target_modules: List[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"])
+    # Prompt / prefix tuning.
+    num_virtual_tokens: int = 16
+
+
+@dataclass
+class StrategyConfig:
+    name: str = "zero0"
+    zero_stage: int = 0
+    offload_optimizer: bool = False
+    offload_params: bool = False
+    precision: str = "fp32"
+    gradient_clipping: float = 1.0
+    # A DeepSpeed JSON file whose keys override the generated config.
+    deepspeed_config: Optional[str] = None
+
+
+@dataclass
+class LauncherConfig:
+    name: str = "local"
+    workers: int = 1
+    # ray://, an http://HOST:8265 dashboard address, or HOST:PORT of a running cluster (launcher=ray).
+    address: Optional[str] = None
+    # null: use GPUs when the cluster has them.
+    use_gpu: Optional[bool] = None
+    cpus_per_worker: int = 1
+    placement_strategy: str = "PACK"
+    max_failures: int = 0
+
+
+@dataclass
+class WandbConfig:
+    enabled: bool = False
+    mode: str = "offline"
+    project: str = "ftcluster"
+    group: Optional[str] = None
+    name: Optional[str] = None
+
+
+@dataclass
+class TrackingConfig:
+    name: str = "default"
+    progress: bool = True
+    tensorboard: bool = False
+    wandb: WandbConfig = field(default_factory=WandbConfig)
+
+
+@dataclass
+class TrainerConfig:
+    max_steps: int = 20
+    max_seq_len: int = 512
+    micro_batch_per_device: int = 4
+    global_batch: int = 8
+    log_every_steps: int = 1
+    # 0 disables periodic evaluation; an eval always runs at the last step when there is eval data.
+    eval_every_steps: int = 0
+    save_every_steps: int = 0
+    keep_last_checkpoints: int = 2
+    # Greedy generation on the eval split, scored by exact match (eval_exact_match in metrics.jsonl).
+    eval_generate: bool = False
+    eval_max_new_tokens: int = 64
+    # Stop cleanly (with a checkpoint) after this many steps; resume=auto continues the schedule.
+    stop_after_steps: Optional[int] = None
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 2e-5
+    weight_decay: float = 0.0
+    betas: List[float] = field(default_factory=lambda: [0.9, 0.999])
+    eps: float = 1e-8
+    scheduler: str = "cosine"
+    warmup_steps: int = 0
+    # The schedule decays to lr * min_lr_ratio.
+    min_lr_ratio: float = 0.0
+
+
+@dataclass
+class ExportConfig:
+    # With peft: write merged full weights to final/ (the adapter always goes to final/adapter/).
+    merge: bool = True
+
+
+@dataclass
+class TrainConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    stage: StageConfig = field(default_factory=StageConfig)
+    peft: PeftConfig = field(default_factory=PeftConfig)
+    strategy: StrategyConfig = field(default_factory=StrategyConfig)
+    launcher: LauncherConfig = field(default_factory=LauncherConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    export: ExportConfig = field(default_factory=ExportConfig)
+    output_dir: str = "runs/default"
+    # never: refuse an output_dir holding another run; auto: continue from its newest complete checkpoint;
+    # or a path to one checkpoint folder.
+    resume: str = "never"
+    seed: int = 0
+
+
+CHOICES = {
+    "data.format": ("alpaca", "chat", "text", "preference"),
+    "data.train_on": ("assistant", "all"),
+    "data.truncation": ("truncate", "drop", "error"),
+    "stage.name": ("sft",),
+    "peft.method": ("none", "lora", "dora", "qlora", "prompt", "prefix"),
+    "strategy.zero_stage": (0, 1, 2, 3),
+    "strategy.precision": ("fp32", "bf16", "fp16"),
+    "model.init": ("pretrained", "random"),
+    "model.attn_implementation": ("sdpa", "eager", "flash_attention_2"),
+    "launcher.name": ("local", "ray"),
+    "launcher.placement_strategy": ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"),
+    "optim.scheduler": ("cosine", "linear", "constant"),
+    "tracking.wandb.mode": ("offline", "online", "disabled"),
+}
+STAGE_FORMATS = {"sft": ("alpaca", "chat", "text")}
+
+
+def conf_dir() -> Path:
+    """The conf/ tree: the checkout's when running from source, the wheel's copy otherwise."""
+    return Path(str(resources.files("ftcluster.conf")))
+
+
+def _asset(relative: str) -> str:
+    return str(ASSETS / relative)
+
+
+if not OmegaConf.has_resolver("asset"):
+    # ${asset:models/tiny} in conf/ points into the installed package, wherever it lives.
+    OmegaConf.register_new_resolver("asset", _asset)
+
+
+def compose(overrides: List[str], config_name: str = "train") -> DictConfig:
+    """Compose conf/<config_name>.yaml with command-line overrides onto the typed schema."""
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+    from hydra.errors import HydraException
+
+    GlobalHydra.instance().clear()
+    try:
+        with initialize_config_dir(config_dir=str(conf_dir()), version_base="1.3"):
+            raw = hydra_compose(config_name=config_name, overrides=list(overrides))
+    except HydraException as exc:
+        raise UserError(_hydra_message(exc)) from None
+    except OmegaConfBaseException as exc:
+        raise ConfigError(_key_of(exc), _omegaconf_message(exc)) from None
+    return apply_schema(raw)
+
+
+def apply_schema(raw: DictConfig | dict) -> DictConfig:
+    """Merge values onto the schema: unknown keys and wrong types fail with the key's name."""
+    schema = OmegaConf.structured(TrainConfig)
+    try:
+        cfg = OmegaConf.merge(schema, raw)
+        OmegaConf.resolve(cfg)
+    except OmegaConfBaseException as exc:
+        raise ConfigError(_key_of(exc), _omegaconf_message(exc)) from None
+    OmegaConf.set_readonly(cfg, False)
+    return cfg
+
+
+def _key_of(exc: OmegaConfBaseException) -> str:
+    return str(getattr(exc, "full_key", None) or "?")
+
+
+def _omegaconf_message(exc: OmegaConfBaseException) -> str:
+    text = str(exc).splitlines()[0]
+    if "not in struct" in text or "Key '" in text and "not" in text:
+        return f"{text}. Check the spelling; `ftcluster train --help` lists the config groups and keys"
+    return text
+
+
+def _hydra_message(exc: Exception) -> str:
+    text = str(exc).strip()
+    if "Could not override" in text or "not in struct" in text:
+        first = text.splitlines()[0]
+        return (f"{first}\nThe key does not exist. Check the spelling, or add a new key with '+key=value' "
+                f"only if the schema has it")
+    if "Could not find" in text and "/" in text:
+        return f"{text.splitlines()[0]} (config groups live under {conf_dir()})"
+    return text.splitlines()[0]
+
+
+@dataclass
+class Derived:
+    """Values computed from the config; never set by hand."""
+
+    world_size: int
+    grad_accum_steps: int
+
+
+def derive(cfg: DictConfig) -> Derived:
+    t, workers = cfg.trainer, cfg.launcher.workers
+    per_step = t.micro_batch_per_device * workers
+    if t.global_batch % per_step != 0:
+        raise ConfigError(
+            "trainer.global_batch",
+            f"{t.global_batch} is not divisible by trainer.micro_batch_per_device x launcher.workers = "
+            f"{t.micro_batch_per_device} x {workers} = {per_step}. Use a multiple of {per_step}, e.g. "
+            f"trainer.global_batch={per_step * max(1, round(t.global_batch / per_step))}",
+        )
+    return Derived(world_size=workers, grad_accum_steps=t.global_batch // per_step)
+
+
+def _get(cfg: DictConfig, dotted: str) -> Any:
+    return OmegaConf.select(cfg, dotted)
+
+
+def validate(cfg: DictConfig, check_paths: bool = True) -> Derived:
+    """Every check that needs no process, no cluster and no model weights. Raises ConfigError."""
+    for key, allowed in CHOICES.items():
+        value = _get(cfg, key)
+        if value not in allowed:
+            listed = ", ".join(map(str, allowed[:-1])) + f" or {allowed[-1]}" if len(allowed) > 1 else str(allowed[0])
+            raise ConfigError(key, f"got {value!r}; it must be {listed}")
+
+    positive = ["trainer.max_steps", "trainer.max_seq_len", "trainer.micro_batch_per_device",
+                "trainer.global_batch", "trainer.log_every_steps", "launcher.workers",
+                "launcher.cpus_per_worker", "trainer.keep_last_checkpoints", "peft.r",
+                "trainer.eval_max_new_tokens"]
+    for key in positive:
+        if _get(cfg, key) < 1:
+            raise ConfigError(key, f"got {_get(cfg, key)}; it must be a positive integer")
+    for key in ["trainer.eval_every_steps", "trainer.save_every_steps", "optim.warmup_steps",
+                "launcher.max_failures", "optim.weight_decay", "peft.dropout"]:
+        if _get(cfg, key) < 0:
+            raise ConfigError(key, f"got {_get(cfg, key)}; it must be 0 or more")
+    if not cfg.optim.lr > 0:
+        raise ConfigError("optim.lr", f"got {cfg.optim.lr}; it must be a positive number such as 1e-4")
+    if not 0 <= cfg.data.eval_fraction < 1:
+        raise ConfigError("data.eval_fraction", f"got {cfg.data.eval_fraction}; it must be in [0, 1)")
+    if cfg.optim.warmup_steps > cfg.trainer.max_steps:
+        raise ConfigError("optim.warmup_steps",
+                          f"{cfg.optim.warmup_steps} is more than trainer.max_steps={cfg.trainer.max_steps}")
+    stop = cfg.trainer.stop_after_steps
+    if stop is not None and not 1 <= stop <= cfg.trainer.max_steps:
+        raise ConfigError("trainer.stop_after_steps", f"got {stop}; it must be between 1 and trainer.max_steps")
+    if cfg.strategy.offload_params and cfg.strategy.zero_stage != 3:
+        raise ConfigError("strategy.offload_params",
+                          "parameter offload needs ZeRO-3: use strategy=zero3_offload or strategy.zero_stage=3")
+    if cfg.strategy.offload_optimizer and cfg.strategy.zero_stage == 0:
+        raise ConfigError("strategy.offload_optimizer", "optimizer offload needs ZeRO 1, 2 or 3")
+
+    stage = cfg.stage.name
+    if cfg.data.format not in STAGE_FORMATS[stage]:
+        raise ConfigError("data.format", f"stage={stage} trains on {', '.join(STAGE_FORMATS[stage])} data, "
+                                         f"not {cfg.data.format!r}")
+    if cfg.peft.method == "qlora" and not _has_cuda():
+        raise ConfigError("peft.method", "QLoRA quantizes with bitsandbytes, which needs a CUDA GPU; "
+                                         "on CPU use peft=lora")
+    if cfg.peft.method in ("prompt", "prefix") and cfg.strategy.zero_stage == 3:
+        raise ConfigError("peft.method", f"{cfg.peft.method} tuning is not supported with ZeRO-3 here; "
+                                         "use strategy=zero2")
+    if cfg.model.attn_implementation == "flash_attention_2":
+        import importlib.util
+
+        if importlib.util.find_spec("flash_attn") is None:
+            raise ConfigError("model.attn_implementation",
+                              "flash_attention_2 needs the flash-attn package (pip install 'ftcluster[gpu]' "
+                              "on a CUDA machine); use model.attn_implementation=sdpa")
+    if cfg.strategy.precision == "bf16" and not _has_cuda():
+        pass  # Allowed but slow on CPU; the worker logs a warning rather than refusing.
+
+    if cfg.launcher.name == "ray" and not cfg.launcher.address:
+        raise ConfigError("launcher.address", "launcher=ray joins a running cluster: set launcher.address="
+                                              "HOST:6379 (or ray://HOST:10001), or use launcher=local")
+    if cfg.launcher.name == "local":
+        _check_local_capacity(cfg)
+
+    if check_paths:
+        _check_paths(cfg)
+    return derive(cfg)
+
+
+def _has_cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def _check_local_capacity(cfg: DictConfig) -> None:
+    workers = cfg.launcher.workers
+    use_gpu = cfg.launcher.use_gpu if cfg.launcher.use_gpu is not None else _has_cuda()
+    if use_gpu:
+        import torch
+
+        gpus = torch.cuda.device_count()
+        if workers > gpus:
+            raise ConfigError("launcher.workers", f"{workers} workers need {workers} GPUs; this machine has "
+                                                  f"{gpus}. Use launcher.workers={max(gpus, 1)}")
+        return
+    cpus = os.cpu_count() or 1
+    needed = workers * cfg.launcher.cpus_per_worker
+    if needed > cpus:
+        raise ConfigError("launcher.workers",
+                          f"{workers} workers x launcher.cpus_per_worker={cfg.launcher.cpus_per_worker} need "
+                          f"{needed} CPUs; this machine has {cpus}. Use launcher.workers="
+                          f"{max(cpus // cfg.launcher.cpus_per_worker, 1)}")
+
+
+def _check_paths(cfg: DictConfig) -> None:
+    if cfg.model.path is None:
+        raise ConfigError("model.path", "no model: pick one with model=tiny|smollm2 or set model.path=DIR")
+    if not cfg.model.path.startswith("bundled:") and not Path(cfg.model.path, "config.json").is_file():
+        raise ConfigError("model.path", f"{cfg.model.path} is not a Hugging Face model folder (no config.json)")
+    if cfg.data.path is None:
+        raise ConfigError("data.path", "no training data: set data.path=FILE (JSONL, JSON, Parquet or a saved "
+                                       "HF dataset folder)")
+    for key in ("data.path", "data.eval_path"):
+        value = _get(cfg, key)
+        if value is not None and not Path(value).exists():
+            raise ConfigError(key, f"{value} does not exist")
+    ds = cfg.strategy.deepspeed_config
+    if ds is not None and not Path(ds).is_file():
+        raise ConfigError("strategy.deepspeed_config", f"{ds} does not exist")
+
+
+def to_yaml(cfg: DictConfig) -> str:
+    return OmegaConf.to_yaml(cfg, resolve=True)
+
+
+def load_run_config(path: str | Path) -> DictConfig:
+    """Load a run's saved config.yaml back onto the schema."""
+    return apply_schema(OmegaConf.load(path))
