@@ -1,0 +1,89 @@
+"""`ftcluster <verb> [hydra overrides]`. Each verb is one function; user errors become one line on
+stderr and exit code 2, with no traceback."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+from ftcluster.errors import UserError
+
+USAGE = """usage: ftcluster <command> [options] [key=value ...]
+
+commands:
+  train  [overrides]                 fine-tune; e.g. ftcluster train model=tiny strategy=zero3 peft=lora
+                                     launcher.workers=2 trainer.max_steps=20 output_dir=runs/demo
+  export CHECKPOINT [--out DIR] [--merge|--no-merge]
+                                     a Hugging Face folder from any checkpoints/step-N of a run
+  config [overrides]                 print the composed, validated config and exit
+
+Config groups (conf/): model data stage peft strategy launcher tracking; sections: trainer optim export.
+"""
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help", "help"):
+        print(USAGE)
+        return 0
+    verb, rest = argv[0], argv[1:]
+    commands = {"train": cmd_train, "export": cmd_export, "config": cmd_config}
+    if verb not in commands:
+        print(f"ftcluster: unknown command {verb!r}\n\n{USAGE}", file=sys.stderr)
+        return 2
+    try:
+        return commands[verb](rest) or 0
+    except UserError as exc:
+        print(f"ftcluster {verb}: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"ftcluster {verb}: interrupted", file=sys.stderr)
+        return 130
+    except Exception as exc:
+        from ftcluster.launch.ray import WorkerFailed
+
+        if isinstance(exc, WorkerFailed) and not os.environ.get("FTCLUSTER_TRACEBACK"):
+            print(f"ftcluster {verb}: failed: {exc}", file=sys.stderr)
+            return 1
+        raise
+
+
+def cmd_train(overrides: list[str]) -> int:
+    if "--help" in overrides or "-h" in overrides:
+        print(USAGE)
+        return 0
+    from ftcluster.config import compose
+    from ftcluster.driver import train
+
+    cfg = compose(overrides)
+    final = train(cfg, ["train", *overrides])
+    print(f"[ftcluster] done: {final}")
+    return 0
+
+
+def cmd_config(overrides: list[str]) -> int:
+    from ftcluster.config import compose, to_yaml, validate
+
+    cfg = compose(overrides)
+    validate(cfg)
+    print(to_yaml(cfg), end="")
+    return 0
+
+
+def cmd_export(args: list[str]) -> int:
+    parser = argparse.ArgumentParser(prog="ftcluster export")
+    parser.add_argument("checkpoint", help="a run's checkpoints/step-N folder")
+    parser.add_argument("--out", default=None, help="destination (default: <run>/export-step-N)")
+    parser.add_argument("--merge", action=argparse.BooleanOptionalAction, default=None,
+                        help="merge LoRA/DoRA weights into the base (default: the run's export.merge)")
+    ns = parser.parse_args(args)
+    from ftcluster.export import export_checkpoint
+
+    out = export_checkpoint(ns.checkpoint, ns.out, ns.merge)
+    print(f"[ftcluster] exported {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

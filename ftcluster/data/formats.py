@@ -1,0 +1,208 @@
+"""Reading data files and turning records into one canonical example form.
+
+Every reader yields `(line, record)` so that any later error can name the exact place in the user's
+file: the 1-based line for JSON Lines, the 1-based record index for JSON, Parquet and saved datasets.
+Canonical examples are `{"messages": [{"role", "content"}, ...]}` (alpaca, chat) or `{"text": str}`.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Iterator
+
+from ftcluster.errors import DataError
+
+SUPPORTED = ".jsonl (JSON Lines), .json (a list of objects), .parquet, or a folder written by datasets.Dataset.save_to_disk"
+
+EXPECTS = {
+    "alpaca": "instruction, input (optional), output, system (optional)",
+    "chat": "messages: [{role, content}, ...] or conversations: [{from, value}, ...]",
+    "text": "text",
+}
+
+# ShareGPT speakers and OpenAI roles, mapped onto the roles chat templates know.
+ROLES = {
+    "system": "system",
+    "user": "user",
+    "human": "user",
+    "assistant": "assistant",
+    "gpt": "assistant",
+    "tool": "tool",
+    "observation": "tool",
+}
+
+
+def read_records(path: str) -> Iterator[tuple[int, dict]]:
+    """Yield `(line, record)` from a JSONL, JSON, Parquet file or a saved Hugging Face dataset folder."""
+    p = Path(path)
+    if not p.exists():
+        raise DataError(path, None, "file does not exist")
+    if p.is_dir():
+        yield from _read_saved_dataset(path)
+    elif p.suffix == ".jsonl":
+        yield from _read_jsonl(path)
+    elif p.suffix == ".json":
+        yield from _read_json(path)
+    elif p.suffix == ".parquet":
+        yield from _read_parquet(path)
+    else:
+        raise DataError(path, None, f"unknown file type {p.suffix or '(no extension)'!r}; supported: {SUPPORTED}")
+
+
+def _read_jsonl(path: str) -> Iterator[tuple[int, dict]]:
+    with open(path, encoding="utf-8") as f:
+        for line, text in enumerate(f, start=1):
+            if not text.strip():
+                continue
+            try:
+                record = json.loads(text)
+            except json.JSONDecodeError as exc:
+                raise DataError(path, line, f"invalid JSON: {exc.msg} (column {exc.colno})") from None
+            yield line, _object(record, path, line)
+
+
+def _read_json(path: str) -> Iterator[tuple[int, dict]]:
+    with open(path, encoding="utf-8") as f:
+        text = f.read()
+    # Many datasets ship JSON Lines under a .json name; a document that does not open with '['
+    # is read line by line so those files work and their errors still carry line numbers.
+    if not text.lstrip().startswith("["):
+        yield from _read_jsonl(path)
+        return
+    try:
+        records = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise DataError(path, exc.lineno, f"invalid JSON: {exc.msg} (column {exc.colno})") from None
+    for index, record in enumerate(records, start=1):
+        yield index, _object(record, path, index)
+
+
+def _read_parquet(path: str) -> Iterator[tuple[int, dict]]:
+    import pyarrow.parquet as pq
+
+    try:
+        table = pq.ParquetFile(path)
+    except Exception as exc:  # pyarrow raises several types for a damaged file; all mean "not Parquet".
+        raise DataError(path, None, f"cannot read as Parquet: {exc}") from None
+    index = 0
+    for batch in table.iter_batches():
+        for record in batch.to_pylist():
+            index += 1
+            yield index, record
+
+
+def _read_saved_dataset(path: str) -> Iterator[tuple[int, dict]]:
+    import datasets
+
+    try:
+        ds = datasets.load_from_disk(path)
+    except FileNotFoundError as exc:
+        raise DataError(path, None, f"a folder must be written by datasets.Dataset.save_to_disk ({exc}); "
+                                    f"supported: {SUPPORTED}") from None
+    if isinstance(ds, datasets.DatasetDict):
+        raise DataError(path, None, f"this is a DatasetDict with splits {list(ds)}; point to one split's folder, "
+                                    f"e.g. {Path(path) / next(iter(ds))}")
+    for index, record in enumerate(ds, start=1):
+        yield index, record
+
+
+def _object(record: Any, path: str, line: int) -> dict:
+    if not isinstance(record, dict):
+        raise DataError(path, line, f"a record must be a JSON object, got {_type_name(record)}")
+    return record
+
+
+def to_example(record: dict, fmt: str, path: str, line: int, system_prompt: str | None = None) -> dict:
+    """Convert one record of format `fmt` to the canonical example; errors name the field and the format."""
+    if fmt == "alpaca":
+        return {"messages": _alpaca(_Fields(record, fmt, path, line), system_prompt)}
+    if fmt == "chat":
+        return {"messages": _chat(_Fields(record, fmt, path, line), system_prompt)}
+    if fmt == "text":
+        return {"text": _Fields(record, fmt, path, line).string("text", non_empty=True)}
+    raise ValueError(f"format {fmt!r} has no converter")  # validate() admits only known formats.
+
+
+class _Fields:
+    """Typed access to a record's fields, with errors that say where and what was expected."""
+
+    def __init__(self, record: dict, fmt: str, path: str, line: int):
+        self.record, self.fmt, self.path, self.line = record, fmt, path, line
+
+    def error(self, message: str) -> DataError:
+        return DataError(self.path, self.line, message)
+
+    def missing(self, name: str) -> DataError:
+        return self.error(f"record has no {name!r} field (format={self.fmt} expects {EXPECTS[self.fmt]})")
+
+    def string(self, name: str, non_empty: bool = False, optional: bool = False) -> str | None:
+        # Parquet and saved datasets store an absent optional column value as None.
+        value = self.record.get(name)
+        if value is None:
+            if optional:
+                return None
+            raise self.missing(name)
+        return _check_string(value, name, non_empty, self.error)
+
+
+def _check_string(value: Any, name: str, non_empty: bool, error) -> str:
+    if not isinstance(value, str):
+        raise error(f"field {name!r} must be a string, got {_type_name(value)}")
+    if non_empty and not value.strip():
+        raise error(f"field {name!r} is empty; it must be a non-empty string")
+    return value
+
+
+def _alpaca(fields: _Fields, system_prompt: str | None) -> list[dict]:
+    instruction = fields.string("instruction", non_empty=True)
+    extra = fields.string("input", optional=True)
+    output = fields.string("output")
+    system = fields.string("system", optional=True) or system_prompt
+    user = f"{instruction}\n\n{extra}" if extra else instruction
+    messages = [{"role": "system", "content": system}] if system else []
+    return messages + [{"role": "user", "content": user}, {"role": "assistant", "content": output}]
+
+
+def _chat(fields: _Fields, system_prompt: str | None) -> list[dict]:
+    if fields.record.get("messages") is not None:
+        name, role_key, content_key = "messages", "role", "content"
+    elif fields.record.get("conversations") is not None:
+        name, role_key, content_key = "conversations", "from", "value"
+    else:
+        raise fields.missing("messages")
+    turns = fields.record[name]
+    if not isinstance(turns, list) or not turns:
+        raise fields.error(f"field {name!r} must be a non-empty list of turns, got {_type_name(turns)}"
+                           + (" (empty)" if isinstance(turns, list) else ""))
+    messages = []
+    for i, turn in enumerate(turns):
+        where = f"{name}[{i}]"
+        if not isinstance(turn, dict):
+            raise fields.error(f"field {where!r} must be an object with {role_key!r} and {content_key!r}, "
+                               f"got {_type_name(turn)}")
+        for key in (role_key, content_key):
+            if key not in turn:
+                raise fields.error(f"field {where!r} has no {key!r} (format=chat expects {EXPECTS['chat']})")
+        speaker = _check_string(turn[role_key], f"{where}.{role_key}", True, fields.error)
+        if speaker not in ROLES:
+            raise fields.error(f"field '{where}.{role_key}' is {speaker!r}; known roles: {', '.join(ROLES)}")
+        content = _check_string(turn[content_key], f"{where}.{content_key}", False, fields.error)
+        messages.append({"role": ROLES[speaker], "content": content})
+    if not any(m["role"] == "assistant" for m in messages):
+        raise fields.error(f"chat in {name!r} has no assistant turn (role 'assistant' or from 'gpt'), "
+                           f"so there is nothing to train on")
+    if system_prompt and not any(m["role"] == "system" for m in messages):
+        messages.insert(0, {"role": "system", "content": system_prompt})
+    return messages
+
+
+def _type_name(value: Any) -> str:
+    # JSON's names, since the user wrote JSON (or something that reads like it).
+    if value is None:
+        return "null"
+    if isinstance(value, dict):
+        return "object"
+    if isinstance(value, list):
+        return "list"
+    return type(value).__name__

@@ -1,0 +1,71 @@
+"""The process group as the training code sees it: rank, world size, and the few collectives it uses.
+
+Launchers create the group (Ray Train does, with gloo on CPU and NCCL on GPU); a single process with
+no launcher gets a group of one, so the same code runs under pytest and in a debugger.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+
+
+def setup(timeout_s: int = 1800) -> None:
+    import deepspeed
+    import deepspeed.ops
+
+    # The shared-memory allreduce op compiles C++ on first use (~2 min on CPU); gloo does the job.
+    deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
+    if not dist.is_initialized() and "RANK" not in os.environ:
+        os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
+                          MASTER_PORT=str(_free_port()))
+    backend = "nccl" if torch.cuda.is_available() else "gloo"
+    # Reuses the launcher's group when there is one.
+    deepspeed.init_distributed(dist_backend=backend, timeout=timedelta(seconds=timeout_s))
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def rank() -> int:
+    return dist.get_rank() if dist.is_initialized() else 0
+
+
+def world_size() -> int:
+    return dist.get_world_size() if dist.is_initialized() else 1
+
+
+def device() -> torch.device:
+    if torch.cuda.is_available():
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+    return torch.device("cpu")
+
+
+def all_reduce_sum(values: list[float] | torch.Tensor) -> torch.Tensor:
+    """Sums across ranks in float64, so token counts and loss sums stay exact enough to compare runs."""
+    tensor = torch.as_tensor(values, dtype=torch.float64).clone()
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        moved = tensor.to(device())
+        dist.all_reduce(moved)
+        tensor = moved.cpu()
+    return tensor
+
+
+def all_gather_objects(obj) -> list:
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return [obj]
+    gathered = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, obj)
+    return gathered
+
+
+def barrier() -> None:
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.barrier()

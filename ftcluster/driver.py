@@ -1,0 +1,179 @@
+"""`ftcluster train` in the launching process: validate, prepare, record, launch, check the outcome.
+
+Every check that can fail on user input runs here, before any cluster starts: the config, the
+output_dir and resume policy, the model folder, and the whole data set (parsed, templated, tokenized
+and packed once; workers memory-map the result).
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from omegaconf import DictConfig
+
+from ftcluster import checkpoint
+from ftcluster.config import Derived, to_yaml, validate
+from ftcluster.errors import ConfigError, UserError
+
+LAUNCHERS = {"local": "ftcluster.launch.local", "ray": "ftcluster.launch.ray"}
+PACKAGES = ["ftcluster", "torch", "deepspeed", "transformers", "peft", "ray", "hydra-core", "wandb", "datasets",
+            "accelerate", "flash-attn"]
+
+
+def train(cfg: DictConfig, argv: list[str]) -> Path:
+    derived = validate(cfg)
+    out = Path(cfg.output_dir).resolve()
+    cfg.output_dir = str(out)
+    resume_from = resolve_resume(cfg, derived)
+    if resume_from is not None and _already_finished(cfg, resume_from):
+        print(f"[ftcluster] {out} is already complete at step {cfg.trainer.max_steps}; final/ is up to date")
+        return out / "final"
+    out.mkdir(parents=True, exist_ok=True)
+    if resume_from is None:
+        (out / "metrics.jsonl").unlink(missing_ok=True)  # a run that died before its first checkpoint
+
+    model_dir = resolve_model(cfg, out)
+    payload = {"config": _plain(cfg), "model_dir": model_dir, "data_dir": str(out / "data"),
+               "resume_from": str(resume_from) if resume_from else None}
+    stats = prepare_data(cfg, model_dir, out / "data")
+    _report_data(stats)
+    (out / "config.yaml").write_text(to_yaml(cfg))
+    (out / "manifest.json").write_text(json.dumps(manifest(cfg, derived, argv, stats), indent=2))
+
+    import importlib
+
+    from ftcluster.worker import train_worker
+
+    started = time.time()
+    importlib.import_module(LAUNCHERS[cfg.launcher.name]).launch(train_worker, payload, cfg)
+    return _check_outcome(cfg, started)
+
+
+def resolve_resume(cfg: DictConfig, derived: Derived) -> Path | None:
+    out = Path(cfg.output_dir)
+    if cfg.resume == "never":
+        if (out / "config.yaml").exists():
+            raise ConfigError("resume", f"output_dir={out} already holds a run. Continue it with resume=auto, "
+                                        f"or choose another output_dir")
+        return None
+    if cfg.resume == "auto":
+        found = checkpoint.latest_checkpoint(out)
+    else:
+        found = Path(cfg.resume)
+        if not (found / checkpoint.STATE_FILE).is_file():
+            raise ConfigError("resume", f"{found} is not a complete checkpoint; use resume=auto or a "
+                                        f"checkpoints/step-N folder")
+    if found is None:
+        return None
+    state = checkpoint.read_state(found)
+    if state.get("world_size") not in (None, derived.world_size):
+        raise ConfigError("launcher.workers", f"the checkpoint {found} was written by {state['world_size']} workers; "
+                                              f"resume with launcher.workers={state['world_size']}")
+    if state["step"] > cfg.trainer.max_steps:
+        raise ConfigError("trainer.max_steps", f"the checkpoint {found} is at step {state['step']}, past "
+                                               f"trainer.max_steps={cfg.trainer.max_steps}")
+    return found
+
+
+def _already_finished(cfg: DictConfig, resume_from: Path) -> bool:
+    return (checkpoint.read_state(resume_from)["step"] == cfg.trainer.max_steps
+            and (Path(cfg.output_dir) / "final" / "config.json").is_file())
+
+
+def resolve_model(cfg: DictConfig, out: Path) -> str:
+    """A local folder every worker can load: bundled models converted, random init materialized."""
+    from ftcluster.bundled import resolve_model_path
+
+    model_dir = resolve_model_path(cfg.model.path)
+    if cfg.model.init == "random":
+        from ftcluster.model import materialize_random_init
+
+        model_dir = materialize_random_init(model_dir, out / "init_model", cfg.seed)
+    return model_dir
+
+
+def prepare_data(cfg: DictConfig, model_dir: str, data_dir: Path) -> dict:
+    from ftcluster.data.prepare import prepare
+    from ftcluster.data.template import apply_template_override
+    from ftcluster.model import load_tokenizer
+
+    tokenizer = load_tokenizer(model_dir)
+    apply_template_override(tokenizer, cfg.data.chat_template)
+    return prepare(cfg, tokenizer, data_dir)
+
+
+def _report_data(stats: dict) -> None:
+    for split in ("train", "eval"):
+        s = stats.get(split)
+        if not s:
+            continue
+        print(f"[ftcluster] data {split}: {s['examples']} examples -> {s['rows']} rows, {s['tokens']} tokens "
+              f"({s['trainable_tokens']} trained on), truncated {s['truncated']}, dropped {s['dropped']}, "
+              f"packing efficiency {s['packing_efficiency']:.1%}")
+
+
+def _check_outcome(cfg: DictConfig, started: float) -> Path:
+    """Ray can end 'successfully' with nothing done (e.g. a worker that returned early): check the files."""
+    out = Path(cfg.output_dir)
+    stop = cfg.trainer.stop_after_steps
+    if stop is not None and stop < cfg.trainer.max_steps:
+        expected = checkpoint.checkpoints_dir(out) / f"step-{stop}"
+    else:
+        expected = out / "final"
+    if not expected.is_dir() or expected.stat().st_mtime < started:
+        raise RuntimeError(f"the workers finished but {expected} was not written; see the log above")
+    return expected
+
+
+def manifest(cfg: DictConfig, derived: Derived, argv: list[str], stats: dict) -> dict:
+    return {
+        "command": " ".join([Path(sys.argv[0]).name, *argv]),
+        "started_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "git_sha": _git_sha(),
+        "packages": {name: _version(name) for name in PACKAGES},
+        "python": platform.python_version(),
+        "hardware": _hardware(),
+        "world_size": derived.world_size,
+        "grad_accum_steps": derived.grad_accum_steps,
+        "data_fingerprint": stats.get("fingerprint"),
+    }
+
+
+def _git_sha() -> str | None:
+    source = Path(__file__).resolve().parent.parent
+    try:
+        sha = subprocess.run(["git", "-C", str(source), "rev-parse", "HEAD"], capture_output=True, text=True,
+                             timeout=5)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return sha.stdout.strip() or None
+
+
+def _version(name: str) -> str | None:
+    try:
+        return importlib.metadata.version(name)
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
+def _hardware() -> dict:
+    import torch
+
+    info = {"machine": platform.machine(), "cpus": os.cpu_count(), "cuda": torch.version.cuda}
+    if torch.cuda.is_available():
+        info["gpus"] = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
+    return info
+
+
+def _plain(cfg: DictConfig) -> dict:
+    from omegaconf import OmegaConf
+
+    return OmegaConf.to_container(cfg, resolve=True)
+

@@ -1,0 +1,138 @@
+"""DeepSpeed: the config generated from `strategy`, engine initialization, the optimizer and schedule.
+
+The optimizer is torch's AdamW handed to DeepSpeed, never DeepSpeed's own: FusedAdam and cpu_adam
+compile C++ on first use (minutes on CPU), and torch's AdamW gives the same updates.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from contextlib import contextmanager
+from pathlib import Path
+
+import torch
+from omegaconf import DictConfig
+
+from ftcluster.config import Derived
+from ftcluster.errors import ConfigError
+
+
+def deepspeed_config(cfg: DictConfig, derived: Derived) -> dict:
+    s, t = cfg.strategy, cfg.trainer
+    zero: dict = {"stage": s.zero_stage}
+    if s.zero_stage >= 1:
+        zero.update(overlap_comm=False, contiguous_gradients=True)
+    if s.offload_optimizer:
+        zero["offload_optimizer"] = {"device": "cpu", "pin_memory": torch.cuda.is_available()}
+    if s.offload_params:
+        zero["offload_param"] = {"device": "cpu", "pin_memory": torch.cuda.is_available()}
+    if s.zero_stage == 3:
+        # Lets the final export gather a consolidated state dict on rank 0.
+        zero["stage3_gather_16bit_weights_on_model_save"] = True
+    config = {
+        "train_batch_size": t.global_batch,
+        "train_micro_batch_size_per_gpu": t.micro_batch_per_device,
+        "gradient_accumulation_steps": derived.grad_accum_steps,
+        "gradient_clipping": s.gradient_clipping,
+        "zero_optimization": zero,
+        "bf16": {"enabled": s.precision == "bf16"},
+        "fp16": {"enabled": s.precision == "fp16", "initial_scale_power": 16},
+        # A torch optimizer under ZeRO: accepted as is, and not swapped for DeepSpeed's compiled CPU Adam.
+        "zero_allow_untested_optimizer": True,
+        "zero_force_ds_cpu_optimizer": False,
+        "steps_per_print": 10**9,
+        "wall_clock_breakdown": False,
+    }
+    if s.deepspeed_config:
+        config = _deep_merge(config, _read_user_config(s.deepspeed_config))
+        _check_batch_keys(config, cfg, derived)
+    return config
+
+
+def _read_user_config(path: str) -> dict:
+    try:
+        return json.loads(Path(path).read_text())
+    except json.JSONDecodeError as exc:
+        raise ConfigError("strategy.deepspeed_config", f"{path}:{exc.lineno}: not valid JSON ({exc.msg})") from None
+
+
+def _deep_merge(base: dict, override: dict) -> dict:
+    merged = dict(base)
+    for key, value in override.items():
+        merged[key] = _deep_merge(base[key], value) if isinstance(value, dict) and isinstance(base.get(key), dict) else value
+    return merged
+
+
+def _check_batch_keys(config: dict, cfg: DictConfig, derived: Derived) -> None:
+    """Batch sizes come from `trainer`; a user JSON that disagrees would silently change the run."""
+    expected = {"train_batch_size": cfg.trainer.global_batch,
+                "train_micro_batch_size_per_gpu": cfg.trainer.micro_batch_per_device,
+                "gradient_accumulation_steps": derived.grad_accum_steps}
+    for key, value in expected.items():
+        if config.get(key, value) not in (value, "auto"):
+            raise ConfigError("strategy.deepspeed_config",
+                              f"{cfg.strategy.deepspeed_config} sets {key}={config[key]} but the trainer section "
+                              f"gives {value}; remove it from the JSON and set trainer.global_batch / "
+                              f"trainer.micro_batch_per_device instead")
+        config[key] = value
+
+
+@contextmanager
+def zero3_construction(ds_config: dict):
+    """While active, transformers builds models partitioned across ranks (ZeRO-3) as they load."""
+    if ds_config["zero_optimization"]["stage"] != 3:
+        yield
+        return
+    from transformers.integrations.deepspeed import HfDeepSpeedConfig, unset_hf_deepspeed_config
+
+    keep_alive = HfDeepSpeedConfig(ds_config)  # transformers holds only a weak reference to it
+    try:
+        yield
+    finally:
+        del keep_alive
+        unset_hf_deepspeed_config()
+
+
+def build_optimizer(model: torch.nn.Module, cfg: DictConfig) -> torch.optim.Optimizer:
+    o = cfg.optim
+    decay, no_decay = [], []
+    for name, param in model.named_parameters():
+        if not param.requires_grad:
+            continue
+        # Biases and norm scales are not weights to shrink toward zero.
+        (no_decay if param.ndim < 2 or "norm" in name.lower() else decay).append(param)
+    groups = [{"params": decay, "weight_decay": o.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW([g for g in groups if g["params"]], lr=o.lr, betas=tuple(o.betas), eps=o.eps)
+
+
+def lr_multiplier(step: int, cfg: DictConfig) -> float:
+    """Linear warm-up, then cosine, linear or constant decay to lr * min_lr_ratio at max_steps."""
+    warmup, total, floor = cfg.optim.warmup_steps, cfg.trainer.max_steps, cfg.optim.min_lr_ratio
+    if step < warmup:
+        return (step + 1) / (warmup + 1)
+    if cfg.optim.scheduler == "constant":
+        return 1.0
+    progress = (step - warmup) / max(1, total - warmup)
+    shape = 0.5 * (1 + math.cos(math.pi * progress)) if cfg.optim.scheduler == "cosine" else 1 - progress
+    return floor + (1 - floor) * shape
+
+
+def initialize(model: torch.nn.Module, cfg: DictConfig, ds_config: dict):
+    """The DeepSpeed engine, which owns the model, optimizer and schedule from here on."""
+    import deepspeed
+
+    optimizer = build_optimizer(model, cfg)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_multiplier(step, cfg))
+    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
+                                           config=ds_config, dist_init_required=False)
+    return engine
+
+
+def full_state_dict(engine) -> dict | None:
+    """The whole model's weights on rank 0 (None elsewhere); every rank must call it under ZeRO-3."""
+    if engine.zero_optimization_partition_weights():
+        return engine._zero3_consolidated_16bit_state_dict()
+    if engine.global_rank != 0:
+        return None
+    return {k: v.detach().cpu() for k, v in engine.module.state_dict().items()}

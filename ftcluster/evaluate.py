@@ -1,0 +1,61 @@
+"""Generation-based evaluation: greedy answers to held-out prompts, scored against references.
+
+Prompts are spread over the ranks. Under ZeRO-3 every forward is a collective (parameters are
+gathered layer by layer), so every rank runs the same number of generate() calls with
+synced_gpus=True, padding its share with a repeated prompt whose answer is discarded.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from ftcluster import dist
+
+
+def normalize(text: str) -> str:
+    return text.strip()
+
+
+def exact_match(prediction: str, reference: str) -> bool:
+    return normalize(prediction) == normalize(reference)
+
+
+@torch.no_grad()
+def generate_answers(model, tokenizer, prompts: list[list[dict]], max_new_tokens: int, batch_size: int,
+                     synced: bool) -> list[str]:
+    """This rank's share of `prompts` (every world_size-th), answered greedily; gathered to all ranks in order."""
+    rank, world = dist.rank(), dist.world_size()
+    mine = list(range(rank, len(prompts), world))
+    calls = math.ceil(math.ceil(len(prompts) / world) / batch_size)
+    answers: dict[int, str] = {}
+    was_training = model.training
+    model.eval()
+    side = tokenizer.padding_side
+    tokenizer.padding_side = "left"  # generation appends on the right
+    try:
+        for call in range(calls):
+            batch = mine[call * batch_size:(call + 1) * batch_size]
+            real = len(batch)
+            batch = batch + [mine[0] if mine else 0] * (batch_size - real) if synced else batch
+            if not batch:
+                continue
+            texts = [tokenizer.apply_chat_template(prompts[i], tokenize=False, add_generation_prompt=True)
+                     for i in batch]
+            enc = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False).to(dist.device())
+            out = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False, synced_gpus=synced,
+                                 pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
+            for i, row in zip(batch[:real], out[:real]):
+                answers[i] = tokenizer.decode(row[enc["input_ids"].shape[1]:], skip_special_tokens=True)
+    finally:
+        tokenizer.padding_side = side
+        model.train(was_training)
+    merged: dict[int, str] = {}
+    for part in dist.all_gather_objects(answers):
+        merged.update(part)
+    return [merged[i] for i in range(len(prompts))]
+
+
+def exact_match_rate(predictions: list[str], references: list[str]) -> float:
+    return sum(exact_match(p, r) for p, r in zip(predictions, references)) / max(1, len(references))

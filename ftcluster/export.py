@@ -1,0 +1,99 @@
+"""Hugging Face model folders from training state: `final/` at the end of a run, and `ftcluster export`.
+
+Both paths end in write_final(): a CPU model is built from the base folder, the consolidated weights
+are loaded into it strictly (so missing or unexpected keys fail loudly instead of saving empty
+weights), and the folder is written beside its destination and renamed into place.
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import torch
+from omegaconf import DictConfig
+
+from ftcluster import checkpoint as ckpt
+from ftcluster.errors import UserError
+from ftcluster.model import DTYPES, apply_peft, load_tokenizer
+
+
+def write_final(state_dict: dict, cfg: DictConfig, model_dir: str, out_dir: str | Path) -> Path:
+    from transformers import AutoModelForCausalLM
+
+    out_dir = Path(out_dir)
+    tmp = out_dir.with_name(f".tmp-{out_dir.name}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=DTYPES[cfg.strategy.precision])
+    uses_peft = cfg.peft.method != "none"
+    if uses_peft:
+        model = apply_peft(model, _without_checkpointing(cfg))
+    _load_exactly(model, state_dict, partial=uses_peft)
+    tokenizer = load_tokenizer(model_dir)
+    if uses_peft:
+        model.save_pretrained(tmp / "adapter")
+        tokenizer.save_pretrained(tmp / "adapter")
+        if cfg.export.merge and cfg.peft.method in ("lora", "dora", "qlora"):
+            model = model.merge_and_unload()
+        else:
+            # Not merged: final/ holds the base weights and final/adapter/ the adapter to apply on them.
+            model = model.get_base_model()
+    model.config.use_cache = True
+    model.save_pretrained(tmp, safe_serialization=True)
+    tokenizer.save_pretrained(tmp)
+    if out_dir.exists():
+        old = out_dir.with_name(f".old-{out_dir.name}")
+        shutil.rmtree(old, ignore_errors=True)
+        out_dir.replace(old)
+        tmp.replace(out_dir)
+        shutil.rmtree(old)
+    else:
+        tmp.replace(out_dir)
+    return out_dir
+
+
+def _without_checkpointing(cfg: DictConfig) -> DictConfig:
+    copy = cfg.copy()
+    copy.model.gradient_checkpointing = False
+    return copy
+
+
+def _load_exactly(model: torch.nn.Module, state_dict: dict, partial: bool) -> None:
+    """Strict load; with PEFT a checkpoint may hold only the trainable weights (frozen ones excluded)."""
+    result = model.load_state_dict(state_dict, strict=False)
+    # named_parameters() lists a tied weight once, so a checkpoint that stores it once is complete.
+    needed = {name for name, p in model.named_parameters() if p.requires_grad or not partial}
+    missing = [k for k in result.missing_keys if k in needed]
+    if result.unexpected_keys or missing:
+        raise RuntimeError(f"weights do not match the model: missing {missing[:5]}, "
+                           f"unexpected {result.unexpected_keys[:5]}")
+    if not state_dict:
+        raise RuntimeError("refusing to export an empty state dict")
+
+
+def checkpoint_state_dict(checkpoint: Path, zero_stage: int) -> dict:
+    """Consolidated fp32 weights from a DeepSpeed checkpoint, on CPU, in one process."""
+    tag_dir = checkpoint / ckpt.TAG
+    if zero_stage == 0:
+        model_states = torch.load(tag_dir / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False)
+        return model_states["module"]
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    return get_fp32_state_dict_from_zero_checkpoint(str(checkpoint), tag=ckpt.TAG)
+
+
+def export_checkpoint(checkpoint: str | Path, out_dir: str | Path | None, merge: bool | None) -> Path:
+    """`ftcluster export`: a final/-style folder from any complete checkpoint of a run."""
+    from ftcluster.config import load_run_config
+
+    checkpoint = Path(checkpoint)
+    if (checkpoint / ckpt.STATE_FILE).is_file() is False:
+        raise UserError(f"{checkpoint} is not a complete ftcluster checkpoint (no {ckpt.STATE_FILE}); "
+                        f"pick a checkpoints/step-N folder of a run")
+    run_dir = checkpoint.parent.parent
+    cfg = load_run_config(run_dir / "config.yaml")
+    if merge is not None:
+        cfg.export.merge = merge
+    model_dir = ckpt.read_state(checkpoint)["model_dir"]
+    state_dict = checkpoint_state_dict(checkpoint, cfg.strategy.zero_stage)
+    return write_final(state_dict, cfg, model_dir, out_dir or run_dir / f"export-{checkpoint.name}")

@@ -1,0 +1,109 @@
+"""Model and tokenizer loading: dtype, attention implementation, gradient checkpointing, PEFT.
+
+Called in each worker with the model folder the driver resolved. Under ZeRO-3 the caller activates
+DeepSpeed's config first (engine.zero3_construction) so that from_pretrained builds the model
+already partitioned: no rank ever holds the whole model in memory.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from omegaconf import DictConfig
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase
+
+from ftcluster.errors import ConfigError
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def load_tokenizer(model_dir: str) -> PreTrainedTokenizerBase:
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    if tokenizer.pad_token_id is None:
+        # Padding positions never reach the loss (labels are -100 there), so eos is a safe pad.
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def materialize_random_init(model_dir: str, out_dir: Path, seed: int) -> str:
+    """Write seeded random weights for a config-only model folder (model.init=random).
+
+    Done once in the driver so that every strategy and world size starts from the very same weights,
+    which is what lets a ZeRO-3 run be compared with a single-process one.
+    """
+    if (out_dir / "config.json").is_file():
+        return str(out_dir)
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(model_dir), dtype=torch.float32)
+    tmp = out_dir.with_name(out_dir.name + ".tmp")
+    model.save_pretrained(tmp)
+    load_tokenizer(model_dir).save_pretrained(tmp)
+    tmp.replace(out_dir)
+    return str(out_dir)
+
+
+def load_model(cfg: DictConfig, model_dir: str) -> torch.nn.Module:
+    """The causal LM with PEFT applied, in the strategy's precision."""
+    dtype = DTYPES[cfg.strategy.precision]
+    kwargs = dict(dtype=dtype, attn_implementation=cfg.model.attn_implementation,
+                  trust_remote_code=cfg.model.trust_remote_code)
+    if cfg.peft.method == "qlora":
+        kwargs["quantization_config"] = _qlora_quantization(dtype)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, **kwargs)
+    model.config.use_cache = False  # the KV cache only costs memory during training
+    if cfg.model.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if cfg.peft.method != "none":
+        model = apply_peft(model, cfg)
+    return model
+
+
+def apply_peft(model: torch.nn.Module, cfg: DictConfig) -> torch.nn.Module:
+    from peft import get_peft_model, prepare_model_for_kbit_training
+
+    if cfg.peft.method == "qlora":
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=cfg.model.gradient_checkpointing)
+    elif cfg.model.gradient_checkpointing:
+        # With frozen embeddings nothing before the first checkpointed block requires grad;
+        # this makes the checkpointed blocks' inputs require it so their adapters get gradients.
+        model.enable_input_require_grads()
+    return get_peft_model(model, peft_config(cfg, model))
+
+
+def peft_config(cfg: DictConfig, model: torch.nn.Module):
+    from peft import LoraConfig, PrefixTuningConfig, PromptTuningConfig, TaskType
+
+    p = cfg.peft
+    if p.method in ("lora", "dora", "qlora"):
+        names = {name.rsplit(".", 1)[-1] for name, _ in model.named_modules()}
+        missing = [m for m in p.target_modules if m not in names]
+        if missing:
+            raise ConfigError("peft.target_modules", f"{missing} are not modules of this model; "
+                                                     f"linear layers it has include {sorted(_linear_names(model))}")
+        return LoraConfig(task_type=TaskType.CAUSAL_LM, r=p.r, lora_alpha=p.alpha, lora_dropout=p.dropout,
+                          target_modules=list(p.target_modules), use_dora=p.method == "dora")
+    if p.method == "prompt":
+        return PromptTuningConfig(task_type=TaskType.CAUSAL_LM, num_virtual_tokens=p.num_virtual_tokens)
+    return PrefixTuningConfig(task_type=TaskType.CAUSAL_LM, num_virtual_tokens=p.num_virtual_tokens)
+
+
+def _linear_names(model: torch.nn.Module) -> set[str]:
+    return {name.rsplit(".", 1)[-1] for name, mod in model.named_modules() if isinstance(mod, torch.nn.Linear)}
+
+
+def _qlora_quantization(dtype: torch.dtype):
+    from transformers import BitsAndBytesConfig
+
+    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                              bnb_4bit_compute_dtype=dtype if dtype != torch.float32 else torch.bfloat16)
+
+
+def count_parameters(model: torch.nn.Module) -> tuple[int, int]:
+    """(trainable, total), counting ZeRO-3 partitioned parameters at their full size."""
+    trainable = total = 0
+    for param in model.parameters():
+        n = getattr(param, "ds_numel", param.numel())
+        total += n
+        trainable += n if param.requires_grad else 0
+    return trainable, total

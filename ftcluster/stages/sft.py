@@ -1,0 +1,154 @@
+"""Supervised fine-tuning (SFT), also instruction tuning and continued pretraining on plain text.
+
+Features and their trade-offs:
+- Loss: the mean over every label token of the whole global batch (all ranks, all accumulation
+  micro-batches), not a mean of per-micro-batch means. Each micro-batch's summed loss is scaled by
+  world_size / global_label_tokens before DeepSpeed's backward (which averages over ranks), so the
+  gradient equals that of one big batch on one device, whatever the packing, padding, micro-batch size
+  or world size. Costs one all-reduce of two numbers per step.
+- Packing: rows hold several examples with position ids restarting per example; attention never
+  crosses examples (see ftcluster.data.packing).
+- Evaluation at step 0, every trainer.eval_every_steps and at the last step: eval_loss, eval_ppl, and
+  with trainer.eval_generate, greedy generation scored by exact match (eval_exact_match).
+- Checkpoints every trainer.save_every_steps, at trainer.stop_after_steps and at the end; resume
+  restores model, optimizer, schedule, RNG and data position (a pure function of the step).
+- Export: final/ (consolidated safetensors + tokenizer; merged weights and final/adapter/ with PEFT).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+
+import torch
+import torch.nn.functional as F
+
+from ftcluster import checkpoint, dist
+from ftcluster.engine import full_state_dict
+from ftcluster.evaluate import exact_match_rate, generate_answers
+from ftcluster.export import write_final
+from ftcluster.stages.context import StageContext
+
+
+def train(ctx: StageContext) -> None:
+    cfg, t = ctx.cfg, ctx.cfg.trainer
+    if ctx.start_step == 0:
+        evaluate(ctx, step=0)
+    step = ctx.start_step
+    while step < t.max_steps:
+        started = time.perf_counter()
+        stats = train_step(ctx.engine, ctx.loader.micro_batches(step), ctx.world_size)
+        elapsed = time.perf_counter() - started
+        step += 1
+        ctx.tracker.advance(step)
+        last = step == t.max_steps
+        if step % t.log_every_steps == 0 or last:
+            ctx.tracker.log(step, {
+                "loss": stats["loss"], "lr": ctx.engine.get_lr()[0], "grad_norm": _grad_norm(ctx.engine),
+                "tokens_per_s": stats["tokens"] / elapsed, "trainable_tokens_per_s": stats["label_tokens"] / elapsed,
+                "samples_per_s": stats["examples"] / elapsed, "epoch": ctx.loader.epoch_of(step - 1),
+            })
+        if (t.eval_every_steps and step % t.eval_every_steps == 0) or last:
+            evaluate(ctx, step)
+        stopping = t.stop_after_steps is not None and step >= t.stop_after_steps
+        if (t.save_every_steps and step % t.save_every_steps == 0) or last or stopping:
+            save_checkpoint(ctx, step)
+        if stopping and not last:
+            ctx.tracker.message(f"stopped after step {step} as trainer.stop_after_steps asks; "
+                                f"resume=auto continues from {cfg.output_dir}/checkpoints/step-{step}")
+            return
+    export_final(ctx)
+
+
+def train_step(engine, micro_batches: list[dict], world_size: int) -> dict:
+    """One optimizer step over this rank's accumulation micro-batches."""
+    local = [sum(_label_tokens(mb) for mb in micro_batches), sum(_real_tokens(mb) for mb in micro_batches),
+             sum(int(mb["num_examples"]) for mb in micro_batches)]
+    label_tokens, tokens, examples = dist.all_reduce_sum(local).tolist()
+    loss_sum = 0.0
+    for mb in micro_batches:
+        summed = token_loss_sum(engine, mb)
+        engine.backward(summed * (world_size / label_tokens), scale_wrt_gas=False)
+        engine.step()
+        loss_sum += summed.item()
+    loss = dist.all_reduce_sum([loss_sum])[0].item() / label_tokens
+    return {"loss": loss, "label_tokens": label_tokens, "tokens": tokens, "examples": examples}
+
+
+def token_loss_sum(model, batch: dict) -> torch.Tensor:
+    """Summed next-token cross-entropy over label positions, in fp32."""
+    inputs = {k: v.to(dist.device()) for k, v in batch.items() if k in ("input_ids", "attention_mask", "position_ids")}
+    logits = model(**inputs).logits
+    labels = batch["labels"].to(logits.device)
+    logits = logits[:, -labels.shape[1]:]  # prompt tuning prepends virtual tokens
+    return F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=-100,
+                           reduction="sum")
+
+
+def _label_tokens(batch: dict) -> int:
+    return int((batch["labels"][:, 1:] != -100).sum())
+
+
+def _real_tokens(batch: dict) -> int:
+    return int(batch["num_tokens"])
+
+
+def _grad_norm(engine) -> float:
+    norm = engine.get_global_grad_norm()
+    return float(norm) if norm is not None else float("nan")
+
+
+@torch.no_grad()
+def evaluate(ctx: StageContext, step: int) -> None:
+    metrics = {}
+    if ctx.eval_rows is not None:
+        metrics.update(eval_loss(ctx))
+    if ctx.cfg.trainer.eval_generate and ctx.eval_prompts:
+        predictions = generate_answers(
+            ctx.engine.module, ctx.tokenizer, [p["prompt"] for p in ctx.eval_prompts],
+            max_new_tokens=ctx.cfg.trainer.eval_max_new_tokens, batch_size=ctx.cfg.trainer.micro_batch_per_device * 4,
+            synced=ctx.engine.zero_optimization_partition_weights() and ctx.world_size > 1)
+        metrics["eval_exact_match"] = exact_match_rate(predictions, [p["reference"] for p in ctx.eval_prompts])
+        ctx.tracker.message(f"step {step}: held-out exact match {metrics['eval_exact_match']:.1%} "
+                            f"({len(predictions)} examples); e.g. {predictions[0]!r}")
+    if metrics:
+        ctx.tracker.log(step, metrics)
+
+
+def eval_loss(ctx: StageContext) -> dict:
+    from ftcluster.data.loader import eval_batches
+
+    engine = ctx.engine
+    batches = list(eval_batches(ctx.eval_rows, ctx.cfg.trainer.micro_batch_per_device, ctx.rank, ctx.world_size,
+                                ctx.tokenizer.pad_token_id, ctx.cfg.data.packing))
+    # ZeRO-3 forwards are collectives: every rank must run as many as the busiest one.
+    most = int(max(dist.all_gather_objects(len(batches))))
+    # A rank with fewer batches repeats one whose result it discards.
+    filler = batches[0] if batches else {"input_ids": torch.tensor([[ctx.tokenizer.pad_token_id] * 2]),
+                                         "labels": torch.tensor([[-100, -100]])}
+    engine.eval()
+    loss_sum = tokens = 0.0
+    for i in range(most):
+        summed = token_loss_sum(engine, batches[i] if i < len(batches) else filler)
+        if i < len(batches):
+            loss_sum += summed.item()
+            tokens += _label_tokens(batches[i])
+    engine.train()
+    loss_sum, tokens = dist.all_reduce_sum([loss_sum, tokens]).tolist()
+    loss = loss_sum / max(tokens, 1)
+    return {"eval_loss": loss, "eval_ppl": math.exp(min(loss, 50.0))}
+
+
+def save_checkpoint(ctx: StageContext, step: int) -> None:
+    state = {"data": ctx.loader.state_dict(step), "model_dir": ctx.model_dir, "world_size": ctx.world_size}
+    path = checkpoint.save(ctx.engine, ctx.cfg.output_dir, step, state, ctx.cfg.trainer.keep_last_checkpoints,
+                           exclude_frozen=ctx.cfg.peft.method != "none")
+    ctx.tracker.message(f"saved {path}")
+
+
+def export_final(ctx: StageContext) -> None:
+    state_dict = full_state_dict(ctx.engine)
+    if ctx.rank == 0:
+        out = write_final(state_dict, ctx.cfg, ctx.model_dir, f"{ctx.cfg.output_dir}/final")
+        ctx.tracker.message(f"exported {out}")
+    dist.barrier()

@@ -1,0 +1,127 @@
+"""Where metrics go: metrics.jsonl (always), the console and a progress bar, wandb, TensorBoard.
+
+Only rank 0 tracks; other ranks get a tracker that drops everything, so stage code never asks
+which rank it is on before logging.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+from pathlib import Path
+
+from omegaconf import DictConfig, OmegaConf
+
+METRICS_FILE = "metrics.jsonl"
+
+
+def truncate_metrics(output_dir: str | Path, after_step: int) -> None:
+    """On resume: drop rows past the checkpoint, which the resumed run writes again."""
+    path = Path(output_dir) / METRICS_FILE
+    if not path.is_file():
+        return
+    rows = [line for line in path.read_text().splitlines() if line.strip()]
+    kept = [line for line in rows if json.loads(line)["step"] <= after_step]
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text("".join(line + "\n" for line in kept))
+    tmp.replace(path)
+
+
+def read_metrics(output_dir: str | Path) -> list[dict]:
+    path = Path(output_dir) / METRICS_FILE
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.is_file() else []
+
+
+class Tracker:
+    def __init__(self, cfg: DictConfig, start_step: int, total_steps: int):
+        self.output_dir = Path(cfg.output_dir)
+        self._file = open(self.output_dir / METRICS_FILE, "a")
+        self._bar = _progress_bar(start_step, total_steps) if cfg.tracking.progress else None
+        self._wandb = _start_wandb(cfg) if cfg.tracking.wandb.enabled else None
+        self._tb = _start_tensorboard(self.output_dir) if cfg.tracking.tensorboard else None
+
+    def log(self, step: int, metrics: dict) -> None:
+        row = {"step": step, **{k: _plain(v) for k, v in metrics.items()}}
+        self._file.write(json.dumps(row) + "\n")
+        self._file.flush()
+        if self._wandb is not None:
+            self._wandb.log(metrics, step=step)
+        if self._tb is not None:
+            for key, value in metrics.items():
+                if isinstance(value, (int, float)):
+                    self._tb.add_scalar(key, value, step)
+        self._print(step, metrics)
+
+    def advance(self, step: int) -> None:
+        if self._bar is not None:
+            self._bar.update(1)
+
+    def message(self, text: str) -> None:
+        print(f"[ftcluster] {text}", flush=True)
+
+    def _print(self, step: int, metrics: dict) -> None:
+        shown = " ".join(f"{k}={_short(v)}" for k, v in metrics.items())
+        print(f"[ftcluster] step {step}: {shown}", flush=True)
+
+    def close(self) -> None:
+        self._file.close()
+        if self._bar is not None:
+            self._bar.close()
+        if self._wandb is not None:
+            self._wandb.finish()
+        if self._tb is not None:
+            self._tb.close()
+
+
+class NullTracker:
+    def log(self, step: int, metrics: dict) -> None: ...
+    def advance(self, step: int) -> None: ...
+    def message(self, text: str) -> None: ...
+    def close(self) -> None: ...
+
+
+def make_tracker(cfg: DictConfig, rank: int, start_step: int, total_steps: int):
+    return Tracker(cfg, start_step, total_steps) if rank == 0 else NullTracker()
+
+
+def _plain(value):
+    if hasattr(value, "item"):
+        value = value.item()
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)  # JSON has no NaN; keep it visible rather than crash or drop it
+    return value
+
+
+def _short(value) -> str:
+    value = _plain(value)
+    return f"{value:.4g}" if isinstance(value, float) else str(value)
+
+
+def _progress_bar(start: int, total: int):
+    # Inside a Ray worker, tqdm_ray draws the bar in the driver's terminal instead of interleaving
+    # carriage returns with other workers' log lines.
+    if os.environ.get("FTCLUSTER_IN_RAY") == "1":
+        from ray.experimental.tqdm_ray import tqdm
+    else:
+        from tqdm import tqdm
+    return tqdm(total=total, initial=start, desc="train", unit="step", file=sys.stdout)
+
+
+def _start_wandb(cfg: DictConfig):
+    import wandb
+
+    w = cfg.tracking.wandb
+    id_file = Path(cfg.output_dir) / "wandb_run_id"
+    run_id = id_file.read_text().strip() if id_file.is_file() else wandb.util.generate_id()
+    id_file.write_text(run_id)
+    return wandb.init(project=w.project, group=w.group, name=w.name or Path(cfg.output_dir).name, id=run_id,
+                      resume="allow", mode=w.mode, dir=str(cfg.output_dir),
+                      config=OmegaConf.to_container(cfg, resolve=True))
+
+
+def _start_tensorboard(output_dir: Path):
+    from torch.utils.tensorboard import SummaryWriter
+
+    return SummaryWriter(log_dir=str(output_dir / "tensorboard"))

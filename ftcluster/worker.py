@@ -1,0 +1,84 @@
+"""The entry every training process runs, whoever placed it: build this rank's data, model and
+engine, restore a checkpoint when resuming, and hand them to the stage.
+
+`payload` is plain data (the resolved config and the paths the driver prepared), so any launcher
+can ship it: Ray Train, a SLURM task, or a plain function call in tests.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import random
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ftcluster import checkpoint, dist
+from ftcluster.config import apply_schema, derive
+from ftcluster.stages.context import StageContext
+
+STAGES = {"sft": "ftcluster.stages.sft"}
+
+
+def train_worker(payload: dict) -> None:
+    cfg = apply_schema(payload["config"])
+    derived = derive(cfg)
+    dist.setup()
+    rank, world = dist.rank(), dist.world_size()
+    if world != derived.world_size:
+        raise RuntimeError(f"launcher started {world} processes but the config expects {derived.world_size}")
+    _seed_everything(cfg.seed + rank)
+
+    from ftcluster import engine as ds_engine
+    from ftcluster.data.loader import GlobalBatchLoader
+    from ftcluster.model import load_model, load_tokenizer
+    from ftcluster.track import make_tracker, truncate_metrics
+
+    model_dir, data_dir = payload["model_dir"], Path(payload["data_dir"])
+    tokenizer = load_tokenizer(model_dir)
+    ds_config = ds_engine.deepspeed_config(cfg, derived)
+    with ds_engine.zero3_construction(ds_config):
+        model = load_model(cfg, model_dir)
+    engine = ds_engine.initialize(model, cfg, ds_config)
+
+    import datasets
+
+    train_rows = datasets.load_from_disk(str(data_dir / "train"))
+    eval_rows = datasets.load_from_disk(str(data_dir / "eval")) if (data_dir / "eval").is_dir() else None
+    loader = GlobalBatchLoader(train_rows, cfg.trainer.global_batch, cfg.trainer.micro_batch_per_device, rank, world,
+                               cfg.seed, cfg.data.shuffle, tokenizer.pad_token_id, cfg.data.packing)
+
+    start_step = 0
+    resume_from = payload.get("resume_from")
+    if resume_from:
+        state = checkpoint.load(engine, Path(resume_from), exclude_frozen=cfg.peft.method != "none")
+        loader.check_state(state["data"])
+        start_step = state["step"]
+        if rank == 0:
+            truncate_metrics(cfg.output_dir, start_step)
+    dist.barrier()
+
+    tracker = make_tracker(cfg, rank, start_step, cfg.trainer.max_steps)
+    ctx = StageContext(cfg=cfg, engine=engine, tokenizer=tokenizer, loader=loader, eval_rows=eval_rows,
+                       eval_prompts=_read_prompts(data_dir / "eval_generate.jsonl"), tracker=tracker,
+                       model_dir=model_dir, start_step=start_step, rank=rank, world_size=world)
+    if start_step:
+        tracker.message(f"resumed from {resume_from} at step {start_step}")
+    try:
+        importlib.import_module(STAGES[cfg.stage.name]).train(ctx)
+    finally:
+        tracker.close()
+
+
+def _read_prompts(path: Path) -> list:
+    if not path.is_file():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def _seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
