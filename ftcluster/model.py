@@ -55,6 +55,9 @@ def load_model(cfg: DictConfig, model_dir: str) -> torch.nn.Module:
     if cfg.model.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if cfg.peft.method != "none":
+        # Adapter weights start random: the same seed on every rank (ZeRO partitions each rank's copy)
+        # and whatever the loading consumed before, so runs with any strategy start alike.
+        torch.manual_seed(cfg.seed)
         model = apply_peft(model, cfg)
     return model
 

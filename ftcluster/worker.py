@@ -29,7 +29,7 @@ def train_worker(payload: dict) -> None:
     rank, world = dist.rank(), dist.world_size()
     if world != derived.world_size:
         raise RuntimeError(f"launcher started {world} processes but the config expects {derived.world_size}")
-    _seed_everything(cfg.seed + rank)
+    _seed_everything(cfg.seed)
 
     from ftcluster import engine as ds_engine
     from ftcluster.data.loader import GlobalBatchLoader
@@ -42,6 +42,7 @@ def train_worker(payload: dict) -> None:
     with ds_engine.zero3_construction(ds_config):
         model = load_model(cfg, model_dir)
     engine = ds_engine.initialize(model, cfg, ds_config)
+    _seed_everything(cfg.seed + rank)  # e.g. dropout masks differ per rank, as their data does
 
     import datasets
 

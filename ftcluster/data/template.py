@@ -1,0 +1,122 @@
+"""Rendering examples with the chat template and deciding which tokens carry a loss.
+
+Assistant spans are found on the rendered text, not by searching for token patterns: for each assistant
+turn the conversation is rendered up to that turn with the generation prompt, and again including the
+turn; the difference is exactly what the model must produce. That works for any template that renders
+prefixes consistently (checked, with an error naming the turn when it does not), and the text is
+tokenized once, so training sees the same tokens as `apply_chat_template(tokenize=True)`.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import jinja2
+
+from ftcluster.errors import ConfigError
+
+IGNORE = -100  # The label value Hugging Face losses skip.
+
+_PROBE = [{"role": "user", "content": "Hello"}, {"role": "assistant", "content": "Hi"}]
+
+
+def apply_template_override(tokenizer, chat_template: str | None) -> None:
+    """Set `data.chat_template` (inline Jinja or a file path) on the tokenizer; fail early if none works."""
+    if chat_template is not None:
+        tokenizer.chat_template = _template_text(chat_template)
+    if not tokenizer.chat_template:
+        raise ConfigError("data.chat_template",
+                          "the tokenizer has no chat template, so chat and alpaca data cannot be rendered. Set "
+                          "data.chat_template to inline Jinja or a .jinja file (for example ChatML), or use "
+                          "data.format=text")
+    # Render once now so a broken template fails here, before any data is read or worker started.
+    _render(tokenizer, _PROBE, add_generation_prompt=False)
+
+
+def _template_text(value: str) -> str:
+    if "{{" in value or "{%" in value:
+        return value
+    path = Path(value).expanduser()
+    if not path.is_file():
+        raise ConfigError("data.chat_template",
+                          f"{value!r} is neither inline Jinja (it has no '{{{{' or '{{%') nor an existing file")
+    return path.read_text(encoding="utf-8")
+
+
+def _render(tokenizer, messages: list[dict], add_generation_prompt: bool) -> str:
+    try:
+        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
+    except jinja2.TemplateError as exc:
+        raise ConfigError("data.chat_template", f"the chat template failed on this conversation: {exc}") from None
+
+
+def _assistant_spans(messages: list[dict], tokenizer) -> tuple[str, list[tuple[int, int]]]:
+    """The full render and the character span of each assistant turn in it (content + end of turn)."""
+    full = _render(tokenizer, messages, add_generation_prompt=False)
+    spans = []
+    for i, message in enumerate(messages):
+        if message["role"] != "assistant":
+            continue
+        before = _render(tokenizer, messages[:i], add_generation_prompt=True)
+        through = _render(tokenizer, messages[: i + 1], add_generation_prompt=False)
+        if not (through.startswith(before) and full.startswith(through)):
+            raise ConfigError("data.chat_template",
+                              f"the chat template does not render conversation prefixes consistently at turn {i} "
+                              f"(assistant): rendering the turns before it with add_generation_prompt=True, or up "
+                              f"to it, does not give a prefix of the whole conversation, so the assistant tokens "
+                              f"cannot be located. Templates that rewrite earlier turns (e.g. drop reasoning) do "
+                              f"this; set data.chat_template to one that does not, or use data.train_on=all")
+        # Whitespace after the end-of-turn marker (ChatML's newline) belongs to the next turn's framing:
+        # the model should learn to stop at the marker, not to emit what follows it.
+        turn = through[len(before):].rstrip()
+        spans.append((len(before), len(before) + len(turn)))
+    return full, spans
+
+
+def encode_chat(messages: list[dict], tokenizer, train_on: str = "assistant") -> tuple[list[int], list[int]]:
+    """Token ids of the rendered chat and labels: assistant tokens (or every token) and IGNORE elsewhere."""
+    if train_on == "all":
+        full = _render(tokenizer, messages, add_generation_prompt=False)
+        ids = _tokenize(tokenizer, full)["input_ids"]
+        labels = list(ids)
+    else:
+        full, spans = _assistant_spans(messages, tokenizer)
+        encoded = _tokenize(tokenizer, full)
+        ids = encoded["input_ids"]
+        # A token is trained when any of its characters lies in an assistant span, so no answer
+        # character is lost when a token straddles a span edge.
+        labels = [tok if any(s < end and start < e for s, e in spans) else IGNORE
+                  for tok, (s, e) in zip(ids, encoded["offset_mapping"])]
+    return ids, _no_first_label(labels)
+
+
+def encode_text(text: str, tokenizer) -> tuple[list[int], list[int]]:
+    """Plain text for continued pre-training: every token is trained, and the document ends with eos."""
+    if tokenizer.eos_token_id is None:
+        raise ConfigError("data.format", "format=text appends the end-of-sequence token so the model learns where "
+                                         "a document ends, but this tokenizer has no eos_token")
+    ids = tokenizer(text, add_special_tokens=True)["input_ids"] + [tokenizer.eos_token_id]
+    return ids, _no_first_label(list(ids))
+
+
+def prompt_and_reference(example: dict) -> tuple[list[dict], str]:
+    """For generation-based eval: the turns before the last assistant turn, and that turn's content."""
+    messages = example["messages"]
+    last = max(i for i, m in enumerate(messages) if m["role"] == "assistant")
+    return messages[:last], messages[last]["content"]
+
+
+def _tokenize(tokenizer, text: str):
+    if not tokenizer.is_fast:
+        raise ConfigError("model.path", "label masks need character offsets, which only fast (Rust `tokenizers`) "
+                                        "tokenizers give; this model's tokenizer is a slow one")
+    # The template writes every special token itself (bos included), as apply_chat_template does.
+    return tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+
+
+def _no_first_label(labels: list[int]) -> list[int]:
+    # Nothing predicts the first token; a label there would only ever be skipped by the shift or, once
+    # packed, teach the previous example's last token to predict this one.
+    if labels:
+        labels[0] = IGNORE
+    return labels

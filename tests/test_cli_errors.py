@@ -1,0 +1,101 @@
+"""Every bad input gets one clear message naming the key or file:line, a non-zero exit, no traceback,
+and nothing launched. These run the CLI's main() in process, and the real console script once."""
+
+import json
+from pathlib import Path
+
+import pytest
+
+from conftest import TINY, cli
+from ftcluster.cli import main
+
+
+def run_cli(capsys, *overrides):
+    code = main(["train", *TINY, *overrides])
+    captured = capsys.readouterr()
+    return code, captured.err
+
+
+def write_jsonl(path: Path, records) -> str:
+    path.write_text("".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in records))
+    return str(path)
+
+
+GOOD = {"instruction": "Say hi.", "output": "hi"}
+
+
+@pytest.mark.parametrize("override, expected", [
+    (["strategy.zero_stage=5"], "'strategy.zero_stage': got 5; it must be 0, 1, 2 or 3"),
+    (["trainer.global_batch=6"], "'trainer.global_batch': 6 is not divisible by trainer.micro_batch_per_device x launcher.workers = 2 x 2 = 4"),
+    (["launcher.workers=64"], "'launcher.workers': 64 workers"),
+    (["trainer.no_such_key=1"], "trainer.no_such_key"),
+    (["trainer.max_steps=many"], "'trainer.max_steps'"),
+    (["strategy=zero9"], "strategy/zero9"),
+    (["data.path=/nonexistent/train.jsonl"], "'data.path': /nonexistent/train.jsonl does not exist"),
+    (["peft=qlora"], "'peft.method': QLoRA quantizes with bitsandbytes, which needs a CUDA GPU"),
+    (["data.format=preference"], "'data.format': stage=sft trains on alpaca, chat, text data"),
+    (["model.attn_implementation=flash_attention_2"], "flash-attn"),
+])
+def test_config_errors(capsys, tmp_path, override, expected):
+    code, err = run_cli(capsys, *override, f"output_dir={tmp_path}/run")
+    assert code == 2
+    assert expected in err
+    assert "Traceback" not in err
+    assert not (tmp_path / "run").exists()  # nothing started, nothing written
+
+
+@pytest.mark.parametrize("records, fmt, expected", [
+    ([GOOD, '{"instruction": "x", "output": ', GOOD], "alpaca", "bad.jsonl:2: invalid JSON"),
+    ([GOOD, {"instruction": "x"}], "alpaca", "bad.jsonl:2: record has no 'output' field"),
+    ([GOOD, GOOD, {"instruction": "x", "output": 3}], "alpaca", "bad.jsonl:3: field 'output' must be a string"),
+    ([{"messages": [{"role": "user", "content": "hi"}]}], "chat", "bad.jsonl:1:"),
+    ([], "alpaca", "bad.jsonl"),
+])
+def test_data_errors_name_file_and_line(capsys, tmp_path, records, fmt, expected):
+    data = write_jsonl(tmp_path / "bad.jsonl", records)
+    code, err = run_cli(capsys, f"data.path={data}", "data.eval_path=null", f"data.format={fmt}",
+                        f"output_dir={tmp_path}/run")
+    assert code == 2
+    assert expected in err, err
+    assert "Traceback" not in err
+    assert not (tmp_path / "run" / "config.yaml").exists()
+
+
+def test_chat_without_assistant_turn_is_explained(capsys, tmp_path):
+    data = write_jsonl(tmp_path / "bad.jsonl", [{"messages": [{"role": "user", "content": "hi"}]}])
+    code, err = run_cli(capsys, f"data.path={data}", "data.eval_path=null", "data.format=chat",
+                        f"output_dir={tmp_path}/run")
+    assert code == 2 and "assistant" in err
+
+
+def test_too_long_examples_error_or_are_dropped_and_counted(capsys, tmp_path):
+    long = {"instruction": "word " * 400, "output": "ok"}
+    data = write_jsonl(tmp_path / "long.jsonl", [GOOD, long])
+    code, err = run_cli(capsys, f"data.path={data}", "data.eval_path=null", "data.format=alpaca",
+                        "data.truncation=error", f"output_dir={tmp_path}/run")
+    assert code == 2 and "long.jsonl:2" in err and "trainer.max_seq_len" in err
+
+    from ftcluster.config import compose
+    from ftcluster.data.prepare import prepare
+    from ftcluster.model import load_tokenizer
+
+    cfg = compose([*TINY, f"data.path={data}", "data.eval_path=null", "data.format=alpaca", "data.truncation=drop"])
+    stats = prepare(cfg, load_tokenizer(cfg.model.path), tmp_path / "prepared")
+    assert stats["train"]["dropped"] == 1 and stats["train"]["examples"] == 1
+
+
+def test_output_dir_with_another_run_needs_resume(capsys, tmp_path):
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "config.yaml").write_text("seed: 0\n")
+    code, err = run_cli(capsys, f"output_dir={run}")
+    assert code == 2
+    assert "already holds a run" in err and "resume=auto" in err
+    assert (run / "config.yaml").read_text() == "seed: 0\n"
+
+
+def test_console_script_exits_nonzero_without_traceback(tmp_path):
+    result = cli("train", *TINY, "strategy.zero_stage=5", f"output_dir={tmp_path}/run")
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == [
+        "ftcluster train: error: config key 'strategy.zero_stage': got 5; it must be 0, 1, 2 or 3"]

@@ -1,0 +1,97 @@
+"""Exact resume (across an epoch boundary), atomic checkpoints, and the export round trip."""
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM
+
+from conftest import cli, train
+from ftcluster import checkpoint
+from ftcluster.track import read_metrics
+
+# 16-row global batches make an epoch a few steps long, so 8 steps cross at least one epoch boundary.
+RESUMABLE = ["strategy=zero3", "trainer.max_steps=8", "trainer.global_batch=16", "trainer.micro_batch_per_device=4",
+             "trainer.eval_every_steps=4"]
+
+
+def rows(run, key):
+    return [(r["step"], r[key]) for r in read_metrics(run) if key in r]
+
+
+def test_resume_continues_exactly_like_an_uninterrupted_run(tmp_path):
+    whole, part = tmp_path / "whole", tmp_path / "part"
+    train(whole, *RESUMABLE)
+    train(part, *RESUMABLE, "trainer.save_every_steps=3", "trainer.stop_after_steps=5")
+    assert [p.name for p in checkpoint.complete_checkpoints(part)] == ["step-3", "step-5"]
+    assert not (part / "final").exists()
+    train(part, *RESUMABLE, "trainer.save_every_steps=3", "resume=auto")
+
+    epochs = {e for _, e in rows(whole, "epoch")}
+    assert len(epochs) >= 2, f"the run should cross an epoch boundary, saw epochs {epochs}"
+    assert rows(part, "loss") == rows(whole, "loss")  # bit-identical, steps 1..8, each once
+    assert rows(part, "eval_loss") == rows(whole, "eval_loss")
+    a, b = load_file(whole / "final" / "model.safetensors"), load_file(part / "final" / "model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_export_round_trip_gives_the_same_eval_loss(tmp_path):
+    from ftcluster.data.loader import eval_batches
+    from ftcluster.stages.sft import token_loss_sum
+    import datasets
+
+    run = tmp_path / "run"
+    train(run, "strategy=zero2", "trainer.max_steps=4", "trainer.save_every_steps=4")
+    logged = rows(run, "eval_loss")[-1]
+    assert logged[0] == 4
+
+    model = AutoModelForCausalLM.from_pretrained(run / "final", dtype=torch.float32)
+    eval_rows = datasets.load_from_disk(str(run / "data" / "eval"))
+    total = tokens = 0.0
+    with torch.no_grad():
+        for batch in eval_batches(eval_rows, 4, 0, 1, 0, True):
+            total += token_loss_sum(model, batch).item()
+            tokens += int((batch["labels"][:, 1:] != -100).sum())
+    assert total / tokens == pytest.approx(logged[1], rel=1e-5)
+
+    # `ftcluster export` from the last checkpoint rebuilds the same weights offline.
+    result = cli("export", str(run / "checkpoints" / "step-4"), "--out", str(tmp_path / "exported"))
+    assert result.returncode == 0, result.stderr
+    a, b = load_file(run / "final" / "model.safetensors"), load_file(tmp_path / "exported" / "model.safetensors")
+    assert a.keys() == b.keys() and all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
+
+
+class FailingEngine:
+    """Writes part of a checkpoint, then dies, as a process killed mid-save would."""
+
+    def save_checkpoint(self, save_dir, tag, exclude_frozen_parameters):
+        (checkpoint.Path(save_dir) / tag).mkdir(parents=True)
+        (checkpoint.Path(save_dir) / tag / "partial.pt").write_bytes(b"half")
+        raise OSError("disk full")
+
+
+class WritingEngine:
+    def save_checkpoint(self, save_dir, tag, exclude_frozen_parameters):
+        (checkpoint.Path(save_dir) / tag).mkdir(parents=True)
+        (checkpoint.Path(save_dir) / tag / "weights.pt").write_bytes(b"ok")
+
+
+def test_a_crash_mid_save_leaves_the_previous_checkpoint_in_charge(tmp_path):
+    checkpoint.save(WritingEngine(), tmp_path, 4, {"data": {}}, keep_last=2, exclude_frozen=False)
+    with pytest.raises(OSError):
+        checkpoint.save(FailingEngine(), tmp_path, 8, {"data": {}}, keep_last=2, exclude_frozen=False)
+    assert checkpoint.latest_checkpoint(tmp_path).name == "step-4"
+    assert (tmp_path / "checkpoints" / "step-4" / "state" / "weights.pt").read_bytes() == b"ok"
+    # a folder named like a checkpoint but never completed is not picked either
+    (tmp_path / "checkpoints" / "step-12").mkdir()
+    assert checkpoint.latest_checkpoint(tmp_path).name == "step-4"
+    # a failed save at the same step as a good one does not destroy the good one
+    with pytest.raises(OSError):
+        checkpoint.save(FailingEngine(), tmp_path, 4, {"data": {}}, keep_last=2, exclude_frozen=False)
+    assert (tmp_path / "checkpoints" / "step-4" / "state" / "weights.pt").read_bytes() == b"ok"
+
+
+def test_keep_last_prunes_oldest(tmp_path):
+    for step in (2, 4, 6, 8):
+        checkpoint.save(WritingEngine(), tmp_path, step, {"data": {}}, keep_last=2, exclude_frozen=False)
+    assert [p.name for p in checkpoint.complete_checkpoints(tmp_path)] == ["step-6", "step-8"]
+    assert checkpoint.read_state(tmp_path / "checkpoints" / "step-8")["step"] == 8
