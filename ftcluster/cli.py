@@ -32,6 +32,9 @@ def main(argv: list[str] | None = None) -> int:
     if verb not in commands:
         print(f"ftcluster: unknown command {verb!r}\n\n{USAGE}", file=sys.stderr)
         return 2
+    from ftcluster.quiet import quiet_libraries
+
+    quiet_libraries()
     try:
         return commands[verb](rest) or 0
     except UserError as exc:

@@ -101,12 +101,9 @@ def resolve_model(cfg: DictConfig, out: Path) -> str:
 
 def prepare_data(cfg: DictConfig, model_dir: str, data_dir: Path) -> dict:
     from ftcluster.data.prepare import prepare
-    from ftcluster.data.template import apply_template_override
     from ftcluster.model import load_tokenizer
 
-    tokenizer = load_tokenizer(model_dir)
-    apply_template_override(tokenizer, cfg.data.chat_template)
-    return prepare(cfg, tokenizer, data_dir)
+    return prepare(cfg, load_tokenizer(model_dir), data_dir)
 
 
 def _report_data(stats: dict) -> None:

@@ -44,7 +44,7 @@ def generate_answers(model, tokenizer, prompts: list[list[dict]], max_new_tokens
             texts = [tokenizer.apply_chat_template(prompts[i], tokenize=False, add_generation_prompt=True)
                      for i in batch]
             enc = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False).to(dist.device())
-            out = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False, synced_gpus=synced,
+            out = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False, synced_gpus=synced, use_cache=True,
                                  pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
             for i, row in zip(batch[:real], out[:real]):
                 answers[i] = tokenizer.decode(row[enc["input_ids"].shape[1]:], skip_special_tokens=True)

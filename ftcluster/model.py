@@ -51,7 +51,9 @@ def load_model(cfg: DictConfig, model_dir: str) -> torch.nn.Module:
     if cfg.peft.method == "qlora":
         kwargs["quantization_config"] = _qlora_quantization(dtype)
     model = AutoModelForCausalLM.from_pretrained(model_dir, **kwargs)
-    model.config.use_cache = False  # the KV cache only costs memory during training
+    # Needed for correctness, not only memory: with use_cache on, transformers skips detecting packed
+    # sequences from position_ids and lets packed examples attend to each other.
+    model.config.use_cache = False
     if cfg.model.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if cfg.peft.method != "none":

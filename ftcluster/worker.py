@@ -17,12 +17,14 @@ import torch
 
 from ftcluster import checkpoint, dist
 from ftcluster.config import apply_schema, derive
+from ftcluster.quiet import quiet_libraries
 from ftcluster.stages.context import StageContext
 
 STAGES = {"sft": "ftcluster.stages.sft"}
 
 
 def train_worker(payload: dict) -> None:
+    quiet_libraries()
     cfg = apply_schema(payload["config"])
     derived = derive(cfg)
     dist.setup()
@@ -33,11 +35,15 @@ def train_worker(payload: dict) -> None:
 
     from ftcluster import engine as ds_engine
     from ftcluster.data.loader import GlobalBatchLoader
+    from ftcluster.data.template import apply_template_override
     from ftcluster.model import load_model, load_tokenizer
     from ftcluster.track import make_tracker, truncate_metrics
 
     model_dir, data_dir = payload["model_dir"], Path(payload["data_dir"])
+    data_stats = json.loads((data_dir / "stats.json").read_text())
     tokenizer = load_tokenizer(model_dir)
+    if cfg.data.format != "text":
+        apply_template_override(tokenizer, cfg.data.chat_template)  # evaluation and final/ use it too
     ds_config = ds_engine.deepspeed_config(cfg, derived)
     with ds_engine.zero3_construction(ds_config):
         model = load_model(cfg, model_dir)
@@ -49,7 +55,7 @@ def train_worker(payload: dict) -> None:
     train_rows = datasets.load_from_disk(str(data_dir / "train"))
     eval_rows = datasets.load_from_disk(str(data_dir / "eval")) if (data_dir / "eval").is_dir() else None
     loader = GlobalBatchLoader(train_rows, cfg.trainer.global_batch, cfg.trainer.micro_batch_per_device, rank, world,
-                               cfg.seed, cfg.data.shuffle, tokenizer.pad_token_id, cfg.data.packing)
+                               cfg.seed, cfg.data.shuffle, data_stats["pad_id"], cfg.data.packing)
 
     start_step = 0
     resume_from = payload.get("resume_from")
@@ -62,7 +68,8 @@ def train_worker(payload: dict) -> None:
     dist.barrier()
 
     tracker = make_tracker(cfg, rank, start_step, cfg.trainer.max_steps)
-    ctx = StageContext(cfg=cfg, engine=engine, tokenizer=tokenizer, loader=loader, eval_rows=eval_rows,
+    ctx = StageContext(cfg=cfg, engine=engine, tokenizer=tokenizer, pad_id=data_stats["pad_id"], loader=loader,
+                       eval_rows=eval_rows,
                        eval_prompts=_read_prompts(data_dir / "eval_generate.jsonl"), tracker=tracker,
                        model_dir=model_dir, start_step=start_step, rank=rank, world_size=world)
     if start_step:

@@ -23,6 +23,7 @@ def reference_losses(run_dir: str | Path, steps: int | None = None) -> tuple[lis
     run_dir = Path(run_dir)
     cfg = load_run_config(run_dir / "config.yaml")
     model = AutoModelForCausalLM.from_pretrained(run_dir / "init_model", dtype=torch.float32)
+    model.config.use_cache = False  # with a cache, transformers does not detect packed sequences
     if cfg.peft.method != "none":
         from peft import LoraConfig, get_peft_model
 

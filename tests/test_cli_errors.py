@@ -79,7 +79,8 @@ def test_too_long_examples_error_or_are_dropped_and_counted(capsys, tmp_path):
     from ftcluster.data.prepare import prepare
     from ftcluster.model import load_tokenizer
 
-    cfg = compose([*TINY, f"data.path={data}", "data.eval_path=null", "data.format=alpaca", "data.truncation=drop"])
+    cfg = compose([*TINY, f"data.path={data}", "data.eval_path=null", "data.format=alpaca", "data.truncation=drop",
+                   "trainer.micro_batch_per_device=1", "trainer.global_batch=1", "launcher.workers=1"])
     stats = prepare(cfg, load_tokenizer(cfg.model.path), tmp_path / "prepared")
     assert stats["train"]["dropped"] == 1 and stats["train"]["examples"] == 1
 

@@ -13,7 +13,8 @@ from typing import Any, Iterator
 
 from ftcluster.errors import DataError
 
-SUPPORTED = ".jsonl (JSON Lines), .json (a list of objects), .parquet, or a folder written by datasets.Dataset.save_to_disk"
+SUPPORTED = (".jsonl (JSON Lines), .json (a list of objects), .parquet, or a folder written by "
+             "datasets.Dataset.save_to_disk")
 
 EXPECTS = {
     "alpaca": "instruction, input (optional), output, system (optional)",
@@ -51,20 +52,21 @@ def read_records(path: str) -> Iterator[tuple[int, dict]]:
 
 
 def _read_jsonl(path: str) -> Iterator[tuple[int, dict]]:
-    with open(path, encoding="utf-8") as f:
-        for line, text in enumerate(f, start=1):
+    with open(path, "rb") as f:
+        for line, raw in enumerate(f, start=1):
+            text = _decode(raw, path, line)
             if not text.strip():
                 continue
             try:
-                record = json.loads(text)
+                # Without the newline, a record cut short is reported at its last column, not the next line.
+                record = json.loads(text.rstrip("\r\n"))
             except json.JSONDecodeError as exc:
                 raise DataError(path, line, f"invalid JSON: {exc.msg} (column {exc.colno})") from None
             yield line, _object(record, path, line)
 
 
 def _read_json(path: str) -> Iterator[tuple[int, dict]]:
-    with open(path, encoding="utf-8") as f:
-        text = f.read()
+    text = _decode(Path(path).read_bytes(), path, None)
     # Many datasets ship JSON Lines under a .json name; a document that does not open with '['
     # is read line by line so those files work and their errors still carry line numbers.
     if not text.lstrip().startswith("["):
@@ -76,6 +78,15 @@ def _read_json(path: str) -> Iterator[tuple[int, dict]]:
         raise DataError(path, exc.lineno, f"invalid JSON: {exc.msg} (column {exc.colno})") from None
     for index, record in enumerate(records, start=1):
         yield index, _object(record, path, index)
+
+
+def _decode(raw: bytes, path: str, line: int | None) -> str:
+    try:
+        # utf-8-sig: editors on Windows start files with a byte-order mark that json refuses.
+        return raw.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        raise DataError(path, line, f"not UTF-8 text (byte {exc.start}: {exc.reason}); "
+                                    f"re-save the file as UTF-8") from None
 
 
 def _read_parquet(path: str) -> Iterator[tuple[int, dict]]:

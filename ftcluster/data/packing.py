@@ -60,7 +60,11 @@ def _row(parts: list[Example]) -> dict:
 
 
 def collate(rows: list[dict], pad_id: int, packed: bool) -> dict[str, torch.Tensor]:
-    """Right-pad rows to the longest one. Packed batches carry no attention_mask (see the module doc)."""
+    """Right-pad rows to the longest one. Packed batches carry no attention_mask (see the module doc).
+
+    Besides the model inputs and `labels`, the batch counts its work for throughput metrics:
+    `num_examples` and `num_tokens` (real tokens, padding excluded), as 0-d tensors.
+    """
     width = max(len(row["input_ids"]) for row in rows)
     batch = {"input_ids": [], "labels": [], "position_ids": []}
     if not packed:
@@ -76,6 +80,8 @@ def collate(rows: list[dict], pad_id: int, packed: bool) -> dict[str, torch.Tens
         else:
             batch["position_ids"].append(list(range(width)))
             batch["attention_mask"].append([1] * n + [0] * pad)
+    batch["num_examples"] = sum(row["num_examples"] for row in rows)
+    batch["num_tokens"] = sum(len(row["input_ids"]) for row in rows)
     return {key: torch.tensor(value, dtype=torch.long) for key, value in batch.items()}
 
 

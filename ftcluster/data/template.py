@@ -85,8 +85,8 @@ def encode_chat(messages: list[dict], tokenizer, train_on: str = "assistant") ->
         ids = encoded["input_ids"]
         # A token is trained when any of its characters lies in an assistant span, so no answer
         # character is lost when a token straddles a span edge.
-        labels = [tok if any(s < end and start < e for s, e in spans) else IGNORE
-                  for tok, (s, e) in zip(ids, encoded["offset_mapping"])]
+        labels = [tok if any(a < end and start < b for start, end in spans) else IGNORE
+                  for tok, (a, b) in zip(ids, encoded["offset_mapping"])]
     return ids, _no_first_label(labels)
 
 

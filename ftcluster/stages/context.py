@@ -13,6 +13,7 @@ class StageContext:
     cfg: DictConfig
     engine: Any  # deepspeed.DeepSpeedEngine; owns model, optimizer and schedule
     tokenizer: Any
+    pad_id: int  # the id padding uses in batches (never attended to, never trained)
     loader: Any  # ftcluster.data.loader.GlobalBatchLoader
     eval_rows: Any  # datasets.Dataset of eval rows, or None
     eval_prompts: list  # [{"prompt": messages, "reference": text}] for generation-based eval

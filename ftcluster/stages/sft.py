@@ -37,6 +37,7 @@ def train(ctx: StageContext) -> None:
     step = ctx.start_step
     while step < t.max_steps:
         started = time.perf_counter()
+        lr = ctx.engine.get_lr()[0]  # the rate this step uses; the schedule moves on inside step()
         stats = train_step(ctx.engine, ctx.loader.micro_batches(step), ctx.world_size)
         elapsed = time.perf_counter() - started
         step += 1
@@ -44,7 +45,7 @@ def train(ctx: StageContext) -> None:
         last = step == t.max_steps
         if step % t.log_every_steps == 0 or last:
             ctx.tracker.log(step, {
-                "loss": stats["loss"], "lr": ctx.engine.get_lr()[0], "grad_norm": _grad_norm(ctx.engine),
+                "loss": stats["loss"], "lr": lr, "grad_norm": _grad_norm(ctx.engine),
                 "tokens_per_s": stats["tokens"] / elapsed, "trainable_tokens_per_s": stats["label_tokens"] / elapsed,
                 "samples_per_s": stats["examples"] / elapsed, "epoch": ctx.loader.epoch_of(step - 1),
             })
@@ -119,20 +120,14 @@ def eval_loss(ctx: StageContext) -> dict:
     from ftcluster.data.loader import eval_batches
 
     engine = ctx.engine
-    batches = list(eval_batches(ctx.eval_rows, ctx.cfg.trainer.micro_batch_per_device, ctx.rank, ctx.world_size,
-                                ctx.tokenizer.pad_token_id, ctx.cfg.data.packing))
-    # ZeRO-3 forwards are collectives: every rank must run as many as the busiest one.
-    most = int(max(dist.all_gather_objects(len(batches))))
-    # A rank with fewer batches repeats one whose result it discards.
-    filler = batches[0] if batches else {"input_ids": torch.tensor([[ctx.tokenizer.pad_token_id] * 2]),
-                                         "labels": torch.tensor([[-100, -100]])}
+    # eval_batches gives every rank as many batches (ZeRO-3 forwards are collectives); fillers train nothing.
+    batches = eval_batches(ctx.eval_rows, ctx.cfg.trainer.micro_batch_per_device, ctx.rank, ctx.world_size,
+                           ctx.pad_id, ctx.cfg.data.packing)
     engine.eval()
     loss_sum = tokens = 0.0
-    for i in range(most):
-        summed = token_loss_sum(engine, batches[i] if i < len(batches) else filler)
-        if i < len(batches):
-            loss_sum += summed.item()
-            tokens += _label_tokens(batches[i])
+    for batch in batches:
+        loss_sum += token_loss_sum(engine, batch).item()
+        tokens += _label_tokens(batch)
     engine.train()
     loss_sum, tokens = dist.all_reduce_sum([loss_sum, tokens]).tolist()
     loss = loss_sum / max(tokens, 1)

@@ -1,0 +1,258 @@
+"""Turn the configured data files into encoded, packed, memory-mappable splits, once, before any worker.
+
+Every data problem a user can have (a bad record, an over-long example under truncation=error, a split
+that filtering empties) is raised here, in the launching process, as one DataError naming file and line.
+Workers only memory-map the result. The output is keyed by a fingerprint of everything that shapes it,
+so an unchanged relaunch (or a resume) reuses it and a changed one never does.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import random
+import shutil
+from contextlib import contextmanager
+from pathlib import Path
+
+import datasets
+from filelock import FileLock
+
+from ftcluster.data.formats import read_records, to_example
+from ftcluster.data.loader import require_rows
+from ftcluster.data.packing import pack, packing_efficiency, unpacked
+from ftcluster.data.template import (IGNORE, apply_template_override, encode_chat, encode_text,
+                                     prompt_and_reference)
+from ftcluster.errors import DataError, UserError
+
+# Bump when the encoding or the layout on disk changes, so older prepared sets are not reused.
+LAYOUT_VERSION = 1
+
+FEATURES = datasets.Features({
+    "input_ids": datasets.List(datasets.Value("int32")),
+    "labels": datasets.List(datasets.Value("int32")),
+    "position_ids": datasets.List(datasets.Value("int32")),
+    "num_examples": datasets.Value("int32"),
+})
+
+
+def prepare(cfg, tokenizer, out_dir: str) -> dict:
+    """Write out_dir/{train,eval,eval_generate.jsonl,stats.json}; return the stats. eval: with eval data only."""
+    data = cfg.data
+    if data.format != "text":
+        apply_template_override(tokenizer, data.chat_template)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(out / ".prepare.lock")):
+        fingerprint = _fingerprint(cfg, tokenizer)
+        cached = _prepared(out, fingerprint)
+        if cached is not None:
+            return cached
+        (out / "stats.json").unlink(missing_ok=True)  # stats.json last written = set complete.
+
+        train_items = _read(data.path, cfg)
+        if data.eval_path:
+            eval_items = _read(data.eval_path, cfg)
+        elif data.eval_fraction > 0:
+            train_items, eval_items = _hold_out(train_items, data.eval_fraction, cfg.seed, data.path)
+        else:
+            eval_items = None
+
+        stats = {"fingerprint": fingerprint, "format": data.format, "packed": bool(data.packing),
+                 "max_seq_len": cfg.trainer.max_seq_len, "pad_id": _pad_id(tokenizer), "eval_generate": 0}
+        # Without eval data there is no eval/ folder, no eval_generate.jsonl and no "eval" in the stats:
+        # the trainer skips evaluation rather than reporting a loss over nothing.
+        _remove(out / "eval", out / "eval_generate.jsonl")
+        for name, items in (("train", train_items), ("eval", eval_items)):
+            if items is None:
+                continue
+            encoded, kept, counts = _encode_split(name, items, cfg, tokenizer)
+            rows = pack(encoded, cfg.trainer.max_seq_len) if data.packing else unpacked(encoded)
+            if name == "train":
+                # Checked here too, so the launch fails before any worker starts.
+                require_rows(len(rows), cfg.trainer.global_batch, data.path)
+            efficiency = packing_efficiency(rows, cfg.trainer.max_seq_len)
+            counts.update(rows=len(rows), packing_efficiency=round(efficiency, 4))
+            _save_rows(rows, out / name)
+            stats[name] = counts
+            if name == "eval":
+                stats["eval_generate"] = _write_eval_generate(kept, out / "eval_generate.jsonl")
+        _write_json_atomic(out / "stats.json", stats)
+    return stats
+
+
+def _read(path: str, cfg) -> list[tuple[str, int, dict]]:
+    items = [(path, line, to_example(record, cfg.data.format, path, line, cfg.data.system_prompt))
+             for line, record in read_records(path)]
+    if not items:
+        raise DataError(path, None, "the file holds no records")
+    return items
+
+
+def _hold_out(items: list, fraction: float, seed: int, path: str) -> tuple[list, list]:
+    """A seeded split of data.path into train and eval, each kept in file order."""
+    n_eval = max(1, round(len(items) * fraction))
+    if n_eval >= len(items):
+        raise DataError(path, None, f"{len(items)} records cannot spare data.eval_fraction={fraction} for eval and "
+                                    f"still train; add records, lower data.eval_fraction or set data.eval_path")
+    chosen = set(random.Random(seed).sample(range(len(items)), n_eval))
+    return ([x for i, x in enumerate(items) if i not in chosen],
+            [x for i, x in enumerate(items) if i in chosen])
+
+
+def _encode_split(name: str, items: list, cfg, tokenizer) -> tuple[list, list, dict]:
+    """Encode and apply the truncation policy: (encoded, kept canonical examples, counts)."""
+    max_len, policy = cfg.trainer.max_seq_len, cfg.data.truncation
+    encoded, kept = [], []
+    truncated, too_long, no_target = 0, 0, 0
+    for path, line, example in items:
+        try:
+            if "text" in example:
+                ids, labels = encode_text(example["text"], tokenizer)
+            else:
+                ids, labels = encode_chat(example["messages"], tokenizer, cfg.data.train_on)
+        except UserError as exc:
+            # A template that fails on one conversation is reported at that conversation.
+            raise DataError(path, line, str(exc)) from None
+        cut = len(ids) > max_len
+        if cut and policy == "error":
+            raise DataError(path, line, f"example is {len(ids)} tokens, longer than trainer.max_seq_len="
+                                        f"{max_len} (data.truncation=error). Raise trainer.max_seq_len, or set "
+                                        f"data.truncation=truncate or data.truncation=drop")
+        if cut and policy == "drop":
+            too_long += 1
+            continue
+        ids, labels = ids[:max_len], labels[:max_len]
+        if all(label == IGNORE for label in labels):
+            no_target += 1
+            continue
+        truncated += cut
+        encoded.append((ids, labels))
+        kept.append(example)
+
+    reasons = {"too_long": too_long, "no_trainable_tokens": no_target}
+    if items and not encoded:
+        raise DataError(items[0][0], None, f"the {name} split is empty after filtering: all {len(items)} examples "
+                                           f"were dropped ({_explain(reasons, max_len)})")
+    return encoded, kept, {
+        "records": len(items),
+        "examples": len(encoded),
+        "truncated": truncated,
+        "dropped": too_long + no_target,
+        "dropped_reasons": reasons,
+        "tokens": sum(len(ids) for ids, _ in encoded),
+        "trainable_tokens": sum(label != IGNORE for _, labels in encoded for label in labels),
+    }
+
+
+def _explain(reasons: dict, max_len: int) -> str:
+    parts = []
+    if reasons["too_long"]:
+        parts.append(f"{reasons['too_long']} longer than trainer.max_seq_len={max_len} with data.truncation=drop; "
+                     f"raise trainer.max_seq_len or use data.truncation=truncate")
+    if reasons["no_trainable_tokens"]:
+        parts.append(f"{reasons['no_trainable_tokens']} with no trainable token left (the prompt fills "
+                     f"trainer.max_seq_len={max_len}); raise trainer.max_seq_len")
+    return "; ".join(parts)
+
+
+def _pad_id(tokenizer) -> int:
+    # Padding is never attended to nor trained on, so any id in the vocabulary serves.
+    for token_id in (tokenizer.pad_token_id, tokenizer.eos_token_id):
+        if token_id is not None:
+            return token_id
+    return 0
+
+
+@contextmanager
+def _quiet_datasets():
+    # Saving a split is quick; its progress bars would only bury the launch log.
+    enabled = datasets.is_progress_bar_enabled()
+    datasets.disable_progress_bars()
+    try:
+        yield
+    finally:
+        if enabled:
+            datasets.enable_progress_bars()
+
+
+def _remove(*paths: Path) -> None:
+    for path in paths:
+        if path.is_dir():
+            shutil.rmtree(path)
+        else:
+            path.unlink(missing_ok=True)
+
+
+def _save_rows(rows: list[dict], where: Path) -> None:
+    _remove(where)
+    columns = {key: [row[key] for row in rows] for key in FEATURES}
+    with _quiet_datasets():
+        datasets.Dataset.from_dict(columns, features=FEATURES).save_to_disk(str(where))
+
+
+def _write_eval_generate(examples: list[dict], path: Path) -> int:
+    """One {"prompt": messages, "reference": text} line per eval chat; an empty file for text data."""
+    count = 0
+    with open(path, "w", encoding="utf-8") as f:
+        for example in examples:
+            if "messages" in example:
+                prompt, reference = prompt_and_reference(example)
+                f.write(json.dumps({"prompt": prompt, "reference": reference}, ensure_ascii=False) + "\n")
+                count += 1
+    return count
+
+
+def _fingerprint(cfg, tokenizer) -> str:
+    data = cfg.data
+    h = hashlib.sha256()
+    for role, path in (("train", data.path), ("eval", data.eval_path)):
+        h.update(role.encode())
+        if path:
+            _hash_path(h, Path(path))
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    vocab = backend.to_str() if backend is not None else json.dumps(sorted(tokenizer.get_vocab().items()))
+    h.update(vocab.encode())
+    settings = {
+        "layout": LAYOUT_VERSION,
+        "chat_template": tokenizer.chat_template if data.format != "text" else None,
+        "eos": tokenizer.eos_token_id,
+        "format": data.format,
+        "system_prompt": data.system_prompt,
+        "train_on": data.train_on,
+        "packing": data.packing,
+        "truncation": data.truncation,
+        "max_seq_len": cfg.trainer.max_seq_len,
+        # The seed and fraction only shape the data when eval is held out of data.path.
+        "hold_out": None if data.eval_path or not data.eval_fraction else [data.eval_fraction, cfg.seed],
+    }
+    h.update(json.dumps(settings, sort_keys=True).encode())
+    return h.hexdigest()
+
+
+def _hash_path(h, path: Path) -> None:
+    if not path.exists():
+        raise DataError(str(path), None, "file does not exist")
+    files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
+    for file in files:
+        h.update(str(file.relative_to(path) if path.is_dir() else "").encode())
+        with open(file, "rb") as f:
+            for chunk in iter(lambda: f.read(1 << 20), b""):
+                h.update(chunk)
+
+
+def _prepared(out: Path, fingerprint: str) -> dict | None:
+    stats_file = out / "stats.json"
+    if not stats_file.is_file():
+        return None
+    stats = json.loads(stats_file.read_text())
+    if stats.get("fingerprint") != fingerprint:
+        return None
+    return stats
+
+
+def _write_json_atomic(path: Path, obj: dict) -> None:
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(obj, indent=2) + "\n")
+    os.replace(tmp, path)

@@ -1,0 +1,125 @@
+"""Labels are exactly the tokens the model must produce, for the real tiny tokenizer and its template."""
+
+import json
+import re
+
+import pytest
+from transformers import AutoTokenizer
+
+from ftcluster.config import ASSETS, apply_schema
+from ftcluster.data.prepare import prepare
+from ftcluster.data.template import (IGNORE, apply_template_override, encode_chat, encode_text,
+                                     prompt_and_reference)
+from ftcluster.errors import ConfigError, DataError
+
+TINY = ASSETS / "models" / "tiny"
+CHAT = [
+    {"role": "system", "content": "You answer briefly."},
+    {"role": "user", "content": "What is 2 + 2?"},
+    {"role": "assistant", "content": "4"},
+    {"role": "user", "content": "And the capital of France?"},
+    {"role": "assistant", "content": "Paris, of course."},
+]
+
+
+@pytest.fixture
+def tokenizer():
+    # Function-scoped: several tests replace the template.
+    return AutoTokenizer.from_pretrained(TINY)
+
+
+def trained_runs(ids, labels):
+    """The contiguous runs of trained tokens, each as (ids, labels)."""
+    runs, current = [], None
+    for token, label in zip(ids, labels):
+        if label == IGNORE:
+            current = None
+            continue
+        if current is None:
+            current = ([], [])
+            runs.append(current)
+        current[0].append(token)
+        current[1].append(label)
+    return runs
+
+
+def test_labels_are_the_assistant_turns_and_their_end_token(tokenizer):
+    ids, labels = encode_chat(CHAT, tokenizer)
+    assert ids == tokenizer.apply_chat_template(CHAT, tokenize=True, return_dict=False)
+    runs = trained_runs(ids, labels)
+    assert all(run_ids == run_labels for run_ids, run_labels in runs)
+    assert [tokenizer.decode(run_ids) for run_ids, _ in runs] == ["4<|im_end|>", "Paris, of course.<|im_end|>"]
+    assert labels[0] == IGNORE
+
+
+def test_templates_default_system_prompt_is_rendered_but_not_trained(tokenizer):
+    ids, labels = encode_chat(CHAT[1:3], tokenizer)
+    assert "You are a helpful AI assistant" in tokenizer.decode(ids)
+    assert [tokenizer.decode(run) for run, _ in trained_runs(ids, labels)] == ["4<|im_end|>"]
+
+
+def test_train_on_all(tokenizer):
+    ids, labels = encode_chat(CHAT, tokenizer, train_on="all")
+    assert labels == [IGNORE] + ids[1:]
+
+
+def test_text_ends_with_eos_and_trains_every_token(tokenizer):
+    ids, labels = encode_text("Plain text for pre-training.", tokenizer)
+    assert ids[-1] == tokenizer.eos_token_id
+    assert tokenizer.decode(ids[:-1]) == "Plain text for pre-training."
+    assert labels == [IGNORE] + ids[1:]
+
+
+def test_prompt_and_reference():
+    assert prompt_and_reference({"messages": CHAT}) == (CHAT[:4], "Paris, of course.")
+
+
+def test_inline_and_file_template_override(tokenizer, tmp_path):
+    inline = ("{% for m in messages %}[{{ m.role }}]{{ m.content }}[/{{ m.role }}]{% endfor %}"
+              "{% if add_generation_prompt %}[assistant]{% endif %}")
+    apply_template_override(tokenizer, inline)
+    ids, labels = encode_chat(CHAT[1:3], tokenizer)
+    assert [tokenizer.decode(run) for run, _ in trained_runs(ids, labels)] == ["4[/assistant]"]
+
+    (tmp_path / "t.jinja").write_text(inline.replace("[/", "[end "))
+    apply_template_override(tokenizer, str(tmp_path / "t.jinja"))
+    ids, labels = encode_chat(CHAT[1:3], tokenizer)
+    assert [tokenizer.decode(run) for run, _ in trained_runs(ids, labels)] == ["4[end assistant]"]
+
+
+def test_no_template_and_no_override(tokenizer):
+    tokenizer.chat_template = None
+    with pytest.raises(ConfigError, match="no chat template.*Set data.chat_template"):
+        apply_template_override(tokenizer, None)
+
+
+def test_override_that_is_neither_jinja_nor_a_file(tokenizer):
+    with pytest.raises(ConfigError, match="'chatml.jinja' is neither inline Jinja"):
+        apply_template_override(tokenizer, "chatml.jinja")
+
+
+def test_broken_template_fails_at_override(tokenizer):
+    with pytest.raises(ConfigError, match="data.chat_template.*the chat template failed"):
+        apply_template_override(tokenizer, "{% for m in messages %}{{ m.content }")
+
+
+def test_template_that_rewrites_earlier_turns_is_refused(tokenizer):
+    # Earlier assistant turns render differently from the last one, as reasoning-dropping templates do.
+    apply_template_override(tokenizer, "{% for m in messages %}{% if m.role == 'assistant' and not loop.last %}"
+                                       "[assistant](old)[/assistant]{% else %}[{{ m.role }}]{{ m.content }}"
+                                       "[/{{ m.role }}]{% endif %}{% endfor %}"
+                                       "{% if add_generation_prompt %}[assistant]{% endif %}")
+    with pytest.raises(ConfigError, match="does not render conversation prefixes consistently at turn 2"):
+        encode_chat(CHAT, tokenizer)
+
+
+def test_template_refusing_a_conversation_names_file_and_line(tokenizer, tmp_path):
+    path = tmp_path / "d.jsonl"
+    path.write_text("\n".join(json.dumps({"messages": m}) for m in (CHAT[1:3], CHAT[:3])) + "\n")
+    template = ("{% if messages[0].role == 'system' %}{{ raise_exception('no system turns') }}{% endif %}"
+                "{% for m in messages %}<{{ m.role }}>{{ m.content }}</s>{% endfor %}"
+                "{% if add_generation_prompt %}<assistant>{% endif %}")
+    cfg = apply_schema({"data": {"path": str(path), "format": "chat", "chat_template": template}})
+    with pytest.raises(DataError, match=re.escape(f"{path}:2: config key 'data.chat_template': the chat template "
+                                                  f"failed on this conversation: no system turns")):
+        prepare(cfg, tokenizer, str(tmp_path / "out"))
