@@ -206,6 +206,11 @@ def compose(overrides: List[str], config_name: str = "train") -> DictConfig:
     from hydra.core.global_hydra import GlobalHydra
     from hydra.errors import HydraException
 
+    from hydra.core.config_store import ConfigStore
+
+    # The schema is the first entry of conf/train.yaml's defaults list: every key exists (and can be
+    # overridden without '+') with its type, before any YAML value lands on it.
+    ConfigStore.instance().store(name="ftcluster_schema", node=TrainConfig)
     GlobalHydra.instance().clear()
     try:
         with initialize_config_dir(config_dir=str(conf_dir()), version_base="1.3"):
@@ -221,12 +226,29 @@ def apply_schema(raw: DictConfig | dict) -> DictConfig:
     """Merge values onto the schema: unknown keys and wrong types fail with the key's name."""
     schema = OmegaConf.structured(TrainConfig)
     try:
+        _reject_unknown_keys(OmegaConf.create(raw) if isinstance(raw, dict) else raw, schema, "")
         cfg = OmegaConf.merge(schema, raw)
         OmegaConf.resolve(cfg)
     except OmegaConfBaseException as exc:
         raise ConfigError(_key_of(exc), _omegaconf_message(exc)) from None
     OmegaConf.set_readonly(cfg, False)
     return cfg
+
+
+def _reject_unknown_keys(node: DictConfig, schema: DictConfig, prefix: str) -> None:
+    # Hydra's '+key=value' appends keys the schema does not have; they would be silently ignored.
+    for key in node.keys():
+        dotted = f"{prefix}{key}"
+        if key not in schema:
+            raise ConfigError(dotted, f"no such key. {_keys_hint(schema, prefix)}")
+        child, expected = node._get_node(key), schema._get_node(key)
+        if isinstance(child, DictConfig) and isinstance(expected, DictConfig) and not child._is_none():
+            _reject_unknown_keys(child, expected, f"{dotted}.")
+
+
+def _keys_hint(schema: DictConfig, prefix: str) -> str:
+    where = prefix.rstrip(".") or "the top level"
+    return f"Keys of {where}: {', '.join(str(k) for k in schema.keys())}"
 
 
 def _key_of(exc: OmegaConfBaseException) -> str:
@@ -242,13 +264,24 @@ def _omegaconf_message(exc: OmegaConfBaseException) -> str:
 
 def _hydra_message(exc: Exception) -> str:
     text = str(exc).strip()
-    if "Could not override" in text or "not in struct" in text:
-        first = text.splitlines()[0]
-        return (f"{first}\nThe key does not exist. Check the spelling, or add a new key with '+key=value' "
-                f"only if the schema has it")
-    if "Could not find" in text and "/" in text:
-        return f"{text.splitlines()[0]} (config groups live under {conf_dir()})"
-    return text.splitlines()[0]
+    first = text.splitlines()[0]
+    if first.startswith("Could not override '"):
+        key = first.split("'")[1]
+        section, _, _ = key.rpartition(".")
+        node = OmegaConf.select(OmegaConf.structured(TrainConfig), section) if section else None
+        hint = _keys_hint(node, section + ".") if isinstance(node, DictConfig) else _keys_hint(
+            OmegaConf.structured(TrainConfig), "")
+        return f"config key '{key}': no such key. {hint}"
+    if first.startswith("Error merging override "):
+        override = first[len("Error merging override "):]
+        cause = str(exc.__cause__).splitlines()[0] if exc.__cause__ else "invalid value"
+        return f"config key '{override.split('=')[0]}': {cause} (from {override})"
+    if "Could not find '" in first:
+        missing = first.split("Could not find '")[1].split("'")[0]
+        options = [line.strip() for line in text.splitlines() if line.startswith("\t") and "provider=" not in line]
+        group, _, option = missing.rpartition("/")
+        return f"config group '{group}' has no option '{option}'; available: {', '.join(options)} (in {conf_dir()})"
+    return first
 
 
 @dataclass

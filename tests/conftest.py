@@ -11,7 +11,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 # The tiny model on the bundled data, quiet, no generation: a few seconds per run.
 TINY = ["model=tiny", "data=json_extract", "peft=none", "tracking=none", "trainer.eval_generate=false",
-        "trainer.max_seq_len=128", "trainer.micro_batch_per_device=2", "trainer.global_batch=8",
+        "trainer.max_seq_len=256", "trainer.micro_batch_per_device=2", "trainer.global_batch=8",
         "trainer.eval_every_steps=0", "trainer.save_every_steps=0", "optim.lr=1e-3", "optim.warmup_steps=0",
         "optim.scheduler=linear", "launcher.workers=2"]
 

@@ -30,7 +30,7 @@ GOOD = {"instruction": "Say hi.", "output": "hi"}
     (["launcher.workers=64"], "'launcher.workers': 64 workers"),
     (["trainer.no_such_key=1"], "trainer.no_such_key"),
     (["trainer.max_steps=many"], "'trainer.max_steps'"),
-    (["strategy=zero9"], "strategy/zero9"),
+    (["strategy=zero9"], "config group 'strategy' has no option 'zero9'; available: zero0, zero1"),
     (["data.path=/nonexistent/train.jsonl"], "'data.path': /nonexistent/train.jsonl does not exist"),
     (["peft=qlora"], "'peft.method': QLoRA quantizes with bitsandbytes, which needs a CUDA GPU"),
     (["data.format=preference"], "'data.format': stage=sft trains on alpaca, chat, text data"),

@@ -79,7 +79,8 @@ def train_step(engine, micro_batches: list[dict], world_size: int) -> dict:
 def token_loss_sum(model, batch: dict) -> torch.Tensor:
     """Summed next-token cross-entropy over label positions, in fp32."""
     inputs = {k: v.to(dist.device()) for k, v in batch.items() if k in ("input_ids", "attention_mask", "position_ids")}
-    logits = model(**inputs).logits
+    # use_cache=False is what makes transformers honour packed position_ids (no cross-example attention).
+    logits = model(**inputs, use_cache=False).logits
     labels = batch["labels"].to(logits.device)
     logits = logits[:, -labels.shape[1]:]  # prompt tuning prepends virtual tokens
     return F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=-100,
