@@ -123,8 +123,10 @@ class TrainerConfig:
     eval_every_steps: int = 0
     save_every_steps: int = 0
     keep_last_checkpoints: int = 2
-    # Greedy generation on the eval split, scored by exact match (eval_exact_match in metrics.jsonl).
+    # Greedy generation on the eval split, scored by exact match (eval_exact_match in metrics.jsonl):
+    # before training and at the last step, and every eval_generate_every_steps when that is set.
     eval_generate: bool = False
+    eval_generate_every_steps: int = 0
     eval_max_new_tokens: int = 64
     # Stop cleanly (with a checkpoint) after this many steps; resume=auto continues the schedule.
     stop_after_steps: Optional[int] = None
@@ -324,7 +326,7 @@ def validate(cfg: DictConfig, check_paths: bool = True) -> Derived:
     for key in positive:
         if _get(cfg, key) < 1:
             raise ConfigError(key, f"got {_get(cfg, key)}; it must be a positive integer")
-    for key in ["trainer.eval_every_steps", "trainer.save_every_steps", "optim.warmup_steps",
+    for key in ["trainer.eval_every_steps", "trainer.save_every_steps", "trainer.eval_generate_every_steps", "optim.warmup_steps",
                 "launcher.max_failures", "optim.weight_decay", "peft.dropout"]:
         if _get(cfg, key) < 0:
             raise ConfigError(key, f"got {_get(cfg, key)}; it must be 0 or more")
@@ -354,6 +356,9 @@ def validate(cfg: DictConfig, check_paths: bool = True) -> Derived:
     if cfg.peft.method in ("prompt", "prefix") and cfg.strategy.zero_stage == 3:
         raise ConfigError("peft.method", f"{cfg.peft.method} tuning is not supported with ZeRO-3 here; "
                                          "use strategy=zero2")
+    if cfg.peft.method in ("prompt", "prefix") and cfg.data.packing:
+        raise ConfigError("data.packing", f"{cfg.peft.method} tuning prepends virtual tokens, which packed rows "
+                                          f"cannot hold per example (peft drops position ids); set data.packing=false")
     if cfg.model.attn_implementation == "flash_attention_2":
         import importlib.util
 

@@ -13,7 +13,9 @@ def quiet_libraries() -> None:
         # Otherwise DeepSpeed warns on every import that it fell back to its CPU accelerator.
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    # Deprecation notices addressed to library developers, printed once per worker per step otherwise.
     warnings.filterwarnings("ignore", category=FutureWarning, module="torch.distributed")
+    warnings.filterwarnings("ignore", category=FutureWarning, module="transformers")
     from transformers.utils import logging as hf_logging
 
     hf_logging.set_verbosity_error()

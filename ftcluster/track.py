@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import sys
 from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
@@ -106,7 +105,9 @@ def _progress_bar(start: int, total: int):
         from ray.experimental.tqdm_ray import tqdm
     else:
         from tqdm import tqdm
-    return tqdm(total=total, initial=start, desc="train", unit="step", file=sys.stdout)
+    bar = tqdm(total=total, desc="train", unit="step")
+    bar.update(start)  # a resumed run starts part-way
+    return bar
 
 
 def _start_wandb(cfg: DictConfig):

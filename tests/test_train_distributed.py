@@ -44,11 +44,19 @@ def test_lora_under_zero3_matches_reference_and_exports(tmp_path):
         assert torch.allclose(tensor, ref[name], atol=1e-5), name
 
 
-def test_manifest_and_config_are_written(tmp_path):
+def test_manifest_config_and_trackers_are_written(tmp_path):
     run = tmp_path / "run"
-    train(run, "strategy=zero2", "trainer.max_steps=2")
+    train(run, "strategy=zero2", "trainer.max_steps=2", "tracking=wandb", "tracking.tensorboard=true")
     manifest = json.loads((run / "manifest.json").read_text())
     assert manifest["world_size"] == 2 and manifest["grad_accum_steps"] == 2
     assert manifest["packages"]["deepspeed"] and manifest["packages"]["ray"]
     assert "strategy=zero2" in manifest["command"]
     assert "zero_stage: 2" in (run / "config.yaml").read_text()
+
+    # wandb offline: a real run file, with the logged history in it
+    (wandb_file,) = run.glob("wandb/offline-run-*/run-*.wandb")
+    assert wandb_file.stat().st_size > 0
+    assert list(run.glob("tensorboard/events.out.tfevents.*"))
+    rows = read_metrics(run)
+    assert [r["step"] for r in rows if "loss" in r] == [1, 2]
+    assert all(r["tokens_per_s"] > 0 and r["lr"] > 0 and r["grad_norm"] > 0 for r in rows if "loss" in r)

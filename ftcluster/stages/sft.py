@@ -8,8 +8,9 @@ Features and their trade-offs:
   or world size. Costs one all-reduce of two numbers per step.
 - Packing: rows hold several examples with position ids restarting per example; attention never
   crosses examples (see ftcluster.data.packing).
-- Evaluation at step 0, every trainer.eval_every_steps and at the last step: eval_loss, eval_ppl, and
-  with trainer.eval_generate, greedy generation scored by exact match (eval_exact_match).
+- Evaluation at step 0, every trainer.eval_every_steps and at the last step: eval_loss, eval_ppl. With
+  trainer.eval_generate, greedy generation scored by exact match (eval_exact_match) before training,
+  at the last step and every trainer.eval_generate_every_steps: decoding costs far more than a loss pass.
 - Checkpoints every trainer.save_every_steps, at trainer.stop_after_steps and at the end; resume
   restores model, optimizer, schedule, RNG and data position (a pure function of the step).
 - Export: final/ (consolidated safetensors + tokenizer; merged weights and final/adapter/ with PEFT).
@@ -33,7 +34,7 @@ from ftcluster.stages.context import StageContext
 def train(ctx: StageContext) -> None:
     cfg, t = ctx.cfg, ctx.cfg.trainer
     if ctx.start_step == 0:
-        evaluate(ctx, step=0)
+        evaluate(ctx, step=0, generate=t.eval_generate)
     step = ctx.start_step
     while step < t.max_steps:
         started = time.perf_counter()
@@ -49,16 +50,21 @@ def train(ctx: StageContext) -> None:
                 "tokens_per_s": stats["tokens"] / elapsed, "trainable_tokens_per_s": stats["label_tokens"] / elapsed,
                 "samples_per_s": stats["examples"] / elapsed, "epoch": ctx.loader.epoch_of(step - 1),
             })
-        if (t.eval_every_steps and step % t.eval_every_steps == 0) or last:
-            evaluate(ctx, step)
+        generate = t.eval_generate and (last or _every(step, t.eval_generate_every_steps))
+        if _every(step, t.eval_every_steps) or last or generate:
+            evaluate(ctx, step, generate)
         stopping = t.stop_after_steps is not None and step >= t.stop_after_steps
-        if (t.save_every_steps and step % t.save_every_steps == 0) or last or stopping:
+        if _every(step, t.save_every_steps) or last or stopping:
             save_checkpoint(ctx, step)
         if stopping and not last:
             ctx.tracker.message(f"stopped after step {step} as trainer.stop_after_steps asks; "
                                 f"resume=auto continues from {cfg.output_dir}/checkpoints/step-{step}")
             return
     export_final(ctx)
+
+
+def _every(step: int, interval: int) -> bool:
+    return interval > 0 and step % interval == 0
 
 
 def train_step(engine, micro_batches: list[dict], world_size: int) -> dict:
@@ -101,14 +107,16 @@ def _grad_norm(engine) -> float:
 
 
 @torch.no_grad()
-def evaluate(ctx: StageContext, step: int) -> None:
+def evaluate(ctx: StageContext, step: int, generate: bool) -> None:
     metrics = {}
     if ctx.eval_rows is not None:
         metrics.update(eval_loss(ctx))
-    if ctx.cfg.trainer.eval_generate and ctx.eval_prompts:
+    if generate and ctx.eval_prompts:
+        prompts = [p["prompt"] for p in ctx.eval_prompts]
         predictions = generate_answers(
-            ctx.engine.module, ctx.tokenizer, [p["prompt"] for p in ctx.eval_prompts],
-            max_new_tokens=ctx.cfg.trainer.eval_max_new_tokens, batch_size=ctx.cfg.trainer.micro_batch_per_device * 4,
+            ctx.engine.module, ctx.tokenizer, prompts, max_new_tokens=ctx.cfg.trainer.eval_max_new_tokens,
+            # One generate() call per rank when the share is small: decoding is latency-bound.
+            batch_size=min(32, math.ceil(len(prompts) / ctx.world_size)),
             synced=ctx.engine.zero_optimization_partition_weights() and ctx.world_size > 1)
         metrics["eval_exact_match"] = exact_match_rate(predictions, [p["reference"] for p in ctx.eval_prompts])
         ctx.tracker.message(f"step {step}: held-out exact match {metrics['eval_exact_match']:.1%} "

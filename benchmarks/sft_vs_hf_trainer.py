@@ -1,0 +1,731 @@
+"""ftcluster SFT vs a plain Hugging Face `transformers.Trainer`, on this machine's CPU, in one run.
+
+    python benchmarks/sft_vs_hf_trainer.py                 # full measurement, report in benchmarks/results/
+    python benchmarks/sft_vs_hf_trainer.py --smoke         # a few steps end to end, report in the work folder
+
+Both sides train the tiny model (ftcluster/assets/models/tiny) from the very same weight file, on the same
+seeded variable-length chat data set (built here, written once as JSONL), tokenized the same way
+(ftcluster.data: the same chat template, assistant-only labels), with the same batch (rows per micro-batch,
+rows per optimizer step), optimizer (torch AdamW, same lr, betas, eps, no weight decay, constant schedule),
+gradient clipping (1.0), precision (fp32), one training process with 2 threads and the same number of steps.
+Only the batching policy and the training loop differ:
+
+  1. ftcluster with packing (data.packing=true, its default) vs the Trainer padding each micro-batch to its
+     longest example (DataCollatorForSeq2Seq(padding=True), labels -100 on padding).
+  2. ftcluster without packing (data.packing=false: each micro-batch padded to its longest row) vs the same
+     Trainer run: an equal padding policy. The Trainer reads the rows in the order ftcluster's loader does
+     (train_sampling_strategy="sequential" over that order), so both sides see the very same micro-batches
+     and their per-step losses must agree, which the report checks.
+
+Measured per optimizer step, after the first --warmup steps (start-up excluded: model load, Ray start):
+  effective tokens/s = real (non-padding) tokens of the step / step time, and
+  packing efficiency  = real tokens / (rows x padded width), summed over the measured micro-batches.
+ftcluster's figures come from its own output_dir/metrics.jsonl (`tokens_per_s`: real tokens over the time of
+loader + forward/backward/optimizer, see ftcluster/stages/sft.py); the padded widths are recomputed with
+ftcluster's loader over the rows it prepared. The Trainer's step time is one whole iteration of its loop
+(on_step_end to on_step_end: fetching and collating the step's micro-batches, forward/backward, clipping,
+optimizer, its per-step logging), its token counts come from the batches it trained on.
+
+Runs alternate (ftcluster packed, Trainer, ftcluster unpacked, Trainer) for --rounds rounds so that drift of
+a shared machine hits both sides alike. Writes benchmarks/results/sft_vs_hf_trainer_cpu_<date>.{md,json}.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+import random
+import re
+import shlex
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+RESULTS = REPO / "benchmarks" / "results"
+TINY = REPO / "ftcluster" / "assets" / "models" / "tiny"
+PACKAGES = ["ftcluster", "torch", "transformers", "accelerate", "datasets", "deepspeed", "ray", "hydra-core",
+            "tokenizers", "numpy"]
+BUSY_PATTERN = re.compile(r"ftcluster train|pytest")
+
+# A plain English word pool the tiny tokenizer was trained on (its GENERIC sentences), so lengths in tokens
+# track lengths in words and the text looks like text.
+WORDS = ("the quick brown fox jumps over lazy dog what is capital of france paris please answer question in "
+         "one short sentence write poem about sea and sky hello how can help you today thank very much that "
+         "was really helpful weather sunny with light breeze from west she opened window listened to rain on "
+         "roof numbers like appear many texts explain difference between list dictionary python model trained "
+         "for twenty steps loss went down good correct easy read they walked market buy bread cheese apples "
+         "summarise following paragraph your own words review positive or negative loved film translate "
+         "french green tea train leaves at nine morning could tell me more history city").split()
+SYSTEM = "You answer."
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The data set
+
+def _sentence(rng: random.Random) -> str:
+    words = [rng.choice(WORDS) for _ in range(rng.randint(4, 14))]
+    if rng.random() < 0.15:
+        words.insert(rng.randrange(len(words)), str(rng.randint(1, 2024)))
+    return " ".join(words).capitalize() + rng.choice([".", ".", ".", "?", "!"])
+
+
+def _text(rng: random.Random, n_sentences: int) -> str:
+    return " ".join(_sentence(rng) for _ in range(max(1, n_sentences)))
+
+
+def build_dataset(path: Path, n: int, lo: int, hi: int, max_seq_len: int, seed: int, tokenizer) -> list[int]:
+    """n single-turn chats whose token counts follow a log-uniform law on [lo, hi] (seeded); returns them.
+
+    Real instruction data is right-skewed (many short answers, a tail of long ones); a log-uniform law over
+    a 15-30x range is a simple stand-in. Each record gets a target length, a user/assistant split, and
+    sentences are added, then the assistant's text is cut word by word to the largest length <= target.
+    """
+    from ftcluster.data.template import encode_chat
+
+    rng = random.Random(seed)
+    lengths = []
+    with open(path, "w", encoding="utf-8") as f:
+        for _ in range(n):
+            target = int(round(math.exp(rng.uniform(math.log(lo), math.log(hi)))))
+            user_share = rng.uniform(0.15, 0.6)
+            # ~1.45 tokens per word with this tokenizer; sentences average ~9 words; framing ~26 tokens.
+            budget_words = max(2, (target - 26) / 1.45)
+            user = _text(rng, int(round(budget_words * user_share / 9)) or 1)
+            user_words = user.split()
+            user = " ".join(user_words[:max(1, int(budget_words * user_share))])
+            answer_words = _text(rng, int(budget_words / 9) + 3).split()
+
+            def length(k: int) -> int:
+                msgs = [{"role": "system", "content": SYSTEM}, {"role": "user", "content": user},
+                        {"role": "assistant", "content": " ".join(answer_words[:k])}]
+                return len(encode_chat(msgs, tokenizer)[0])
+
+            # Largest k with length(k) <= target (at least one word); length grows with k.
+            good, bad = 1, len(answer_words) + 1
+            if length(len(answer_words)) <= target:
+                good = len(answer_words)
+            else:
+                while bad - good > 1:
+                    mid = (good + bad) // 2
+                    good, bad = (mid, bad) if length(mid) <= target else (good, mid)
+            messages = [{"role": "system", "content": SYSTEM}, {"role": "user", "content": user},
+                        {"role": "assistant", "content": " ".join(answer_words[:good])}]
+            n_tokens = length(good)
+            if n_tokens > max_seq_len:  # never happens with hi <= max_seq_len; nothing is truncated
+                raise RuntimeError(f"record of {n_tokens} tokens > max_seq_len {max_seq_len}")
+            lengths.append(n_tokens)
+            f.write(json.dumps({"messages": messages}) + "\n")
+    return lengths
+
+
+def _distribution(values: list[int]) -> dict:
+    s = sorted(values)
+    q = lambda p: s[min(len(s) - 1, int(p * (len(s) - 1) + 0.5))]  # noqa: E731
+    return {"count": len(s), "min": s[0], "p10": q(0.10), "p25": q(0.25), "median": statistics.median(s),
+            "p75": q(0.75), "p90": q(0.90), "max": s[-1], "mean": round(statistics.fmean(s), 1), "sum": sum(s)}
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Machine state
+
+def _process_table() -> dict[int, tuple[int, str]]:
+    """pid -> (ppid, command line) for every process we can read."""
+    table = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            stat = Path(f"/proc/{entry}/stat").read_text()
+            ppid = int(stat[stat.rindex(")") + 2:].split()[1])
+            cmd = Path(f"/proc/{entry}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace").strip()
+        except (OSError, ValueError, IndexError):
+            continue
+        table[int(entry)] = (ppid, cmd)
+    return table
+
+
+def _descendants(root: int, table: dict) -> set[int]:
+    children: dict[int, list[int]] = {}
+    for pid, (ppid, _) in table.items():
+        children.setdefault(ppid, []).append(pid)
+    out, stack = set(), [root]
+    while stack:
+        for child in children.get(stack.pop(), []):
+            if child not in out:
+                out.add(child)
+                stack.append(child)
+    return out
+
+
+def _ancestors(pid: int, table: dict) -> set[int]:
+    out = set()
+    while pid in table and pid not in out and pid > 1:
+        out.add(pid)
+        pid = table[pid][0]
+    return out
+
+
+def busy_processes() -> list[str]:
+    """Other processes running ftcluster training or pytest (this process, its parents and children excluded)."""
+    table = _process_table()
+    mine = _ancestors(os.getpid(), table) | _descendants(os.getpid(), table)
+    return [f"{pid}: {cmd[:120]}" for pid, (_, cmd) in sorted(table.items())
+            if pid not in mine and BUSY_PATTERN.search(cmd)]
+
+
+def load1() -> float:
+    return os.getloadavg()[0]
+
+
+def wait_for_quiet(max_wait_s: float, threshold: float, poll_s: float = 15.0) -> dict:
+    started = time.time()
+    while True:
+        busy, load = busy_processes(), load1()
+        waited = time.time() - started
+        if not busy and load < threshold:
+            return {"quiet": True, "waited_s": round(waited), "load1": load, "busy": []}
+        if waited >= max_wait_s:
+            return {"quiet": False, "waited_s": round(waited), "load1": load, "busy": busy}
+        print(f"[bench] waiting for a quiet machine ({waited:.0f}/{max_wait_s:.0f} s): load1={load:.2f}, "
+              f"{len(busy)} busy process(es)", flush=True)
+        time.sleep(poll_s)
+
+
+def cpu_model() -> str:
+    for line in Path("/proc/cpuinfo").read_text().splitlines():
+        if line.startswith("model name"):
+            return line.split(":", 1)[1].strip()
+    return platform.processor() or "unknown"
+
+
+def versions() -> dict:
+    import importlib.metadata as md
+
+    out = {"python": platform.python_version()}
+    for name in PACKAGES:
+        try:
+            out[name] = md.version(name)
+        except md.PackageNotFoundError:
+            out[name] = None
+    return out
+
+
+def git_state() -> dict:
+    def run(*args):
+        try:
+            return subprocess.run(["git", "-C", str(REPO), *args], capture_output=True, text=True, timeout=10).stdout
+        except (OSError, subprocess.TimeoutExpired):
+            return ""
+    return {"sha": run("rev-parse", "HEAD").strip() or None,
+            "dirty_files": len([line for line in run("status", "--porcelain").splitlines() if line.strip()])}
+
+
+class Monitor:
+    """Samples a child's process tree while it runs: which processes, the training worker's OMP_NUM_THREADS,
+    and the load average; afterwards waits for the whole tree to be gone before the next run starts."""
+
+    def __init__(self, root_pid: int):
+        self.root, self.pids, self.loads, self.omp = root_pid, set(), [], {}
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, daemon=True)
+        self._thread.start()
+
+    def _loop(self):
+        while not self._stop.is_set():
+            table = _process_table()
+            tree = _descendants(self.root, table) | {self.root}
+            self.pids |= tree
+            for pid in tree:
+                cmd = table.get(pid, (0, ""))[1]
+                if ("RayTrainWorker" in cmd or pid == self.root) and cmd not in self.omp:
+                    try:
+                        env = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+                        omp = next((e.split(b"=", 1)[1].decode() for e in env if e.startswith(b"OMP_NUM_THREADS=")), None)
+                        self.omp[cmd[:60]] = omp
+                    except OSError:
+                        pass
+            self.loads.append(load1())
+            self._stop.wait(1.0)
+
+    def finish(self, linger_s: float = 60.0) -> list[int]:
+        self._stop.set()
+        self._thread.join()
+        deadline = time.time() + linger_s
+        while time.time() < deadline:
+            alive = [p for p in self.pids if Path(f"/proc/{p}").exists()]
+            if not alive:
+                return []
+            time.sleep(0.5)
+        return [p for p in self.pids if Path(f"/proc/{p}").exists()]
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Runs
+
+def _env(threads: int) -> dict:
+    env = dict(os.environ)
+    env.update(OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads), TOKENIZERS_PARALLELISM="false",
+               RAY_USAGE_STATS_ENABLED="0", PYTHONUNBUFFERED="1")
+    return env
+
+
+def _run_logged(cmd: list[str], log: Path, threads: int) -> dict:
+    started = time.time()
+    with open(log, "w") as f:
+        proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, env=_env(threads), cwd=str(REPO))
+        monitor = Monitor(proc.pid)
+        rc = proc.wait()
+    lingering = monitor.finish()
+    wall = time.time() - started
+    if rc != 0:
+        raise RuntimeError(f"{cmd[0]} exited {rc}; see {log}:\n" + log.read_text()[-3000:])
+    return {"wall_s": round(wall, 1), "omp_num_threads": monitor.omp, "load1_during": _summary(monitor.loads),
+            "lingering_pids": lingering, "log": str(log)}
+
+
+def _summary(values: list[float]) -> dict:
+    if not values:
+        return {}
+    return {"min": round(min(values), 2), "median": round(statistics.median(values), 2), "max": round(max(values), 2)}
+
+
+def ftcluster_overrides(a, data_path: Path, model_dir: Path, packing: bool, output_dir: Path) -> list[str]:
+    return ["model=tiny", f"model.path={model_dir}", "model.init=pretrained", "model.attn_implementation=sdpa",
+            "data=custom", f"data.path={data_path}", "data.format=chat", f"data.packing={str(packing).lower()}",
+            "peft=none", "strategy=zero0", "strategy.precision=fp32", "strategy.gradient_clipping=1.0",
+            "launcher=local", "launcher.workers=1", f"launcher.cpus_per_worker={a.threads}", "tracking=none",
+            "trainer.eval_generate=false", f"trainer.max_seq_len={a.max_seq_len}",
+            f"trainer.micro_batch_per_device={a.micro_batch}", f"trainer.global_batch={a.global_batch}",
+            f"trainer.max_steps={a.warmup + a.steps}", "trainer.log_every_steps=1", "trainer.eval_every_steps=0",
+            "trainer.save_every_steps=0", f"optim.lr={a.lr}", "optim.weight_decay=0.0", "optim.scheduler=constant",
+            "optim.warmup_steps=0", f"seed={a.seed}", f"output_dir={output_dir}"]
+
+
+def ftcluster_cli() -> list[str]:
+    exe = Path(sys.executable).with_name("ftcluster")
+    return [str(exe)] if exe.is_file() else ["ftcluster"]
+
+
+def batch_shapes(rows_dir: Path, a, packed: bool, pad_id: int, steps: int) -> list[dict]:
+    """Per step, what ftcluster's loader hands the model: real tokens, padded tokens, examples, label tokens."""
+    import datasets
+
+    from ftcluster.data.loader import GlobalBatchLoader
+
+    loader = GlobalBatchLoader(datasets.load_from_disk(str(rows_dir)), a.global_batch, a.micro_batch, 0, 1, a.seed,
+                               True, pad_id, packed)
+    out = []
+    for step in range(steps):
+        mbs = loader.micro_batches(step)
+        out.append({"real": sum(int(mb["num_tokens"]) for mb in mbs),
+                    "processed": sum(mb["input_ids"].numel() for mb in mbs),
+                    "rows": sum(mb["input_ids"].shape[0] for mb in mbs),
+                    "examples": sum(int(mb["num_examples"]) for mb in mbs),
+                    "label_tokens": sum(int((mb["labels"][:, 1:] != -100).sum()) for mb in mbs)})
+    return out
+
+
+def run_ftcluster(a, work: Path, data_path: Path, model_dir: Path, packing: bool, tag: str) -> dict:
+    out_dir = work / "runs" / tag
+    overrides = ftcluster_overrides(a, data_path, model_dir, packing, out_dir)
+    cmd = [*ftcluster_cli(), "train", *overrides]
+    print(f"[bench] {tag}: ftcluster train (data.packing={str(packing).lower()})", flush=True)
+    info = _run_logged(cmd, work / f"{tag}.log", a.threads)
+    metrics = [json.loads(line) for line in (out_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    train_rows = sorted((m for m in metrics if "tokens_per_s" in m), key=lambda m: m["step"])
+    total = a.warmup + a.steps
+    if [m["step"] for m in train_rows] != list(range(1, total + 1)):
+        raise RuntimeError(f"{out_dir}/metrics.jsonl has steps {[m['step'] for m in train_rows]}, expected 1..{total}")
+    stats = json.loads((out_dir / "data" / "stats.json").read_text())
+    shapes = batch_shapes(out_dir / "data" / "train", a, packing, stats["pad_id"], total)
+    steps = []
+    for m, s in zip(train_rows, shapes):
+        # tokens_per_s / samples_per_s = tokens / examples of the step: checks that the recomputed batches are
+        # the ones the run trained on.
+        if abs(m["tokens_per_s"] / m["samples_per_s"] - s["real"] / s["examples"]) > 1e-6 * s["real"]:
+            raise RuntimeError(f"step {m['step']}: metrics.jsonl disagrees with the recomputed batch {s}")
+        steps.append({"step": m["step"], "time_s": s["real"] / m["tokens_per_s"], "tokens_per_s": m["tokens_per_s"],
+                      "loss": m["loss"], **s})
+    return {"side": "ftcluster", "packing": packing, "tag": tag, "command": " ".join(map(shlex.quote, cmd)),
+            "data_stats": stats, "steps": steps, **info}
+
+
+def run_trainer(a, work: Path, model_dir: Path, rows_dir: Path, order: list[int], tag: str) -> dict:
+    spec = {"model_dir": str(model_dir), "rows_dir": str(rows_dir), "order": order, "output_dir": str(work / "runs" / tag),
+            "threads": a.threads, "micro_batch": a.micro_batch, "accum": a.global_batch // a.micro_batch,
+            "max_steps": a.warmup + a.steps, "lr": a.lr, "seed": a.seed, "result": str(work / f"{tag}.json")}
+    spec_path = work / f"{tag}.spec.json"
+    spec_path.write_text(json.dumps(spec))
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--hf-worker", str(spec_path)]
+    print(f"[bench] {tag}: transformers.Trainer (pad to longest)", flush=True)
+    info = _run_logged(cmd, work / f"{tag}.log", a.threads)
+    result = json.loads(Path(spec["result"]).read_text())
+    return {"side": "trainer", "tag": tag, "command": " ".join(map(shlex.quote, cmd)), **result, **info}
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The Trainer side, in its own process (--hf-worker SPEC)
+
+def hf_worker(spec_path: str) -> None:
+    spec = json.loads(Path(spec_path).read_text())
+    import torch
+
+    torch.set_num_threads(spec["threads"])
+    import datasets
+    from transformers import (AutoModelForCausalLM, AutoTokenizer, DataCollatorForSeq2Seq, Trainer,
+                              TrainerCallback, TrainingArguments)
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    tokenizer = AutoTokenizer.from_pretrained(spec["model_dir"])
+    tokenizer.padding_side = "right"
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    # The rows ftcluster.data.prepare wrote with data.packing=false: one tokenized example per row, labels -100
+    # outside assistant turns. The Trainer gets input_ids, attention_mask and labels, nothing else.
+    rows = datasets.load_from_disk(spec["rows_dir"]).select(spec["order"])
+    rows = rows.remove_columns(["position_ids", "num_examples"])
+    rows = rows.map(lambda r: {"attention_mask": [1] * len(r["input_ids"])})
+    model = AutoModelForCausalLM.from_pretrained(spec["model_dir"], dtype=torch.float32, attn_implementation="sdpa")
+    model.config.use_cache = False  # as ftcluster does; no KV cache is built in training forwards
+
+    args = TrainingArguments(
+        output_dir=spec["output_dir"], max_steps=spec["max_steps"], per_device_train_batch_size=spec["micro_batch"],
+        gradient_accumulation_steps=spec["accum"], learning_rate=spec["lr"], lr_scheduler_type="constant",
+        warmup_steps=0, weight_decay=0.0, adam_beta1=0.9, adam_beta2=0.999, adam_epsilon=1e-8,
+        optim="adamw_torch", max_grad_norm=1.0, logging_strategy="steps", logging_steps=1, save_strategy="no",
+        eval_strategy="no", report_to=[], use_cpu=True, seed=spec["seed"], dataloader_pin_memory=False,
+        disable_tqdm=True, train_sampling_strategy="sequential", bf16=False, fp16=False)
+
+    counts = {"real": 0, "processed": 0, "rows": 0, "label_tokens": 0}
+
+    class CountingTrainer(Trainer):
+        # Counts what each micro-batch holds; training itself is Trainer.training_step, unchanged.
+        def training_step(self, model, inputs, num_items_in_batch=None):
+            counts["real"] += int(inputs["attention_mask"].sum())
+            counts["processed"] += inputs["input_ids"].numel()
+            counts["rows"] += inputs["input_ids"].shape[0]
+            counts["label_tokens"] += int((inputs["labels"][:, 1:] != -100).sum())
+            return super().training_step(model, inputs, num_items_in_batch)
+
+    steps: list[dict] = []
+
+    class StepTimer(TrainerCallback):
+        def on_train_begin(self, args, state, control, **kw):
+            self.last = time.perf_counter()
+
+        def on_step_begin(self, args, state, control, **kw):
+            self.begin = time.perf_counter()
+
+        def on_step_end(self, args, state, control, **kw):
+            now = time.perf_counter()
+            steps.append({"step": state.global_step, "time_s": now - self.last, "core_time_s": now - self.begin,
+                          **counts})
+            for key in counts:
+                counts[key] = 0
+            self.last = now
+
+    collator = DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=-100)
+    trainer = CountingTrainer(model=model, args=args, train_dataset=rows, data_collator=collator,
+                              callbacks=[StepTimer()])
+    trainer.train()
+    losses = {h["step"]: h["loss"] for h in trainer.state.log_history if "loss" in h and "step" in h}
+    for s in steps:
+        s["tokens_per_s"] = s["real"] / s["time_s"]
+        s["loss"] = losses.get(s["step"])
+    Path(spec["result"]).write_text(json.dumps({
+        "steps": steps, "torch_threads": torch.get_num_threads(),
+        "training_args": {k: v for k, v in args.to_dict().items() if k in TRAINING_ARGS_SHOWN},
+        "collator": "DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=-100)",
+    }))
+
+
+TRAINING_ARGS_SHOWN = ("max_steps", "per_device_train_batch_size", "gradient_accumulation_steps", "learning_rate",
+                       "lr_scheduler_type", "warmup_steps", "weight_decay", "adam_beta1", "adam_beta2", "adam_epsilon",
+                       "optim", "max_grad_norm", "logging_steps", "save_strategy", "eval_strategy", "report_to",
+                       "use_cpu", "seed", "train_sampling_strategy", "bf16", "fp16", "dataloader_num_workers")
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Figures
+
+def figures(run: dict, warmup: int) -> dict:
+    measured = [s for s in run["steps"] if s["step"] > warmup]
+    rates = [s["tokens_per_s"] for s in measured]
+    real, processed = sum(s["real"] for s in measured), sum(s["processed"] for s in measured)
+    return {"steps": len(measured), "median_tokens_per_s": statistics.median(rates), "min_tokens_per_s": min(rates),
+            "max_tokens_per_s": max(rates), "aggregate_tokens_per_s": real / sum(s["time_s"] for s in measured),
+            "median_step_s": statistics.median(s["time_s"] for s in measured), "real_tokens": real,
+            "processed_tokens": processed, "packing_efficiency": real / processed,
+            "real_tokens_per_step": real / len(measured)}
+
+
+def pooled(runs: list[dict], warmup: int) -> dict:
+    """One set of figures over the measured steps of several runs of the same configuration."""
+    return figures({"steps": [s for r in runs for s in r["steps"]]}, warmup)
+
+
+def loss_agreement(ft: dict, hf: dict) -> dict:
+    pairs = [(a["loss"], b["loss"]) for a, b in zip(ft["steps"], hf["steps"]) if b.get("loss") is not None]
+    diffs = [abs(x - y) for x, y in pairs]
+    return {"steps_compared": len(pairs), "max_abs_diff": max(diffs) if diffs else None,
+            "first": pairs[0] if pairs else None, "last": pairs[-1] if pairs else None}
+
+
+def _f(x: float, digits: int = 0) -> str:
+    return f"{x:,.{digits}f}"
+
+
+def write_report(res: dict, md_path: Path) -> None:
+    a, w = res["settings"], res["settings"]["warmup"]
+    c1, c2 = res["comparisons"]["packed_vs_trainer"], res["comparisons"]["unpacked_vs_trainer"]
+    ds, env = res["dataset"], res["environment"]
+    L = []
+    L.append(f"# ftcluster SFT vs Hugging Face Trainer on CPU ({res['date']})\n")
+    if res.get("smoke"):
+        L.append("**Smoke configuration: too few steps for the figures to mean anything.**\n")
+    L.append("Same tiny model and initial weights, same data, tokenization and batch; one training process with "
+             f"{a['threads']} threads each. Effective tokens/s = real (non-padding) tokens per second of training step "
+             f"time, median over {a['steps']} steps after {w} warm-up steps (start-up excluded); min and max beside it. "
+             "Packing efficiency = real tokens / (rows x padded width) over the same steps.\n")
+    L.append("## Results\n")
+    L.append("| comparison | ftcluster tokens/s (median, min-max) | Trainer tokens/s (median, min-max) | ratio | target | met | "
+             "packing eff. ftcluster / Trainer |")
+    L.append("|---|---|---|---|---|---|---|")
+    for name, c in (("1. ftcluster packing vs Trainer pad-to-longest", c1), ("2. ftcluster no packing vs Trainer (equal padding)", c2)):
+        ft, hf = c["ftcluster"], c["trainer"]
+        L.append(f"| {name} | {_f(ft['median_tokens_per_s'])} ({_f(ft['min_tokens_per_s'])}-{_f(ft['max_tokens_per_s'])}) | "
+                 f"{_f(hf['median_tokens_per_s'])} ({_f(hf['min_tokens_per_s'])}-{_f(hf['max_tokens_per_s'])}) | "
+                 f"**{c['ratio']:.2f}x** | >= {c['target']}x | {'yes' if c['met'] else 'NO'} | "
+                 f"{ft['packing_efficiency']:.1%} / {hf['packing_efficiency']:.1%} |")
+    L.append("")
+    L.append("Figures pool the measured steps of every round (the Trainer's of all its runs; it is one configuration "
+             "serving both comparisons). Per round, each ftcluster run against the Trainer run right after it:\n")
+    L.append("| round | 1. packed / Trainer | 2. unpacked / Trainer | ftcluster packed | Trainer (after packed) | "
+             "ftcluster unpacked | Trainer (after unpacked) |")
+    L.append("|---|---|---|---|---|---|---|")
+    for r in res["rounds"]:
+        L.append(f"| {r['round']} | {r['ratio_packed']:.2f}x | {r['ratio_unpacked']:.2f}x | {_f(r['ft_packed'])} | "
+                 f"{_f(r['hf_1'])} | {_f(r['ft_unpacked'])} | {_f(r['hf_2'])} |")
+    L.append("")
+    L.append("Secondary figures (same measured steps):\n")
+    L.append("| run | aggregate tokens/s (sum real / sum time) | median step time | real tokens / step | padded tokens / step |")
+    L.append("|---|---|---|---|---|")
+    for name, f in (("ftcluster packed", c1["ftcluster"]), ("ftcluster unpacked", c2["ftcluster"]),
+                    ("Trainer", c1["trainer"])):
+        L.append(f"| {name} | {_f(f['aggregate_tokens_per_s'])} | {f['median_step_s'] * 1000:.1f} ms | "
+                 f"{_f(f['real_tokens_per_step'])} | {_f(f['processed_tokens'] / f['steps'])} |")
+    core = res["trainer_core_time"]
+    L.append(f"\nThe Trainer's step time is a whole loop iteration (on_step_end to on_step_end). Counting only "
+             f"on_step_begin to on_step_end (leaving out fetching and collating the step's micro-batches and its "
+             f"per-step logging) its median is {_f(core['median_tokens_per_s'])} tokens/s, which would make ratio 2 "
+             f"{c2['ftcluster']['median_tokens_per_s'] / core['median_tokens_per_s']:.2f}x.\n")
+    la = res["loss_agreement"]
+    L.append(f"Correctness check (comparison 2 reads identical micro-batches on both sides): per-step losses of the "
+             f"first round's ftcluster unpacked and Trainer runs differ by at most {la['max_abs_diff']:.2e} over "
+             f"{la['steps_compared']} steps (step 1: {la['first'][0]:.5f} vs {la['first'][1]:.5f}; last: "
+             f"{la['last'][0]:.5f} vs {la['last'][1]:.5f}).\n")
+    L.append("## Machine\n")
+    q = res["quiet"]
+    L.append(f"- date: {res['date']} ({res['started_at']} to {res['finished_at']})")
+    L.append(f"- CPU: {env['cpu_model']}, {env['cores']} cores (os.cpu_count), {env['platform']}")
+    L.append(f"- quiet before start: {'yes' if q['quiet'] else 'NO'} (1-min load {q['load1']:.2f} after waiting "
+             f"{q['waited_s']} s for load < {a['quiet_load']} and no other `ftcluster train`/`pytest`"
+             + (f"; still busy: {'; '.join(q['busy'])}" if q['busy'] else "") + ")")
+    L.append("- 1-min load average sampled during each run (min/median/max): "
+             + "; ".join(f"{r['tag']} {r['load1_during'].get('min', '?')}/{r['load1_during'].get('median', '?')}/"
+                         f"{r['load1_during'].get('max', '?')}" for r in res["runs"]))
+    omp = {k: v for r in res["runs"] if r["side"] == "ftcluster" for k, v in r["omp_num_threads"].items()
+           if "RayTrainWorker" in k}
+    L.append(f"- threads: ftcluster's Ray Train worker had OMP_NUM_THREADS={sorted(set(omp.values())) or '?'}; the "
+             f"Trainer process ran torch.set_num_threads({a['threads']}) (torch reported "
+             f"{sorted({r['torch_threads'] for r in res['runs'] if r['side'] == 'trainer'})})")
+    L.append("- packages: " + ", ".join(f"{k} {v}" for k, v in env["versions"].items()))
+    L.append(f"- git: {env['git']['sha']} ({env['git']['dirty_files']} changed/untracked files in the tree at run time)\n")
+    L.append("## Data set\n")
+    L.append(f"{ds['records']} single-turn chats (system `{SYSTEM}`, user, assistant) of random English words, built "
+             f"with seed {a['seed']}; target lengths log-uniform on [{a['min_len']}, {a['max_len']}] tokens. Token counts "
+             f"per example under the tiny tokenizer with the chat template:\n")
+    d = ds["lengths"]
+    L.append("| min | p10 | p25 | median | p75 | p90 | max | mean | total |")
+    L.append("|---|---|---|---|---|---|---|---|---|")
+    L.append(f"| {d['min']} | {d['p10']} | {d['p25']} | {d['median']} | {d['p75']} | {d['p90']} | {d['max']} | "
+             f"{d['mean']} | {d['sum']} |")
+    st_p, st_u = ds["prepared_packed"], ds["prepared_unpacked"]
+    L.append(f"\nPrepared by ftcluster: packed {st_p['train']['examples']} examples into {st_p['train']['rows']} rows "
+             f"(packing efficiency against max_seq_len {st_p['train']['packing_efficiency']:.1%}); unpacked "
+             f"{st_u['train']['rows']} rows; {st_u['train']['trainable_tokens']} of {st_u['train']['tokens']} tokens "
+             f"carry a label (assistant tokens); nothing truncated or dropped "
+             f"(truncated {st_u['train']['truncated']}, dropped {st_u['train']['dropped']}). The Trainer trained on "
+             f"the rows of the ftcluster data.packing=false preparation (data fingerprint "
+             f"{'identical' if ds['same_fingerprint'] else 'DIFFERENT'} to the ftcluster unpacked run's).\n")
+    L.append("## Settings and commands\n")
+    L.append(f"- max_seq_len {a['max_seq_len']}; {a['micro_batch']} rows per micro-batch, {a['global_batch']} rows per "
+             f"optimizer step (gradient accumulation {a['global_batch'] // a['micro_batch']}); torch AdamW lr {a['lr']}, "
+             f"betas (0.9, 0.999), eps 1e-8, weight decay 0, constant schedule, no warm-up, gradient clipping 1.0; fp32; "
+             f"sdpa attention; {w} warm-up + {a['steps']} measured steps; {a['rounds']} round(s); seed {a['seed']}.")
+    L.append("- A row is one example for the Trainer and for ftcluster data.packing=false, and up to max_seq_len "
+             "tokens of several examples for ftcluster data.packing=true: the same number of rows per step carries "
+             "more real tokens when packed. Tokens/s divides by the step time, so the comparison is per real token.")
+    L.append("- Initial weights: ftcluster.model.materialize_random_init(tiny, seed) written once to a folder; both "
+             "sides load that folder (ftcluster with model.path=... model.init=pretrained).")
+    L.append("- Row order: the Trainer reads the unpacked rows in the order ftcluster's loader reads them "
+             "(train_sampling_strategy=\"sequential\" over that order); the Trainer's default random order would "
+             "draw other batches from the same distribution.\n")
+    first_ft = next(r for r in res["runs"] if r["side"] == "ftcluster")
+    first_hf = next(r for r in res["runs"] if r["side"] == "trainer")
+    L.append("ftcluster (packed; the unpacked runs differ only in `data.packing=false` and `output_dir`):\n")
+    L.append("```bash\n" + first_ft["command"].replace(" model=", " \\\n  model=", 1) + "\n```\n")
+    L.append(f"Trainer (`{first_hf['command']}`; the spec file names the model folder, the prepared rows and their "
+             f"order):\n")
+    L.append("```python\nTrainingArguments(" + ", ".join(f"{k}={v!r}" for k, v in first_hf["training_args"].items())
+             + ")\n" + first_hf["collator"] + "\n```\n")
+    L.append("Reproduce: `" + res["reproduce"] + "`\n")
+    if res.get("notes"):
+        L.append("## Notes\n")
+        L.extend(f"- {n}" for n in res["notes"])
+        L.append("")
+    md_path.write_text("\n".join(L))
+
+
+# ----------------------------------------------------------------------------------------------------------
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--hf-worker", help=argparse.SUPPRESS)
+    p.add_argument("--smoke", action="store_true", help="3 measured steps after 1 warm-up, 1 round, 200 records")
+    p.add_argument("--records", type=int, default=1000)
+    p.add_argument("--min-len", type=int, default=32, help="shortest target length in tokens (the framing is ~30)")
+    p.add_argument("--max-len", type=int, default=480)
+    p.add_argument("--max-seq-len", type=int, default=512)
+    p.add_argument("--micro-batch", type=int, default=4)
+    p.add_argument("--global-batch", type=int, default=8)
+    p.add_argument("--steps", type=int, default=30, help="measured steps")
+    p.add_argument("--warmup", type=int, default=5, help="steps run and left out of the figures")
+    p.add_argument("--rounds", type=int, default=2)
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--wait-quiet", type=float, default=1200, help="seconds to wait for a quiet machine (0: don't)")
+    p.add_argument("--quiet-load", type=float, default=0.5, help="1-min load average that counts as quiet")
+    p.add_argument("--workdir", help="where the data set and the runs go (default: a new temp folder)")
+    p.add_argument("--out", help="report folder (default: benchmarks/results; the work folder with --smoke)")
+    a = p.parse_args()
+    if a.hf_worker:
+        hf_worker(a.hf_worker)
+        return 0
+    if a.smoke:
+        a.steps, a.warmup, a.rounds, a.records = 3, 1, 1, min(a.records, 200)
+    if a.max_len > a.max_seq_len:
+        p.error("--max-len must not exceed --max-seq-len (nothing is truncated)")
+    if a.global_batch % a.micro_batch:
+        p.error("--global-batch must be a multiple of --micro-batch")
+
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    from ftcluster.quiet import quiet_libraries
+
+    quiet_libraries()
+    work = Path(a.workdir or tempfile.mkdtemp(prefix="ftcluster-bench-")).resolve()
+    work.mkdir(parents=True, exist_ok=True)
+    out = Path(a.out).resolve() if a.out else (work / "results" if a.smoke else RESULTS)
+    out.mkdir(parents=True, exist_ok=True)
+    print(f"[bench] work folder {work}", flush=True)
+
+    from ftcluster.config import compose
+    from ftcluster.data.loader import GlobalBatchLoader
+    from ftcluster.data.prepare import prepare
+    from ftcluster.model import load_tokenizer, materialize_random_init
+
+    # One weight file for both sides.
+    model_dir = Path(materialize_random_init(str(TINY), work / "init_model", a.seed))
+    tokenizer = load_tokenizer(str(model_dir))
+    data_path = work / "train.jsonl"
+    lengths = build_dataset(data_path, a.records, a.min_len, a.max_len, a.max_seq_len, a.seed, tokenizer)
+    print(f"[bench] data set: {_distribution(lengths)}", flush=True)
+
+    # The Trainer's rows: ftcluster.data.prepare with data.packing=false, exactly what the unpacked run prepares.
+    hf_cfg = compose(ftcluster_overrides(a, data_path, model_dir, False, work / "runs" / "unused"))
+    hf_stats = prepare(hf_cfg, load_tokenizer(str(model_dir)), str(work / "hf_data"))
+    import datasets
+
+    hf_rows = work / "hf_data" / "train"
+    order_loader = GlobalBatchLoader(datasets.load_from_disk(str(hf_rows)), a.global_batch, a.micro_batch, 0, 1,
+                                     a.seed, True, hf_stats["pad_id"], False)
+    total = a.warmup + a.steps
+    order = [i for step in range(total) for i in order_loader.global_rows(step)]
+
+    quiet = {"quiet": None, "waited_s": 0, "load1": load1(), "busy": busy_processes()}
+    if a.wait_quiet > 0:
+        quiet = wait_for_quiet(a.wait_quiet, a.quiet_load)
+        print(f"[bench] machine {'quiet' if quiet['quiet'] else 'NOT quiet'}: {quiet}", flush=True)
+
+    started_at = time.strftime("%Y-%m-%dT%H:%M:%S%z")
+    runs, rounds = [], []
+    for r in range(1, a.rounds + 1):
+        ft_p = run_ftcluster(a, work, data_path, model_dir, True, f"r{r}-ftcluster-packed")
+        hf_1 = run_trainer(a, work, model_dir, hf_rows, order, f"r{r}-trainer-a")
+        ft_u = run_ftcluster(a, work, data_path, model_dir, False, f"r{r}-ftcluster-unpacked")
+        hf_2 = run_trainer(a, work, model_dir, hf_rows, order, f"r{r}-trainer-b")
+        runs += [ft_p, hf_1, ft_u, hf_2]
+        fp, f1, fu, f2 = (figures(x, a.warmup)["median_tokens_per_s"] for x in (ft_p, hf_1, ft_u, hf_2))
+        rounds.append({"round": r, "ft_packed": fp, "hf_1": f1, "ft_unpacked": fu, "hf_2": f2,
+                       "ratio_packed": fp / f1, "ratio_unpacked": fu / f2})
+        print(f"[bench] round {r}: packed/Trainer {fp / f1:.2f}x, unpacked/Trainer {fu / f2:.2f}x "
+              f"(tokens/s {fp:.0f}, {f1:.0f}, {fu:.0f}, {f2:.0f})", flush=True)
+    finished_at = time.strftime("%Y-%m-%dT%H:%M:%S%z")
+
+    ft_packed = pooled([x for x in runs if x["side"] == "ftcluster" and x["packing"]], a.warmup)
+    ft_unpacked = pooled([x for x in runs if x["side"] == "ftcluster" and not x["packing"]], a.warmup)
+    hf_runs = [x for x in runs if x["side"] == "trainer"]
+    hf = pooled(hf_runs, a.warmup)
+    core = statistics.median(s["real"] / s["core_time_s"] for x in hf_runs for s in x["steps"] if s["step"] > a.warmup)
+    comparisons = {
+        "packed_vs_trainer": {"ftcluster": ft_packed, "trainer": hf, "target": 2.0,
+                              "ratio": ft_packed["median_tokens_per_s"] / hf["median_tokens_per_s"]},
+        "unpacked_vs_trainer": {"ftcluster": ft_unpacked, "trainer": hf, "target": 0.95,
+                                "ratio": ft_unpacked["median_tokens_per_s"] / hf["median_tokens_per_s"]},
+    }
+    for c in comparisons.values():
+        c["met"] = c["ratio"] >= c["target"]
+    ft_u1 = next(x for x in runs if x["side"] == "ftcluster" and not x["packing"])
+    packed_stats = next(x for x in runs if x["side"] == "ftcluster" and x["packing"])["data_stats"]
+    same_fp = ft_u1["data_stats"]["fingerprint"] == hf_stats["fingerprint"]
+    date = time.strftime("%Y-%m-%d")
+    reproduce = "python benchmarks/sft_vs_hf_trainer.py" + (" --smoke" if a.smoke else "")
+    res = {
+        "date": date, "started_at": started_at, "finished_at": finished_at, "smoke": a.smoke,
+        "settings": {k: v for k, v in vars(a).items() if k not in ("hf_worker", "workdir", "out")},
+        "environment": {"cpu_model": cpu_model(), "cores": os.cpu_count(), "platform": platform.platform(),
+                        "versions": versions(), "git": git_state()},
+        "quiet": quiet, "workdir": str(work), "reproduce": reproduce,
+        "dataset": {"records": a.records, "lengths": _distribution(lengths), "prepared_unpacked": hf_stats,
+                    "prepared_packed": packed_stats, "same_fingerprint": same_fp},
+        "comparisons": comparisons, "rounds": rounds,
+        "trainer_core_time": {"median_tokens_per_s": core},
+        "loss_agreement": loss_agreement(ft_u1, next(x for x in runs if x["side"] == "trainer")),
+        "notes": [],
+        "runs": runs,
+    }
+    if not same_fp:
+        res["notes"].append("The Trainer's prepared rows do not have the fingerprint of ftcluster's unpacked run.")
+    if quiet["quiet"] is False:
+        res["notes"].append("The machine did not get quiet within the wait; timings were taken under other load.")
+    stem = f"sft_vs_hf_trainer_cpu_{date}"
+    (out / f"{stem}.json").write_text(json.dumps(res, indent=1) + "\n")
+    write_report(res, out / f"{stem}.md")
+    print(f"[bench] packed vs Trainer {comparisons['packed_vs_trainer']['ratio']:.2f}x (target >= 2), unpacked vs "
+          f"Trainer {comparisons['unpacked_vs_trainer']['ratio']:.2f}x (target >= 0.95)", flush=True)
+    print(f"[bench] wrote {out / (stem + '.md')} and {out / (stem + '.json')}", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,40 @@
+"""The other PEFT methods, optimizer offload and gradient checkpointing, each through a real run."""
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from conftest import train
+from ftcluster.track import read_metrics
+from reference import reference_losses
+
+
+def losses(run):
+    return [r["loss"] for r in read_metrics(run) if "loss" in r]
+
+
+def test_gradient_checkpointing_and_offload_do_not_change_the_math(tmp_path):
+    run = tmp_path / "run"
+    train(run, "strategy=zero3_offload", "model.gradient_checkpointing=true", "trainer.max_steps=3")
+    expected, _ = reference_losses(run)
+    assert losses(run) == pytest.approx(expected, rel=1e-5, abs=1e-6)
+
+
+@pytest.mark.parametrize("method, extra", [
+    ("dora", []),
+    ("prompt", ["data.packing=false"]),
+    ("prefix", ["data.packing=false"]),
+])
+def test_peft_methods_train_and_export(tmp_path, method, extra):
+    run = tmp_path / method
+    train(run, f"peft={method}", "strategy=zero2", "launcher.workers=1", "trainer.micro_batch_per_device=4",
+          "trainer.max_steps=4", "optim.lr=3e-2", *extra)
+    assert len(losses(run)) == 4
+    evals = [r["eval_loss"] for r in read_metrics(run) if "eval_loss" in r]
+    assert len(evals) == 2 and evals[-1] < evals[0]  # held-out loss, before and after
+    assert (run / "final" / "adapter" / "adapter_config.json").is_file()
+    model = AutoModelForCausalLM.from_pretrained(run / "final")
+    base = AutoModelForCausalLM.from_pretrained(run / "init_model")
+    changed = any(not torch.equal(a, b) for a, b in zip(model.state_dict().values(), base.state_dict().values()))
+    # DoRA merges into the weights; prompt and prefix tuning leave the base weights as they were.
+    assert changed == (method == "dora")
