@@ -19,6 +19,7 @@ import numpy as np
 import torch
 
 from ftcluster import dist
+from ftcluster.atomic import swap_into_place
 
 TAG = "state"
 STATE_FILE = "trainer_state.json"
@@ -63,22 +64,10 @@ def save(engine, output_dir: str | Path, step: int, trainer_state: dict, keep_la
     dist.barrier()
     if dist.rank() == 0:
         (tmp / STATE_FILE).write_text(json.dumps({"step": step, **trainer_state}, indent=2))
-        _publish(tmp, final)
+        swap_into_place(tmp, final)
         _prune(root, keep_last)
     dist.barrier()
     return final
-
-
-def _publish(tmp: Path, final: Path) -> None:
-    """Swap the new checkpoint in; an older one at the same step is removed only after the swap."""
-    if final.exists():
-        old = final.with_name(f".old-{final.name}")
-        shutil.rmtree(old, ignore_errors=True)
-        final.replace(old)
-        tmp.replace(final)
-        shutil.rmtree(old)
-    else:
-        tmp.replace(final)
 
 
 def _prune(root: Path, keep_last: int) -> None:

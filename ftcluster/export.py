@@ -14,6 +14,7 @@ import torch
 from omegaconf import DictConfig
 
 from ftcluster import checkpoint as ckpt
+from ftcluster.atomic import swap_into_place
 from ftcluster.errors import UserError
 from ftcluster.model import DTYPES, apply_peft, load_tokenizer
 
@@ -41,14 +42,7 @@ def write_final(state_dict: dict, cfg: DictConfig, model_dir: str, out_dir: str 
     model.config.use_cache = True
     model.save_pretrained(tmp, safe_serialization=True)
     tokenizer.save_pretrained(tmp)
-    if out_dir.exists():
-        old = out_dir.with_name(f".old-{out_dir.name}")
-        shutil.rmtree(old, ignore_errors=True)
-        out_dir.replace(old)
-        tmp.replace(out_dir)
-        shutil.rmtree(old)
-    else:
-        tmp.replace(out_dir)
+    swap_into_place(tmp, out_dir)
     return out_dir
 
 
