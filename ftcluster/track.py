@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import uuid
 from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
@@ -115,7 +116,8 @@ def _start_wandb(cfg: DictConfig):
 
     w = cfg.tracking.wandb
     id_file = Path(cfg.output_dir) / "wandb_run_id"
-    run_id = id_file.read_text().strip() if id_file.is_file() else wandb.util.generate_id()
+    # Kept in output_dir so that a resumed run continues the same wandb run.
+    run_id = id_file.read_text().strip() if id_file.is_file() else uuid.uuid4().hex[:12]
     id_file.write_text(run_id)
     return wandb.init(project=w.project, group=w.group, name=w.name or Path(cfg.output_dir).name, id=run_id,
                       resume="allow", mode=w.mode, dir=str(cfg.output_dir),
