@@ -461,16 +461,14 @@ def figures(run: dict, warmup: int) -> dict:
     measured = [s for s in run["steps"] if s["step"] > warmup]
     rates = [s["tokens_per_s"] for s in measured]
     real, processed = sum(s["real"] for s in measured), sum(s["processed"] for s in measured)
-    return {"steps": len(measured), "median_tokens_per_s": statistics.median(rates), "min_tokens_per_s": min(rates),
-            "max_tokens_per_s": max(rates), "aggregate_tokens_per_s": real / sum(s["time_s"] for s in measured),
-            "median_step_s": statistics.median(s["time_s"] for s in measured), "real_tokens": real,
-            "processed_tokens": processed, "packing_efficiency": real / processed,
-            "real_tokens_per_step": real / len(measured)}
-
-
-def pooled(runs: list[dict], warmup: int) -> dict:
-    """One set of figures over the measured steps of several runs of the same configuration."""
-    return figures({"steps": [s for r in runs for s in r["steps"]]}, warmup)
+    out = {"steps": len(measured), "median_tokens_per_s": statistics.median(rates), "min_tokens_per_s": min(rates),
+           "max_tokens_per_s": max(rates), "aggregate_tokens_per_s": real / sum(s["time_s"] for s in measured),
+           "median_step_s": statistics.median(s["time_s"] for s in measured), "real_tokens": real,
+           "processed_tokens": processed, "packing_efficiency": real / processed,
+           "real_tokens_per_step": real / len(measured), "padded_tokens_per_step": processed / len(measured)}
+    if all("core_time_s" in s for s in measured):
+        out["median_core_tokens_per_s"] = statistics.median(s["real"] / s["core_time_s"] for s in measured)
+    return out
 
 
 def loss_agreement(ft: dict, hf: dict) -> dict:
@@ -480,74 +478,128 @@ def loss_agreement(ft: dict, hf: dict) -> dict:
             "first": pairs[0] if pairs else None, "last": pairs[-1] if pairs else None}
 
 
+COMPARISONS = (
+    # key, ftcluster run, the Trainer run right after it, target, title
+    ("packed_vs_trainer", "ftcluster-packed", "trainer-a", 2.0, "1. ftcluster packing vs Trainer pad-to-longest"),
+    ("unpacked_vs_trainer", "ftcluster-unpacked", "trainer-b", 0.95,
+     "2. ftcluster no packing vs Trainer (equal padding)"),
+)
+
+
+def summarize(res: dict) -> None:
+    """Figures per run, and per comparison the ratio of each ftcluster run to the Trainer run right after it.
+
+    The headline ratio of a comparison is the geometric mean of its per-round ratios: each ratio is taken
+    between two runs minutes apart, so a load that changes between rounds cancels out, which pooling the
+    steps of all rounds would not do.
+    """
+    warmup = res["settings"]["warmup"]
+    runs = {r["tag"]: r for r in res["runs"]}
+    for r in res["runs"]:
+        r["figures"] = figures(r, warmup)
+    comparisons = {}
+    for key, ft_name, hf_name, target, title in COMPARISONS:
+        rounds = []
+        for n in range(1, res["settings"]["rounds"] + 1):
+            ft, hf = runs[f"r{n}-{ft_name}"]["figures"], runs[f"r{n}-{hf_name}"]["figures"]
+            rounds.append({"round": n, "ftcluster": ft, "trainer": hf,
+                           "ratio": ft["median_tokens_per_s"] / hf["median_tokens_per_s"],
+                           "ratio_aggregate": ft["aggregate_tokens_per_s"] / hf["aggregate_tokens_per_s"],
+                           "ratio_trainer_core_time": ft["median_tokens_per_s"] / hf["median_core_tokens_per_s"]})
+        ratio = math.exp(statistics.fmean(math.log(x["ratio"]) for x in rounds))
+        meeting = sum(x["ratio"] >= target for x in rounds)
+        # Met only when every round meets it; rounds on both sides of the target leave it open.
+        verdict = "yes" if meeting == len(rounds) else "no" if meeting == 0 else "inconclusive"
+        comparisons[key] = {"title": title, "target": target, "ratio": ratio, "verdict": verdict,
+                            "ratio_min": min(x["ratio"] for x in rounds), "ratio_max": max(x["ratio"] for x in rounds),
+                            "rounds_meeting_target": meeting, "rounds": rounds}
+    res["comparisons"] = comparisons
+    res["loss_agreement"] = loss_agreement(runs["r1-ftcluster-unpacked"], runs["r1-trainer-b"])
+    res.pop("rounds", None)
+    res.pop("trainer_core_time", None)
+
+
 def _f(x: float, digits: int = 0) -> str:
     return f"{x:,.{digits}f}"
 
 
+def _rate(f: dict) -> str:
+    return f"{_f(f['median_tokens_per_s'])} ({_f(f['min_tokens_per_s'])}-{_f(f['max_tokens_per_s'])})"
+
+
 def write_report(res: dict, md_path: Path) -> None:
     a, w = res["settings"], res["settings"]["warmup"]
-    c1, c2 = res["comparisons"]["packed_vs_trainer"], res["comparisons"]["unpacked_vs_trainer"]
-    ds, env = res["dataset"], res["environment"]
+    comps = res["comparisons"]
+    ds, env, q = res["dataset"], res["environment"], res["quiet"]
     L = []
     L.append(f"# ftcluster SFT vs Hugging Face Trainer on CPU ({res['date']})\n")
     if res.get("smoke"):
         L.append("**Smoke configuration: too few steps for the figures to mean anything.**\n")
+    if q["quiet"] is False:
+        L.append(f"**Measured on a busy machine.** Other jobs ran throughout (1-minute load average "
+                 f"{min(r['load1_during'].get('min', 0) for r in res['runs']):.1f} to "
+                 f"{max(r['load1_during'].get('max', 0) for r in res['runs']):.1f} on {env['cores']} cores while the "
+                 f"runs went, see Machine); the script waited {q['waited_s']} s for a quiet machine first. Absolute "
+                 f"figures are not representative; the ratios compare runs taken minutes apart, but contention still "
+                 f"weighs on them (ftcluster's Ray processes compete for the same cores). Re-run on a quiet machine.\n")
     L.append("Same tiny model and initial weights, same data, tokenization and batch; one training process with "
              f"{a['threads']} threads each. Effective tokens/s = real (non-padding) tokens per second of training step "
              f"time, median over {a['steps']} steps after {w} warm-up steps (start-up excluded); min and max beside it. "
-             "Packing efficiency = real tokens / (rows x padded width) over the same steps.\n")
+             "Packing efficiency = real tokens / (rows x padded width) over the same steps. Each ftcluster run is "
+             "compared with the Trainer run right after it; the ratio of a comparison is the geometric mean of its "
+             "rounds' ratios, and a target counts as met only when every round meets it (inconclusive when the "
+             "rounds fall on both sides).\n")
     L.append("## Results\n")
-    L.append("| comparison | ftcluster tokens/s (median, min-max) | Trainer tokens/s (median, min-max) | ratio | target | met | "
-             "packing eff. ftcluster / Trainer |")
-    L.append("|---|---|---|---|---|---|---|")
-    for name, c in (("1. ftcluster packing vs Trainer pad-to-longest", c1), ("2. ftcluster no packing vs Trainer (equal padding)", c2)):
-        ft, hf = c["ftcluster"], c["trainer"]
-        L.append(f"| {name} | {_f(ft['median_tokens_per_s'])} ({_f(ft['min_tokens_per_s'])}-{_f(ft['max_tokens_per_s'])}) | "
-                 f"{_f(hf['median_tokens_per_s'])} ({_f(hf['min_tokens_per_s'])}-{_f(hf['max_tokens_per_s'])}) | "
-                 f"**{c['ratio']:.2f}x** | >= {c['target']}x | {'yes' if c['met'] else 'NO'} | "
-                 f"{ft['packing_efficiency']:.1%} / {hf['packing_efficiency']:.1%} |")
+    L.append("| comparison | ratio (ftcluster / Trainer) | per round | target | met | packing efficiency ftcluster / Trainer |")
+    L.append("|---|---|---|---|---|---|")
+    for c in comps.values():
+        r0 = c["rounds"][0]
+        L.append(f"| {c['title']} | **{c['ratio']:.2f}x** | " + ", ".join(f"{x['ratio']:.2f}x" for x in c["rounds"])
+                 + f" | >= {c['target']}x | {c['verdict'].upper() if c['verdict'] != 'yes' else 'yes'} "
+                 f"({c['rounds_meeting_target']} of {len(c['rounds'])} rounds) | {r0['ftcluster']['packing_efficiency']:.1%} / "
+                 f"{r0['trainer']['packing_efficiency']:.1%} |")
     L.append("")
-    L.append("Figures pool the measured steps of every round (the Trainer's of all its runs; it is one configuration "
-             "serving both comparisons). Per round, each ftcluster run against the Trainer run right after it:\n")
-    L.append("| round | 1. packed / Trainer | 2. unpacked / Trainer | ftcluster packed | Trainer (after packed) | "
-             "ftcluster unpacked | Trainer (after unpacked) |")
-    L.append("|---|---|---|---|---|---|---|")
-    for r in res["rounds"]:
-        L.append(f"| {r['round']} | {r['ratio_packed']:.2f}x | {r['ratio_unpacked']:.2f}x | {_f(r['ft_packed'])} | "
-                 f"{_f(r['hf_1'])} | {_f(r['ft_unpacked'])} | {_f(r['hf_2'])} |")
+    L.append("Effective tokens/s per run, median (min-max) over the measured steps:\n")
+    L.append("| comparison | round | ftcluster | Trainer | ratio of medians | ratio of aggregates |")
+    L.append("|---|---|---|---|---|---|")
+    for c in comps.values():
+        for x in c["rounds"]:
+            L.append(f"| {c['title'][:2]} | {x['round']} | {_rate(x['ftcluster'])} | {_rate(x['trainer'])} | "
+                     f"{x['ratio']:.2f}x | {x['ratio_aggregate']:.2f}x |")
     L.append("")
-    L.append("Secondary figures (same measured steps):\n")
-    L.append("| run | aggregate tokens/s (sum real / sum time) | median step time | real tokens / step | padded tokens / step |")
+    L.append("Aggregate = sum of real tokens / sum of step times over the measured steps. Per run:\n")
+    L.append("| run | median step time | real tokens / step | padded tokens / step | 1-min load during the run |")
     L.append("|---|---|---|---|---|")
-    for name, f in (("ftcluster packed", c1["ftcluster"]), ("ftcluster unpacked", c2["ftcluster"]),
-                    ("Trainer", c1["trainer"])):
-        L.append(f"| {name} | {_f(f['aggregate_tokens_per_s'])} | {f['median_step_s'] * 1000:.1f} ms | "
-                 f"{_f(f['real_tokens_per_step'])} | {_f(f['processed_tokens'] / f['steps'])} |")
-    core = res["trainer_core_time"]
+    for r in res["runs"]:
+        f, ld = r["figures"], r["load1_during"]
+        L.append(f"| {r['tag']} | {f['median_step_s'] * 1000:.0f} ms | {_f(f['real_tokens_per_step'])} | "
+                 f"{_f(f['padded_tokens_per_step'])} | {ld.get('min', '?')}-{ld.get('max', '?')} "
+                 f"(median {ld.get('median', '?')}) |")
+    c2 = comps["unpacked_vs_trainer"]
     L.append(f"\nThe Trainer's step time is a whole loop iteration (on_step_end to on_step_end). Counting only "
              f"on_step_begin to on_step_end (leaving out fetching and collating the step's micro-batches and its "
-             f"per-step logging) its median is {_f(core['median_tokens_per_s'])} tokens/s, which would make ratio 2 "
-             f"{c2['ftcluster']['median_tokens_per_s'] / core['median_tokens_per_s']:.2f}x.\n")
+             f"per-step logging), comparison 2's per-round ratios would be "
+             + ", ".join(f"{x['ratio_trainer_core_time']:.2f}x" for x in c2["rounds"]) + ".\n")
     la = res["loss_agreement"]
     L.append(f"Correctness check (comparison 2 reads identical micro-batches on both sides): per-step losses of the "
              f"first round's ftcluster unpacked and Trainer runs differ by at most {la['max_abs_diff']:.2e} over "
              f"{la['steps_compared']} steps (step 1: {la['first'][0]:.5f} vs {la['first'][1]:.5f}; last: "
              f"{la['last'][0]:.5f} vs {la['last'][1]:.5f}).\n")
+    if res.get("notes"):
+        L.append("## Notes\n")
+        L.extend(f"- {n}" for n in res["notes"])
+        L.append("")
     L.append("## Machine\n")
-    q = res["quiet"]
-    L.append(f"- date: {res['date']} ({res['started_at']} to {res['finished_at']})")
+    L.append(f"- date: {res['date']} (runs from {res['started_at']} to {res['finished_at']})")
     L.append(f"- CPU: {env['cpu_model']}, {env['cores']} cores (os.cpu_count), {env['platform']}")
-    L.append(f"- quiet before start: {'yes' if q['quiet'] else 'NO'} (1-min load {q['load1']:.2f} after waiting "
-             f"{q['waited_s']} s for load < {a['quiet_load']} and no other `ftcluster train`/`pytest`"
-             + (f"; still busy: {'; '.join(q['busy'])}" if q['busy'] else "") + ")")
-    L.append("- 1-min load average sampled during each run (min/median/max): "
-             + "; ".join(f"{r['tag']} {r['load1_during'].get('min', '?')}/{r['load1_during'].get('median', '?')}/"
-                         f"{r['load1_during'].get('max', '?')}" for r in res["runs"]))
-    omp = {k: v for r in res["runs"] if r["side"] == "ftcluster" for k, v in r["omp_num_threads"].items()
-           if "RayTrainWorker" in k}
-    L.append(f"- threads: ftcluster's Ray Train worker had OMP_NUM_THREADS={sorted(set(omp.values())) or '?'}; the "
-             f"Trainer process ran torch.set_num_threads({a['threads']}) (torch reported "
-             f"{sorted({r['torch_threads'] for r in res['runs'] if r['side'] == 'trainer'})})")
+    L.append(f"- quiet before start: {'yes' if q['quiet'] else 'NO' if q['quiet'] is False else 'not checked'} "
+             f"(1-min load {q['load1']:.2f} after waiting {q['waited_s']} s for load < {a['quiet_load']} and no other "
+             f"`ftcluster train`/`pytest`" + (f"; still running: {'; '.join(q['busy'])}" if q['busy'] else "") + ")")
+    omp = sorted({v for r in res["runs"] if r["side"] == "ftcluster" for k, v in r["omp_num_threads"].items()
+                  if "RayTrainWorker" in k and v})
+    L.append(f"- threads: ftcluster's Ray Train worker had OMP_NUM_THREADS={', '.join(omp) or '?'} "
+             f"(launcher.cpus_per_worker={a['threads']}); the Trainer process ran torch.set_num_threads({a['threads']}) "
+             f"(torch reported {', '.join(str(t) for t in sorted({r['torch_threads'] for r in res['runs'] if r['side'] == 'trainer'}))})")
     L.append("- packages: " + ", ".join(f"{k} {v}" for k, v in env["versions"].items()))
     L.append(f"- git: {env['git']['sha']} ({env['git']['dirty_files']} changed/untracked files in the tree at run time)\n")
     L.append("## Data set\n")
@@ -563,23 +615,26 @@ def write_report(res: dict, md_path: Path) -> None:
     L.append(f"\nPrepared by ftcluster: packed {st_p['train']['examples']} examples into {st_p['train']['rows']} rows "
              f"(packing efficiency against max_seq_len {st_p['train']['packing_efficiency']:.1%}); unpacked "
              f"{st_u['train']['rows']} rows; {st_u['train']['trainable_tokens']} of {st_u['train']['tokens']} tokens "
-             f"carry a label (assistant tokens); nothing truncated or dropped "
-             f"(truncated {st_u['train']['truncated']}, dropped {st_u['train']['dropped']}). The Trainer trained on "
-             f"the rows of the ftcluster data.packing=false preparation (data fingerprint "
-             f"{'identical' if ds['same_fingerprint'] else 'DIFFERENT'} to the ftcluster unpacked run's).\n")
+             f"carry a label (assistant tokens); truncated {st_u['train']['truncated']}, dropped "
+             f"{st_u['train']['dropped']}. The Trainer trained on the rows of the ftcluster data.packing=false "
+             f"preparation (data fingerprint {'identical' if ds['same_fingerprint'] else 'DIFFERENT'} to the "
+             f"ftcluster unpacked run's).\n")
     L.append("## Settings and commands\n")
     L.append(f"- max_seq_len {a['max_seq_len']}; {a['micro_batch']} rows per micro-batch, {a['global_batch']} rows per "
              f"optimizer step (gradient accumulation {a['global_batch'] // a['micro_batch']}); torch AdamW lr {a['lr']}, "
              f"betas (0.9, 0.999), eps 1e-8, weight decay 0, constant schedule, no warm-up, gradient clipping 1.0; fp32; "
-             f"sdpa attention; {w} warm-up + {a['steps']} measured steps; {a['rounds']} round(s); seed {a['seed']}.")
+             f"sdpa attention; {w} warm-up + {a['steps']} measured steps; {a['rounds']} round(s) of (ftcluster packed, "
+             f"Trainer, ftcluster unpacked, Trainer); seed {a['seed']}.")
     L.append("- A row is one example for the Trainer and for ftcluster data.packing=false, and up to max_seq_len "
              "tokens of several examples for ftcluster data.packing=true: the same number of rows per step carries "
              "more real tokens when packed. Tokens/s divides by the step time, so the comparison is per real token.")
+    L.append("- Step time: ftcluster's own (sft.py: the loader's micro-batches, forward/backward/optimizer, the loss "
+             "all-reduce), from `tokens_per_s` in metrics.jsonl; the Trainer's from on_step_end to on_step_end.")
     L.append("- Initial weights: ftcluster.model.materialize_random_init(tiny, seed) written once to a folder; both "
              "sides load that folder (ftcluster with model.path=... model.init=pretrained).")
     L.append("- Row order: the Trainer reads the unpacked rows in the order ftcluster's loader reads them "
-             "(train_sampling_strategy=\"sequential\" over that order); the Trainer's default random order would "
-             "draw other batches from the same distribution.\n")
+             "(train_sampling_strategy=\"sequential\" over that order); its default random order would draw other "
+             "batches from the same distribution. Both sides set use_cache=False on the model config.\n")
     first_ft = next(r for r in res["runs"] if r["side"] == "ftcluster")
     first_hf = next(r for r in res["runs"] if r["side"] == "trainer")
     L.append("ftcluster (packed; the unpacked runs differ only in `data.packing=false` and `output_dir`):\n")
@@ -589,11 +644,17 @@ def write_report(res: dict, md_path: Path) -> None:
     L.append("```python\nTrainingArguments(" + ", ".join(f"{k}={v!r}" for k, v in first_hf["training_args"].items())
              + ")\n" + first_hf["collator"] + "\n```\n")
     L.append("Reproduce: `" + res["reproduce"] + "`\n")
-    if res.get("notes"):
-        L.append("## Notes\n")
-        L.extend(f"- {n}" for n in res["notes"])
-        L.append("")
     md_path.write_text("\n".join(L))
+
+
+def rewrite_report(json_path: Path, notes: list[str]) -> None:
+    """Recompute the summaries of a finished measurement from its raw figures and rewrite .json and .md."""
+    res = json.loads(json_path.read_text())
+    res["notes"] = [*res.get("notes", []), *notes]
+    summarize(res)
+    json_path.write_text(json.dumps(res, indent=1) + "\n")
+    write_report(res, json_path.with_suffix(".md"))
+    print(f"[bench] rewrote {json_path.with_suffix('.md')} and {json_path}", flush=True)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -618,9 +679,15 @@ def main() -> int:
     p.add_argument("--quiet-load", type=float, default=0.5, help="1-min load average that counts as quiet")
     p.add_argument("--workdir", help="where the data set and the runs go (default: a new temp folder)")
     p.add_argument("--out", help="report folder (default: benchmarks/results; the work folder with --smoke)")
+    p.add_argument("--report-from", metavar="JSON", help="measure nothing: rebuild the report of a finished "
+                                                          "measurement from its .json (raw figures)")
+    p.add_argument("--note", action="append", default=[], help="a line for the report's notes (repeatable)")
     a = p.parse_args()
     if a.hf_worker:
         hf_worker(a.hf_worker)
+        return 0
+    if a.report_from:
+        rewrite_report(Path(a.report_from), a.note)
         return 0
     if a.smoke:
         a.steps, a.warmup, a.rounds, a.records = 3, 1, 1, min(a.records, 200)
@@ -668,7 +735,7 @@ def main() -> int:
         print(f"[bench] machine {'quiet' if quiet['quiet'] else 'NOT quiet'}: {quiet}", flush=True)
 
     started_at = time.strftime("%Y-%m-%dT%H:%M:%S%z")
-    runs, rounds = [], []
+    runs = []
     for r in range(1, a.rounds + 1):
         ft_p = run_ftcluster(a, work, data_path, model_dir, True, f"r{r}-ftcluster-packed")
         hf_1 = run_trainer(a, work, model_dir, hf_rows, order, f"r{r}-trainer-a")
@@ -676,53 +743,35 @@ def main() -> int:
         hf_2 = run_trainer(a, work, model_dir, hf_rows, order, f"r{r}-trainer-b")
         runs += [ft_p, hf_1, ft_u, hf_2]
         fp, f1, fu, f2 = (figures(x, a.warmup)["median_tokens_per_s"] for x in (ft_p, hf_1, ft_u, hf_2))
-        rounds.append({"round": r, "ft_packed": fp, "hf_1": f1, "ft_unpacked": fu, "hf_2": f2,
-                       "ratio_packed": fp / f1, "ratio_unpacked": fu / f2})
         print(f"[bench] round {r}: packed/Trainer {fp / f1:.2f}x, unpacked/Trainer {fu / f2:.2f}x "
               f"(tokens/s {fp:.0f}, {f1:.0f}, {fu:.0f}, {f2:.0f})", flush=True)
     finished_at = time.strftime("%Y-%m-%dT%H:%M:%S%z")
 
-    ft_packed = pooled([x for x in runs if x["side"] == "ftcluster" and x["packing"]], a.warmup)
-    ft_unpacked = pooled([x for x in runs if x["side"] == "ftcluster" and not x["packing"]], a.warmup)
-    hf_runs = [x for x in runs if x["side"] == "trainer"]
-    hf = pooled(hf_runs, a.warmup)
-    core = statistics.median(s["real"] / s["core_time_s"] for x in hf_runs for s in x["steps"] if s["step"] > a.warmup)
-    comparisons = {
-        "packed_vs_trainer": {"ftcluster": ft_packed, "trainer": hf, "target": 2.0,
-                              "ratio": ft_packed["median_tokens_per_s"] / hf["median_tokens_per_s"]},
-        "unpacked_vs_trainer": {"ftcluster": ft_unpacked, "trainer": hf, "target": 0.95,
-                                "ratio": ft_unpacked["median_tokens_per_s"] / hf["median_tokens_per_s"]},
-    }
-    for c in comparisons.values():
-        c["met"] = c["ratio"] >= c["target"]
     ft_u1 = next(x for x in runs if x["side"] == "ftcluster" and not x["packing"])
     packed_stats = next(x for x in runs if x["side"] == "ftcluster" and x["packing"])["data_stats"]
-    same_fp = ft_u1["data_stats"]["fingerprint"] == hf_stats["fingerprint"]
     date = time.strftime("%Y-%m-%d")
-    reproduce = "python benchmarks/sft_vs_hf_trainer.py" + (" --smoke" if a.smoke else "")
     res = {
         "date": date, "started_at": started_at, "finished_at": finished_at, "smoke": a.smoke,
-        "settings": {k: v for k, v in vars(a).items() if k not in ("hf_worker", "workdir", "out")},
+        "settings": {k: v for k, v in vars(a).items() if k not in ("hf_worker", "workdir", "out", "report_from", "note")},
         "environment": {"cpu_model": cpu_model(), "cores": os.cpu_count(), "platform": platform.platform(),
                         "versions": versions(), "git": git_state()},
-        "quiet": quiet, "workdir": str(work), "reproduce": reproduce,
+        "quiet": quiet, "workdir": str(work),
+        "reproduce": "python benchmarks/sft_vs_hf_trainer.py" + (" --smoke" if a.smoke else ""),
         "dataset": {"records": a.records, "lengths": _distribution(lengths), "prepared_unpacked": hf_stats,
-                    "prepared_packed": packed_stats, "same_fingerprint": same_fp},
-        "comparisons": comparisons, "rounds": rounds,
-        "trainer_core_time": {"median_tokens_per_s": core},
-        "loss_agreement": loss_agreement(ft_u1, next(x for x in runs if x["side"] == "trainer")),
-        "notes": [],
+                    "prepared_packed": packed_stats,
+                    "same_fingerprint": ft_u1["data_stats"]["fingerprint"] == hf_stats["fingerprint"]},
+        "notes": list(a.note),
         "runs": runs,
     }
-    if not same_fp:
+    if not res["dataset"]["same_fingerprint"]:
         res["notes"].append("The Trainer's prepared rows do not have the fingerprint of ftcluster's unpacked run.")
-    if quiet["quiet"] is False:
-        res["notes"].append("The machine did not get quiet within the wait; timings were taken under other load.")
+    summarize(res)
     stem = f"sft_vs_hf_trainer_cpu_{date}"
     (out / f"{stem}.json").write_text(json.dumps(res, indent=1) + "\n")
     write_report(res, out / f"{stem}.md")
-    print(f"[bench] packed vs Trainer {comparisons['packed_vs_trainer']['ratio']:.2f}x (target >= 2), unpacked vs "
-          f"Trainer {comparisons['unpacked_vs_trainer']['ratio']:.2f}x (target >= 0.95)", flush=True)
+    for c in res["comparisons"].values():
+        print(f"[bench] {c['title']}: {c['ratio']:.2f}x (rounds: " + ", ".join(f"{x['ratio']:.2f}x" for x in c["rounds"])
+              + f"; target >= {c['target']}x: {c['verdict']})", flush=True)
     print(f"[bench] wrote {out / (stem + '.md')} and {out / (stem + '.json')}", flush=True)
     return 0
 

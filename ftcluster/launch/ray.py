@@ -18,8 +18,6 @@ from ftcluster.errors import UserError
 # Ray reads these when its processes start; set before ray.init in this process and passed on.
 WORKER_ENV = {
     "RAY_USAGE_STATS_ENABLED": "0",
-    # ray.train.report waits on a 2 s controller poll by default; 0.2 s keeps short runs short.
-    "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.2",
     "TOKENIZERS_PARALLELISM": "false",
     "FTCLUSTER_IN_RAY": "1",
 }
