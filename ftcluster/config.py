@@ -366,9 +366,6 @@ def validate(cfg: DictConfig, check_paths: bool = True) -> Derived:
             raise ConfigError("model.attn_implementation",
                               "flash_attention_2 needs the flash-attn package (pip install 'ftcluster[gpu]' "
                               "on a CUDA machine); use model.attn_implementation=sdpa")
-    if cfg.strategy.precision == "bf16" and not _has_cuda():
-        pass  # Allowed but slow on CPU; the worker logs a warning rather than refusing.
-
     if cfg.launcher.name == "ray" and not cfg.launcher.address:
         raise ConfigError("launcher.address", "launcher=ray joins a running cluster: set launcher.address="
                                               "HOST:6379 (or ray://HOST:10001), or use launcher=local")
