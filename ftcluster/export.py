@@ -19,7 +19,8 @@ from ftcluster.errors import UserError
 from ftcluster.model import DTYPES, apply_peft, load_tokenizer
 
 
-def write_final(state_dict: dict, cfg: DictConfig, model_dir: str, out_dir: str | Path) -> Path:
+def write_final(state_dict: dict, cfg: DictConfig, model_dir: str, out_dir: str | Path, tokenizer=None) -> Path:
+    """`tokenizer` defaults to the base folder's with the run's data.chat_template applied."""
     from transformers import AutoModelForCausalLM
 
     out_dir = Path(out_dir)
@@ -30,7 +31,7 @@ def write_final(state_dict: dict, cfg: DictConfig, model_dir: str, out_dir: str 
     if uses_peft:
         model = apply_peft(model, _without_checkpointing(cfg))
     _load_exactly(model, state_dict, partial=uses_peft)
-    tokenizer = load_tokenizer(model_dir)
+    tokenizer = tokenizer if tokenizer is not None else _run_tokenizer(cfg, model_dir)
     if uses_peft:
         model.save_pretrained(tmp / "adapter")
         tokenizer.save_pretrained(tmp / "adapter")
@@ -44,6 +45,15 @@ def write_final(state_dict: dict, cfg: DictConfig, model_dir: str, out_dir: str 
     tokenizer.save_pretrained(tmp)
     swap_into_place(tmp, out_dir)
     return out_dir
+
+
+def _run_tokenizer(cfg: DictConfig, model_dir: str):
+    from ftcluster.data.template import apply_template_override
+
+    tokenizer = load_tokenizer(model_dir)
+    if cfg.data.format != "text":
+        apply_template_override(tokenizer, cfg.data.chat_template)
+    return tokenizer
 
 
 def _without_checkpointing(cfg: DictConfig) -> DictConfig:

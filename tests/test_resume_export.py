@@ -40,10 +40,17 @@ def test_export_round_trip_gives_the_same_eval_loss(tmp_path):
     import datasets
 
     run = tmp_path / "run"
-    train(run, "strategy=zero2", "trainer.max_steps=4", "trainer.save_every_steps=4")
+    template = tmp_path / "plain_chatml.jinja"  # ChatML without the default system prompt
+    template.write_text("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n"
+                        "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+    train(run, "strategy=zero2", "trainer.max_steps=4", "trainer.save_every_steps=4", f"data.chat_template={template}")
     logged = rows(run, "eval_loss")[-1]
     assert logged[0] == 4
 
+    from transformers import AutoTokenizer
+
+    # the run's chat template travels with the model
+    assert AutoTokenizer.from_pretrained(run / "final").chat_template == template.read_text()
     model = AutoModelForCausalLM.from_pretrained(run / "final", dtype=torch.float32)
     eval_rows = datasets.load_from_disk(str(run / "data" / "eval"))
     total = tokens = 0.0
@@ -56,6 +63,7 @@ def test_export_round_trip_gives_the_same_eval_loss(tmp_path):
     # `ftcluster export` from the last checkpoint rebuilds the same weights offline.
     result = cli("export", str(run / "checkpoints" / "step-4"), "--out", str(tmp_path / "exported"))
     assert result.returncode == 0, result.stderr
+    assert AutoTokenizer.from_pretrained(tmp_path / "exported").chat_template == template.read_text()
     a, b = load_file(run / "final" / "model.safetensors"), load_file(tmp_path / "exported" / "model.safetensors")
     assert a.keys() == b.keys() and all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
 

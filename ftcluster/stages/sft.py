@@ -153,6 +153,6 @@ def save_checkpoint(ctx: StageContext, step: int) -> None:
 def export_final(ctx: StageContext) -> None:
     state_dict = full_state_dict(ctx.engine)
     if ctx.rank == 0:
-        out = write_final(state_dict, ctx.cfg, ctx.model_dir, f"{ctx.cfg.output_dir}/final")
+        out = write_final(state_dict, ctx.cfg, ctx.model_dir, f"{ctx.cfg.output_dir}/final", ctx.tokenizer)
         ctx.tracker.message(f"exported {out}")
     dist.barrier()
