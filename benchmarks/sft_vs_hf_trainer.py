@@ -576,9 +576,9 @@ def write_report(res: dict, md_path: Path) -> None:
                  f"{_f(f['padded_tokens_per_step'])} | {ld.get('min', '?')}-{ld.get('max', '?')} "
                  f"(median {ld.get('median', '?')}) |")
     c2 = comps["unpacked_vs_trainer"]
-    L.append(f"\nThe Trainer's step time is a whole loop iteration (on_step_end to on_step_end). Counting only "
-             f"on_step_begin to on_step_end (leaving out fetching and collating the step's micro-batches and its "
-             f"per-step logging), comparison 2's per-round ratios would be "
+    L.append("\nThe Trainer's step time is a whole loop iteration (on_step_end to on_step_end). Counting only "
+             "on_step_begin to on_step_end (leaving out fetching and collating the step's micro-batches and its "
+             "per-step logging), comparison 2's per-round ratios would be "
              + ", ".join(f"{x['ratio_trainer_core_time']:.2f}x" for x in c2["rounds"]) + ".\n")
     la = res["loss_agreement"]
     L.append(f"Correctness check (comparison 2 reads identical micro-batches on both sides): per-step losses of the "

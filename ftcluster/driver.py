@@ -7,6 +7,7 @@ and packed once; workers memory-map the result).
 
 from __future__ import annotations
 
+import importlib
 import importlib.metadata
 import json
 import os
@@ -20,7 +21,7 @@ from omegaconf import DictConfig
 
 from ftcluster import checkpoint
 from ftcluster.config import Derived, to_yaml, validate
-from ftcluster.errors import ConfigError, UserError
+from ftcluster.errors import ConfigError
 
 LAUNCHERS = {"local": "ftcluster.launch.local", "ray": "ftcluster.launch.ray"}
 PACKAGES = ["ftcluster", "torch", "deepspeed", "transformers", "peft", "ray", "hydra-core", "wandb", "datasets",
@@ -46,8 +47,6 @@ def train(cfg: DictConfig, argv: list[str]) -> Path:
     _report_data(stats)
     (out / "config.yaml").write_text(to_yaml(cfg))
     (out / "manifest.json").write_text(json.dumps(manifest(cfg, derived, argv, stats), indent=2))
-
-    import importlib
 
     from ftcluster.worker import train_worker
 

@@ -54,7 +54,7 @@ class Tracker:
                     self._tb.add_scalar(key, value, step)
         self._print(step, metrics)
 
-    def advance(self, step: int) -> None:
+    def advance(self) -> None:
         if self._bar is not None:
             self._bar.update(1)
 
@@ -77,7 +77,7 @@ class Tracker:
 
 class NullTracker:
     def log(self, step: int, metrics: dict) -> None: ...
-    def advance(self, step: int) -> None: ...
+    def advance(self) -> None: ...
     def message(self, text: str) -> None: ...
     def close(self) -> None: ...
 

@@ -30,9 +30,7 @@ class GlobalBatchLoader:
     def __init__(self, rows: datasets.Dataset, global_batch: int, micro_batch: int, rank: int, world_size: int,
                  seed: int, shuffle: bool, pad_id: int, packed: bool):
         per_step = micro_batch * world_size
-        if global_batch % per_step:
-            raise ConfigError("trainer.global_batch", f"{global_batch} is not divisible by micro_batch_per_device "
-                                                      f"x workers = {micro_batch} x {world_size}")
+        assert global_batch % per_step == 0, "ftcluster.config.derive refuses such batch sizes before launch"
         self.rows, self.global_batch, self.micro_batch = rows, global_batch, micro_batch
         self.rank, self.seed, self.shuffle = rank, seed, shuffle
         self.pad_id, self.packed = pad_id, packed

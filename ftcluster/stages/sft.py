@@ -42,7 +42,7 @@ def train(ctx: StageContext) -> None:
         stats = train_step(ctx.engine, ctx.loader.micro_batches(step), ctx.world_size)
         elapsed = time.perf_counter() - started
         step += 1
-        ctx.tracker.advance(step)
+        ctx.tracker.advance()
         last = step == t.max_steps
         if step % t.log_every_steps == 0 or last:
             ctx.tracker.log(step, {
@@ -69,7 +69,7 @@ def _every(step: int, interval: int) -> bool:
 
 def train_step(engine, micro_batches: list[dict], world_size: int) -> dict:
     """One optimizer step over this rank's accumulation micro-batches."""
-    local = [sum(_label_tokens(mb) for mb in micro_batches), sum(_real_tokens(mb) for mb in micro_batches),
+    local = [sum(_label_tokens(mb) for mb in micro_batches), sum(int(mb["num_tokens"]) for mb in micro_batches),
              sum(int(mb["num_examples"]) for mb in micro_batches)]
     label_tokens, tokens, examples = dist.all_reduce_sum(local).tolist()
     loss_sum = 0.0
@@ -95,10 +95,6 @@ def token_loss_sum(model, batch: dict) -> torch.Tensor:
 
 def _label_tokens(batch: dict) -> int:
     return int((batch["labels"][:, 1:] != -100).sum())
-
-
-def _real_tokens(batch: dict) -> int:
-    return int(batch["num_tokens"])
 
 
 def _grad_norm(engine) -> float:
