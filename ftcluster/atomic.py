@@ -16,3 +16,10 @@ def swap_into_place(tmp: Path, final: Path) -> None:
         shutil.rmtree(old)
     else:
         tmp.replace(final)
+
+
+def write_text(path: Path, text: str) -> None:
+    """Readers see the old content or the new, never a half-written file."""
+    tmp = path.with_name(f".tmp-{path.name}")
+    tmp.write_text(text)
+    tmp.replace(path)

@@ -12,8 +12,12 @@ from ftcluster.errors import UserError
 USAGE = """usage: ftcluster <command> [options] [key=value ...]
 
 commands:
-  train  [overrides]                 fine-tune; e.g. ftcluster train model=tiny strategy=zero3 peft=lora
+  train  [overrides] [--dry-run]     fine-tune; e.g. ftcluster train model=tiny strategy=zero3 peft=lora
                                      launcher.workers=2 trainer.max_steps=20 output_dir=runs/demo
+                                     launcher=slurm / launcher=ray launcher.address=http://HOST:8265 submit
+                                     the run as a job; --dry-run prints what would be submitted
+  jobs   list|status|logs|stop [ID] [--address URL]
+                                     Ray Jobs on a cluster's dashboard (default $RAY_ADDRESS)
   export CHECKPOINT [--out DIR] [--merge|--no-merge]
                                      a Hugging Face folder from any checkpoints/step-N of a run
   config [overrides]                 print the composed, validated config and exit
@@ -28,18 +32,23 @@ def main(argv: list[str] | None = None) -> int:
         print(USAGE)
         return 0
     verb, rest = argv[0], argv[1:]
-    commands = {"train": cmd_train, "export": cmd_export, "config": cmd_config}
+    commands = {"train": cmd_train, "export": cmd_export, "config": cmd_config, "jobs": cmd_jobs}
     if verb not in commands:
         print(f"ftcluster: unknown command {verb!r}\n\n{USAGE}", file=sys.stderr)
         return 2
     from ftcluster.quiet import quiet_libraries
 
     quiet_libraries()
+    from ftcluster.stop import EXIT_CODE, StoppedOnRequest
+
     try:
         return commands[verb](rest) or 0
     except UserError as exc:
         print(f"ftcluster {verb}: error: {exc}", file=sys.stderr)
         return 2
+    except StoppedOnRequest as exc:
+        print(f"ftcluster {verb}: {exc}", file=sys.stderr)
+        return EXIT_CODE
     except KeyboardInterrupt:
         print(f"ftcluster {verb}: interrupted", file=sys.stderr)
         return 130
@@ -56,13 +65,28 @@ def cmd_train(overrides: list[str]) -> int:
     if "--help" in overrides or "-h" in overrides:
         print(USAGE)
         return 0
-    from ftcluster.config import compose
-    from ftcluster.driver import train
+    dry_run = "--dry-run" in overrides
+    overrides = [o for o in overrides if o != "--dry-run"]
+    from ftcluster.config import compose, validate
+    from ftcluster.driver import submitter_for, train
 
     cfg = compose(overrides)
+    submitter = submitter_for(cfg)
+    if submitter is not None:
+        validate(cfg)
+        return submitter.submit(cfg, overrides, dry_run=dry_run)
+    if dry_run:
+        raise UserError(f"--dry-run shows what a job submission would send; launcher={cfg.launcher.name} "
+                        f"submits nothing (use launcher=slurm, or launcher=ray with an http:// address)")
     final = train(cfg, ["train", *overrides])
     print(f"[ftcluster] done: {final}")
     return 0
+
+
+def cmd_jobs(args: list[str]) -> int:
+    from ftcluster.launch.ray_jobs import jobs_command
+
+    return jobs_command(args)
 
 
 def cmd_config(overrides: list[str]) -> int:

@@ -12,7 +12,7 @@ import os
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
-from typing import Any, List, Optional
+from typing import Any, Dict, List, Optional
 
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
@@ -86,13 +86,46 @@ class StrategyConfig:
 class LauncherConfig:
     name: str = "local"
     workers: int = 1
-    # ray://, an http://HOST:8265 dashboard address, or HOST:PORT of a running cluster (launcher=ray).
+    # launcher=ray: HOST:6379 (or ray://HOST:10001) joins a running cluster from this process;
+    # http://HOST:8265 submits the whole run as a Ray Job to that cluster's dashboard.
     address: Optional[str] = None
     # null: use GPUs when the cluster has them.
     use_gpu: Optional[bool] = None
     cpus_per_worker: int = 1
     placement_strategy: str = "PACK"
+    # Ray Train restarts the whole worker group from the newest checkpoint up to this many times.
     max_failures: int = 0
+    # A collective that waits longer than this fails the run, naming the ranks that did not arrive.
+    collective_timeout_s: int = 1800
+    # How long the driver waits for the expected nodes and resources to be visible in the cluster.
+    ready_timeout_s: int = 300
+    # Ray Jobs: the folder shipped as the job's working directory (null ships none), and extra
+    # runtime_env keys (env_vars, pip, excludes, ...) merged into the job's runtime environment.
+    working_dir: Optional[str] = "."
+    runtime_env: Dict[str, Any] = field(default_factory=dict)
+    # SLURM (launcher=slurm): one Ray node per SLURM node; workers = nodes x gpus_per_node on GPUs.
+    nodes: int = 1
+    gpus_per_node: int = 0
+    # null: workers per node x cpus_per_worker.
+    cpus_per_task: Optional[int] = None
+    partition: Optional[str] = None
+    time: Optional[str] = None
+    account: Optional[str] = None
+    qos: Optional[str] = None
+    constraint: Optional[str] = None
+    exclusive: bool = False
+    job_name: str = "ftcluster"
+    # Extra sbatch arguments, one per item, e.g. ["--mail-type=END", "--reservation=r1"].
+    sbatch_args: List[str] = field(default_factory=list)
+    # Shell lines run first on every node (module load, conda or venv activation, exports).
+    setup: List[str] = field(default_factory=list)
+    # Run every step in this container: pyxis (srun --container-image) or apptainer (apptainer exec).
+    container_image: Optional[str] = None
+    container_runtime: str = "pyxis"
+    container_mounts: List[str] = field(default_factory=list)
+    # SLURM sends SIGUSR1 this long before the time limit: the run checkpoints and the job requeues.
+    signal_before_end_s: int = 120
+    requeue: bool = True
 
 
 @dataclass
@@ -179,7 +212,8 @@ CHOICES = {
     "strategy.precision": ("fp32", "bf16", "fp16"),
     "model.init": ("pretrained", "random"),
     "model.attn_implementation": ("sdpa", "eager", "flash_attention_2"),
-    "launcher.name": ("local", "ray"),
+    "launcher.name": ("local", "ray", "slurm"),
+    "launcher.container_runtime": ("pyxis", "apptainer"),
     "launcher.placement_strategy": ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"),
     "optim.scheduler": ("cosine", "linear", "constant"),
     "tracking.wandb.mode": ("offline", "online", "disabled"),
@@ -322,12 +356,14 @@ def validate(cfg: DictConfig, check_paths: bool = True) -> Derived:
     positive = ["trainer.max_steps", "trainer.max_seq_len", "trainer.micro_batch_per_device",
                 "trainer.global_batch", "trainer.log_every_steps", "launcher.workers",
                 "launcher.cpus_per_worker", "trainer.keep_last_checkpoints", "peft.r",
-                "trainer.eval_max_new_tokens"]
+                "trainer.eval_max_new_tokens", "launcher.collective_timeout_s", "launcher.ready_timeout_s",
+                "launcher.nodes"]
     for key in positive:
         if _get(cfg, key) < 1:
             raise ConfigError(key, f"got {_get(cfg, key)}; it must be a positive integer")
     for key in ["trainer.eval_every_steps", "trainer.save_every_steps", "trainer.eval_generate_every_steps", "optim.warmup_steps",
-                "launcher.max_failures", "optim.weight_decay", "peft.dropout"]:
+                "launcher.max_failures", "optim.weight_decay", "peft.dropout", "launcher.gpus_per_node",
+                "launcher.signal_before_end_s"]:
         if _get(cfg, key) < 0:
             raise ConfigError(key, f"got {_get(cfg, key)}; it must be 0 or more")
     if not cfg.optim.lr > 0:
@@ -367,8 +403,11 @@ def validate(cfg: DictConfig, check_paths: bool = True) -> Derived:
                               "flash_attention_2 needs the flash-attn package (pip install 'ftcluster[gpu]' "
                               "on a CUDA machine); use model.attn_implementation=sdpa")
     if cfg.launcher.name == "ray" and not cfg.launcher.address:
-        raise ConfigError("launcher.address", "launcher=ray joins a running cluster: set launcher.address="
-                                              "HOST:6379 (or ray://HOST:10001), or use launcher=local")
+        raise ConfigError("launcher.address", "launcher=ray runs on a running cluster: set launcher.address="
+                                              "http://HOST:8265 (submit a Ray Job) or HOST:6379 (join it from "
+                                              "here), or use launcher=local")
+    if cfg.launcher.name == "slurm":
+        _check_slurm(cfg.launcher)
     if cfg.launcher.name == "local":
         _check_local_capacity(cfg)
 
@@ -401,6 +440,21 @@ def _check_local_capacity(cfg: DictConfig) -> None:
                           f"{workers} workers x launcher.cpus_per_worker={cfg.launcher.cpus_per_worker} need "
                           f"{needed} CPUs; this machine has {cpus}. Use launcher.workers="
                           f"{max(cpus // cfg.launcher.cpus_per_worker, 1)}")
+
+
+def _check_slurm(launcher: DictConfig) -> None:
+    workers, nodes, gpus = launcher.workers, launcher.nodes, launcher.gpus_per_node
+    if gpus and workers != nodes * gpus:
+        raise ConfigError("launcher.workers", f"{workers} workers on {nodes} nodes x {gpus} GPUs: one worker per GPU "
+                                              f"means launcher.workers={nodes * gpus}")
+    if workers % nodes:
+        raise ConfigError("launcher.workers", f"{workers} workers do not spread evenly over launcher.nodes={nodes}; "
+                                              f"use a multiple of {nodes}")
+    needed = workers // nodes * launcher.cpus_per_worker
+    if launcher.cpus_per_task is not None and launcher.cpus_per_task < needed:
+        raise ConfigError("launcher.cpus_per_task", f"{launcher.cpus_per_task} CPUs per node cannot hold "
+                                                    f"{workers // nodes} workers x launcher.cpus_per_worker="
+                                                    f"{launcher.cpus_per_worker}; use at least {needed}")
 
 
 def _check_paths(cfg: DictConfig) -> None:

@@ -15,15 +15,27 @@ import platform
 import subprocess
 import sys
 import time
+import uuid
 from pathlib import Path
 
 from omegaconf import DictConfig
 
-from ftcluster import checkpoint
+from ftcluster import checkpoint, stop
 from ftcluster.config import Derived, to_yaml, validate
 from ftcluster.errors import ConfigError
 
-LAUNCHERS = {"local": "ftcluster.launch.local", "ray": "ftcluster.launch.ray"}
+# Where the workers are placed from this process.
+LAUNCHERS = {"local": "ftcluster.launch.local", "ray": "ftcluster.launch.ray", "slurm": "ftcluster.launch.slurm"}
+# Launchers that can instead ship the whole `ftcluster train` to run elsewhere (a Ray Job, a SLURM batch
+# job); each says by its `submits(cfg)` whether this process is the submitting side.
+SUBMITTERS = {"ray": "ftcluster.launch.ray_jobs", "slurm": "ftcluster.launch.sbatch"}
+
+
+def submitter_for(cfg: DictConfig):
+    """The submitter module when this invocation only submits the run, else None."""
+    name = SUBMITTERS.get(cfg.launcher.name)
+    module = importlib.import_module(name) if name else None
+    return module if module is not None and module.submits(cfg) else None
 PACKAGES = ["ftcluster", "torch", "deepspeed", "transformers", "peft", "ray", "hydra-core", "wandb", "datasets",
             "accelerate", "flash-attn"]
 
@@ -42,7 +54,7 @@ def train(cfg: DictConfig, argv: list[str]) -> Path:
 
     model_dir = resolve_model(cfg, out)
     payload = {"config": _plain(cfg), "model_dir": model_dir, "data_dir": str(out / "data"),
-               "resume_from": str(resume_from) if resume_from else None}
+               "resume_from": str(resume_from) if resume_from else None, "launch_id": uuid.uuid4().hex}
     stats = prepare_data(cfg, model_dir, out / "data")
     _report_data(stats)
     (out / "config.yaml").write_text(to_yaml(cfg))
@@ -51,6 +63,7 @@ def train(cfg: DictConfig, argv: list[str]) -> Path:
     from ftcluster.worker import train_worker
 
     started = time.time()
+    stop.install_signal_handler(out)
     importlib.import_module(LAUNCHERS[cfg.launcher.name]).launch(train_worker, payload, cfg)
     return _check_outcome(cfg, started)
 
@@ -118,9 +131,19 @@ def _report_data(stats: dict) -> None:
 def _check_outcome(cfg: DictConfig, started: float) -> Path:
     """Ray can end 'successfully' with nothing done (e.g. a worker that returned early): check the files."""
     out = Path(cfg.output_dir)
-    stop = cfg.trainer.stop_after_steps
-    if stop is not None and stop < cfg.trainer.max_steps:
-        expected = checkpoint.checkpoints_dir(out) / f"step-{stop}"
+    final = out / "final"
+    finished = final.is_dir() and final.stat().st_mtime >= started
+    requested = stop.request_file(out)
+    if requested.exists():
+        requested.unlink()
+        newest = checkpoint.latest_checkpoint(out)
+        if not finished:
+            if newest is None or newest.stat().st_mtime < started:
+                raise RuntimeError("a stop was requested but the workers wrote no checkpoint; see the log above")
+            raise stop.StoppedOnRequest(newest)
+    stop_after = cfg.trainer.stop_after_steps
+    if stop_after is not None and stop_after < cfg.trainer.max_steps:
+        expected = checkpoint.checkpoints_dir(out) / f"step-{stop_after}"
     else:
         expected = out / "final"
     if not expected.is_dir() or expected.stat().st_mtime < started:

@@ -17,6 +17,7 @@ import torch
 
 from ftcluster import checkpoint, dist
 from ftcluster.config import apply_schema, derive
+from ftcluster.watchdog import Watchdog, gather_placement, is_timeout, summary
 from ftcluster.quiet import quiet_libraries
 from ftcluster.stages.context import StageContext
 
@@ -27,10 +28,13 @@ def train_worker(payload: dict) -> None:
     quiet_libraries()
     cfg = apply_schema(payload["config"])
     derived = derive(cfg)
-    dist.setup()
+    dist.setup(timeout_s=cfg.launcher.collective_timeout_s)
     rank, world = dist.rank(), dist.world_size()
     if world != derived.world_size:
         raise RuntimeError(f"launcher started {world} processes but the config expects {derived.world_size}")
+    placement = gather_placement(cfg.output_dir)
+    if rank == 0:
+        print(f"[ftcluster] {world} workers: {summary(placement)}; master {_master()}", flush=True)
     _seed_everything(cfg.seed)
 
     from ftcluster import engine as ds_engine
@@ -58,7 +62,7 @@ def train_worker(payload: dict) -> None:
                                cfg.seed, cfg.data.shuffle, data_stats["pad_id"], cfg.data.packing)
 
     start_step = 0
-    resume_from = payload.get("resume_from")
+    resume_from = _resume_point(payload, cfg.output_dir)
     if resume_from:
         state = checkpoint.load(engine, Path(resume_from), exclude_frozen=cfg.peft.method != "none")
         loader.check_state(state["data"])
@@ -68,16 +72,38 @@ def train_worker(payload: dict) -> None:
     dist.barrier()
 
     tracker = make_tracker(cfg, rank, start_step, cfg.trainer.max_steps)
+    watchdog = Watchdog(placement, cfg.launcher.collective_timeout_s)
     ctx = StageContext(cfg=cfg, engine=engine, tokenizer=tokenizer, pad_id=data_stats["pad_id"], loader=loader,
                        eval_rows=eval_rows,
                        eval_prompts=_read_prompts(data_dir / "eval_generate.jsonl"), tracker=tracker,
-                       model_dir=model_dir, start_step=start_step, rank=rank, world_size=world)
+                       model_dir=model_dir, start_step=start_step, rank=rank, world_size=world,
+                       launch_id=payload["launch_id"], watchdog=watchdog)
     if start_step:
         tracker.message(f"resumed from {resume_from} at step {start_step}")
     try:
         importlib.import_module(STAGES[cfg.stage.name]).train(ctx)
+    except RuntimeError as exc:
+        if is_timeout(exc):
+            raise watchdog.diagnose(exc) from exc
+        raise
     finally:
+        watchdog.close()
         tracker.close()
+
+
+def _resume_point(payload: dict, output_dir: str) -> str | None:
+    """The driver's choice, unless an earlier attempt of this same launch (Ray Train restarts the workers
+    after a failure, up to launcher.max_failures) has written a newer checkpoint since."""
+    newest = checkpoint.latest_checkpoint(output_dir)
+    if newest is not None and checkpoint.read_state(newest).get("launch_id") == payload["launch_id"]:
+        return str(newest)
+    return payload.get("resume_from")
+
+
+def _master() -> str:
+    import os
+
+    return f"{os.environ.get('MASTER_ADDR', '?')}:{os.environ.get('MASTER_PORT', '?')}"
 
 
 def _read_prompts(path: Path) -> list:

@@ -7,13 +7,16 @@ Nothing here knows about stages or models: it gets a callable and a plain-data p
 from __future__ import annotations
 
 import os
+import socket
 import time
 from pathlib import Path
 from typing import Callable
+from urllib.parse import urlsplit
 
 from omegaconf import DictConfig
 
 from ftcluster.errors import UserError
+from ftcluster.watchdog import CollectiveTimeout, describe_rank, read_placement
 
 # Ray reads these when its processes start; set before ray.init in this process and passed on.
 WORKER_ENV = {
@@ -36,13 +39,38 @@ def connect(address: str | None) -> None:
     if address is None:
         # Keeps the node, and gloo's master address, on loopback rather than the network card's address.
         os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
-        ray.init(include_dashboard=False, _node_ip_address="127.0.0.1", **kwargs)
-    else:
-        try:
-            ray.init(address=address, **kwargs)
-        except (ConnectionError, RuntimeError, ValueError) as exc:
-            raise UserError(f"launcher.address={address}: cannot reach a Ray cluster there ({exc}). Start one "
-                            f"with launch/start_head.sh, or use launcher=local") from None
+        # "local": a new cluster even when `ray start` left one running on this machine.
+        ray.init(address="local", include_dashboard=False, _node_ip_address="127.0.0.1", **kwargs)
+        return
+    if address != "auto":
+        check_reachable(address, "launcher.address")
+    try:
+        ray.init(address=address, **kwargs)
+    except (ConnectionError, RuntimeError, ValueError) as exc:
+        raise UserError(f"launcher.address={address}: cannot join a Ray cluster there ({exc}). Start one "
+                        f"with launch/start_head.sh, or use launcher=local") from None
+
+
+def check_reachable(address: str, key: str, timeout_s: float = 5.0) -> None:
+    """A TCP connect first: ray.init on a dead address retries for a minute or more before failing."""
+    host, port = _host_port(address)
+    try:
+        socket.create_connection((host, port), timeout=timeout_s).close()
+    except OSError as exc:
+        raise UserError(f"{key}={address}: nothing answers at {host}:{port} ({exc.strerror or exc}). Start a Ray "
+                        f"head there (launch/start_head.sh), check the host and port, or use launcher=local") from None
+
+
+def _host_port(address: str) -> tuple[str, int]:
+    parsed = urlsplit(address if "://" in address else f"tcp://{address}")
+    default = {"http": 80, "https": 443, "ray": 10001}.get(parsed.scheme, 6379)
+    try:
+        port = parsed.port or default
+    except ValueError:
+        port = None
+    if not parsed.hostname or port is None:
+        raise UserError(f"launcher.address={address}: expected HOST:PORT, ray://HOST:PORT or http://HOST:PORT")
+    return parsed.hostname, port
 
 
 def launch(entry: Callable[[dict], None], payload: dict, cfg: DictConfig) -> None:
@@ -66,7 +94,7 @@ def run(entry: Callable[[dict], None], payload: dict, cfg: DictConfig) -> None:
     trainer = TorchTrainer(
         entry,
         train_loop_config=payload,
-        torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
+        torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo", timeout_s=launcher.collective_timeout_s),
         scaling_config=ScalingConfig(num_workers=launcher.workers, use_gpu=use_gpu, resources_per_worker=resources,
                                      placement_strategy=launcher.placement_strategy),
         run_config=RunConfig(name=f"train-{time.strftime('%Y%m%d-%H%M%S')}",
@@ -78,7 +106,7 @@ def run(entry: Callable[[dict], None], payload: dict, cfg: DictConfig) -> None:
     try:
         trainer.fit()
     except TrainingFailedError as exc:
-        raise _worker_error(exc) from None
+        raise _worker_error(exc, cfg.output_dir) from None
 
 
 def _check_capacity(launcher: DictConfig, use_gpu: bool) -> None:
@@ -92,16 +120,27 @@ def _check_capacity(launcher: DictConfig, use_gpu: bool) -> None:
                             f"{total.get(resource, 0):g}; lower launcher.workers or add nodes")
 
 
-def _worker_error(exc: Exception) -> Exception:
-    """The first worker's user error as it was raised there, else a WorkerFailed naming rank and cause."""
+def _worker_error(exc: Exception, output_dir: str) -> Exception:
+    """One message for the run's failure: a worker's user error as it was raised there; else the ranks
+    that died (named with their node from workers.json), a collective timeout's diagnosis, or the first
+    failing rank's error."""
     failures = getattr(exc, "worker_failures", None) or {}
     for rank in sorted(failures):
-        cause = _root_user_error(failures[rank])
+        cause = _root_cause(failures[rank], UserError)
         if cause is not None:
             return cause
+    placement = read_placement(output_dir)
+    died = [rank for rank in sorted(failures) if _is_death(failures[rank])]
+    if died:
+        names = ", ".join(describe_rank(placement.get(r), r) for r in died)
+        return WorkerFailed(f"worker process died: {names}: {_describe(failures[died[0]], lines=3)}")
+    for rank in sorted(failures):
+        cause = _root_cause(failures[rank], CollectiveTimeout)
+        if cause is not None:
+            return WorkerFailed(str(cause))
     if failures:
         rank = min(failures)
-        return WorkerFailed(f"worker rank {rank} failed: {_describe(failures[rank])}")
+        return WorkerFailed(f"worker {describe_rank(placement.get(rank), rank)} failed: {_describe(failures[rank])}")
     return WorkerFailed(str(exc))
 
 
@@ -109,16 +148,22 @@ class WorkerFailed(RuntimeError):
     """A worker raised something that is not a user error; the message carries its traceback tail."""
 
 
-def _root_user_error(exc: BaseException | None) -> UserError | None:
+def _root_cause(exc: BaseException | None, kind: type) -> BaseException | None:
     seen = set()
     while exc is not None and id(exc) not in seen:
         seen.add(id(exc))
-        if isinstance(exc, UserError):
+        if isinstance(exc, kind):
             return exc
         exc = getattr(exc, "cause", None) or exc.__cause__
     return None
 
 
-def _describe(exc: BaseException) -> str:
+def _is_death(exc: BaseException) -> bool:
+    from ray.exceptions import ActorDiedError, ActorUnavailableError, WorkerCrashedError
+
+    return _root_cause(exc, (ActorDiedError, ActorUnavailableError, WorkerCrashedError)) is not None
+
+
+def _describe(exc: BaseException, lines: int = 15) -> str:
     text = str(exc).strip().splitlines()
-    return "\n".join(text[-15:]) if text else type(exc).__name__
+    return "\n".join(text[-lines:]) if text else type(exc).__name__

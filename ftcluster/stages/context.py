@@ -22,3 +22,12 @@ class StageContext:
     start_step: int
     rank: int
     world_size: int
+    launch_id: str  # recorded in checkpoints: a restarted worker resumes from those of its own launch
+    watchdog: Any  # ftcluster.watchdog.Watchdog
+
+    def end_of_step(self, step: int) -> bool:
+        """Collective, once per optimizer step: heartbeat, and whether to checkpoint and stop now."""
+        from ftcluster import stop
+
+        self.watchdog.beat(step)
+        return stop.requested(self.cfg.output_dir)

@@ -11,7 +11,8 @@ Features and their trade-offs:
 - Evaluation at step 0, every trainer.eval_every_steps and at the last step: eval_loss, eval_ppl. With
   trainer.eval_generate, greedy generation scored by exact match (eval_exact_match) before training,
   at the last step and every trainer.eval_generate_every_steps: decoding costs far more than a loss pass.
-- Checkpoints every trainer.save_every_steps, at trainer.stop_after_steps and at the end; resume
+- Checkpoints every trainer.save_every_steps, at trainer.stop_after_steps, on a stop request (SIGUSR1
+  to the driver: preemption, time limits) and at the end; resume
   restores model, optimizer, schedule, RNG and data position (a pure function of the step).
 - Export: final/ (consolidated safetensors + tokenizer; merged weights and final/adapter/ with PEFT).
 """
@@ -53,11 +54,13 @@ def train(ctx: StageContext) -> None:
         generate = t.eval_generate and (last or _every(step, t.eval_generate_every_steps))
         if _every(step, t.eval_every_steps) or last or generate:
             evaluate(ctx, step, generate)
-        stopping = t.stop_after_steps is not None and step >= t.stop_after_steps
-        if _every(step, t.save_every_steps) or last or stopping:
+        planned_stop = t.stop_after_steps is not None and step >= t.stop_after_steps
+        requested_stop = ctx.end_of_step(step)
+        if _every(step, t.save_every_steps) or last or planned_stop or requested_stop:
             save_checkpoint(ctx, step)
-        if stopping and not last:
-            ctx.tracker.message(f"stopped after step {step} as trainer.stop_after_steps asks; "
+        if (planned_stop or requested_stop) and not last:
+            why = "trainer.stop_after_steps asks" if planned_stop else "a stop was requested (SIGUSR1)"
+            ctx.tracker.message(f"stopped after step {step} as {why}; "
                                 f"resume=auto continues from {cfg.output_dir}/checkpoints/step-{step}")
             return
     export_final(ctx)
@@ -140,7 +143,8 @@ def eval_loss(ctx: StageContext) -> dict:
 
 
 def save_checkpoint(ctx: StageContext, step: int) -> None:
-    state = {"data": ctx.loader.state_dict(step), "model_dir": ctx.model_dir, "world_size": ctx.world_size}
+    state = {"data": ctx.loader.state_dict(step), "model_dir": ctx.model_dir, "world_size": ctx.world_size,
+             "launch_id": ctx.launch_id}
     path = checkpoint.save(ctx.engine, ctx.cfg.output_dir, step, state, ctx.cfg.trainer.keep_last_checkpoints,
                            exclude_frozen=ctx.cfg.peft.method != "none")
     ctx.tracker.message(f"saved {path}")

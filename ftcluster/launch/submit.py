@@ -1,0 +1,37 @@
+"""What the submitting launchers (a Ray Job, a SLURM batch job) share: the checks that run before
+anything is submitted, and the overrides the remote `ftcluster train` runs with."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+from omegaconf import DictConfig
+
+_PLAIN = re.compile(r"^[A-Za-z0-9_./:-]*$")
+
+
+def preflight(cfg: DictConfig) -> None:
+    """Everything that can be refused here instead of after a queue wait: the config, and an output_dir
+    that already holds another run (with resume=never)."""
+    from ftcluster.config import validate
+    from ftcluster.driver import resolve_resume
+
+    derived = validate(cfg)
+    cfg.output_dir = str(Path(cfg.output_dir).resolve())
+    resolve_resume(cfg, derived)
+
+
+def remote_overrides(cfg: DictConfig, overrides: list[str], *extra: str) -> list[str]:
+    """The user's overrides byte for byte, then output_dir made absolute (the job runs in another
+    working directory), then the launcher's own."""
+    return [*overrides, f"output_dir={hydra_quote(str(Path(cfg.output_dir).resolve()))}", *extra]
+
+
+def hydra_quote(value: str) -> str:
+    """A value as Hydra's override grammar reads it back unchanged."""
+    if _PLAIN.match(value):
+        return value
+    # Hydra reads a backslash as an escape only in front of a quote (or the closing quote).
+    escaped = re.sub(r"(\\*)('|$)", lambda m: m.group(1) * 2 + ("\\'" if m.group(2) else ""), value)
+    return f"'{escaped}'"

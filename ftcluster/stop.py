@@ -1,0 +1,46 @@
+"""Stop on request, with a checkpoint: how a run survives SLURM preemption and time limits.
+
+The driver turns SIGUSR1 (SLURM's `--signal=B:USR1@T` before a time limit, or `kill -USR1` by hand)
+into a file in output_dir, which every rank can see on the shared file system. At each step boundary
+the ranks agree (one all-reduce of one number) on whether any of them saw it, so all stop after the
+same step, write one checkpoint and return; the driver exits with EXIT_CODE and resume=auto continues.
+"""
+
+from __future__ import annotations
+
+import signal
+from pathlib import Path
+
+from ftcluster import dist
+
+REQUEST_FILE = ".stop-requested"
+# EX_TEMPFAIL: "checkpointed, run me again"; slurm/ftcluster.sbatch requeues the job on it.
+EXIT_CODE = 75
+
+
+class StoppedOnRequest(Exception):
+    def __init__(self, checkpoint: Path):
+        super().__init__(f"stopped on request with a checkpoint at {checkpoint}; resume=auto continues the run")
+        self.checkpoint = checkpoint
+
+
+def request_file(output_dir: str | Path) -> Path:
+    return Path(output_dir) / REQUEST_FILE
+
+
+def install_signal_handler(output_dir: str | Path) -> None:
+    """Driver side: SIGUSR1 asks the workers to checkpoint and stop."""
+    path = request_file(output_dir)
+    path.unlink(missing_ok=True)  # left by an earlier, preempted attempt
+
+    def _request(signum, frame):
+        path.touch()
+        print("[ftcluster] SIGUSR1: the workers will checkpoint and stop after the current step", flush=True)
+
+    signal.signal(signal.SIGUSR1, _request)
+
+
+def requested(output_dir: str | Path) -> bool:
+    """Collective: True on every rank when any rank sees the request."""
+    seen = request_file(output_dir).exists()
+    return dist.all_reduce_sum([float(seen)])[0].item() > 0
