@@ -240,7 +240,7 @@ def compose(overrides: List[str], config_name: str = "train") -> DictConfig:
     from hydra import compose as hydra_compose
     from hydra import initialize_config_dir
     from hydra.core.global_hydra import GlobalHydra
-    from hydra.errors import HydraException
+    from hydra.errors import HydraException, OverrideParseException
 
     from hydra.core.config_store import ConfigStore
 
@@ -251,6 +251,11 @@ def compose(overrides: List[str], config_name: str = "train") -> DictConfig:
     try:
         with initialize_config_dir(config_dir=str(conf_dir()), version_base="1.3"):
             raw = hydra_compose(config_name=config_name, overrides=list(overrides))
+    except OverrideParseException as exc:
+        bad = str(exc).splitlines()[0].split(": ", 1)[-1]
+        raise UserError(f"the override {bad!r} is not valid Hydra syntax: quote a value that holds spaces, quotes "
+                        f"or special characters, e.g. key='it\\'s a value' (in a shell: \"key='it\\'s a value'\"); "
+                        f"see https://hydra.cc/docs/advanced/override_grammar/basic") from None
     except HydraException as exc:
         raise UserError(_hydra_message(exc)) from None
     except OmegaConfBaseException as exc:

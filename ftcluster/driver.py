@@ -44,6 +44,7 @@ def train(cfg: DictConfig, argv: list[str]) -> Path:
     derived = validate(cfg)
     out = Path(cfg.output_dir).resolve()
     cfg.output_dir = str(out)
+    stop.install_signal_handler(out)  # first: a preemption notice may come at any moment
     resume_from = resolve_resume(cfg, derived)
     if resume_from is not None and _already_finished(cfg, resume_from):
         print(f"[ftcluster] {out} is already complete at step {cfg.trainer.max_steps}; final/ is up to date")
@@ -63,7 +64,6 @@ def train(cfg: DictConfig, argv: list[str]) -> Path:
     from ftcluster.worker import train_worker
 
     started = time.time()
-    stop.install_signal_handler(out)
     importlib.import_module(LAUNCHERS[cfg.launcher.name]).launch(train_worker, payload, cfg)
     return _check_outcome(cfg, started)
 

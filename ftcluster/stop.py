@@ -34,6 +34,7 @@ def install_signal_handler(output_dir: str | Path) -> None:
     path.unlink(missing_ok=True)  # left by an earlier, preempted attempt
 
     def _request(signum, frame):
+        path.parent.mkdir(parents=True, exist_ok=True)
         path.touch()
         print("[ftcluster] SIGUSR1: the workers will checkpoint and stop after the current step", flush=True)
 

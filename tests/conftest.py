@@ -25,6 +25,36 @@ def train(output_dir: Path, *overrides: str):
     return driver_train(compose(args), ["train", *args])
 
 
+def losses(output_dir: Path) -> dict[int, float]:
+    from ftcluster.track import read_metrics
+
+    return {r["step"]: r["loss"] for r in read_metrics(output_dir) if "loss" in r}
+
+
+def last_step(output_dir: Path) -> int:
+    """For polling a running job: the last logged step (a line being written counts as not there yet)."""
+    import json
+
+    path = Path(output_dir) / "metrics.jsonl"
+    steps = [0]
+    for line in path.read_text().splitlines() if path.is_file() else []:
+        try:
+            steps.append(json.loads(line).get("step", 0))
+        except json.JSONDecodeError:
+            break
+    return max(steps)
+
+
+def assert_same_weights(a: Path, b: Path) -> None:
+    """Two final/ folders hold bit-identical weights."""
+    from safetensors.torch import load_file
+
+    left, right = load_file(Path(a) / "model.safetensors"), load_file(Path(b) / "model.safetensors")
+    assert left.keys() == right.keys()
+    for name in left:
+        assert left[name].equal(right[name]), name
+
+
 def cli(*args: str, env: dict | None = None, timeout: int = 600) -> subprocess.CompletedProcess:
     """The real console entry point in a fresh process."""
     return subprocess.run([sys.executable, "-m", "ftcluster.cli", *args], capture_output=True, text=True,

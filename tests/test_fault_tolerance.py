@@ -14,11 +14,8 @@ from pathlib import Path
 
 import psutil
 import pytest
-from safetensors.torch import load_file
-
-from conftest import TINY, train
+from conftest import TINY, assert_same_weights, last_step, losses, train
 from ftcluster.stop import EXIT_CODE
-from ftcluster.track import read_metrics
 
 LONG = ["strategy=zero2", "trainer.max_steps=30", "trainer.save_every_steps=3"]
 
@@ -64,17 +61,6 @@ def finish(run: subprocess.Popen, timeout: float = 300) -> tuple[int, str, str]:
     return run.returncode, out, err
 
 
-def losses(output_dir: Path) -> dict[int, float]:
-    return {r["step"]: r["loss"] for r in read_metrics(output_dir) if "loss" in r}
-
-
-def assert_same_weights(a: Path, b: Path) -> None:
-    left, right = load_file(a / "model.safetensors"), load_file(b / "model.safetensors")
-    assert left.keys() == right.keys()
-    for name in left:
-        assert left[name].equal(right[name]), name
-
-
 @pytest.fixture(scope="module")
 def uninterrupted(tmp_path_factory):
     out = tmp_path_factory.mktemp("uninterrupted")
@@ -101,7 +87,7 @@ def test_stalled_worker_fails_the_run_within_the_collective_timeout(tmp_path):
     out = tmp_path / "run"
     run = start(out, "strategy=zero2", "trainer.max_steps=100000", "launcher.collective_timeout_s=10")
     victim = train_workers(run)[1]
-    wait_for(lambda: len(losses(out)) >= 2, run, "two logged steps")
+    wait_for(lambda: last_step(out) >= 2, run, "two logged steps")
     victim.send_signal(signal.SIGSTOP)
     stalled_at = time.time()
     code, _, stderr = finish(run, timeout=120)
@@ -119,7 +105,7 @@ def test_stalled_worker_fails_the_run_within_the_collective_timeout(tmp_path):
 def test_sigusr1_checkpoints_stops_and_resume_completes(uninterrupted, tmp_path):
     out = tmp_path / "run"
     run = start(out, *LONG)
-    wait_for(lambda: len(losses(out)) >= 4, run, "four logged steps")
+    wait_for(lambda: last_step(out) >= 4, run, "four logged steps")
     run.send_signal(signal.SIGUSR1)
     code, _, stderr = finish(run)
     assert code == EXIT_CODE, stderr[-3000:]

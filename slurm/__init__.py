@@ -1,0 +1,1 @@
+"""sbatch templates (slurm/), shipped inside the wheel as ftcluster.slurm."""

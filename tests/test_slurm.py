@@ -1,0 +1,147 @@
+"""launcher=slurm against a real SLURM cluster: slurmctld and two slurmd emulating node1 and node2 on
+this machine, brought up by slurm/local/up.sh (root; it installs Debian's Slurm when missing)."""
+
+import os
+import re
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from conftest import TINY, assert_same_weights, cli, last_step, losses, train
+from ftcluster.launch.submit import hydra_quote
+
+ROOT = Path(__file__).resolve().parent.parent
+# Spaces, both quotes, `$`, backticks and a backslash: all must reach the job unchanged.
+PROMPT = """It's "quoted" $HOME `not run` \\ back"""
+LONG = ["strategy=zero2", "trainer.max_steps=60", "trainer.save_every_steps=3"]
+
+
+@pytest.fixture(scope="module")
+def slurm():
+    """The local cluster: brought up (and torn down) here unless one is already running."""
+    running = shutil.which("sinfo") and subprocess.run(["sinfo"], capture_output=True).returncode == 0
+    if not running:
+        if os.geteuid() != 0:
+            pytest.skip("the SLURM tests bring up a local cluster with slurm/local/up.sh, which needs root")
+        subprocess.run([ROOT / "slurm/local/up.sh"], check=True, timeout=900)
+    yield
+    if not running:
+        subprocess.run([ROOT / "slurm/local/down.sh"], check=True, timeout=120)
+
+
+def job_field(job_id: str, field: str) -> str:
+    out = subprocess.run(["scontrol", "show", "job", "-o", job_id], capture_output=True, text=True).stdout
+    match = re.search(rf"\b{field}=(\S+)", out)
+    return match.group(1) if match else ""
+
+
+def wait_until(predicate, what: str, timeout: float = 300) -> None:
+    deadline = time.time() + timeout
+    while not predicate():
+        assert time.time() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.1)
+
+
+def test_two_nodes_zero3_match_the_local_run(slurm, tmp_path):
+    args = ["strategy=zero3", "trainer.max_steps=4", f"data.system_prompt={hydra_quote(PROMPT)}"]
+    train(tmp_path / "local", *args)
+    run = tmp_path / "slurm"
+    result = cli("train", *TINY, *args, "launcher=slurm", "launcher.nodes=2", f"output_dir={run}")
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert re.search(r"SLURM job \d+: COMPLETED", result.stdout)
+
+    assert losses(run) == pytest.approx(losses(tmp_path / "local"), rel=1e-5)
+    assert sorted(losses(run)) == [1, 2, 3, 4]
+    from ftcluster.config import load_run_config
+
+    assert load_run_config(run / "config.yaml").data.system_prompt == PROMPT
+    import json
+
+    placement = json.loads((run / "workers.json").read_text())
+    assert [(w["rank"], w["node"]) for w in placement] == [(0, "node1"), (1, "node2")]  # rank 0 on the head
+
+
+def test_preempted_job_requeues_and_resumes_to_the_uninterrupted_result(slurm, tmp_path):
+    """Plain sbatch on the template, as a user may: a hard requeue (scontrol requeue) resumes from the
+    newest periodic checkpoint; SIGUSR1 (what --signal sends before a time limit) checkpoints, exits 75
+    and requeues. The third attempt completes with the weights of an uninterrupted run."""
+    reference = tmp_path / "reference"
+    train(reference, *LONG)
+    run = tmp_path / "run"
+    run.mkdir()
+    overrides = [*TINY, *LONG, "launcher=slurm", f"output_dir={run}"]
+    submitted = subprocess.run(["sbatch", "--parsable", "--cpus-per-task=2", f"--output={run}/slurm.log",
+                                ROOT / "slurm/ftcluster.sbatch", *overrides], capture_output=True, text=True,
+                               check=True, cwd=tmp_path, env={**os.environ, "PATH": f"{Path(sys.executable).parent}:"
+                                                                                    f"{os.environ['PATH']}"})
+    job = submitted.stdout.strip()
+    log = run / "slurm.log"
+    try:
+        wait_until(lambda: last_step(run) >= 4, "attempt 0 to train 4 steps")
+        subprocess.run(["scontrol", "requeue", job], check=True)
+        wait_until(lambda: "attempt 1" in log.read_text(), "attempt 1 to start")
+        wait_until(lambda: "resumed from" in log.read_text() and last_step(run) >= 12, "attempt 1 to train")
+        subprocess.run(["scancel", "--batch", "--signal=USR1", job], check=True)
+        wait_until(lambda: job_field(job, "JobState") in ("COMPLETED", "FAILED", "CANCELLED"), "the job to end", 600)
+    finally:
+        subprocess.run(["scancel", job], capture_output=True)
+    text = log.read_text()
+    assert job_field(job, "JobState") == "COMPLETED", text[-3000:]
+    assert "attempt 2" in text and "requeueing" in text, text[-3000:]
+    assert len(re.findall(r"resumed from \S+/checkpoints/step-\d+", text)) >= 2
+    assert losses(run) == pytest.approx(losses(reference), rel=1e-6)
+    assert_same_weights(run / "final", reference / "final")
+
+
+def test_job_that_fails_inside_reports_exit_code_and_log_tail(slurm, tmp_path):
+    result = cli("train", *TINY, "launcher=slurm", "launcher.setup=['echo preparing the node; exit 3']",
+                 f"output_dir={tmp_path / 'run'}")
+    assert result.returncode == 3, result.stderr[-2000:]
+    assert re.search(r"SLURM job \d+ ended FAILED with exit code 3", result.stderr)
+    assert "preparing the node" in result.stderr.split("last lines of")[-1]
+
+
+@pytest.mark.parametrize("overrides, key, says", [
+    (["launcher.partition=nope"], "launcher.partition", "available: debug"),
+    (["launcher.nodes=3", "launcher.workers=3", "trainer.global_batch=6"], "launcher.nodes", "partition debug has 2"),
+    (["launcher.nodes=2", "launcher.gpus_per_node=1"], "launcher.gpus_per_node", "at most 0"),
+    (["launcher.account=my account"], "launcher.account", "cannot go on an #SBATCH line"),
+])
+def test_impossible_requests_are_refused_before_submission(slurm, tmp_path, overrides, key, says):
+    result = cli("train", *TINY, "launcher=slurm", *overrides, f"output_dir={tmp_path / 'run'}")
+    assert result.returncode == 2
+    assert f"config key '{key}'" in result.stderr and says in result.stderr, result.stderr
+    assert not (tmp_path / "run").exists()
+
+
+def test_no_sbatch_on_path(tmp_path):
+    result = cli("train", *TINY, "launcher=slurm", f"output_dir={tmp_path / 'run'}",
+                 env={"PATH": str(Path(sys.executable).parent)})
+    assert result.returncode == 2
+    assert "missing: sbatch" in result.stderr and "slurm/local/up.sh" in result.stderr
+
+
+def test_dry_run_script_carries_every_override_byte_for_byte(tmp_path):
+    overrides = [*TINY, "launcher=slurm", "launcher.nodes=2", f"data.system_prompt={hydra_quote(PROMPT)}",
+                 "launcher.setup=['module load cuda/12.4', 'source $HOME/venv/bin/activate']"]
+    result = cli("train", *overrides, f"output_dir={tmp_path / 'run'}", "--dry-run")
+    assert result.returncode == 0, result.stderr
+    script = result.stdout
+    assert "#SBATCH --nodes=2" in script and "#SBATCH --signal=B:USR1@120" in script
+    assert "\nmodule load cuda/12.4\nsource $HOME/venv/bin/activate\n" in script
+    subprocess.run(["bash", "-n"], input=script, text=True, check=True)
+    set_line = next(line for line in script.splitlines() if line.startswith("set -- "))
+    parsed = subprocess.run(["bash", "-c", set_line + '\nprintf "%s\\0" "$@"'], capture_output=True, text=True,
+                            check=True).stdout.split("\0")[:-1]
+    assert parsed == [*overrides, f"output_dir={tmp_path / 'run'}", f"output_dir={tmp_path / 'run'}"]
+    assert not (tmp_path / "run").exists()
+
+
+def test_override_hydra_cannot_parse_is_refused_before_submission(tmp_path):
+    result = cli("train", *TINY, "launcher=slurm", "data.system_prompt=it's", f"output_dir={tmp_path / 'run'}")
+    assert result.returncode == 2
+    assert "data.system_prompt=it's" in result.stderr and "quote" in result.stderr, result.stderr
