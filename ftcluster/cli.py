@@ -36,9 +36,10 @@ def main(argv: list[str] | None = None) -> int:
     if verb not in commands:
         print(f"ftcluster: unknown command {verb!r}\n\n{USAGE}", file=sys.stderr)
         return 2
-    from ftcluster.quiet import quiet_libraries
+    if verb != "jobs":  # jobs only talks to a dashboard: no need to import torch (seconds)
+        from ftcluster.quiet import quiet_libraries
 
-    quiet_libraries()
+        quiet_libraries()
     from ftcluster.stop import EXIT_CODE, StoppedOnRequest
 
     try:

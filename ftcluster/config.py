@@ -283,7 +283,8 @@ def _reject_unknown_keys(node: DictConfig, schema: DictConfig, prefix: str) -> N
         if key not in schema:
             raise ConfigError(dotted, f"no such key. {_keys_hint(schema, prefix)}")
         child, expected = node._get_node(key), schema._get_node(key)
-        if isinstance(child, DictConfig) and isinstance(expected, DictConfig) and not child._is_none():
+        free_form = isinstance(expected, DictConfig) and OmegaConf.get_type(expected) is dict  # Dict[str, Any]
+        if isinstance(child, DictConfig) and isinstance(expected, DictConfig) and not child._is_none() and not free_form:
             _reject_unknown_keys(child, expected, f"{dotted}.")
 
 
@@ -308,6 +309,10 @@ def _hydra_message(exc: Exception) -> str:
     first = text.splitlines()[0]
     if first.startswith("Could not override '"):
         key = first.split("'")[1]
+        if _schema_has(key):  # the key exists; what it was given does not fit its type
+            cause = str(exc.__cause__).splitlines()[0] if exc.__cause__ else "invalid value"
+            return (f"config key '{key}': {cause}. For a free-form mapping, add entries one at a time: "
+                    f"+{key}.NAME=VALUE")
         section, _, _ = key.rpartition(".")
         node = OmegaConf.select(OmegaConf.structured(TrainConfig), section) if section else None
         hint = _keys_hint(node, section + ".") if isinstance(node, DictConfig) else _keys_hint(
@@ -323,6 +328,13 @@ def _hydra_message(exc: Exception) -> str:
         group, _, option = missing.rpartition("/")
         return f"config group '{group}' has no option '{option}'; available: {', '.join(options)} (in {conf_dir()})"
     return first
+
+
+def _schema_has(key: str) -> bool:
+    try:
+        return OmegaConf.select(OmegaConf.structured(TrainConfig), key, throw_on_missing=False) is not None
+    except OmegaConfBaseException:
+        return False
 
 
 @dataclass

@@ -16,6 +16,11 @@ TINY = ["model=tiny", "data=json_extract", "peft=none", "tracking=none", "traine
         "optim.scheduler=linear", "launcher.workers=2"]
 
 
+# A run long enough to interrupt (preemption, killed workers), checkpointing every 3 steps.
+LONG_STEPS = 40
+LONG = ["strategy=zero2", f"trainer.max_steps={LONG_STEPS}", "trainer.save_every_steps=3"]
+
+
 def train(output_dir: Path, *overrides: str):
     """`ftcluster train` in this process (sharing one Ray cluster across tests); returns final/'s path."""
     from ftcluster.config import compose
@@ -59,6 +64,14 @@ def cli(*args: str, env: dict | None = None, timeout: int = 600) -> subprocess.C
     """The real console entry point in a fresh process."""
     return subprocess.run([sys.executable, "-m", "ftcluster.cli", *args], capture_output=True, text=True,
                           timeout=timeout, env={**os.environ, **(env or {})})
+
+
+@pytest.fixture(scope="session")
+def uninterrupted(tmp_path_factory) -> Path:
+    """The LONG run without interruption: what every interrupted and resumed run must reproduce."""
+    out = tmp_path_factory.mktemp("uninterrupted")
+    train(out, *LONG)
+    return out
 
 
 @pytest.fixture(scope="session", autouse=True)

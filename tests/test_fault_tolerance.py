@@ -14,10 +14,9 @@ from pathlib import Path
 
 import psutil
 import pytest
-from conftest import TINY, assert_same_weights, last_step, losses, train
+from conftest import LONG, LONG_STEPS, TINY, assert_same_weights, last_step, losses, train
 from ftcluster.stop import EXIT_CODE
 
-LONG = ["strategy=zero2", "trainer.max_steps=30", "trainer.save_every_steps=3"]
 
 
 def start(output_dir: Path, *overrides: str) -> subprocess.Popen:
@@ -61,13 +60,6 @@ def finish(run: subprocess.Popen, timeout: float = 300) -> tuple[int, str, str]:
     return run.returncode, out, err
 
 
-@pytest.fixture(scope="module")
-def uninterrupted(tmp_path_factory):
-    out = tmp_path_factory.mktemp("uninterrupted")
-    train(out, *LONG)
-    return out
-
-
 def test_sigkilled_worker_is_restarted_from_the_newest_checkpoint(uninterrupted, tmp_path):
     out = tmp_path / "run"
     run = start(out, *LONG, "launcher.max_failures=1")
@@ -79,7 +71,7 @@ def test_sigkilled_worker_is_restarted_from_the_newest_checkpoint(uninterrupted,
     resumed = [line for line in (stdout + stderr).splitlines() if "resumed from" in line]
     assert resumed, "the workers were not restarted from a checkpoint"
     assert losses(out) == pytest.approx(losses(uninterrupted), rel=1e-6)
-    assert sorted(losses(out)) == list(range(1, 31))
+    assert sorted(losses(out)) == list(range(1, LONG_STEPS + 1))
     assert_same_weights(out / "final", uninterrupted / "final")
 
 
@@ -110,7 +102,7 @@ def test_sigusr1_checkpoints_stops_and_resume_completes(uninterrupted, tmp_path)
     code, _, stderr = finish(run)
     assert code == EXIT_CODE, stderr[-3000:]
     stopped_at = max(losses(out))
-    assert 4 <= stopped_at < 30
+    assert 4 <= stopped_at < LONG_STEPS
     assert (out / "checkpoints" / f"step-{stopped_at}" / "trainer_state.json").is_file()
     assert not (out / "final").exists()
 

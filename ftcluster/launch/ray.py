@@ -23,6 +23,8 @@ WORKER_ENV = {
     "RAY_USAGE_STATS_ENABLED": "0",
     "TOKENIZERS_PARALLELISM": "false",
     "FTCLUSTER_IN_RAY": "1",
+    # Ray Train re-logs every print through its own logger, which reaches the driver twice.
+    "RAY_TRAIN_ENABLE_PRINT_PATCH": "0",
 }
 
 
