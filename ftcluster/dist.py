@@ -24,6 +24,11 @@ def setup(timeout_s: int = 1800) -> None:
         os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
                           MASTER_PORT=str(_free_port()))
     backend = "nccl" if torch.cuda.is_available() else "gloo"
+    # DeepSpeed builds groups of its own (ZeRO's data-parallel group...) without a timeout, so torch
+    # gives them its default (30 min), not the launcher's: make the default ours, so that every
+    # collective honours launcher.collective_timeout_s.
+    c10d = dist.distributed_c10d
+    c10d.default_pg_timeout = c10d.default_pg_nccl_timeout = timedelta(seconds=timeout_s)
     # Reuses the launcher's group when there is one.
     deepspeed.init_distributed(dist_backend=backend, timeout=timedelta(seconds=timeout_s))
 

@@ -9,6 +9,7 @@ same step, write one checkpoint and return; the driver exits with EXIT_CODE and 
 from __future__ import annotations
 
 import signal
+import threading
 from pathlib import Path
 
 from ftcluster import dist
@@ -38,7 +39,8 @@ def install_signal_handler(output_dir: str | Path) -> None:
         path.touch()
         print("[ftcluster] SIGUSR1: the workers will checkpoint and stop after the current step", flush=True)
 
-    signal.signal(signal.SIGUSR1, _request)
+    if threading.current_thread() is threading.main_thread():  # (Python takes signals there only)
+        signal.signal(signal.SIGUSR1, _request)
 
 
 def requested(output_dir: str | Path) -> bool:

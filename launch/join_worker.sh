@@ -67,6 +67,8 @@ export RAY_USAGE_STATS_ENABLED="${RAY_USAGE_STATS_ENABLED:-0}"
 # On SIGTERM Ray first drains the node, waiting up to 30 s for every worker lease to come back (made
 # for Serve replicas); a training run gains nothing from it, and stop.sh would wait it out.
 export RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S="${RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S:-0}"
+# Set to 0 (a single-machine setting, e.g. by a local ftcluster run) it refuses other nodes.
+export RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=1
 setsid "$python" -m ray.scripts.scripts start --block --log-color=false "--address=$address" \
   ${extra[@]+"${extra[@]}"} </dev/null >"$log" 2>&1 &
 pid=$!

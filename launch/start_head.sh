@@ -72,6 +72,8 @@ export RAY_USAGE_STATS_ENABLED="${RAY_USAGE_STATS_ENABLED:-0}"
 # On SIGTERM Ray first drains the node, waiting up to 30 s for every worker lease to come back (made
 # for Serve replicas); a training run gains nothing from it, and stop.sh would wait it out.
 export RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S="${RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S:-0}"
+# Set to 0 (a single-machine setting, e.g. by a local ftcluster run) it refuses other nodes.
+export RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=1
 dash_args=(--include-dashboard=false)
 [[ $dashboard == true ]] &&
   dash_args=(--include-dashboard=true "--dashboard-host=$dashboard_host" "--dashboard-port=$dashboard_port")

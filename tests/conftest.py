@@ -62,8 +62,10 @@ def assert_same_weights(a: Path, b: Path) -> None:
 
 def cli(*args: str, env: dict | None = None, timeout: int = 600) -> subprocess.CompletedProcess:
     """The real console entry point in a fresh process."""
+    # This interpreter's folder first on PATH: jobs it submits (SLURM, Ray) run `python` from there too.
+    path = f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"
     return subprocess.run([sys.executable, "-m", "ftcluster.cli", *args], capture_output=True, text=True,
-                          timeout=timeout, env={**os.environ, **(env or {})})
+                          timeout=timeout, env={**os.environ, "PATH": path, **(env or {})})
 
 
 @pytest.fixture(scope="session")

@@ -25,6 +25,9 @@ WORKER_ENV = {
     "FTCLUSTER_IN_RAY": "1",
     # Ray Train re-logs every print through its own logger, which reaches the driver twice.
     "RAY_TRAIN_ENABLE_PRINT_PATCH": "0",
+    # After a failure Ray Train waits this long for every worker to destroy its process group; a hung
+    # worker never does, and a healthy one takes milliseconds (default 30 s).
+    "TORCH_PROCESS_GROUP_SHUTDOWN_TIMEOUT_S": "5",
 }
 
 
@@ -39,10 +42,18 @@ def connect(address: str | None) -> None:
         return
     kwargs = dict(runtime_env={"env_vars": WORKER_ENV}, log_to_driver=True, configure_logging=False)
     if address is None:
-        # Keeps the node, and gloo's master address, on loopback rather than the network card's address.
-        os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
-        # "local": a new cluster even when `ray start` left one running on this machine.
-        ray.init(address="local", include_dashboard=False, _node_ip_address="127.0.0.1", **kwargs)
+        # Keeps the node, and gloo's master address, on loopback rather than the network card's address;
+        # only while the local cluster starts: left set, it would stop this process's children (a job,
+        # `ray start` for another node) from ever forming a multi-node cluster.
+        before = os.environ.get("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER")
+        os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = before or "0"
+        try:
+            # "local": a new cluster even when `ray start` left one running on this machine. The dashboard
+            # (on 8265, else a free port) serves the state API that Ray Train's placement-group cleaner polls.
+            ray.init(address="local", include_dashboard=True, _node_ip_address="127.0.0.1", **kwargs)
+        finally:
+            if before is None:
+                del os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"]
         return
     if address != "auto":
         check_reachable(address, "launcher.address")
@@ -81,8 +92,10 @@ def launch(entry: Callable[[dict], None], payload: dict, cfg: DictConfig) -> Non
     run(entry, payload, cfg)
 
 
-def run(entry: Callable[[dict], None], payload: dict, cfg: DictConfig) -> None:
-    """Run `entry(payload)` on launcher.workers Ray Train workers; raise when any of them failed."""
+def run(entry: Callable[[dict], None], payload: dict, cfg: DictConfig,
+        label_selector: list[dict] | None = None) -> None:
+    """Run `entry(payload)` on launcher.workers Ray Train workers; raise when any of them failed.
+    label_selector: one node-label selector per rank, to pin ranks to nodes."""
     from ray.train import FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
@@ -98,7 +111,7 @@ def run(entry: Callable[[dict], None], payload: dict, cfg: DictConfig) -> None:
         train_loop_config=payload,
         torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo", timeout_s=launcher.collective_timeout_s),
         scaling_config=ScalingConfig(num_workers=launcher.workers, use_gpu=use_gpu, resources_per_worker=resources,
-                                     placement_strategy=launcher.placement_strategy),
+                                     placement_strategy=launcher.placement_strategy, label_selector=label_selector),
         run_config=RunConfig(name=f"train-{time.strftime('%Y%m%d-%H%M%S')}",
                              storage_path=str(Path(cfg.output_dir, "ray").resolve()),
                              failure_config=FailureConfig(max_failures=launcher.max_failures)),

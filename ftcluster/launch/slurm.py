@@ -1,7 +1,7 @@
 """launcher=slurm, inside the allocation: slurm/ftcluster.sbatch has started a Ray head on the first
 node and a Ray worker on each other node and exported FTCLUSTER_RAY_ADDRESS. Join that cluster, wait
 until every node and its resources are visible (never a fixed sleep), then place the workers exactly
-as launcher=ray does: ranks contiguous per node, the master address that of rank 0's node."""
+as launcher=ray does, with ranks contiguous per node and rank 0 (the master address) on the head."""
 
 from __future__ import annotations
 
@@ -14,6 +14,8 @@ from omegaconf import DictConfig
 from ftcluster.errors import UserError
 from ftcluster.launch import ray as ray_launch
 
+NODE_LABEL = "ftcluster-node"  # set by slurm/ftcluster.sbatch: 0 on the head, 1.. on the other nodes
+
 
 def launch(entry: Callable[[dict], None], payload: dict, cfg: DictConfig) -> None:
     address = os.environ.get("FTCLUSTER_RAY_ADDRESS")
@@ -22,7 +24,11 @@ def launch(entry: Callable[[dict], None], payload: dict, cfg: DictConfig) -> Non
                         "(FTCLUSTER_RAY_ADDRESS is not set); submit with `ftcluster train launcher=slurm ...`")
     ray_launch.connect(address)
     wait_for_nodes(cfg.launcher)
-    ray_launch.run(entry, payload, cfg)
+    # Worker i on node i // per_node (nodes labelled by the sbatch script, the head 0): ranks contiguous
+    # per node, rank 0, and so the process group's master address, on the head node.
+    per_node = cfg.launcher.workers // cfg.launcher.nodes
+    ray_launch.run(entry, payload, cfg, label_selector=[{NODE_LABEL: str(rank // per_node)}
+                                                        for rank in range(cfg.launcher.workers)])
 
 
 def wait_for_nodes(launcher: DictConfig, poll_s: float = 0.5) -> None:
@@ -33,7 +39,7 @@ def wait_for_nodes(launcher: DictConfig, poll_s: float = 0.5) -> None:
     need_gpus = launcher.nodes * launcher.gpus_per_node
     deadline = time.time() + launcher.ready_timeout_s
     while True:
-        alive = [n for n in ray.nodes() if n["Alive"]]
+        alive = [n for n in ray.nodes() if n["Alive"] and NODE_LABEL in n.get("Labels", {})]
         cpus = sum(n["Resources"].get("CPU", 0) for n in alive)
         gpus = sum(n["Resources"].get("GPU", 0) for n in alive)
         if len(alive) >= launcher.nodes and cpus >= need_cpus and gpus >= need_gpus:

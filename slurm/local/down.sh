@@ -7,9 +7,9 @@
 #   sudo slurm/local/down.sh          # FTCLUSTER_SLURM_DIR must match the one up.sh used
 set -euo pipefail
 
-STATE_DIR="${FTCLUSTER_SLURM_DIR:-/var/lib/ftcluster-slurm}"
+# shellcheck source=common.sh
+. "$(dirname "$0")/common.sh"
 RUN="$STATE_DIR/run"
-NODES=(node1 node2)
 KEEP_JOBS=0
 
 die() { echo "down.sh: error: $*" >&2; exit 1; }
@@ -22,15 +22,6 @@ case "${1:-}" in
     *) die "unknown argument: $1" ;;
 esac
 [ "$(id -u)" -eq 0 ] || die "must run as root (the daemons run as root)"
-
-live_pid() {   # live_pid PIDFILE PROGRAM: the pid, if that process is alive and is PROGRAM
-    local pid
-    [ -s "$1" ] || return 1
-    pid=$(tr -dc '0-9' <"$1")
-    [ -n "$pid" ] && [ -r "/proc/$pid/cmdline" ] || return 1
-    tr '\0' ' ' <"/proc/$pid/cmdline" | grep -q "$2" || return 1
-    echo "$pid"
-}
 
 stop_pidfile() {   # stop_pidfile PIDFILE PROGRAM
     local pid

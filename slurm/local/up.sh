@@ -12,10 +12,10 @@
 set -euo pipefail
 
 MARKER="# written by ftcluster slurm/local/up.sh"
-STATE_DIR="${FTCLUSTER_SLURM_DIR:-/var/lib/ftcluster-slurm}"
+# shellcheck source=common.sh
+. "$(dirname "$0")/common.sh"
 CONF_DIR=/etc/slurm
 CONF="$CONF_DIR/slurm.conf"
-NODES=(node1 node2)
 declare -A NODE_PORT=([node1]=17001 [node2]=17002)
 PACKAGES=(slurmctld slurmd slurm-client)
 READY_TIMEOUT_S="${FTCLUSTER_SLURM_READY_TIMEOUT_S:-60}"
@@ -208,16 +208,6 @@ ensure_dirs() {
 }
 
 # ------------------------------------------------------------------------------------------ daemons
-# A pid file's pid, if that process is alive and is the expected program.
-live_pid() {   # live_pid PIDFILE PROGRAM
-    local pid
-    [ -s "$1" ] || return 1
-    pid=$(tr -dc '0-9' <"$1")
-    [ -n "$pid" ] && [ -r "/proc/$pid/cmdline" ] || return 1
-    tr '\0' ' ' <"/proc/$pid/cmdline" | grep -q "$2" || return 1
-    echo "$pid"
-}
-
 ctld_pidfile() { echo "$STATE_DIR/run/slurmctld.pid"; }
 slurmd_pidfile() { echo "$STATE_DIR/run/slurmd-$1.pid"; }
 
