@@ -38,6 +38,8 @@ def connect(address: str | None) -> None:
     for key, value in WORKER_ENV.items():
         if key != "FTCLUSTER_IN_RAY":
             os.environ.setdefault(key, value)
+    if address not in (None, "auto"):
+        check_reachable(address, "launcher.address")
     if ray.is_initialized():
         return
     kwargs = dict(runtime_env={"env_vars": WORKER_ENV}, log_to_driver=True, configure_logging=False)
@@ -55,8 +57,6 @@ def connect(address: str | None) -> None:
             if before is None:
                 del os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"]
         return
-    if address != "auto":
-        check_reachable(address, "launcher.address")
     try:
         ray.init(address=address, **kwargs)
     except (ConnectionError, RuntimeError, ValueError) as exc:
