@@ -53,21 +53,42 @@ def read_state(checkpoint: Path) -> dict:
 def save(engine, output_dir: str | Path, step: int, trainer_state: dict, keep_last: int,
          exclude_frozen: bool) -> Path:
     """Collective: every rank calls it. Returns the final checkpoint path."""
-    root = checkpoints_dir(output_dir)
-    tmp, final = root / f".tmp-step-{step}", root / f"step-{step}"
-    if dist.rank() == 0:
-        shutil.rmtree(tmp, ignore_errors=True)  # left by a crash during an earlier attempt
-        tmp.mkdir(parents=True)
+    tmp = begin(output_dir, step) if dist.rank() == 0 else pending_path(output_dir, step)
     dist.barrier()
-    engine.save_checkpoint(str(tmp), tag=TAG, exclude_frozen_parameters=exclude_frozen)
-    torch.save(_rng_state(), tmp / f"rng_rank{dist.rank()}.pt")
+    save_engine(engine, tmp, exclude_frozen)
     dist.barrier()
+    final = tmp.with_name(f"step-{step}")
     if dist.rank() == 0:
-        (tmp / STATE_FILE).write_text(json.dumps({"step": step, **trainer_state}, indent=2))
-        swap_into_place(tmp, final)
-        _prune(root, keep_last)
+        commit(tmp, {"step": step, **trainer_state}, keep_last)
     dist.barrier()
     return final
+
+
+def pending_path(output_dir: str | Path, step: int) -> Path:
+    return checkpoints_dir(output_dir) / f".tmp-step-{step}"
+
+
+def begin(output_dir: str | Path, step: int) -> Path:
+    """The hidden folder a checkpoint is written into (emptied: left by a crash during an earlier attempt)."""
+    tmp = pending_path(output_dir, step)
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    return tmp
+
+
+def commit(tmp: Path, trainer_state: dict, keep_last: int) -> Path:
+    """Complete a checkpoint: trainer_state.json last, then the rename that makes it visible."""
+    (tmp / STATE_FILE).write_text(json.dumps(trainer_state, indent=2))
+    final = tmp.with_name(f"step-{trainer_state['step']}")
+    swap_into_place(tmp, final)
+    _prune(tmp.parent, keep_last)
+    return final
+
+
+def save_engine(engine, folder: Path, exclude_frozen: bool) -> None:
+    """Collective within the engine's group: its DeepSpeed shards and each rank's RNG state."""
+    engine.save_checkpoint(str(folder), tag=TAG, exclude_frozen_parameters=exclude_frozen)
+    torch.save(_rng_state(), Path(folder) / f"rng_rank{dist.rank()}.pt")
 
 
 def _prune(root: Path, keep_last: int) -> None:
@@ -77,14 +98,18 @@ def _prune(root: Path, keep_last: int) -> None:
 
 def load(engine, checkpoint: Path, exclude_frozen: bool) -> dict:
     """Restores model, optimizer, scheduler and this rank's RNG; returns the trainer state."""
-    load_path, _ = engine.load_checkpoint(str(checkpoint), tag=TAG, load_optimizer_states=True,
+    load_engine(engine, checkpoint, exclude_frozen)
+    return read_state(checkpoint)
+
+
+def load_engine(engine, folder: Path, exclude_frozen: bool) -> None:
+    load_path, _ = engine.load_checkpoint(str(folder), tag=TAG, load_optimizer_states=True,
                                           load_lr_scheduler_states=True, load_module_strict=not exclude_frozen)
     if load_path is None:
-        raise RuntimeError(f"DeepSpeed could not load {checkpoint}")
-    rng_file = checkpoint / f"rng_rank{dist.rank()}.pt"
+        raise RuntimeError(f"DeepSpeed could not load {folder}")
+    rng_file = Path(folder) / f"rng_rank{dist.rank()}.pt"
     if rng_file.is_file():  # absent when the world size changed; data order does not depend on it
         _set_rng_state(torch.load(rng_file, weights_only=False))
-    return read_state(checkpoint)
 
 
 def _rng_state() -> dict:

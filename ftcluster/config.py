@@ -55,8 +55,81 @@ class DataConfig:
 
 
 @dataclass
+class RewardModelConfig:
+    """stage=rm: Bradley-Terry on preference pairs, a scalar head on the backbone."""
+
+    # Added to every pair's margin (a record's own `margin` field adds to it): -log sigmoid(r_c - r_r - m).
+    margin: float = 0.0
+
+
+@dataclass
+class DPOConfig:
+    """stage=dpo: the DPO family."""
+
+    # sigmoid (DPO; with label_smoothing > 0 conservative DPO), ipo, and the reference-free simpo, orpo.
+    loss: str = "sigmoid"
+    beta: float = 0.1
+    label_smoothing: float = 0.0
+    # SimPO's target margin gamma: -log sigmoid(beta * (avg logp_c - avg logp_r) - gamma).
+    simpo_gamma: float = 0.5
+    # cached: the reference's log-probs are computed once, before training, and kept on disk (keyed by
+    # model, data and template) for every later epoch and run; live: a reference forward every step.
+    reference: str = "cached"
+    # Where cached reference log-probs live (null: <FTCLUSTER_CACHE or ~/.cache/ftcluster>/reference_logps).
+    # Only rank 0 reads and writes it; point it at shared storage to reuse it from any node.
+    reference_cache_dir: Optional[str] = None
+
+
+@dataclass
+class RLConfig:
+    """stage=ppo and stage=grpo: rollouts on Ray actors, one DeepSpeed group per role."""
+
+    # Rollout size per step: prompts_per_step x samples_per_prompt sequences (GRPO's group size is
+    # samples_per_prompt). trainer.global_batch counts sequences per optimizer step and must divide it.
+    prompts_per_step: int = 4
+    samples_per_prompt: int = 4
+    max_new_tokens: int = 48
+    temperature: float = 1.0
+    top_p: float = 1.0
+    # The reward: a Python function ("package.module:function" or "path/to/file.py:function") called as
+    # fn(prompt=..., completion=..., **record_fields) -> float, or a reward model folder (reward_model).
+    reward_fn: Optional[str] = None
+    reward_model: Optional[str] = None
+    # KL to the reference: "reward" subtracts kl_coef x k1 per token from the reward (PPO, InstructGPT);
+    # "loss" adds kl_coef x the kl_estimator term to the policy loss (GRPO). kl_coef=0 needs no reference.
+    kl_coef: float = 0.05
+    kl_mode: str = "reward"
+    kl_estimator: str = "k1"
+    clip_eps: float = 0.2
+    # Passes over each rollout (PPO epochs); more than one makes the clipped ratio matter.
+    updates_per_rollout: int = 1
+    # GRPO: divide group-centred rewards by the group's standard deviation.
+    scale_rewards: bool = True
+    # PPO: GAE, and the critic (a value head on the policy's backbone, or on reward_model's when given).
+    gamma: float = 1.0
+    lam: float = 0.95
+    value_clip: float = 0.2
+    critic_lr: float = 1.0e-4
+    # Actor groups per role: the policy has launcher.workers; 0 reference workers means the policy
+    # computes reference log-probs itself (LoRA: adapters disabled; otherwise a frozen copy it holds).
+    reference_workers: int = 0
+    reward_workers: int = 1
+    critic_workers: int = 1
+    # 0: the policy actors generate; N: N separate rollout actors generate and get the new weights after
+    # every update (sync_timeout_s bounds that, so a lost actor fails the run instead of hanging it).
+    rollout_workers: int = 0
+    generation_backend: str = "hf"
+    sync_timeout_s: int = 300
+    # All roles share one set of placement-group bundles (GPU-sharing), or each role gets its own.
+    colocate: bool = True
+
+
+@dataclass
 class StageConfig:
     name: str = "sft"
+    rm: RewardModelConfig = field(default_factory=RewardModelConfig)
+    dpo: DPOConfig = field(default_factory=DPOConfig)
+    rl: RLConfig = field(default_factory=RLConfig)
 
 
 @dataclass
@@ -203,10 +276,15 @@ class TrainConfig:
 
 
 CHOICES = {
-    "data.format": ("alpaca", "chat", "text", "preference"),
+    "data.format": ("alpaca", "chat", "text", "preference", "prompt"),
     "data.train_on": ("assistant", "all"),
     "data.truncation": ("truncate", "drop", "error"),
-    "stage.name": ("sft",),
+    "stage.name": ("sft", "rm", "dpo", "ppo", "grpo"),
+    "stage.dpo.loss": ("sigmoid", "ipo", "simpo", "orpo"),
+    "stage.dpo.reference": ("cached", "live"),
+    "stage.rl.kl_mode": ("reward", "loss"),
+    "stage.rl.kl_estimator": ("k1", "k2", "k3"),
+    "stage.rl.generation_backend": ("hf", "vllm"),
     "peft.method": ("none", "lora", "dora", "qlora", "prompt", "prefix"),
     "strategy.zero_stage": (0, 1, 2, 3),
     "strategy.precision": ("fp32", "bf16", "fp16"),
@@ -218,7 +296,9 @@ CHOICES = {
     "optim.scheduler": ("cosine", "linear", "constant"),
     "tracking.wandb.mode": ("offline", "online", "disabled"),
 }
-STAGE_FORMATS = {"sft": ("alpaca", "chat", "text")}
+STAGE_FORMATS = {"sft": ("alpaca", "chat", "text"), "rm": ("preference",), "dpo": ("preference",),
+                 "ppo": ("prompt", "alpaca", "chat"), "grpo": ("prompt", "alpaca", "chat")}
+RL_STAGES = ("ppo", "grpo")
 
 
 def conf_dir() -> Path:
@@ -355,6 +435,15 @@ def derive(cfg: DictConfig) -> Derived:
             f"{t.micro_batch_per_device} x {workers} = {per_step}. Use a multiple of {per_step}, e.g. "
             f"trainer.global_batch={per_step * max(1, round(t.global_batch / per_step))}",
         )
+    if cfg.stage.name in RL_STAGES:
+        rl = cfg.stage.rl
+        rollout = rl.prompts_per_step * rl.samples_per_prompt
+        if rollout % t.global_batch:
+            raise ConfigError("trainer.global_batch",
+                              f"{t.global_batch} sequences per optimizer step do not divide a rollout of "
+                              f"stage.rl.prompts_per_step x stage.rl.samples_per_prompt = {rl.prompts_per_step} x "
+                              f"{rl.samples_per_prompt} = {rollout} sequences; use a divisor of {rollout}, e.g. "
+                              f"trainer.global_batch={rollout}")
     return Derived(world_size=workers, grad_accum_steps=t.global_batch // per_step)
 
 
@@ -401,8 +490,14 @@ def validate(cfg: DictConfig, check_paths: bool = True) -> Derived:
 
     stage = cfg.stage.name
     if cfg.data.format not in STAGE_FORMATS[stage]:
-        raise ConfigError("data.format", f"stage={stage} trains on {', '.join(STAGE_FORMATS[stage])} data, "
-                                         f"not {cfg.data.format!r}")
+        expected = ", ".join(STAGE_FORMATS[stage])
+        raise ConfigError("data.format", f"stage={stage} trains on {expected} data, not {cfg.data.format!r}"
+                          + (f"; {stage} data needs {_FORMAT_FIELDS[STAGE_FORMATS[stage][0]]}"
+                             if stage != "sft" else ""))
+    if stage == "dpo":
+        _check_dpo(cfg)
+    if stage in RL_STAGES:
+        _check_rl(cfg)
     if cfg.peft.method == "qlora" and not _has_cuda():
         raise ConfigError("peft.method", "QLoRA quantizes with bitsandbytes, which needs a CUDA GPU; "
                                          "on CPU use peft=lora")
@@ -431,6 +526,71 @@ def validate(cfg: DictConfig, check_paths: bool = True) -> Derived:
     if check_paths:
         _check_paths(cfg)
     return derive(cfg)
+
+
+_FORMAT_FIELDS = {"preference": "data.format=preference records with prompt, chosen and rejected",
+                  "prompt": "data.format=prompt records with a prompt (or alpaca/chat records, whose last answer "
+                            "becomes the reference)"}
+
+
+def _check_dpo(cfg: DictConfig) -> None:
+    d = cfg.stage.dpo
+    if not d.beta > 0:
+        raise ConfigError("stage.dpo.beta", f"got {d.beta}; it must be a positive number such as 0.1")
+    if not 0 <= d.label_smoothing < 0.5:
+        raise ConfigError("stage.dpo.label_smoothing", f"got {d.label_smoothing}; it must be in [0, 0.5)")
+    if d.label_smoothing and d.loss not in ("sigmoid", "simpo"):
+        raise ConfigError("stage.dpo.label_smoothing", f"label smoothing applies to the sigmoid and simpo losses, "
+                                                       f"not {d.loss}; set it to 0")
+
+
+def _check_rl(cfg: DictConfig) -> None:
+    rl, stage = cfg.stage.rl, cfg.stage.name
+    for key in ("prompts_per_step", "samples_per_prompt", "max_new_tokens", "updates_per_rollout",
+                "sync_timeout_s"):
+        if _get(rl, key) < 1:
+            raise ConfigError(f"stage.rl.{key}", f"got {_get(rl, key)}; it must be a positive integer")
+    for key in ("reference_workers", "reward_workers", "critic_workers", "rollout_workers", "kl_coef"):
+        if _get(rl, key) < 0:
+            raise ConfigError(f"stage.rl.{key}", f"got {_get(rl, key)}; it must be 0 or more")
+    if not rl.temperature > 0:
+        raise ConfigError("stage.rl.temperature", f"got {rl.temperature}; sampling needs a positive temperature")
+    if not 0 < rl.top_p <= 1:
+        raise ConfigError("stage.rl.top_p", f"got {rl.top_p}; it must be in (0, 1]")
+    if stage == "grpo" and rl.samples_per_prompt < 2:
+        raise ConfigError("stage.rl.samples_per_prompt", "GRPO compares each sample with the others of its group: "
+                                                         "it needs at least 2 samples per prompt")
+    if (rl.reward_fn is None) == (rl.reward_model is None):
+        raise ConfigError("stage.rl.reward_fn", f"stage={stage} needs exactly one reward: "
+                                                f"stage.rl.reward_fn=module:function (or file.py:function) or "
+                                                f"stage.rl.reward_model=DIR (a stage=rm final/ folder)")
+    if rl.reward_model is not None and rl.reward_workers < 1:
+        raise ConfigError("stage.rl.reward_workers", "stage.rl.reward_model needs at least one reward worker")
+    if stage == "ppo" and rl.critic_workers < 1:
+        raise ConfigError("stage.rl.critic_workers", "PPO trains a critic: it needs at least one critic worker")
+    # Every group gets an equal share of each rollout (ZeRO-3 forwards are collectives), and the critic
+    # takes as many micro-batches per optimizer step as its DeepSpeed config expects.
+    rollout = rl.prompts_per_step * rl.samples_per_prompt
+    groups = {"launcher.workers": cfg.launcher.workers, "stage.rl.reference_workers": rl.reference_workers,
+              "stage.rl.reward_workers": rl.reward_workers if rl.reward_model else 0,
+              "stage.rl.critic_workers": rl.critic_workers if stage == "ppo" else 0,
+              "stage.rl.rollout_workers": rl.rollout_workers}
+    for key, count in groups.items():
+        if count and rollout % count:
+            raise ConfigError(key, f"{count} workers cannot share a rollout of {rollout} sequences "
+                                   f"(stage.rl.prompts_per_step x stage.rl.samples_per_prompt) evenly")
+    per_critic_step = cfg.trainer.micro_batch_per_device * rl.critic_workers
+    if stage == "ppo" and cfg.trainer.global_batch % per_critic_step:
+        raise ConfigError("stage.rl.critic_workers", f"trainer.global_batch={cfg.trainer.global_batch} is not "
+                                                     f"divisible by trainer.micro_batch_per_device x "
+                                                     f"stage.rl.critic_workers = {per_critic_step}")
+    if rl.generation_backend == "vllm":
+        raise ConfigError("stage.rl.generation_backend",
+                          "the vLLM backend is not available in this version (no GPU was at hand to test its weight "
+                          "sync); use stage.rl.generation_backend=hf")
+    if cfg.peft.method in ("prompt", "prefix"):
+        raise ConfigError("peft.method", f"stage={stage} trains LoRA/DoRA adapters or full weights; "
+                                         f"{cfg.peft.method} tuning is not supported for RL")
 
 
 def _has_cuda() -> bool:

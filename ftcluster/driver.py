@@ -21,7 +21,7 @@ from pathlib import Path
 from omegaconf import DictConfig
 
 from ftcluster import checkpoint, stop
-from ftcluster.config import Derived, to_yaml, validate
+from ftcluster.config import RL_STAGES, Derived, to_yaml, validate
 from ftcluster.errors import ConfigError
 
 # Where the workers are placed from this process.
@@ -44,6 +44,8 @@ def train(cfg: DictConfig, argv: list[str]) -> Path:
     derived = validate(cfg)
     out = Path(cfg.output_dir).resolve()
     cfg.output_dir = str(out)
+    if cfg.stage.dpo.reference_cache_dir:  # workers may run elsewhere than this working directory
+        cfg.stage.dpo.reference_cache_dir = str(Path(cfg.stage.dpo.reference_cache_dir).resolve())
     stop.install_signal_handler(out)  # first: a preemption notice may come at any moment
     resume_from = resolve_resume(cfg, derived)
     if resume_from is not None and _already_finished(cfg, resume_from):
@@ -53,6 +55,8 @@ def train(cfg: DictConfig, argv: list[str]) -> Path:
     if resume_from is None:
         (out / "metrics.jsonl").unlink(missing_ok=True)  # a run that died before its first checkpoint
 
+    if cfg.stage.name in RL_STAGES:
+        check_rewards(cfg)
     model_dir = resolve_model(cfg, out)
     payload = {"config": _plain(cfg), "model_dir": model_dir, "data_dir": str(out / "data"),
                "resume_from": str(resume_from) if resume_from else None, "launch_id": uuid.uuid4().hex}
@@ -61,11 +65,54 @@ def train(cfg: DictConfig, argv: list[str]) -> Path:
     (out / "config.yaml").write_text(to_yaml(cfg))
     (out / "manifest.json").write_text(json.dumps(manifest(cfg, derived, argv, stats), indent=2))
 
+    started = time.time()
+    importlib.import_module(LAUNCHERS[cfg.launcher.name]).launch(worker_entry(cfg), payload, cfg)
+    return _check_outcome(cfg, started)
+
+
+def worker_entry(cfg: DictConfig):
+    """SPMD stages run one program on every rank; the RL stages run a controller here that places one
+    actor group per role."""
+    if cfg.stage.name in RL_STAGES:
+        from ftcluster.launch.actors import Controller
+        from ftcluster.rl.controller import run
+
+        return Controller(run)
     from ftcluster.worker import train_worker
 
-    started = time.time()
-    importlib.import_module(LAUNCHERS[cfg.launcher.name]).launch(train_worker, payload, cfg)
-    return _check_outcome(cfg, started)
+    return train_worker
+
+
+def check_rewards(cfg: DictConfig) -> None:
+    """The reward function imports, or the reward model is a sequence classifier whose tokenizer fits it
+    and can render a conversation: checked before any actor starts."""
+    rl = cfg.stage.rl
+    if rl.reward_fn:
+        from ftcluster.rewards import load_reward_fn
+
+        load_reward_fn(rl.reward_fn)
+        return
+    from transformers import AutoConfig
+
+    from ftcluster.model import load_tokenizer
+
+    folder = Path(rl.reward_model)
+    if not (folder / "config.json").is_file():
+        raise ConfigError("stage.rl.reward_model", f"{folder} is not a Hugging Face model folder (no config.json)")
+    config = AutoConfig.from_pretrained(folder)
+    if not any(arch.endswith("ForSequenceClassification") for arch in config.architectures or []):
+        raise ConfigError("stage.rl.reward_model", f"{folder} holds {config.architectures}, not a sequence "
+                                                   f"classifier; train one with stage=rm and use its final/")
+    tokenizer = load_tokenizer(str(folder))
+    vocab = getattr(config.get_text_config(), "vocab_size", None)
+    if vocab is not None and len(tokenizer) > vocab:
+        raise ConfigError("stage.rl.reward_model", f"the tokenizer in {folder} has {len(tokenizer)} tokens but its "
+                                                   f"model only {vocab} embeddings: they do not belong together; "
+                                                   f"use the tokenizer the reward model was trained with")
+    if not tokenizer.chat_template:
+        raise ConfigError("stage.rl.reward_model", f"the tokenizer in {folder} has no chat template, so the "
+                                                   f"policy's conversations cannot be rendered for it; a stage=rm "
+                                                   f"final/ carries the one it was trained with")
 
 
 def resolve_resume(cfg: DictConfig, derived: Derived) -> Path | None:
@@ -123,9 +170,13 @@ def _report_data(stats: dict) -> None:
         s = stats.get(split)
         if not s:
             continue
-        print(f"[ftcluster] data {split}: {s['examples']} examples -> {s['rows']} rows, {s['tokens']} tokens "
-              f"({s['trainable_tokens']} trained on), truncated {s['truncated']}, dropped {s['dropped']}, "
-              f"packing efficiency {s['packing_efficiency']:.1%}")
+        packing = f", packing efficiency {s['packing_efficiency']:.1%}" if "packing_efficiency" in s else ""
+        print(f"[ftcluster] data {split}: {s['examples']} {_UNITS[stats['kind']]} -> {s['rows']} rows, {s['tokens']} "
+              f"tokens ({s['trainable_tokens']} trained on), truncated {s['truncated']}, dropped {s['dropped']}"
+              f"{packing}")
+
+
+_UNITS = {"sequences": "examples", "pairs": "preference pairs", "prompts": "prompts"}
 
 
 def _check_outcome(cfg: DictConfig, started: float) -> Path:

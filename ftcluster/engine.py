@@ -129,6 +129,23 @@ def initialize(model: torch.nn.Module, cfg: DictConfig, ds_config: dict):
     return engine
 
 
+def initialize_frozen(model: torch.nn.Module, ds_config: dict):
+    """A frozen model for inference (a reference or reward model), sharded like the policy: under ZeRO-3 a
+    DeepSpeed engine without an optimizer (parameters partitioned, gathered layer by layer), else the
+    plain module (ZeRO 0-2 shard only optimizer state and gradients, which a frozen model has none of)."""
+    from ftcluster import dist
+
+    if ds_config["zero_optimization"]["stage"] != 3:
+        return model.to(dist.device())
+    import deepspeed
+
+    frozen = {key: value for key, value in ds_config.items() if key not in ("optimizer", "scheduler")}
+    frozen["zero_optimization"] = {key: value for key, value in ds_config["zero_optimization"].items()
+                                   if key != "offload_optimizer"}
+    engine, _, _, _ = deepspeed.initialize(model=model, config=frozen, dist_init_required=False)
+    return engine
+
+
 def full_state_dict(engine) -> dict | None:
     """The whole model's weights on rank 0 (None elsewhere); every rank must call it under ZeRO-3."""
     if engine.zero_optimization_partition_weights():

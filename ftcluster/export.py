@@ -16,20 +16,22 @@ from omegaconf import DictConfig
 from ftcluster import checkpoint as ckpt
 from ftcluster.atomic import swap_into_place
 from ftcluster.errors import UserError
-from ftcluster.model import DTYPES, apply_peft, load_tokenizer
+from ftcluster.model import DTYPES, MODEL_CLASSES, apply_peft, load_tokenizer
 
 
-def write_final(state_dict: dict, cfg: DictConfig, model_dir: str, out_dir: str | Path, tokenizer=None) -> Path:
-    """`tokenizer` defaults to the base folder's with the run's data.chat_template applied."""
-    from transformers import AutoModelForCausalLM
-
+def write_final(state_dict: dict, cfg: DictConfig, model_dir: str, out_dir: str | Path, tokenizer=None,
+                kind: str = "causal_lm") -> Path:
+    """`tokenizer` defaults to the base folder's with the run's data.chat_template applied. `kind` is the
+    model the stage trained (ftcluster.model.MODEL_CLASSES): a reward model's final/ loads with
+    AutoModelForSequenceClassification."""
     out_dir = Path(out_dir)
     tmp = out_dir.with_name(f".tmp-{out_dir.name}")
     shutil.rmtree(tmp, ignore_errors=True)
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=DTYPES[cfg.strategy.precision])
+    extra = {} if kind == "causal_lm" else {"num_labels": 1, "pad_token_id": load_tokenizer(model_dir).pad_token_id}
+    model = MODEL_CLASSES[kind].from_pretrained(model_dir, dtype=DTYPES[cfg.strategy.precision], **extra)
     uses_peft = cfg.peft.method != "none"
     if uses_peft:
-        model = apply_peft(model, _without_checkpointing(cfg))
+        model = apply_peft(model, _without_checkpointing(cfg), kind)
     _load_exactly(model, state_dict, partial=uses_peft)
     tokenizer = tokenizer if tokenizer is not None else _run_tokenizer(cfg, model_dir)
     if uses_peft:
@@ -98,6 +100,7 @@ def export_checkpoint(checkpoint: str | Path, out_dir: str | Path | None, merge:
     cfg = load_run_config(run_dir / "config.yaml")
     if merge is not None:
         cfg.export.merge = merge
-    model_dir = ckpt.read_state(checkpoint)["model_dir"]
+    state = ckpt.read_state(checkpoint)
     state_dict = checkpoint_state_dict(checkpoint, cfg.strategy.zero_stage)
-    return write_final(state_dict, cfg, model_dir, out_dir or run_dir / f"export-{checkpoint.name}")
+    return write_final(state_dict, cfg, state["model_dir"], out_dir or run_dir / f"export-{checkpoint.name}",
+                       kind=state.get("model_kind", "causal_lm"))

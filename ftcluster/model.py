@@ -11,11 +11,18 @@ from pathlib import Path
 
 import torch
 from omegaconf import DictConfig
-from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase
+from transformers import (AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification,
+                          AutoModelForTokenClassification, AutoTokenizer, PreTrainedTokenizerBase)
 
 from ftcluster.errors import ConfigError
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+# What a stage trains: a causal LM (SFT, DPO, the RL policy), a scalar score per sequence (reward model)
+# or per token (PPO's critic). The heads of the last two start random on a causal-LM folder.
+MODEL_CLASSES = {"causal_lm": AutoModelForCausalLM, "reward": AutoModelForSequenceClassification,
+                 "value": AutoModelForTokenClassification}
+_PEFT_TASKS = {"causal_lm": "CAUSAL_LM", "reward": "SEQ_CLS", "value": "TOKEN_CLS"}
 
 
 def load_tokenizer(model_dir: str) -> PreTrainedTokenizerBase:
@@ -43,28 +50,40 @@ def materialize_random_init(model_dir: str, out_dir: Path, seed: int) -> str:
     return str(out_dir)
 
 
-def load_model(cfg: DictConfig, model_dir: str) -> torch.nn.Module:
-    """The causal LM with PEFT applied, in the strategy's precision."""
+def load_model(cfg: DictConfig, model_dir: str, kind: str = "causal_lm", peft: bool = True,
+               trainable: bool = True) -> torch.nn.Module:
+    """The model of `kind` with PEFT applied (unless peft=False), in the strategy's precision.
+    trainable=False: a frozen copy for inference (a reference model), without checkpointing or PEFT."""
     dtype = DTYPES[cfg.strategy.precision]
     kwargs = dict(dtype=dtype, attn_implementation=cfg.model.attn_implementation,
                   trust_remote_code=cfg.model.trust_remote_code)
     if cfg.peft.method == "qlora":
         kwargs["quantization_config"] = _qlora_quantization(dtype)
-    model = AutoModelForCausalLM.from_pretrained(model_dir, **kwargs)
+    if kind != "causal_lm":
+        kwargs.update(num_labels=1, pad_token_id=_pad_token_id(model_dir))
+    model = MODEL_CLASSES[kind].from_pretrained(model_dir, **kwargs)
     # Needed for correctness, not only memory: with use_cache on, transformers skips detecting packed
     # sequences from position_ids and lets packed examples attend to each other.
     model.config.use_cache = False
+    if not trainable:
+        return model.eval().requires_grad_(False)
     if cfg.model.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    if cfg.peft.method != "none":
+    if peft and cfg.peft.method != "none":
         # Adapter weights start random: the same seed on every rank (ZeRO partitions each rank's copy)
         # and whatever the loading consumed before, so runs with any strategy start alike.
         torch.manual_seed(cfg.seed)
-        model = apply_peft(model, cfg)
+        model = apply_peft(model, cfg, kind)
     return model
 
 
-def apply_peft(model: torch.nn.Module, cfg: DictConfig) -> torch.nn.Module:
+def _pad_token_id(model_dir: str) -> int:
+    # A score head reads the last token that is not padding (transformers' rule); tokenizer and config
+    # must agree on what padding is, in training and for whoever loads final/.
+    return load_tokenizer(model_dir).pad_token_id
+
+
+def apply_peft(model: torch.nn.Module, cfg: DictConfig, kind: str = "causal_lm") -> torch.nn.Module:
     from peft import get_peft_model, prepare_model_for_kbit_training
 
     if cfg.peft.method == "qlora":
@@ -73,10 +92,10 @@ def apply_peft(model: torch.nn.Module, cfg: DictConfig) -> torch.nn.Module:
         # With frozen embeddings nothing before the first checkpointed block requires grad;
         # this makes the checkpointed blocks' inputs require it so their adapters get gradients.
         model.enable_input_require_grads()
-    return get_peft_model(model, peft_config(cfg, model))
+    return get_peft_model(model, peft_config(cfg, model, kind))
 
 
-def peft_config(cfg: DictConfig, model: torch.nn.Module):
+def peft_config(cfg: DictConfig, model: torch.nn.Module, kind: str = "causal_lm"):
     from peft import LoraConfig, PrefixTuningConfig, PromptTuningConfig, TaskType
 
     p = cfg.peft
@@ -86,7 +105,8 @@ def peft_config(cfg: DictConfig, model: torch.nn.Module):
         if missing:
             raise ConfigError("peft.target_modules", f"{missing} are not modules of this model; "
                                                      f"linear layers it has include {sorted(_linear_names(model))}")
-        return LoraConfig(task_type=TaskType.CAUSAL_LM, r=p.r, lora_alpha=p.alpha, lora_dropout=p.dropout,
+        # For the score heads peft's SEQ_CLS / TOKEN_CLS tasks also train the (new) head in full.
+        return LoraConfig(task_type=TaskType[_PEFT_TASKS[kind]], r=p.r, lora_alpha=p.alpha, lora_dropout=p.dropout,
                           target_modules=list(p.target_modules), use_dora=p.method == "dora")
     if p.method == "prompt":
         return PromptTuningConfig(task_type=TaskType.CAUSAL_LM, num_virtual_tokens=p.num_virtual_tokens)

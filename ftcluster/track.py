@@ -15,11 +15,13 @@ from pathlib import Path
 from omegaconf import DictConfig, OmegaConf
 
 METRICS_FILE = "metrics.jsonl"
+# The RL stages' sampled prompts, completions and rewards, one row per sample of each logged step.
+ROLLOUTS_FILE = "rollouts.jsonl"
 
 
-def truncate_metrics(output_dir: str | Path, after_step: int) -> None:
+def truncate_metrics(output_dir: str | Path, after_step: int, name: str = METRICS_FILE) -> None:
     """On resume: drop rows past the checkpoint, which the resumed run writes again."""
-    path = Path(output_dir) / METRICS_FILE
+    path = Path(output_dir) / name
     if not path.is_file():
         return
     rows = [line for line in path.read_text().splitlines() if line.strip()]
@@ -29,8 +31,8 @@ def truncate_metrics(output_dir: str | Path, after_step: int) -> None:
     tmp.replace(path)
 
 
-def read_metrics(output_dir: str | Path) -> list[dict]:
-    path = Path(output_dir) / METRICS_FILE
+def read_metrics(output_dir: str | Path, name: str = METRICS_FILE) -> list[dict]:
+    path = Path(output_dir) / name
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.is_file() else []
 
 
@@ -53,6 +55,11 @@ class Tracker:
                 if isinstance(value, (int, float)):
                     self._tb.add_scalar(key, value, step)
         self._print(step, metrics)
+
+    def log_rows(self, name: str, rows: list[dict]) -> None:
+        """Append rows (each with its step) to output_dir/<name>, e.g. the RL stages' rollouts."""
+        with open(self.output_dir / name, "a") as f:
+            f.writelines(json.dumps({k: _plain(v) for k, v in row.items()}, ensure_ascii=False) + "\n" for row in rows)
 
     def advance(self) -> None:
         if self._bar is not None:
@@ -77,6 +84,7 @@ class Tracker:
 
 class NullTracker:
     def log(self, step: int, metrics: dict) -> None: ...
+    def log_rows(self, name: str, rows: list[dict]) -> None: ...
     def advance(self) -> None: ...
     def message(self, text: str) -> None: ...
     def close(self) -> None: ...

@@ -21,7 +21,9 @@ from ftcluster.watchdog import Watchdog, gather_placement, is_timeout, summary
 from ftcluster.quiet import quiet_libraries
 from ftcluster.stages.context import StageContext
 
-STAGES = {"sft": "ftcluster.stages.sft"}
+# The stages that run as one SPMD program on every rank; PPO and GRPO are driven from the launching
+# process instead (ftcluster.rl), with an actor group per role.
+STAGES = {"sft": "ftcluster.stages.sft", "rm": "ftcluster.stages.rm", "dpo": "ftcluster.stages.dpo"}
 
 
 def train_worker(payload: dict) -> None:
@@ -48,9 +50,10 @@ def train_worker(payload: dict) -> None:
     tokenizer = load_tokenizer(model_dir)
     if cfg.data.format != "text":
         apply_template_override(tokenizer, cfg.data.chat_template)  # evaluation and final/ use it too
+    stage = importlib.import_module(STAGES[cfg.stage.name])
     ds_config = ds_engine.deepspeed_config(cfg, derived)
     with ds_engine.zero3_construction(ds_config):
-        model = load_model(cfg, model_dir)
+        model = load_model(cfg, model_dir, kind=stage.MODEL_KIND)
     engine = ds_engine.initialize(model, cfg, ds_config)
     _seed_everything(cfg.seed + rank)  # e.g. dropout masks differ per rank, as their data does
 
@@ -77,11 +80,12 @@ def train_worker(payload: dict) -> None:
                        eval_rows=eval_rows,
                        eval_prompts=_read_prompts(data_dir / "eval_generate.jsonl"), tracker=tracker,
                        model_dir=model_dir, start_step=start_step, rank=rank, world_size=world,
-                       launch_id=payload["launch_id"], watchdog=watchdog)
+                       launch_id=payload["launch_id"], watchdog=watchdog, ds_config=ds_config,
+                       model_kind=stage.MODEL_KIND)
     if start_step:
         tracker.message(f"resumed from {resume_from} at step {start_step}")
     try:
-        importlib.import_module(STAGES[cfg.stage.name]).train(ctx)
+        stage.train(ctx)
     except RuntimeError as exc:
         if is_timeout(exc):
             raise watchdog.diagnose(exc) from exc

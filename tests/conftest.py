@@ -76,6 +76,21 @@ def uninterrupted(tmp_path_factory) -> Path:
     return out
 
 
+# The bundled preference pairs at the tiny model's scale.
+PAIRS = ["data=json_extract_pairs", "trainer.micro_batch_per_device=2", "trainer.global_batch=8",
+         "trainer.max_seq_len=192"]
+
+
+@pytest.fixture(scope="session")
+def reward_model_run(tmp_path_factory) -> Path:
+    """A reward model trained on the bundled pairs (stage=rm, ZeRO-2, 2 workers): tested in
+    test_preference.py, and the reward model of the PPO test."""
+    out = tmp_path_factory.mktemp("reward_model")
+    train(out, "stage=rm", *PAIRS, "strategy=zero2", "trainer.max_steps=12", "trainer.eval_every_steps=12",
+          "optim.lr=3e-3")
+    return out
+
+
 @pytest.fixture(scope="session", autouse=True)
 def _stop_ray_at_end():
     yield

@@ -2,7 +2,10 @@
 
 Every reader yields `(line, record)` so that any later error can name the exact place in the user's
 file: the 1-based line for JSON Lines, the 1-based record index for JSON, Parquet and saved datasets.
-Canonical examples are `{"messages": [{"role", "content"}, ...]}` (alpaca, chat) or `{"text": str}`.
+Canonical examples are `{"messages": [{"role", "content"}, ...]}` (alpaca, chat), `{"text": str}` (text),
+`{"prompt": messages, "chosen": messages, "rejected": messages, "margin": float | None}` (preference) and
+`{"prompt": messages, "extra": {...}}` (prompt: what the RL stages generate from; `extra` holds the
+record's other fields, handed to the reward function).
 """
 
 from __future__ import annotations
@@ -20,6 +23,9 @@ EXPECTS = {
     "alpaca": "instruction, input (optional), output, system (optional)",
     "chat": "messages: [{role, content}, ...] or conversations: [{from, value}, ...]",
     "text": "text",
+    "preference": "prompt (text or turns), chosen and rejected (text or turns), margin (optional); or chosen "
+                  "and rejected as whole conversations sharing their opening turns",
+    "prompt": "prompt (text or turns); any other fields go to the reward function",
 }
 
 # ShareGPT speakers and OpenAI roles, mapped onto the roles chat templates know.
@@ -126,12 +132,18 @@ def _object(record: Any, path: str, line: int) -> dict:
 
 def to_example(record: dict, fmt: str, path: str, line: int, system_prompt: str | None = None) -> dict:
     """Convert one record of format `fmt` to the canonical example; errors name the field and the format."""
+    fields = _Fields(record, fmt, path, line)
     if fmt == "alpaca":
-        return {"messages": _alpaca(_Fields(record, fmt, path, line), system_prompt)}
+        return {"messages": _alpaca(fields, system_prompt)}
     if fmt == "chat":
-        return {"messages": _chat(_Fields(record, fmt, path, line), system_prompt)}
+        return {"messages": _chat(fields, system_prompt)}
     if fmt == "text":
-        return {"text": _Fields(record, fmt, path, line).string("text", non_empty=True)}
+        return {"text": fields.string("text", non_empty=True)}
+    if fmt == "preference":
+        return _preference(fields, system_prompt)
+    if fmt == "prompt":
+        prompt = _with_system(_turns_or_text(fields, "prompt", "user"), system_prompt)
+        return {"prompt": prompt, "extra": {k: v for k, v in record.items() if k != "prompt"}}
     raise ValueError(f"format {fmt!r} has no converter")  # validate() admits only known formats.
 
 
@@ -177,15 +189,23 @@ def _alpaca(fields: _Fields, system_prompt: str | None) -> list[dict]:
 
 def _chat(fields: _Fields, system_prompt: str | None) -> list[dict]:
     if fields.record.get("messages") is not None:
-        name, role_key, content_key = "messages", "role", "content"
+        name = "messages"
     elif fields.record.get("conversations") is not None:
-        name, role_key, content_key = "conversations", "from", "value"
+        name = "conversations"
     else:
         raise fields.missing("messages")
+    messages = _turns(fields, name)
+    _require_assistant(fields, name, messages, "so there is nothing to train on")
+    return _with_system(messages, system_prompt)
+
+
+def _turns(fields: _Fields, name: str) -> list[dict]:
+    """A list of turns in OpenAI ({role, content}) or ShareGPT ({from, value}) form, as OpenAI messages."""
     turns = fields.record[name]
     if not isinstance(turns, list) or not turns:
         raise fields.error(f"field {name!r} must be a non-empty list of turns, got {_type_name(turns)}"
                            + (" (empty)" if isinstance(turns, list) else ""))
+    role_key, content_key = ("from", "value") if isinstance(turns[0], dict) and "from" in turns[0] else ("role", "content")
     messages = []
     for i, turn in enumerate(turns):
         where = f"{name}[{i}]"
@@ -194,18 +214,70 @@ def _chat(fields: _Fields, system_prompt: str | None) -> list[dict]:
                                f"got {_type_name(turn)}")
         for key in (role_key, content_key):
             if key not in turn:
-                raise fields.error(f"field {where!r} has no {key!r} (format=chat expects {EXPECTS['chat']})")
+                raise fields.error(f"field {where!r} has no {key!r} (format={fields.fmt} expects "
+                                   f"{EXPECTS[fields.fmt]})")
         speaker = _check_string(turn[role_key], f"{where}.{role_key}", True, fields.error)
         if speaker not in ROLES:
             raise fields.error(f"field '{where}.{role_key}' is {speaker!r}; known roles: {', '.join(ROLES)}")
         content = _check_string(turn[content_key], f"{where}.{content_key}", False, fields.error)
         messages.append({"role": ROLES[speaker], "content": content})
-    if not any(m["role"] == "assistant" for m in messages):
-        raise fields.error(f"chat in {name!r} has no assistant turn (role 'assistant' or from 'gpt'), "
-                           f"so there is nothing to train on")
-    if system_prompt and not any(m["role"] == "system" for m in messages):
-        messages.insert(0, {"role": "system", "content": system_prompt})
     return messages
+
+
+def _turns_or_text(fields: _Fields, name: str, role: str) -> list[dict]:
+    """A field holding either plain text (one turn of `role`) or a list of turns."""
+    value = fields.record.get(name)
+    if value is None:
+        raise fields.missing(name)
+    if isinstance(value, list):
+        return _turns(fields, name)
+    return [{"role": role, "content": _check_string(value, name, role == "user", fields.error)}]
+
+
+def _require_assistant(fields: _Fields, name: str, messages: list[dict], why: str) -> None:
+    if not any(m["role"] == "assistant" for m in messages):
+        raise fields.error(f"{'chat in ' if name in ('messages', 'conversations') else 'field '}{name!r} has no "
+                           f"assistant turn (role 'assistant' or from 'gpt'), {why}")
+
+
+def _with_system(messages: list[dict], system_prompt: str | None) -> list[dict]:
+    if system_prompt and not any(m["role"] == "system" for m in messages):
+        return [{"role": "system", "content": system_prompt}, *messages]
+    return messages
+
+
+def _preference(fields: _Fields, system_prompt: str | None) -> dict:
+    """TRL's preference layouts: explicit prompt, or two whole conversations with a shared opening."""
+    for side in ("chosen", "rejected"):
+        if fields.record.get(side) is None:
+            raise fields.missing(side)
+    if fields.record.get("prompt") is not None:
+        prompt = _turns_or_text(fields, "prompt", "user")
+        chosen = _turns_or_text(fields, "chosen", "assistant")
+        rejected = _turns_or_text(fields, "rejected", "assistant")
+    else:
+        whole_chosen, whole_rejected = (_turns(fields, side) for side in ("chosen", "rejected"))
+        shared = 0
+        while (shared < min(len(whole_chosen), len(whole_rejected))
+               and whole_chosen[shared] == whole_rejected[shared]):
+            shared += 1
+        # The responses start at the first assistant turn after the shared opening.
+        while shared > 0 and whole_chosen[shared - 1]["role"] == "assistant":
+            shared -= 1
+        prompt, chosen, rejected = whole_chosen[:shared], whole_chosen[shared:], whole_rejected[shared:]
+        if not prompt:
+            raise fields.error("without a 'prompt' field, 'chosen' and 'rejected' must be whole conversations that "
+                               "share their opening (prompt) turns; add a 'prompt' field")
+    for side, turns in (("chosen", chosen), ("rejected", rejected)):
+        _require_assistant(fields, side, turns, "so the pair has no response to compare")
+    if chosen == rejected:
+        raise fields.error("'chosen' and 'rejected' are the same response; a preference pair needs two different "
+                           "responses (remove the record or fix one side)")
+    margin = fields.record.get("margin")
+    if margin is not None and (isinstance(margin, bool) or not isinstance(margin, (int, float))):
+        raise fields.error(f"field 'margin' must be a number, got {_type_name(margin)}")
+    return {"prompt": _with_system(prompt, system_prompt), "chosen": chosen, "rejected": rejected,
+            "margin": None if margin is None else float(margin)}
 
 
 def _type_name(value: Any) -> str:

@@ -18,12 +18,12 @@ from typing import Iterator
 import datasets
 import numpy as np
 import pyarrow.compute as pc
+import torch
 
 from ftcluster.data.packing import collate
+from ftcluster.data.pairs import collate_pairs
 from ftcluster.data.template import IGNORE
 from ftcluster.errors import ConfigError, DataError, UserError
-
-_COLUMNS = ("input_ids", "labels", "position_ids", "num_examples")
 
 
 class GlobalBatchLoader:
@@ -39,6 +39,9 @@ class GlobalBatchLoader:
         self.steps_per_epoch = len(rows) // global_batch
         self.rows_digest = _lengths_digest(rows)
         self._epoch, self._order = -1, []
+        # Preference pairs (stage=rm, stage=dpo) are their own layout: both sides in one row.
+        self.collate = ((lambda batch: collate_pairs(batch, pad_id)) if is_pairs(rows)
+                        else (lambda batch: collate(batch, pad_id, packed)))
 
     def global_rows(self, step: int) -> list[int]:
         """Row indices of the whole global batch of `step`, as any rank (or a one-process reference) sees it."""
@@ -52,8 +55,7 @@ class GlobalBatchLoader:
         """This rank's gradient-accumulation micro-batches for global step `step` (0-based)."""
         share = self.micro_batch * self.accum_steps
         mine = self.global_rows(step)[self.rank * share:(self.rank + 1) * share]
-        return [collate(_fetch(self.rows, mine[k:k + self.micro_batch]), self.pad_id, self.packed)
-                for k in range(0, share, self.micro_batch)]
+        return [self.collate(_fetch(self.rows, mine[k:k + self.micro_batch])) for k in range(0, share, self.micro_batch)]
 
     def _order_of(self, epoch: int) -> list[int]:
         if epoch != self._epoch:
@@ -95,13 +97,18 @@ def require_rows(num_rows: int, global_batch: int, where: str) -> None:
                         f"Lower it, add data, or set data.packing=false for one row per example")
 
 
+def is_pairs(rows: datasets.Dataset) -> bool:
+    return "chosen_input_ids" in rows.column_names
+
+
 def eval_batches(rows: datasets.Dataset, micro_batch: int, rank: int, world_size: int, pad_id: int,
                  packed: bool) -> Iterator[dict]:
     """This rank's share of the eval rows (rows rank::world_size) in micro-batches.
 
     Every rank yields the same number of batches, because a ZeRO-3 forward gathers parameters
     collectively and a rank that stopped early would hang the others. A rank with fewer rows pads with
-    a batch whose labels are all ignored: sum losses over label tokens, never average per batch.
+    a batch that counts nothing: labels all ignored, or (pairs) num_examples 0, which pair metrics
+    weigh by. Sum over what a batch counts; never average per batch.
     """
     if len(rows) == 0:
         return
@@ -109,24 +116,32 @@ def eval_batches(rows: datasets.Dataset, micro_batch: int, rank: int, world_size
     count = math.ceil(math.ceil(len(rows) / world_size) / micro_batch)
     for k in range(count):
         chunk = mine[k * micro_batch:(k + 1) * micro_batch]
-        if chunk:
-            batch_rows = _fetch(rows, chunk)
-        else:
-            batch_rows = _fetch(rows, [0])
+        batch_rows = _fetch(rows, chunk or [0])
+        if is_pairs(rows):
+            batch = collate_pairs(batch_rows, pad_id)
+            if not chunk:
+                batch["num_examples"] = torch.tensor(0)
+            yield batch
+            continue
+        if not chunk:
             batch_rows[0].update(labels=[IGNORE] * len(batch_rows[0]["labels"]), num_examples=0)
         yield collate(batch_rows, pad_id, packed)
 
 
 def _fetch(rows: datasets.Dataset, indices: list[int]) -> list[dict]:
     columns = rows[indices]  # One columnar read instead of a read per row.
-    return [{key: columns[key][j] for key in _COLUMNS} for j in range(len(indices))]
+    return [{"row_index": index, **{key: columns[key][j] for key in columns}} for j, index in enumerate(indices)]
 
 
 def _lengths_digest(rows: datasets.Dataset) -> str:
     # Row lengths change with nearly any change to data, tokenizer or packing, and read cheaply
     # from the Arrow column without touching the tokens.
-    lengths = pc.list_value_length(rows.with_format("arrow")[:]["input_ids"])
-    return hashlib.sha256(np.asarray(lengths.to_numpy(), dtype=np.int64).tobytes()).hexdigest()[:16]
+    table = rows.with_format("arrow")[:]
+    h = hashlib.sha256()
+    columns = [c for c in ("input_ids", "chosen_input_ids", "rejected_input_ids", "prompt_ids") if c in rows.column_names]
+    for column in columns:
+        h.update(np.asarray(pc.list_value_length(table[column]).to_numpy(), dtype=np.int64).tobytes())
+    return h.hexdigest()[:16]
 
 
 def _location(rows: datasets.Dataset) -> str:

@@ -19,6 +19,7 @@ from pathlib import Path
 import datasets
 from filelock import FileLock
 
+from ftcluster.data import pairs, prompts
 from ftcluster.data.formats import read_records, to_example
 from ftcluster.data.loader import require_rows
 from ftcluster.data.packing import pack, packing_efficiency, unpacked
@@ -27,7 +28,11 @@ from ftcluster.data.template import (IGNORE, apply_template_override, encode_cha
 from ftcluster.errors import DataError, UserError
 
 # Bump when the encoding or the layout on disk changes, so older prepared sets are not reused.
-LAYOUT_VERSION = 1
+LAYOUT_VERSION = 2
+
+# What each stage trains on: token sequences (SFT), preference pairs (reward model, DPO family) or
+# prompts to generate from (PPO, GRPO).
+KINDS = {"sft": "sequences", "rm": "pairs", "dpo": "pairs", "ppo": "prompts", "grpo": "prompts"}
 
 FEATURES = datasets.Features({
     "input_ids": datasets.List(datasets.Value("int32")),
@@ -59,27 +64,110 @@ def prepare(cfg, tokenizer, out_dir: str) -> dict:
         else:
             eval_items = None
 
-        stats = {"fingerprint": fingerprint, "format": data.format, "packed": bool(data.packing),
-                 "max_seq_len": cfg.trainer.max_seq_len, "pad_id": _pad_id(tokenizer), "eval_generate": 0}
+        kind = KINDS[cfg.stage.name]
+        stats = {"fingerprint": fingerprint, "format": data.format, "kind": kind, "packed": kind == "sequences"
+                 and bool(data.packing), "max_seq_len": cfg.trainer.max_seq_len, "pad_id": _pad_id(tokenizer),
+                 "eval_generate": 0}
         # Without eval data there is no eval/ folder, no eval_generate.jsonl and no "eval" in the stats:
         # the trainer skips evaluation rather than reporting a loss over nothing.
         _remove(out / "eval", out / "eval_generate.jsonl")
         for name, items in (("train", train_items), ("eval", eval_items)):
             if items is None:
                 continue
-            encoded, kept, counts = _encode_split(name, items, cfg, tokenizer)
-            rows = pack(encoded, cfg.trainer.max_seq_len) if data.packing else unpacked(encoded)
+            rows, counts, kept = _ROWS[kind](name, items, cfg, tokenizer)
             if name == "train":
                 # Checked here too, so the launch fails before any worker starts.
-                require_rows(len(rows), cfg.trainer.global_batch, data.path)
-            efficiency = packing_efficiency(rows, cfg.trainer.max_seq_len)
-            counts.update(rows=len(rows), packing_efficiency=round(efficiency, 4))
-            _save_rows(rows, out / name)
+                require_rows(len(rows), _rows_per_step(cfg), data.path)
+            _save_rows(rows, out / name, _FEATURES[kind])
             stats[name] = counts
-            if name == "eval":
+            if kept:
                 stats["eval_generate"] = _write_eval_generate(kept, out / "eval_generate.jsonl")
         _write_json_atomic(out / "stats.json", stats)
     return stats
+
+
+def _rows_per_step(cfg) -> int:
+    return cfg.stage.rl.prompts_per_step if KINDS[cfg.stage.name] == "prompts" else cfg.trainer.global_batch
+
+
+def _sequence_rows(name: str, items: list, cfg, tokenizer) -> tuple[list[dict], dict, list[dict]]:
+    encoded, kept, counts = _encode_split(name, items, cfg, tokenizer)
+    rows = pack(encoded, cfg.trainer.max_seq_len) if cfg.data.packing else unpacked(encoded)
+    counts.update(rows=len(rows), packing_efficiency=round(packing_efficiency(rows, cfg.trainer.max_seq_len), 4))
+    return rows, counts, kept if name == "eval" else []
+
+
+def _pair_rows(name: str, items: list, cfg, tokenizer) -> tuple[list[dict], dict, list]:
+    """One row per preference pair; an over-long pair is truncated (both sides), dropped or refused."""
+    max_len, policy = cfg.trainer.max_seq_len, cfg.data.truncation
+    rows, kept, truncated, too_long, no_target = [], [], 0, 0, 0
+    for path, line, example in items:
+        row = _at(path, line, pairs.encode_pair, example, tokenizer)
+        cut = pairs.pair_length(row) > max_len
+        if cut and policy == "error":
+            raise DataError(path, line, f"pair is {pairs.pair_length(row)} tokens (its longer side), longer than "
+                                        f"trainer.max_seq_len={max_len} (data.truncation=error). Raise "
+                                        f"trainer.max_seq_len, or set data.truncation=truncate or drop")
+        if cut and policy == "drop":
+            too_long += 1
+            continue
+        row = pairs.truncate_pair(row, max_len)
+        if not pairs.has_both_responses(row):
+            no_target += 1
+            continue
+        truncated += cut
+        rows.append(row)
+        kept.append({"messages": example["prompt"] + example["chosen"]})  # generation eval: the chosen answer
+    reasons = {"too_long": too_long, "no_trainable_tokens": no_target}
+    _require_some(name, items, rows, reasons, max_len)
+    sides = [row[f"{side}_{what}"] for row in rows for side in pairs.SIDES for what in ("input_ids", "labels")]
+    return rows, {"records": len(items), "examples": len(rows), "rows": len(rows), "truncated": truncated,
+                  "dropped": too_long + no_target, "dropped_reasons": reasons,
+                  "tokens": sum(len(s) for s in sides[0::2]),
+                  "trainable_tokens": sum(label != IGNORE for s in sides[1::2] for label in s)}, \
+        kept if name == "eval" else []
+
+
+def _prompt_rows(name: str, items: list, cfg, tokenizer) -> tuple[list[dict], dict, list]:
+    """One row per prompt. A prompt that leaves no room for stage.rl.max_new_tokens within
+    trainer.max_seq_len cannot be cut without losing its generation prompt: dropped or refused."""
+    room = cfg.trainer.max_seq_len - cfg.stage.rl.max_new_tokens
+    rows, too_long = [], 0
+    for path, line, example in items:
+        row = _at(path, line, prompts.encode_prompt_row, prompts.as_prompt(example), tokenizer)
+        if len(row["prompt_ids"]) > room:
+            if cfg.data.truncation == "error":
+                raise DataError(path, line, f"prompt is {len(row['prompt_ids'])} tokens; with stage.rl.max_new_tokens="
+                                            f"{cfg.stage.rl.max_new_tokens} it must fit trainer.max_seq_len="
+                                            f"{cfg.trainer.max_seq_len}. Raise trainer.max_seq_len, or set "
+                                            f"data.truncation=drop")
+            too_long += 1
+            continue
+        rows.append(row)
+    reasons = {"too_long": too_long, "no_trainable_tokens": 0}
+    _require_some(name, items, rows, reasons, room)
+    return rows, {"records": len(items), "examples": len(rows), "rows": len(rows), "truncated": 0,
+                  "dropped": too_long, "dropped_reasons": reasons,
+                  "tokens": sum(len(r["prompt_ids"]) for r in rows), "trainable_tokens": 0}, []
+
+
+# Per kind: (rows, counts, the eval examples kept for generation-based evaluation) and the row layout.
+_ROWS = {"sequences": _sequence_rows, "pairs": _pair_rows, "prompts": _prompt_rows}
+_FEATURES = {"sequences": FEATURES, "pairs": pairs.FEATURES, "prompts": prompts.FEATURES}
+
+
+def _at(path: str, line: int, encode, *args):
+    try:
+        return encode(*args)
+    except UserError as exc:
+        # A template that fails on one conversation is reported at that conversation.
+        raise DataError(path, line, str(exc)) from None
+
+
+def _require_some(name: str, items: list, rows: list, reasons: dict, max_len: int) -> None:
+    if items and not rows:
+        raise DataError(items[0][0], None, f"the {name} split is empty after filtering: all {len(items)} examples "
+                                           f"were dropped ({_explain(reasons, max_len)})")
 
 
 def _read(path: str, cfg) -> list[tuple[str, int, dict]]:
@@ -107,14 +195,7 @@ def _encode_split(name: str, items: list, cfg, tokenizer) -> tuple[list, list, d
     encoded, kept = [], []
     truncated, too_long, no_target = 0, 0, 0
     for path, line, example in items:
-        try:
-            if "text" in example:
-                ids, labels = encode_text(example["text"], tokenizer)
-            else:
-                ids, labels = encode_chat(example["messages"], tokenizer, cfg.data.train_on)
-        except UserError as exc:
-            # A template that fails on one conversation is reported at that conversation.
-            raise DataError(path, line, str(exc)) from None
+        ids, labels = _at(path, line, _encode_sequence, example, tokenizer, cfg.data.train_on)
         cut = len(ids) > max_len
         if cut and policy == "error":
             raise DataError(path, line, f"example is {len(ids)} tokens, longer than trainer.max_seq_len="
@@ -132,9 +213,7 @@ def _encode_split(name: str, items: list, cfg, tokenizer) -> tuple[list, list, d
         kept.append(example)
 
     reasons = {"too_long": too_long, "no_trainable_tokens": no_target}
-    if items and not encoded:
-        raise DataError(items[0][0], None, f"the {name} split is empty after filtering: all {len(items)} examples "
-                                           f"were dropped ({_explain(reasons, max_len)})")
+    _require_some(name, items, encoded, reasons, max_len)
     return encoded, kept, {
         "records": len(items),
         "examples": len(encoded),
@@ -144,6 +223,12 @@ def _encode_split(name: str, items: list, cfg, tokenizer) -> tuple[list, list, d
         "tokens": sum(len(ids) for ids, _ in encoded),
         "trainable_tokens": sum(label != IGNORE for _, labels in encoded for label in labels),
     }
+
+
+def _encode_sequence(example: dict, tokenizer, train_on: str) -> tuple[list[int], list[int]]:
+    if "text" in example:
+        return encode_text(example["text"], tokenizer)
+    return encode_chat(example["messages"], tokenizer, train_on)
 
 
 def _explain(reasons: dict, max_len: int) -> str:
@@ -185,11 +270,11 @@ def _remove(*paths: Path) -> None:
             path.unlink(missing_ok=True)
 
 
-def _save_rows(rows: list[dict], where: Path) -> None:
+def _save_rows(rows: list[dict], where: Path, features: datasets.Features) -> None:
     _remove(where)
-    columns = {key: [row[key] for row in rows] for key in FEATURES}
+    columns = {key: [row[key] for row in rows] for key in features}
     with _quiet_datasets():
-        datasets.Dataset.from_dict(columns, features=FEATURES).save_to_disk(str(where))
+        datasets.Dataset.from_dict(columns, features=features).save_to_disk(str(where))
 
 
 def _write_eval_generate(examples: list[dict], path: Path) -> int:
@@ -216,6 +301,8 @@ def _fingerprint(cfg, tokenizer) -> str:
     h.update(vocab.encode())
     settings = {
         "layout": LAYOUT_VERSION,
+        "kind": KINDS[cfg.stage.name],
+        "room_for_generation": cfg.stage.rl.max_new_tokens if KINDS[cfg.stage.name] == "prompts" else None,
         "chat_template": tokenizer.chat_template if data.format != "text" else None,
         "eos": tokenizer.eos_token_id,
         "format": data.format,

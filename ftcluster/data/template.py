@@ -50,12 +50,13 @@ def _render(tokenizer, messages: list[dict], add_generation_prompt: bool) -> str
         raise ConfigError("data.chat_template", f"the chat template failed on this conversation: {exc}") from None
 
 
-def _assistant_spans(messages: list[dict], tokenizer) -> tuple[str, list[tuple[int, int]]]:
-    """The full render and the character span of each assistant turn in it (content + end of turn)."""
+def _assistant_spans(messages: list[dict], tokenizer, from_turn: int = 0) -> tuple[str, list[tuple[int, int]]]:
+    """The full render and the character span of each assistant turn from `from_turn` on (content + end
+    of turn)."""
     full = _render(tokenizer, messages, add_generation_prompt=False)
     spans = []
     for i, message in enumerate(messages):
-        if message["role"] != "assistant":
+        if message["role"] != "assistant" or i < from_turn:
             continue
         before = _render(tokenizer, messages[:i], add_generation_prompt=True)
         through = _render(tokenizer, messages[: i + 1], add_generation_prompt=False)
@@ -73,14 +74,17 @@ def _assistant_spans(messages: list[dict], tokenizer) -> tuple[str, list[tuple[i
     return full, spans
 
 
-def encode_chat(messages: list[dict], tokenizer, train_on: str = "assistant") -> tuple[list[int], list[int]]:
-    """Token ids of the rendered chat and labels: assistant tokens (or every token) and IGNORE elsewhere."""
+def encode_chat(messages: list[dict], tokenizer, train_on: str = "assistant",
+                from_turn: int = 0) -> tuple[list[int], list[int]]:
+    """Token ids of the rendered chat and labels: assistant tokens (or every token) and IGNORE elsewhere.
+    With `from_turn`, only assistant turns from that index on are labelled (a preference pair's response
+    after its prompt)."""
     if train_on == "all":
         full = _render(tokenizer, messages, add_generation_prompt=False)
         ids = _tokenize(tokenizer, full)["input_ids"]
         labels = list(ids)
     else:
-        full, spans = _assistant_spans(messages, tokenizer)
+        full, spans = _assistant_spans(messages, tokenizer, from_turn)
         encoded = _tokenize(tokenizer, full)
         ids = encoded["input_ids"]
         # A token is trained when any of its characters lies in an assistant span, so no answer
@@ -104,6 +108,11 @@ def prompt_and_reference(example: dict) -> tuple[list[dict], str]:
     messages = example["messages"]
     last = max(i for i, m in enumerate(messages) if m["role"] == "assistant")
     return messages[:last], messages[last]["content"]
+
+
+def encode_prompt(messages: list[dict], tokenizer) -> list[int]:
+    """Token ids of a prompt rendered with the generation prompt: what generation continues from."""
+    return _tokenize(tokenizer, _render(tokenizer, messages, add_generation_prompt=True))["input_ids"]
 
 
 def _tokenize(tokenizer, text: str):

@@ -95,7 +95,17 @@ def launch(entry: Callable[[dict], None], payload: dict, cfg: DictConfig) -> Non
 def run(entry: Callable[[dict], None], payload: dict, cfg: DictConfig,
         label_selector: list[dict] | None = None) -> None:
     """Run `entry(payload)` on launcher.workers Ray Train workers; raise when any of them failed.
-    label_selector: one node-label selector per rank, to pin ranks to nodes."""
+    label_selector: one node-label selector per rank, to pin ranks to nodes.
+    A `Controller` entry runs here instead, in this process, and places its own actor groups."""
+    from ftcluster.launch.actors import Controller, Placement
+
+    if isinstance(entry, Controller):
+        placement = Placement(cfg)
+        try:
+            entry.fn(payload, placement)
+        finally:
+            placement.shutdown()
+        return
     from ray.train import FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 

@@ -24,6 +24,8 @@ class StageContext:
     world_size: int
     launch_id: str  # recorded in checkpoints: a restarted worker resumes from those of its own launch
     watchdog: Any  # ftcluster.watchdog.Watchdog
+    ds_config: dict = None  # the DeepSpeed config the engine was built with (a frozen copy is sharded alike)
+    model_kind: str = "causal_lm"  # ftcluster.model.MODEL_CLASSES: what the engine's model is
 
     def end_of_step(self, step: int) -> bool:
         """Collective, once per optimizer step: heartbeat, and whether to checkpoint and stop now."""
@@ -31,3 +33,26 @@ class StageContext:
 
         self.watchdog.beat(step)
         return stop.requested(self.cfg.output_dir)
+
+    def save_checkpoint(self, step: int) -> None:
+        """Collective: model, optimizer, schedule, RNG and data position, atomically."""
+        from ftcluster import checkpoint
+
+        state = {"data": self.loader.state_dict(step), "model_dir": self.model_dir, "world_size": self.world_size,
+                 "launch_id": self.launch_id, "model_kind": self.model_kind}
+        path = checkpoint.save(self.engine, self.cfg.output_dir, step, state, self.cfg.trainer.keep_last_checkpoints,
+                               exclude_frozen=self.cfg.peft.method != "none")
+        self.tracker.message(f"saved {path}")
+
+    def export_final(self) -> None:
+        """Collective: final/ (consolidated safetensors + tokenizer; merged weights and final/adapter/ with PEFT)."""
+        from ftcluster import dist
+        from ftcluster.engine import full_state_dict
+        from ftcluster.export import write_final
+
+        state_dict = full_state_dict(self.engine)
+        if self.rank == 0:
+            out = write_final(state_dict, self.cfg, self.model_dir, f"{self.cfg.output_dir}/final", self.tokenizer,
+                              kind=self.model_kind)
+            self.tracker.message(f"exported {out}")
+        dist.barrier()

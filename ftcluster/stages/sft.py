@@ -11,63 +11,33 @@ Features and their trade-offs:
 - Evaluation at step 0, every trainer.eval_every_steps and at the last step: eval_loss, eval_ppl. With
   trainer.eval_generate, greedy generation scored by exact match (eval_exact_match) before training,
   at the last step and every trainer.eval_generate_every_steps: decoding costs far more than a loss pass.
-- Checkpoints every trainer.save_every_steps, at trainer.stop_after_steps, on a stop request (SIGUSR1
-  to the driver: preemption, time limits) and at the end; resume
-  restores model, optimizer, schedule, RNG and data position (a pure function of the step).
-- Export: final/ (consolidated safetensors + tokenizer; merged weights and final/adapter/ with PEFT).
+- Checkpoints, resume and export as every SPMD stage has them (ftcluster.stages.loop): resume
+  restores model, optimizer, schedule, RNG and data position (a pure function of the step); final/ holds
+  consolidated safetensors + tokenizer (merged weights and final/adapter/ with PEFT).
 """
 
 from __future__ import annotations
 
 import math
-import time
 
 import torch
 import torch.nn.functional as F
 
-from ftcluster import checkpoint, dist
-from ftcluster.engine import full_state_dict
+from ftcluster import dist
 from ftcluster.evaluate import exact_match_rate, generate_answers
-from ftcluster.export import write_final
+from ftcluster.stages import loop
 from ftcluster.stages.context import StageContext
+
+MODEL_KIND = "causal_lm"
 
 
 def train(ctx: StageContext) -> None:
-    cfg, t = ctx.cfg, ctx.cfg.trainer
-    if ctx.start_step == 0:
-        evaluate(ctx, step=0, generate=t.eval_generate)
-    step = ctx.start_step
-    while step < t.max_steps:
-        started = time.perf_counter()
-        lr = ctx.engine.get_lr()[0]  # the rate this step uses; the schedule moves on inside step()
-        stats = train_step(ctx.engine, ctx.loader.micro_batches(step), ctx.world_size)
-        elapsed = time.perf_counter() - started
-        step += 1
-        ctx.tracker.advance()
-        last = step == t.max_steps
-        if step % t.log_every_steps == 0 or last:
-            ctx.tracker.log(step, {
-                "loss": stats["loss"], "lr": lr, "grad_norm": _grad_norm(ctx.engine),
-                "tokens_per_s": stats["tokens"] / elapsed, "trainable_tokens_per_s": stats["label_tokens"] / elapsed,
-                "samples_per_s": stats["examples"] / elapsed, "epoch": ctx.loader.epoch_of(step - 1),
-            })
-        generate = t.eval_generate and (last or _every(step, t.eval_generate_every_steps))
-        if _every(step, t.eval_every_steps) or last or generate:
-            evaluate(ctx, step, generate)
-        planned_stop = t.stop_after_steps is not None and step >= t.stop_after_steps
-        requested_stop = ctx.end_of_step(step)
-        if _every(step, t.save_every_steps) or last or planned_stop or requested_stop:
-            save_checkpoint(ctx, step)
-        if (planned_stop or requested_stop) and not last:
-            why = "trainer.stop_after_steps asks" if planned_stop else "a stop was requested (SIGUSR1)"
-            ctx.tracker.message(f"stopped after step {step} as {why}; "
-                                f"resume=auto continues from {cfg.output_dir}/checkpoints/step-{step}")
-            return
-    export_final(ctx)
+    loop.run(ctx, step, evaluate)
 
 
-def _every(step: int, interval: int) -> bool:
-    return interval > 0 and step % interval == 0
+def step(ctx: StageContext, index: int) -> loop.StepResult:
+    stats = train_step(ctx.engine, ctx.loader.micro_batches(index), ctx.world_size)
+    return loop.StepResult({"loss": stats["loss"]}, stats["tokens"], stats["label_tokens"], stats["examples"])
 
 
 def train_step(engine, micro_batches: list[dict], world_size: int) -> dict:
@@ -100,28 +70,29 @@ def _label_tokens(batch: dict) -> int:
     return int((batch["labels"][:, 1:] != -100).sum())
 
 
-def _grad_norm(engine) -> float:
-    norm = engine.get_global_grad_norm()
-    return float(norm) if norm is not None else float("nan")
-
-
 @torch.no_grad()
 def evaluate(ctx: StageContext, step: int, generate: bool) -> None:
     metrics = {}
     if ctx.eval_rows is not None:
         metrics.update(eval_loss(ctx))
     if generate and ctx.eval_prompts:
-        prompts = [p["prompt"] for p in ctx.eval_prompts]
-        predictions = generate_answers(
-            ctx.engine.module, ctx.tokenizer, prompts, max_new_tokens=ctx.cfg.trainer.eval_max_new_tokens,
-            # One generate() call per rank when the share is small: decoding is latency-bound.
-            batch_size=min(32, math.ceil(len(prompts) / ctx.world_size)),
-            synced=ctx.engine.zero_optimization_partition_weights() and ctx.world_size > 1)
-        metrics["eval_exact_match"] = exact_match_rate(predictions, [p["reference"] for p in ctx.eval_prompts])
-        ctx.tracker.message(f"step {step}: held-out exact match {metrics['eval_exact_match']:.1%} "
-                            f"({len(predictions)} examples); e.g. {predictions[0]!r}")
+        metrics.update(eval_exact_match(ctx, step))
     if metrics:
         ctx.tracker.log(step, metrics)
+
+
+def eval_exact_match(ctx: StageContext, step: int) -> dict:
+    """Greedy answers to the held-out prompts, scored by exact match against their references."""
+    prompts = [p["prompt"] for p in ctx.eval_prompts]
+    predictions = generate_answers(
+        ctx.engine.module, ctx.tokenizer, prompts, max_new_tokens=ctx.cfg.trainer.eval_max_new_tokens,
+        # One generate() call per rank when the share is small: decoding is latency-bound.
+        batch_size=min(32, math.ceil(len(prompts) / ctx.world_size)),
+        synced=ctx.engine.zero_optimization_partition_weights() and ctx.world_size > 1)
+    rate = exact_match_rate(predictions, [p["reference"] for p in ctx.eval_prompts])
+    ctx.tracker.message(f"step {step}: held-out exact match {rate:.1%} ({len(predictions)} examples); "
+                        f"e.g. {predictions[0]!r}")
+    return {"eval_exact_match": rate}
 
 
 def eval_loss(ctx: StageContext) -> dict:
@@ -140,19 +111,3 @@ def eval_loss(ctx: StageContext) -> dict:
     loss_sum, tokens = dist.all_reduce_sum([loss_sum, tokens]).tolist()
     loss = loss_sum / max(tokens, 1)
     return {"eval_loss": loss, "eval_ppl": math.exp(min(loss, 50.0))}
-
-
-def save_checkpoint(ctx: StageContext, step: int) -> None:
-    state = {"data": ctx.loader.state_dict(step), "model_dir": ctx.model_dir, "world_size": ctx.world_size,
-             "launch_id": ctx.launch_id}
-    path = checkpoint.save(ctx.engine, ctx.cfg.output_dir, step, state, ctx.cfg.trainer.keep_last_checkpoints,
-                           exclude_frozen=ctx.cfg.peft.method != "none")
-    ctx.tracker.message(f"saved {path}")
-
-
-def export_final(ctx: StageContext) -> None:
-    state_dict = full_state_dict(ctx.engine)
-    if ctx.rank == 0:
-        out = write_final(state_dict, ctx.cfg, ctx.model_dir, f"{ctx.cfg.output_dir}/final", ctx.tokenizer)
-        ctx.tracker.message(f"exported {out}")
-    dist.barrier()

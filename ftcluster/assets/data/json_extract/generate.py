@@ -2,7 +2,10 @@
 
     python ftcluster/assets/data/json_extract/generate.py
 
-writes train.jsonl (200) and eval.jsonl (50) next to this file. The output is byte-for-byte the same on
+writes train.jsonl (200) and eval.jsonl (50) next to this file, and the same examples as preference pairs
+for the reward-model and DPO stages (pairs_train.jsonl, pairs_eval.jsonl): the correct compact JSON is
+chosen; the rejected answer is one of the mistakes a model makes on this task (pretty-printed JSON, a wrong
+age or city, a missing key, JSON wrapped in prose), picked with its own fixed seed. The output is byte-for-byte the same on
 every run (fixed seed, no set/dict-order or locale dependence), so the committed files can be checked
 against it. The eval split mixes seen values with 10 names and 5 cities that never occur in training,
 so exact match on it measures extraction rather than memorisation.
@@ -88,6 +91,26 @@ def build() -> tuple[list[dict], list[dict]]:
     return train, evals
 
 
+def rejected_answer(ex: dict, rng: random.Random) -> str:
+    person = json.loads(ex["output"])
+    mistake = rng.randrange(5)
+    if mistake == 0:  # what the base model does: pretty-printed
+        return json.dumps(person, indent=2, ensure_ascii=False)
+    if mistake == 1:
+        person["age"] += rng.choice([-11, -3, -1, 1, 2, 10])
+    elif mistake == 2:
+        person["city"] = rng.choice([c for c in TRAIN_CITIES if c != person["city"]])
+    elif mistake == 3:
+        del person["city"]
+    compact = json.dumps(person, separators=(",", ":"), ensure_ascii=False)
+    return f"Here is the JSON: {compact}" if mistake == 4 else compact
+
+
+def preference_pairs(examples: list[dict], rng: random.Random) -> list[dict]:
+    return [{"prompt": f"{ex['instruction']}\n\n{ex['input']}", "chosen": ex["output"],
+             "rejected": rejected_answer(ex, rng)} for ex in examples]
+
+
 def write_jsonl(path: Path, rows: list[dict]) -> None:
     # newline="\n" and ensure_ascii=False: identical bytes on every platform.
     with open(path, "w", encoding="utf-8", newline="\n") as f:
@@ -100,7 +123,10 @@ def main() -> None:
     train, evals = build()
     write_jsonl(here / "train.jsonl", train)
     write_jsonl(here / "eval.jsonl", evals)
-    print(f"wrote {len(train)} train and {len(evals)} eval examples to {here}")
+    rng = random.Random(SEED + 1)  # its own stream: the SFT files above stay as they were
+    write_jsonl(here / "pairs_train.jsonl", preference_pairs(train, rng))
+    write_jsonl(here / "pairs_eval.jsonl", preference_pairs(evals, rng))
+    print(f"wrote {len(train)} train and {len(evals)} eval examples (and as preference pairs) to {here}")
 
 
 if __name__ == "__main__":

@@ -1,0 +1,217 @@
+"""Actor groups on a Ray cluster: N actors of one class forming one torch process group, placed on
+placement-group bundles, colocated with other roles' actors or apart. For the stages that a controller
+drives from the launching process (PPO, GRPO): one group per role.
+
+Nothing here knows about models or training: a group starts actors of the class it is given, wires
+their process group (rank 0's address, a free port), calls methods on every rank and waits with a
+deadline. A call that outlives its deadline, or an actor that dies, fails with one message naming the
+role, the rank, its node and its pid: a lost actor never hangs the run.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import time
+from dataclasses import dataclass
+from datetime import timedelta
+from typing import Any, Callable
+
+from omegaconf import DictConfig
+
+from ftcluster.errors import UserError
+from ftcluster.launch.ray import WORKER_ENV, WorkerFailed
+
+
+@dataclass(frozen=True)
+class Controller:
+    """A worker entry that runs in the launching process and places its own actor groups (`Placement`)."""
+
+    fn: Callable[[dict, "Placement"], None]
+
+
+class DistributedActor:
+    """Base of every role actor: knows its rank and joins its group's process group (gloo or NCCL)."""
+
+    def __init__(self, role: str, rank: int, world_size: int):
+        self.role, self.rank, self.world_size = role, rank, world_size
+        os.environ.update(RANK=str(rank), LOCAL_RANK="0", WORLD_SIZE=str(world_size))
+
+    def where(self) -> dict:
+        """This actor's node, address, pid, and a free port (rank 0's becomes the group's master port)."""
+        with socket.socket() as s:
+            s.bind(("", 0))
+            port = s.getsockname()[1]
+        import ray
+
+        return {"node": os.environ.get("SLURMD_NODENAME") or socket.gethostname(), "pid": os.getpid(),
+                "ip": ray.util.get_node_ip_address(), "port": port}
+
+    def join_group(self, master_addr: str, master_port: int, timeout_s: int) -> None:
+        import torch
+        import torch.distributed as dist
+
+        os.environ.update(MASTER_ADDR=master_addr, MASTER_PORT=str(master_port))
+        if self.world_size > 1 or not dist.is_initialized():
+            dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo", rank=self.rank,
+                                    world_size=self.world_size, timeout=timedelta(seconds=timeout_s))
+
+
+class ActorTimeout(WorkerFailed):
+    """A role's call did not return within its deadline."""
+
+
+class ActorGroup:
+    """`count` actors of `actor_class`, rank i on `bundles[i]` of `placement_group`."""
+
+    def __init__(self, role: str, actor_class: type, count: int, placement_group, bundles: list[int],
+                 resources: list[dict], timeout_s: int, *args):
+        import ray
+        from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+        self.role, self.timeout_s = role, timeout_s
+        remote = ray.remote(actor_class)
+        self.actors = [
+            remote.options(
+                num_cpus=resources[i].get("CPU", 0), num_gpus=resources[i].get("GPU", 0),
+                scheduling_strategy=PlacementGroupSchedulingStrategy(placement_group, placement_group_bundle_index=b),
+                # One thread per whole CPU the actor holds, at least one (colocated actors hold fractions).
+                runtime_env={"env_vars": {**WORKER_ENV, "OMP_NUM_THREADS": str(max(1, int(resources[i].get("CPU", 1))))}},
+                ).remote(role, i, count, *args)
+            for i, b in enumerate(bundles)]
+        self.places = None
+        self.places = Pending(self, [a.where.remote() for a in self.actors], "start").get()
+        master = self.places[0]
+        self.call("join_group", master["ip"], master["port"], timeout_s)
+
+    def __len__(self) -> int:
+        return len(self.actors)
+
+    def call(self, method: str, *args, per_rank: dict[str, list] | None = None, **kwargs) -> list:
+        """`method(*args, **kwargs)` on every rank, rank i also getting {name: values[i]} from per_rank;
+        the results in rank order."""
+        return self.call_async(method, *args, per_rank=per_rank, **kwargs).get()
+
+    def call_async(self, method: str, *args, per_rank: dict[str, list] | None = None, **kwargs) -> "Pending":
+        per_rank = per_rank or {}
+        refs = [getattr(actor, method).remote(*args, **kwargs, **{name: values[i] for name, values in per_rank.items()})
+                for i, actor in enumerate(self.actors)]
+        return Pending(self, refs, method)
+
+    def describe(self, rank: int) -> str:
+        place = self.places[rank] if self.places else None
+        where = f" (node {place['node']}, {place['ip']}, pid {place['pid']})" if place else ""
+        return f"{self.role} rank {rank}{where}"
+
+    def kill(self) -> None:
+        import ray
+
+        for actor in self.actors:
+            ray.kill(actor, no_restart=True)
+
+
+class Pending:
+    """Calls in flight on a group's ranks; get() waits for all of them, within the group's deadline."""
+
+    def __init__(self, group: ActorGroup, refs: list, what: str):
+        self.group, self.refs, self.what = group, refs, what
+
+    def get(self) -> list:
+        import ray
+        from ray.exceptions import RayActorError, RayTaskError
+
+        deadline = time.time() + self.group.timeout_s
+        pending = list(self.refs)
+        while pending:
+            done, pending = ray.wait(pending, num_returns=len(pending), timeout=max(0.0, deadline - time.time()))
+            for ref in done:
+                try:
+                    ray.get(ref)
+                except RayTaskError as exc:
+                    cause = exc.cause if isinstance(getattr(exc, "cause", None), BaseException) else None
+                    if isinstance(cause, UserError):
+                        raise cause from None
+                    rank = self.refs.index(ref)
+                    raise WorkerFailed(f"{self.group.describe(rank)} failed in {self.what}: "
+                                       f"{_tail(str(exc))}") from None
+                except RayActorError as exc:
+                    rank = self.refs.index(ref)
+                    raise WorkerFailed(f"{self.group.describe(rank)} died in {self.what}: {_tail(str(exc), 3)}") from None
+            if pending and time.time() >= deadline:
+                late = ", ".join(self.group.describe(self.refs.index(ref)) for ref in pending)
+                raise ActorTimeout(f"{late} did not finish {self.what} within {self.group.timeout_s} s "
+                                   f"(launcher.collective_timeout_s or stage.rl.sync_timeout_s): stalled or lost")
+        return ray.get(list(self.refs))
+
+
+def _tail(text: str, lines: int = 12) -> str:
+    rows = text.strip().splitlines()
+    return "\n".join(rows[-lines:])
+
+
+class Placement:
+    """Where role groups go on the connected Ray cluster: one set of bundles shared by colocated roles,
+    or a placement group per role. Each bundle is one worker slot (launcher.cpus_per_worker CPUs and, on
+    GPU machines, one GPU); colocated actors split their bundle's resources evenly."""
+
+    def __init__(self, cfg: DictConfig):
+        import ray
+
+        self.cfg = cfg
+        self.use_gpu = cfg.launcher.use_gpu if cfg.launcher.use_gpu is not None else ray.cluster_resources().get("GPU", 0) > 0
+        self.groups: list[ActorGroup] = []
+        self._pgs: list = []
+
+    def bundle(self) -> dict:
+        return {"CPU": self.cfg.launcher.cpus_per_worker, **({"GPU": 1} if self.use_gpu else {})}
+
+    def place(self, roles: dict[str, tuple[type, int, tuple]], colocate: bool, timeout_s: int) -> dict[str, ActorGroup]:
+        """roles: name -> (actor class, count, constructor args). Returns the started groups by name."""
+        roles = {name: spec for name, spec in roles.items() if spec[1] > 0}
+        if colocate:
+            slots = max(count for _, count, _ in roles.values())
+            pg = self._placement_group(slots, "colocated roles: " + ", ".join(roles))
+            sharing = [sum(1 for _, count, _ in roles.values() if i < count) for i in range(slots)]
+            layout = {name: (pg, list(range(count)), [self._share(sharing[i]) for i in range(count)])
+                      for name, (_, count, _) in roles.items()}
+        else:
+            layout = {}
+            for name, (_, count, _) in roles.items():
+                layout[name] = (self._placement_group(count, f"role {name}"), list(range(count)),
+                                [self.bundle()] * count)
+        started = {}
+        for name, (actor_class, count, args) in roles.items():
+            pg, bundles, resources = layout[name]
+            started[name] = ActorGroup(name, actor_class, count, pg, bundles, resources, timeout_s, *args)
+            self.groups.append(started[name])
+        return started
+
+    def _share(self, actors: int) -> dict:
+        return {key: value / actors for key, value in self.bundle().items()}
+
+    def _placement_group(self, slots: int, what: str):
+        import ray
+        from ray.util.placement_group import placement_group
+
+        total = ray.cluster_resources()
+        for resource, amount in self.bundle().items():
+            if total.get(resource, 0) < amount * slots:
+                raise UserError(f"{what} need {slots} bundles of {self.bundle()} but the Ray cluster has "
+                                f"{total.get(resource, 0):g} {resource}: lower launcher.workers or the stage.rl.*_workers, "
+                                f"set stage.rl.colocate=true, or add nodes")
+        pg = placement_group([self.bundle()] * slots, strategy=self.cfg.launcher.placement_strategy)
+        ready, _ = ray.wait([pg.ready()], timeout=self.cfg.launcher.ready_timeout_s)
+        if not ready:
+            raise UserError(f"the placement group for {what} ({slots} x {self.bundle()}) was not ready within "
+                            f"launcher.ready_timeout_s={self.cfg.launcher.ready_timeout_s}")
+        self._pgs.append(pg)
+        return pg
+
+    def shutdown(self) -> None:
+        from ray.util.placement_group import remove_placement_group
+
+        for group in self.groups:
+            group.kill()
+        for pg in self._pgs:
+            remove_placement_group(pg)
+        self.groups, self._pgs = [], []

@@ -1,0 +1,54 @@
+"""Rollouts as tensors: prompt + response sequences right-padded into one batch, and per-token values
+(log-probs, advantages) moved between the batch layout and plain per-sample lists.
+
+Per-sample lists are what travels between the controller and the role actors (small, and independent
+of each group's padding); a group pads its own share. A sequence's response token t sits at column
+len(prompt) + t of the batch, and its log-prob (or value) at column len(prompt) + t - 1 of the shifted
+[batch, tokens - 1] layout: the position that predicts it.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ftcluster.data.template import IGNORE
+
+
+def pad_sequences(samples: list[dict], pad_id: int) -> dict[str, torch.Tensor]:
+    """samples: [{"prompt_ids", "response_ids"}, ...] -> input_ids, attention_mask and labels (the
+    response tokens; IGNORE on prompt and padding)."""
+    width = max(len(s["prompt_ids"]) + len(s["response_ids"]) for s in samples)
+    input_ids, attention, labels = [], [], []
+    for s in samples:
+        ids = list(s["prompt_ids"]) + list(s["response_ids"])
+        pad = width - len(ids)
+        input_ids.append(ids + [pad_id] * pad)
+        attention.append([1] * len(ids) + [0] * pad)
+        labels.append([IGNORE] * len(s["prompt_ids"]) + list(s["response_ids"]) + [IGNORE] * pad)
+    return {"input_ids": torch.tensor(input_ids, dtype=torch.long),
+            "attention_mask": torch.tensor(attention, dtype=torch.long),
+            "labels": torch.tensor(labels, dtype=torch.long)}
+
+
+def response_mask(labels: torch.Tensor) -> torch.Tensor:
+    """The [batch, tokens - 1] mask of positions that predict a response token."""
+    return labels[:, 1:] != IGNORE
+
+
+def to_lists(values: torch.Tensor, mask: torch.Tensor) -> list[list[float]]:
+    """Per-sample lists of the masked entries of a [batch, tokens - 1] tensor, in order."""
+    return [row[m].tolist() for row, m in zip(values.detach().float().cpu(), mask.cpu())]
+
+
+def from_lists(lists: list[list[float]], mask: torch.Tensor) -> torch.Tensor:
+    """The inverse of to_lists: a [batch, tokens - 1] float tensor, zero off the mask."""
+    out = torch.zeros(mask.shape, dtype=torch.float32)
+    for i, values in enumerate(lists):
+        out[i, mask[i]] = torch.tensor(values, dtype=torch.float32)
+    return out
+
+
+def shares(items: list, parts: int) -> list[list]:
+    """`items` in `parts` contiguous equal shares (the caller checks that they divide)."""
+    size = len(items) // parts
+    return [items[i * size:(i + 1) * size] for i in range(parts)]

@@ -1,0 +1,385 @@
+"""The role actors of the RL stages. Each is one rank of its role's group (ftcluster.launch.actors), holds
+its model, sharded by DeepSpeed like any ftcluster model, and exposes what the controller asks of it:
+
+- PolicyWorker: samples responses, scores them under itself (and under the reference when no reference
+  group exists: LoRA with adapters disabled, or a frozen copy), and takes clipped policy-gradient steps.
+- ReferenceWorker: the frozen starting model, scoring log-probs.
+- RewardWorker: a sequence-classification reward model (e.g. a stage=rm final/) scoring decoded text
+  with its own tokenizer and chat template, so its vocabulary need not be the policy's.
+- CriticWorker (PPO): a value head on a backbone, trained on the returns with a clipped value loss.
+- RolloutWorker: a full, unsharded copy of the policy that only generates; it receives the policy's
+  weights after every update.
+
+What crosses between actors is plain per-sample lists (token ids, per-token floats); each rank pads
+its own share (ftcluster.rl.experience).
+"""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+import torch
+
+from ftcluster.launch.actors import DistributedActor
+
+
+class RoleWorker(DistributedActor):
+    """Shared set-up: config, process group, DeepSpeed, seeds; subclasses build their model in setup()."""
+
+    def __init__(self, role: str, rank: int, world_size: int, payload: dict):
+        super().__init__(role, rank, world_size)
+        self.payload = payload
+
+    def setup(self) -> None:
+        from ftcluster import dist
+        from ftcluster.config import apply_schema
+        from ftcluster.model import load_tokenizer
+        from ftcluster.quiet import quiet_libraries
+
+        quiet_libraries()
+        self.cfg = apply_schema(self.payload["config"])
+        dist.setup(timeout_s=self.cfg.launcher.collective_timeout_s)
+        torch.manual_seed(self.cfg.seed)
+        self.model_dir = self.payload["model_dir"]
+        self.tokenizer = load_tokenizer(self.model_dir)
+        self.pad_id = self.payload["pad_id"]
+
+    def _ds_config(self, cfg=None) -> dict:
+        from ftcluster.config import derive
+        from ftcluster.engine import deepspeed_config
+
+        cfg = cfg or self.cfg
+        return deepspeed_config(cfg, derive(cfg))
+
+    def _frozen_ds_config(self) -> dict:
+        """For a group that only scores: DeepSpeed's batch arithmetic for one micro-batch per rank."""
+        from ftcluster.config import Derived
+        from ftcluster.engine import deepspeed_config
+
+        cfg = _with_workers(self.cfg, self.world_size)
+        cfg.trainer.global_batch = cfg.trainer.micro_batch_per_device * self.world_size
+        return deepspeed_config(cfg, Derived(world_size=self.world_size, grad_accum_steps=1))
+
+    def _sharded(self) -> bool:
+        return self.cfg.strategy.zero_stage == 3 and self.world_size > 1
+
+    @torch.no_grad()
+    def _token_logps(self, model, samples: list[dict], temperature: float) -> list[list[float]]:
+        from ftcluster.logprobs import token_logps
+        from ftcluster.rl.experience import pad_sequences, response_mask, to_lists
+
+        out = []
+        for chunk in _chunks(samples, self.cfg.trainer.micro_batch_per_device):
+            batch = _to_device(pad_sequences(chunk, self.pad_id))
+            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False).logits
+            logps = token_logps(logits[:, :-1], batch["labels"][:, 1:], temperature)
+            out += to_lists(logps, response_mask(batch["labels"]))
+        return out
+
+
+class PolicyWorker(RoleWorker):
+    def setup(self) -> None:
+        super().setup()
+        from ftcluster import engine as ds_engine
+        from ftcluster.model import load_model
+
+        cfg, rl = self.cfg, self.cfg.stage.rl
+        self.ds_config = self._ds_config()
+        with ds_engine.zero3_construction(self.ds_config):
+            model = load_model(cfg, self.model_dir)
+        self.engine = ds_engine.initialize(model, cfg, self.ds_config)
+        # No reference group: this rank is the reference too.
+        self.frozen = None
+        if rl.kl_coef > 0 and rl.reference_workers == 0 and cfg.peft.method == "none":
+            with ds_engine.zero3_construction(self.ds_config):
+                frozen = load_model(cfg, self.model_dir, trainable=False)
+            self.frozen = ds_engine.initialize_frozen(frozen, self.ds_config)
+        resume = self.payload.get("resume_from")
+        if resume:
+            from ftcluster import checkpoint
+
+            checkpoint.load_engine(self.engine, Path(resume) / "policy", exclude_frozen=cfg.peft.method != "none")
+
+    def generate(self, prompt_ids: list[list[int]], seed: int, greedy: bool = False,
+                 max_new_tokens: int | None = None) -> list[list[int]]:
+        from ftcluster.rl.generation import sample_responses
+
+        rl = self.cfg.stage.rl
+        return sample_responses(self.engine.module, prompt_ids, self.pad_id, self.tokenizer.eos_token_id,
+                                max_new_tokens or rl.max_new_tokens, rl.temperature, rl.top_p, seed, greedy,
+                                synced=self._sharded(), batch_size=len(prompt_ids))
+
+    def logprobs(self, samples: list[dict], reference: bool) -> dict:
+        """Per-token log-probs of the responses under the policy (at the sampling temperature) and, when
+        asked, under the reference this rank stands in for."""
+        temperature = self.cfg.stage.rl.temperature
+        out = {"policy": self._token_logps(self.engine, samples, temperature)}
+        if reference:
+            out["reference"] = self.reference_logprobs(samples)
+        return out
+
+    def reference_logprobs(self, samples: list[dict]) -> list[list[float]]:
+        temperature = self.cfg.stage.rl.temperature
+        if self.frozen is not None:
+            return self._token_logps(self.frozen, samples, temperature)
+        with self.engine.module.disable_adapter():
+            return self._token_logps(self.engine, samples, temperature)
+
+    def train(self, samples: list[dict], global_tokens: int) -> dict:
+        """One optimizer step on this rank's share of a mini-batch: the clipped surrogate (and, with
+        kl_mode=loss, kl_coef x the KL estimate), summed over tokens and divided by the mini-batch's
+        response tokens on all ranks. Returns sums for the metrics."""
+        from ftcluster.logprobs import token_logps
+        from ftcluster.losses import clipped_policy_loss, kl_penalty
+        from ftcluster.rl.experience import from_lists, pad_sequences, response_mask
+
+        rl, engine = self.cfg.stage.rl, self.engine
+        sums = {"policy_loss": 0.0, "kl": 0.0, "clipped": 0.0, "tokens": 0.0, "entropy_proxy": 0.0}
+        for chunk in _chunks(samples, self.cfg.trainer.micro_batch_per_device):
+            batch = pad_sequences(chunk, self.pad_id)
+            mask = response_mask(batch["labels"])
+            old = from_lists([s["old_logps"] for s in chunk], mask)
+            advantages = from_lists([s["advantages"] for s in chunk], mask)
+            batch = _to_device(batch)
+            logits = engine(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False).logits
+            logps = token_logps(logits[:, :-1], batch["labels"][:, 1:], rl.temperature)
+            mask_d = mask.to(logps.device)
+            per_token, clipped = clipped_policy_loss(logps, old.to(logps.device), advantages.to(logps.device),
+                                                     rl.clip_eps)
+            kl = torch.zeros_like(logps)
+            if rl.kl_mode == "loss" and rl.kl_coef > 0:
+                ref = from_lists([s["ref_logps"] for s in chunk], mask).to(logps.device)
+                kl = kl_penalty(logps, ref, rl.kl_estimator)
+                per_token = per_token + rl.kl_coef * kl
+            loss = (per_token * mask_d).sum() / global_tokens
+            engine.backward(loss * self.world_size, scale_wrt_gas=False)
+            engine.step()
+            sums["policy_loss"] += float((per_token.detach() * mask_d).sum())
+            sums["kl"] += float((kl * mask_d).sum())
+            sums["clipped"] += float((clipped * mask_d).sum())
+            sums["tokens"] += float(mask.sum())
+            sums["entropy_proxy"] += float((-logps.detach() * mask_d).sum())
+        return sums
+
+    def lr(self) -> float:
+        return self.engine.get_lr()[0]
+
+    def grad_norm(self) -> float:
+        norm = self.engine.get_global_grad_norm()
+        return float(norm) if norm is not None else float("nan")
+
+    def trainable_weights(self, version: int):
+        """Collective: the weights a rollout actor needs (the adapters with PEFT, else the whole model),
+        put in Ray's object store by rank 0; the reference travels inside a list so the caller passes it on
+        without fetching the tensors."""
+        import ray
+
+        from ftcluster.engine import full_state_dict
+
+        state = full_state_dict(self.engine)
+        if self.rank != 0:
+            return None
+        if self.cfg.peft.method != "none":
+            trainable = {name for name, p in self.engine.module.named_parameters() if p.requires_grad}
+            state = {k: v for k, v in state.items() if k in trainable}
+        state = {k: v.detach().cpu() for k, v in state.items()}
+        return [ray.put({"version": version, "state": state})], checksum(state)
+
+    def save(self, folder: str) -> None:
+        from ftcluster import checkpoint
+
+        checkpoint.save_engine(self.engine, Path(folder) / "policy", exclude_frozen=self.cfg.peft.method != "none")
+
+    def export_final(self, out_dir: str) -> str | None:
+        from ftcluster import dist
+        from ftcluster.engine import full_state_dict
+        from ftcluster.export import write_final
+
+        state = full_state_dict(self.engine)
+        written = None
+        if self.rank == 0:
+            written = str(write_final(state, self.cfg, self.model_dir, out_dir))
+        dist.barrier()
+        return written
+
+    def eval_answers(self, prompts: list[list[dict]], max_new_tokens: int) -> list[str]:
+        """Greedy answers to chat prompts, spread over this group's ranks; every rank returns them all."""
+        import math
+
+        from ftcluster.evaluate import generate_answers
+
+        return generate_answers(self.engine.module, self.tokenizer, prompts, max_new_tokens=max_new_tokens,
+                                batch_size=min(32, math.ceil(len(prompts) / self.world_size)), synced=self._sharded())
+
+
+class ReferenceWorker(RoleWorker):
+    def setup(self) -> None:
+        super().setup()
+        from ftcluster import engine as ds_engine
+        from ftcluster.model import load_model
+
+        ds_config = self._frozen_ds_config()
+        with ds_engine.zero3_construction(ds_config):
+            model = load_model(self.cfg, self.model_dir, trainable=False)
+        self.model = ds_engine.initialize_frozen(model, ds_config)
+
+    def logprobs(self, samples: list[dict]) -> list[list[float]]:
+        return self._token_logps(self.model, samples, self.cfg.stage.rl.temperature)
+
+
+class RewardWorker(RoleWorker):
+    def setup(self) -> None:
+        super().setup()
+        from ftcluster import engine as ds_engine
+        from ftcluster.model import load_tokenizer
+        from transformers import AutoModelForSequenceClassification
+
+        from ftcluster.model import DTYPES
+
+        folder = self.cfg.stage.rl.reward_model
+        self.tokenizer = load_tokenizer(folder)
+        ds_config = self._frozen_ds_config()
+        with ds_engine.zero3_construction(ds_config):
+            model = AutoModelForSequenceClassification.from_pretrained(
+                folder, dtype=DTYPES[self.cfg.strategy.precision]).eval().requires_grad_(False)
+        self.model = ds_engine.initialize_frozen(model, ds_config)
+
+    @torch.no_grad()
+    def score(self, samples: list[dict]) -> list[float]:
+        """Rewards of (prompt turns, completion text) pairs, rendered with the reward model's own template."""
+        from ftcluster import dist
+
+        texts = [self.tokenizer.apply_chat_template(s["prompt"] + [{"role": "assistant", "content": s["completion"]}],
+                                                    tokenize=False) for s in samples]
+        side = self.tokenizer.padding_side
+        self.tokenizer.padding_side = "right"
+        try:
+            rewards = []
+            for chunk in _chunks(texts, self.cfg.trainer.micro_batch_per_device):
+                enc = self.tokenizer(chunk, return_tensors="pt", padding=True, add_special_tokens=False)
+                enc = {k: v.to(dist.device()) for k, v in enc.items() if k in ("input_ids", "attention_mask")}
+                rewards += self.model(**enc).logits.squeeze(-1).float().cpu().tolist()
+        finally:
+            self.tokenizer.padding_side = side
+        return rewards
+
+
+class CriticWorker(RoleWorker):
+    def setup(self) -> None:
+        super().setup()
+        from ftcluster import engine as ds_engine
+        from ftcluster.model import load_model
+
+        # Its own learning rate, and a value head on the reward model's backbone when there is one (a
+        # common initialisation: it already reads responses for quality), else on the policy's.
+        cfg = _with_workers(self.cfg, self.world_size)
+        cfg.optim.lr = self.cfg.stage.rl.critic_lr
+        self.critic_cfg = cfg
+        ds_config = self._ds_config(cfg)
+        backbone = self.cfg.stage.rl.reward_model or self.model_dir
+        with ds_engine.zero3_construction(ds_config):
+            model = load_model(cfg, backbone, kind="value")
+        self.engine = ds_engine.initialize(model, cfg, ds_config)
+        resume = self.payload.get("resume_from")
+        if resume:
+            from ftcluster import checkpoint
+
+            checkpoint.load_engine(self.engine, Path(resume) / "critic", exclude_frozen=cfg.peft.method != "none")
+
+    @torch.no_grad()
+    def values(self, samples: list[dict]) -> list[list[float]]:
+        from ftcluster.rl.experience import pad_sequences, response_mask, to_lists
+
+        out = []
+        for chunk in _chunks(samples, self.cfg.trainer.micro_batch_per_device):
+            batch = pad_sequences(chunk, self.pad_id)
+            values = self._values(_to_device(batch))
+            out += to_lists(values, response_mask(batch["labels"]))
+        return out
+
+    def _values(self, batch: dict) -> torch.Tensor:
+        # The value of the state that predicts token t+1 sits at position t: the log-probs' alignment.
+        out = self.engine(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        return out.squeeze(-1)[:, :-1].float()
+
+    def train(self, samples: list[dict], global_tokens: int) -> dict:
+        from ftcluster.losses import clipped_value_loss
+        from ftcluster.rl.experience import from_lists, pad_sequences, response_mask
+
+        rl, sums = self.cfg.stage.rl, {"value_loss": 0.0, "tokens": 0.0}
+        for chunk in _chunks(samples, self.cfg.trainer.micro_batch_per_device):
+            batch = pad_sequences(chunk, self.pad_id)
+            mask = response_mask(batch["labels"])
+            old, returns = (from_lists([s[key] for s in chunk], mask) for key in ("old_values", "returns"))
+            values = self._values(_to_device(batch))
+            per_token = clipped_value_loss(values, old.to(values.device), returns.to(values.device), rl.value_clip)
+            loss = (per_token * mask.to(values.device)).sum() / global_tokens
+            self.engine.backward(loss * self.world_size, scale_wrt_gas=False)
+            self.engine.step()
+            sums["value_loss"] += float((per_token.detach() * mask.to(values.device)).sum())
+            sums["tokens"] += float(mask.sum())
+        return sums
+
+    def save(self, folder: str) -> None:
+        from ftcluster import checkpoint
+
+        checkpoint.save_engine(self.engine, Path(folder) / "critic", exclude_frozen=self.cfg.peft.method != "none")
+
+
+class RolloutWorker(RoleWorker):
+    """Generates only, from a whole copy of the policy; load_weights() brings it up to date."""
+
+    def setup(self) -> None:
+        super().setup()
+        from ftcluster import dist
+        from ftcluster.model import load_model
+
+        self.model = load_model(self.cfg, self.model_dir).to(dist.device()).eval()
+        self.version = -1
+
+    def load_weights(self, box: list) -> int:
+        import ray
+
+        update = ray.get(box[0])
+        missing = set(update["state"]) - set(dict(self.model.named_parameters())) - set(self.model.state_dict())
+        if missing:
+            raise RuntimeError(f"rollout weights do not match the policy: unexpected {sorted(missing)[:5]}")
+        self.model.load_state_dict(update["state"], strict=False)
+        self.version = update["version"]
+        held = self.model.state_dict()
+        return self.version, checksum({name: held[name] for name in update["state"]})
+
+    def generate(self, prompt_ids: list[list[int]], seed: int, version: int, greedy: bool = False,
+                 max_new_tokens: int | None = None) -> list[list[int]]:
+        from ftcluster.rl.generation import sample_responses
+
+        if version != self.version:
+            raise RuntimeError(f"rollout weights are at version {self.version}, the policy at {version}: a weight "
+                               f"sync was lost")
+        rl = self.cfg.stage.rl
+        return sample_responses(self.model, prompt_ids, self.pad_id, self.tokenizer.eos_token_id,
+                                max_new_tokens or rl.max_new_tokens, rl.temperature, rl.top_p, seed, greedy,
+                                synced=False, batch_size=len(prompt_ids))
+
+
+def checksum(state: dict) -> float:
+    """A cheap fingerprint of a set of weights (their sum of squares, in float64)."""
+    return float(sum(t.double().pow(2).sum() for t in state.values()))
+
+
+def _with_workers(cfg, workers: int):
+    """The config as a group of `workers` ranks sees it (DeepSpeed's batch arithmetic uses the world size)."""
+    copied = copy.deepcopy(cfg)
+    copied.launcher.workers = workers
+    return copied
+
+
+def _chunks(items: list, size: int) -> list[list]:
+    return [items[i:i + size] for i in range(0, len(items), size)]
+
+
+def _to_device(batch: dict) -> dict:
+    from ftcluster import dist
+
+    return {k: v.to(dist.device()) for k, v in batch.items()}

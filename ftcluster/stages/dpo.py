@@ -1,0 +1,123 @@
+"""Direct preference optimisation and its family: DPO (sigmoid), conservative DPO (sigmoid with
+label_smoothing), IPO, and the reference-free SimPO and ORPO (ftcluster.losses.preference_terms).
+
+Features and their trade-offs:
+- One forward per micro-batch: the chosen and rejected sides are rows of the same padded batch
+  (ftcluster.data.pairs), so ZeRO-3 gathers every layer once per pair batch, not twice.
+- The reference (sigmoid, ipo): by default its log-probs are computed once before training and cached
+  on disk (ftcluster.reference), keyed by model, data and template; later epochs, resumed attempts and
+  other runs on the same model and data do no reference forward at all, and no reference model is in
+  memory while training. stage.dpo.reference=live runs the reference every step instead: no cache on
+  disk, one more forward per micro-batch, and (full fine-tuning) a frozen copy kept in memory. With
+  LoRA/DoRA the reference is the policy with its adapters disabled, never a second copy.
+- The objective is the mean over every pair of the global batch (plus, for ORPO, the NLL of the chosen
+  responses over all their tokens): world size and micro-batch size do not change it.
+- Metrics per step and on the held-out pairs: the implicit rewards of chosen and rejected responses,
+  their margin and the accuracy (the share of pairs whose chosen reward is higher), and the policy's
+  log-probs; with trainer.eval_generate, greedy exact match on the held-out prompts against the chosen
+  answers.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ftcluster import dist
+from ftcluster.data.loader import eval_batches
+from ftcluster.logprobs import pair_logps
+from ftcluster.losses import REFERENCE_FREE, pair_wins, preference_terms
+from ftcluster.reference import ReferenceLogps
+from ftcluster.stages import loop
+from ftcluster.stages.context import StageContext
+from ftcluster.stages.sft import eval_exact_match
+
+MODEL_KIND = "causal_lm"
+# Summed over the pairs of a global batch (across ranks), then divided by the number of pairs.
+_SUMS = ("loss", "rewards_chosen", "rewards_rejected", "rewards_margin", "rewards_accuracy", "logps_chosen",
+         "logps_rejected")
+
+
+def train(ctx: StageContext) -> None:
+    d = ctx.cfg.stage.dpo
+    reference = None
+    if d.loss not in REFERENCE_FREE:
+        reference = ReferenceLogps(ctx, cached=d.reference == "cached")
+        if reference.cached:
+            ctx.tracker.log(0, {"reference_cache_hit": int(reference.cache_hit),
+                                "reference_forward_batches": reference.forward_batches})
+            ctx.tracker.message(f"reference log-probs {'read from' if reference.cache_hit else 'cached in'} "
+                                f"{reference.folder} ({reference.forward_batches} reference forward batches)")
+    loop.run(ctx, lambda c, i: step(c, i, reference), lambda c, s, g: evaluate(c, s, g, reference))
+
+
+def step(ctx: StageContext, index: int, reference: ReferenceLogps | None) -> loop.StepResult:
+    engine, d = ctx.engine, ctx.cfg.stage.dpo
+    micro_batches = ctx.loader.micro_batches(index)
+    pairs, chosen_tokens, tokens = dist.all_reduce_sum([
+        sum(int(mb["num_examples"]) for mb in micro_batches),
+        sum(_chosen_tokens(mb) for mb in micro_batches),
+        sum(int(mb["num_tokens"]) for mb in micro_batches)]).tolist()
+    sums = torch.zeros(len(_SUMS), dtype=torch.float64)
+    for mb in micro_batches:
+        policy = pair_logps(engine, mb)
+        terms = preference_terms(d.loss, policy, reference.logps(mb) if reference else None, d.beta,
+                                 d.label_smoothing, d.simpo_gamma)
+        objective = terms.losses.sum() / pairs + terms.nll.sum() / chosen_tokens
+        # DeepSpeed averages gradients over ranks: scale so the sum over ranks is the global objective.
+        engine.backward(objective * ctx.world_size, scale_wrt_gas=False)
+        engine.step()
+        sums += _pair_sums(terms, policy, objective.detach() * pairs)
+    sums = dist.all_reduce_sum(sums) / pairs
+    metrics = dict(zip(_SUMS, sums.tolist()))
+    if reference is not None and not reference.cached:
+        metrics["reference_forward_batches"] = reference.forward_batches
+    return loop.StepResult(metrics, tokens, chosen_tokens, pairs)
+
+
+def _pair_sums(terms, policy, loss_sum: torch.Tensor) -> torch.Tensor:
+    margin = terms.chosen_rewards - terms.rejected_rewards
+    return torch.stack([loss_sum.double(), terms.chosen_rewards.sum().double(), terms.rejected_rewards.sum().double(),
+                        margin.sum().double(), pair_wins(margin), policy.chosen.detach().sum().double(),
+                        policy.rejected.detach().sum().double()]).cpu()
+
+
+def _chosen_tokens(batch: dict) -> int:
+    pairs = batch["labels"].shape[0] // 2
+    return int((batch["labels"][:pairs, 1:] != -100).sum())
+
+
+@torch.no_grad()
+def evaluate(ctx: StageContext, step: int, generate: bool, reference: ReferenceLogps | None) -> None:
+    metrics = {}
+    if ctx.eval_rows is not None:
+        metrics.update(eval_pairs(ctx, reference))
+    if generate and ctx.eval_prompts:
+        metrics.update(eval_exact_match(ctx, step))
+    if metrics:
+        ctx.tracker.log(step, metrics)
+
+
+def eval_pairs(ctx: StageContext, reference: ReferenceLogps | None) -> dict:
+    """The objective and the reward metrics over the held-out pairs (filler batches weigh nothing)."""
+    d, engine = ctx.cfg.stage.dpo, ctx.engine
+    engine.eval()
+    sums = torch.zeros(len(_SUMS), dtype=torch.float64)
+    nll = pairs = chosen_tokens = 0.0
+    for batch in eval_batches(ctx.eval_rows, ctx.cfg.trainer.micro_batch_per_device, ctx.rank, ctx.world_size,
+                              ctx.pad_id, packed=False):
+        # Every rank runs every batch, fillers included: ZeRO-3 forwards (a live reference's too) are collectives.
+        policy = pair_logps(engine, batch)
+        ref = reference.logps(batch, "eval") if reference else None
+        if int(batch["num_examples"]) == 0:
+            continue
+        terms = preference_terms(d.loss, policy, ref, d.beta, d.label_smoothing, d.simpo_gamma)
+        sums += _pair_sums(terms, policy, terms.losses.sum())
+        nll += terms.nll.sum().item()
+        pairs += int(batch["num_examples"])
+        chosen_tokens += _chosen_tokens(batch)
+    engine.train()
+    totals = dist.all_reduce_sum([*sums.tolist(), nll, pairs, chosen_tokens])
+    nll, pairs, chosen_tokens = totals[-3:].tolist()
+    metrics = dict(zip(_SUMS, (totals[:len(_SUMS)] / max(pairs, 1)).tolist()))
+    metrics["loss"] += nll / max(chosen_tokens, 1)
+    return {f"eval_{name}": value for name, value in metrics.items()}

@@ -1,0 +1,86 @@
+"""Reward model and DPO through real runs: 2 Ray workers, DeepSpeed, the tiny model, the bundled pairs."""
+
+import json
+import math
+
+import pytest
+import torch
+from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+from conftest import PAIRS, train
+from ftcluster.track import read_metrics
+
+
+def rows(run, key):
+    return [(r["step"], r[key]) for r in read_metrics(run) if key in r]
+
+
+def test_reward_model_learns_and_final_scores_text(reward_model_run):
+    run = reward_model_run
+    accuracy = rows(run, "eval_accuracy")
+    assert [step for step, _ in accuracy] == [0, 12]
+    assert accuracy[-1][1] >= 0.8 > accuracy[0][1] + 0.2
+    assert rows(run, "eval_margin")[-1][1] > 0
+
+    # final/ is a sequence classifier that scores a rendered conversation the way training did.
+    model = AutoModelForSequenceClassification.from_pretrained(run / "final").eval()
+    tokenizer = AutoTokenizer.from_pretrained(run / "final")
+    pairs = _eval_pairs()
+
+    def score(prompt, answer):
+        text = tokenizer.apply_chat_template([{"role": "user", "content": prompt},
+                                              {"role": "assistant", "content": answer}], tokenize=False)
+        with torch.no_grad():
+            return model(**tokenizer(text, return_tensors="pt", add_special_tokens=False)).logits.item()
+
+    right = [score(p["prompt"], p["chosen"]) > score(p["prompt"], p["rejected"]) for p in pairs]
+    assert sum(right) / len(right) == pytest.approx(accuracy[-1][1], abs=0.021)  # at most one pair in 50 differs
+
+
+def _eval_pairs():
+    from ftcluster.config import ASSETS
+
+    path = ASSETS / "data" / "json_extract" / "pairs_eval.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+DPO = ["stage=dpo", *PAIRS, "trainer.max_steps=10", "trainer.eval_every_steps=10", "optim.lr=3e-3",
+       "trainer.eval_generate=false"]
+
+
+def test_dpo_raises_held_out_accuracy_and_reuses_its_reference_cache(tmp_path):
+    """ZeRO-0 computes the reference log-probs once and caches them; a ZeRO-3 run on the same model and
+    data reads them (no reference forward at all) and follows the same trajectory."""
+    cache = tmp_path / "reference_cache"
+    first, second = tmp_path / "zero0", tmp_path / "zero3"
+    train(first, *DPO, "strategy=zero0", f"stage.dpo.reference_cache_dir={cache}")
+    assert rows(first, "reference_cache_hit") == [(0, 0)]
+    assert rows(first, "reference_forward_batches")[0][1] > 0
+    assert len(list(cache.iterdir())) == 1
+
+    accuracy = rows(first, "eval_rewards_accuracy")
+    assert accuracy[0] == (0, 0.5)  # policy == reference: every implicit reward is 0, each pair a tie
+    assert accuracy[-1][1] >= 0.7
+    assert rows(first, "eval_rewards_margin")[-1][1] > 0
+
+    train(second, *DPO, "strategy=zero3", f"stage.dpo.reference_cache_dir={cache}")
+    assert rows(second, "reference_cache_hit") == [(0, 1)]
+    assert rows(second, "reference_forward_batches") == [(0, 0)]
+    assert [v for _, v in rows(second, "loss")] == pytest.approx([v for _, v in rows(first, "loss")], rel=1e-4)
+    assert rows(second, "eval_rewards_accuracy")[-1][1] == pytest.approx(accuracy[-1][1], abs=0.021)
+
+
+def test_lora_dpo_reference_is_the_policy_without_its_adapters(tmp_path):
+    """With LoRA the reference is the policy with its adapters disabled, here computed live every step
+    (ZeRO-3): at step 1 the adapters are still zero, so policy and reference agree exactly."""
+    run = tmp_path / "lora"
+    train(run, *DPO, "peft=lora", "peft.r=4", "strategy=zero3", "trainer.max_steps=2", "trainer.eval_every_steps=0",
+          "stage.dpo.reference=live")
+    first, second = (r for r in read_metrics(run) if "loss" in r)
+    assert first["loss"] == pytest.approx(math.log(2), abs=1e-6)  # -log sigmoid(0)
+    assert first["rewards_chosen"] == first["rewards_rejected"] == 0
+    assert second["rewards_margin"] != 0
+    # One reference forward per micro-batch: 8 pairs a step over 2 ranks in micro-batches of 2.
+    assert second["reference_forward_batches"] - first["reference_forward_batches"] == 2
+    assert not [r for r in read_metrics(run) if "reference_cache_hit" in r]
+    assert (run / "final" / "adapter" / "adapter_model.safetensors").is_file()

@@ -1,0 +1,101 @@
+"""PPO and GRPO on Ray actors: one DeepSpeed group per role, colocated on the bundles of one placement
+group; rewards from a Python function and from a trained reward model."""
+
+import json
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
+
+from conftest import train
+from ftcluster.errors import UserError
+from ftcluster.rewards import json_match, load_reward_fn, score_samples
+from ftcluster.track import read_metrics
+
+RL = ["trainer.max_seq_len=256", "trainer.micro_batch_per_device=2", "stage.rl.max_new_tokens=16",
+      "trainer.eval_max_new_tokens=16", "trainer.eval_every_steps=0"]
+
+
+def rows(run, key):
+    return [(r["step"], r[key]) for r in read_metrics(run) if key in r]
+
+
+def test_grpo_raises_the_reward_of_a_toy_task(tmp_path):
+    """Reward: the share of digits in the answer. Sampling happens on 2 separate rollout actors that get
+    the policy's weights after every update; the reference is a frozen copy the policy holds."""
+    run = tmp_path / "grpo"
+    train(run, "stage=grpo", *RL, "stage.rl.reward_fn=tests/toy_rewards.py:digit_share", "stage.rl.prompts_per_step=4",
+          "stage.rl.samples_per_prompt=4", "trainer.global_batch=16", "trainer.max_steps=15", "optim.lr=3e-3",
+          "stage.rl.rollout_workers=2", "strategy=zero2")
+    held_out = rows(run, "eval_reward_mean")
+    assert [step for step, _ in held_out] == [0, 15]
+    assert held_out[-1][1] > 3 * held_out[0][1] > 0
+    rewards = [v for _, v in rows(run, "reward_mean")]
+    assert len(rewards) == 15 and sum(rewards[-3:]) > sum(rewards[:3])
+    last = [r for r in read_metrics(run) if "reward_mean" in r][-1]
+    for phase in ("generate", "score", "logprobs", "train", "sync"):
+        assert last[f"time_{phase}_s"] > 0
+    assert last["kl"] > 0 and rows(run, "kl")[0] == (1, 0.0)  # the policy starts as its reference
+
+    samples = [json.loads(line) for line in (run / "rollouts.jsonl").read_text().splitlines()]
+    assert len(samples) == 15 * 16 and {s["group"] for s in samples} == {0, 1, 2, 3}
+    step1 = [s["reward"] for s in samples if s["step"] == 1]
+    assert sum(step1) / 16 == pytest.approx(rewards[0])
+    assert AutoModelForCausalLM.from_pretrained(run / "final") is not None
+
+
+def test_ppo_with_a_reward_model_a_critic_and_a_reference_group(tmp_path, reward_model_run):
+    """The reward model trained by stage=rm scores the decoded answers; the critic starts from its
+    backbone; the reference is its own group. The logged rewards are what final/ of the reward model
+    gives for the same text."""
+    run = tmp_path / "ppo"
+    rm = reward_model_run / "final"
+    train(run, "stage=ppo", *RL, f"stage.rl.reward_model={rm}", "stage.rl.reward_fn=null", "stage.rl.prompts_per_step=8",
+          "trainer.global_batch=8", "trainer.max_steps=3", "optim.lr=1e-3", "stage.rl.reference_workers=1",
+          "stage.rl.critic_workers=1", "strategy=zero2")
+    metrics = [r for r in read_metrics(run) if "reward_mean" in r]
+    assert len(metrics) == 3
+    assert metrics[0]["kl"] == 0.0 and all(r["value_loss"] > 0 for r in metrics)
+
+    model = AutoModelForSequenceClassification.from_pretrained(rm).eval()
+    tokenizer = AutoTokenizer.from_pretrained(rm)
+    samples = [json.loads(line) for line in (run / "rollouts.jsonl").read_text().splitlines() if '"step": 1,' in line]
+    assert len(samples) == 8
+    for sample in samples:
+        text = tokenizer.apply_chat_template([{"role": "user", "content": sample["prompt"]},
+                                              {"role": "assistant", "content": sample["completion"]}], tokenize=False)
+        with torch.no_grad():
+            score = model(**tokenizer(text, return_tensors="pt", add_special_tokens=False)).logits.item()
+        assert score == pytest.approx(sample["reward"], abs=1e-4)
+
+
+# ---- rewards, no cluster -----------------------------------------------------------------------------------
+
+REFERENCE = '{"name":"Irene","age":26,"city":"Sydney"}'
+
+
+@pytest.mark.parametrize("completion, reward", [
+    (REFERENCE, 1.0),
+    ('{\n  "name": "Irene",\n  "age": 26,\n  "city": "Sydney"\n}', 0.75),  # valid, every field right, not compact
+    ('{"name":"Irene","age":27,"city":"Sydney"}', 0.25 + 0.5 * 2 / 3),
+    ('Sure! {"name":"Irene","age":26,"city":"Sydney"}', 0.25),
+    ("Irene is 26.", 0.0),
+])
+def test_json_match(completion, reward):
+    assert json_match(prompt=[], completion=completion, reference=REFERENCE) == pytest.approx(reward)
+
+
+def sample(completion="x"):
+    return {"prompt": [{"role": "user", "content": "Extract it."}], "completion": completion, "fields": {}}
+
+
+@pytest.mark.parametrize("name, message", [
+    ("raises", "raised ValueError: no score for this one"),
+    ("not_a_number", "returned nan; a reward must be a finite number"),
+])
+def test_a_bad_reward_names_the_sample(name, message):
+    spec = f"tests/toy_rewards.py:{name}"
+    with pytest.raises(UserError) as err:
+        score_samples(load_reward_fn(spec), spec, [sample("fine"), sample("the bad one")], step=3)
+    assert f"stage.rl.reward_fn={spec} on sample 0 of step 3 (completion 'fine', prompt 'Extract it.')" in str(err.value)
+    assert message in str(err.value)
