@@ -38,22 +38,18 @@ import math
 import os
 import platform
 import random
-import re
 import shlex
 import statistics
-import subprocess
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parent.parent
-RESULTS = REPO / "benchmarks" / "results"
+from common import REPO, RESULTS, busy_processes, cpu_model, git_state, load1, run_logged, versions, wait_for_quiet
+
 TINY = REPO / "ftcluster" / "assets" / "models" / "tiny"
 PACKAGES = ["ftcluster", "torch", "transformers", "accelerate", "datasets", "deepspeed", "ray", "hydra-core",
             "tokenizers", "numpy"]
-BUSY_PATTERN = re.compile(r"ftcluster train|pytest")
 
 # A plain English word pool the tiny tokenizer was trained on (its GENERIC sentences), so lengths in tokens
 # track lengths in words and the text looks like text.
@@ -133,170 +129,6 @@ def _distribution(values: list[int]) -> dict:
             "p75": q(0.75), "p90": q(0.90), "max": s[-1], "mean": round(statistics.fmean(s), 1), "sum": sum(s)}
 
 
-# ----------------------------------------------------------------------------------------------------------
-# Machine state
-
-def _process_table() -> dict[int, tuple[int, str]]:
-    """pid -> (ppid, command line) for every process we can read."""
-    table = {}
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            stat = Path(f"/proc/{entry}/stat").read_text()
-            ppid = int(stat[stat.rindex(")") + 2:].split()[1])
-            cmd = Path(f"/proc/{entry}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace").strip()
-        except (OSError, ValueError, IndexError):
-            continue
-        table[int(entry)] = (ppid, cmd)
-    return table
-
-
-def _descendants(root: int, table: dict) -> set[int]:
-    children: dict[int, list[int]] = {}
-    for pid, (ppid, _) in table.items():
-        children.setdefault(ppid, []).append(pid)
-    out, stack = set(), [root]
-    while stack:
-        for child in children.get(stack.pop(), []):
-            if child not in out:
-                out.add(child)
-                stack.append(child)
-    return out
-
-
-def _ancestors(pid: int, table: dict) -> set[int]:
-    out = set()
-    while pid in table and pid not in out and pid > 1:
-        out.add(pid)
-        pid = table[pid][0]
-    return out
-
-
-def busy_processes() -> list[str]:
-    """Other processes running ftcluster training or pytest (this process, its parents and children excluded)."""
-    table = _process_table()
-    mine = _ancestors(os.getpid(), table) | _descendants(os.getpid(), table)
-    return [f"{pid}: {cmd[:120]}" for pid, (_, cmd) in sorted(table.items())
-            if pid not in mine and BUSY_PATTERN.search(cmd)]
-
-
-def load1() -> float:
-    return os.getloadavg()[0]
-
-
-def wait_for_quiet(max_wait_s: float, threshold: float, poll_s: float = 15.0) -> dict:
-    started = time.time()
-    while True:
-        busy, load = busy_processes(), load1()
-        waited = time.time() - started
-        if not busy and load < threshold:
-            return {"quiet": True, "waited_s": round(waited), "load1": load, "busy": []}
-        if waited >= max_wait_s:
-            return {"quiet": False, "waited_s": round(waited), "load1": load, "busy": busy}
-        print(f"[bench] waiting for a quiet machine ({waited:.0f}/{max_wait_s:.0f} s): load1={load:.2f}, "
-              f"{len(busy)} busy process(es)", flush=True)
-        time.sleep(poll_s)
-
-
-def cpu_model() -> str:
-    for line in Path("/proc/cpuinfo").read_text().splitlines():
-        if line.startswith("model name"):
-            return line.split(":", 1)[1].strip()
-    return platform.processor() or "unknown"
-
-
-def versions() -> dict:
-    import importlib.metadata as md
-
-    out = {"python": platform.python_version()}
-    for name in PACKAGES:
-        try:
-            out[name] = md.version(name)
-        except md.PackageNotFoundError:
-            out[name] = None
-    return out
-
-
-def git_state() -> dict:
-    def run(*args):
-        try:
-            return subprocess.run(["git", "-C", str(REPO), *args], capture_output=True, text=True, timeout=10).stdout
-        except (OSError, subprocess.TimeoutExpired):
-            return ""
-    return {"sha": run("rev-parse", "HEAD").strip() or None,
-            "dirty_files": len([line for line in run("status", "--porcelain").splitlines() if line.strip()])}
-
-
-class Monitor:
-    """Samples a child's process tree while it runs: which processes, the training worker's OMP_NUM_THREADS,
-    and the load average; afterwards waits for the whole tree to be gone before the next run starts."""
-
-    def __init__(self, root_pid: int):
-        self.root, self.pids, self.loads, self.omp = root_pid, set(), [], {}
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._loop, daemon=True)
-        self._thread.start()
-
-    def _loop(self):
-        while not self._stop.is_set():
-            table = _process_table()
-            tree = _descendants(self.root, table) | {self.root}
-            self.pids |= tree
-            for pid in tree:
-                cmd = table.get(pid, (0, ""))[1]
-                if ("RayTrainWorker" in cmd or pid == self.root) and cmd not in self.omp:
-                    try:
-                        env = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
-                        omp = next((e.split(b"=", 1)[1].decode() for e in env if e.startswith(b"OMP_NUM_THREADS=")), None)
-                        self.omp[cmd[:60]] = omp
-                    except OSError:
-                        pass
-            self.loads.append(load1())
-            self._stop.wait(1.0)
-
-    def finish(self, linger_s: float = 60.0) -> list[int]:
-        self._stop.set()
-        self._thread.join()
-        deadline = time.time() + linger_s
-        while time.time() < deadline:
-            alive = [p for p in self.pids if Path(f"/proc/{p}").exists()]
-            if not alive:
-                return []
-            time.sleep(0.5)
-        return [p for p in self.pids if Path(f"/proc/{p}").exists()]
-
-
-# ----------------------------------------------------------------------------------------------------------
-# Runs
-
-def _env(threads: int) -> dict:
-    env = dict(os.environ)
-    env.update(OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads), TOKENIZERS_PARALLELISM="false",
-               RAY_USAGE_STATS_ENABLED="0", PYTHONUNBUFFERED="1")
-    return env
-
-
-def _run_logged(cmd: list[str], log: Path, threads: int) -> dict:
-    started = time.time()
-    with open(log, "w") as f:
-        proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, env=_env(threads), cwd=str(REPO))
-        monitor = Monitor(proc.pid)
-        rc = proc.wait()
-    lingering = monitor.finish()
-    wall = time.time() - started
-    if rc != 0:
-        raise RuntimeError(f"{cmd[0]} exited {rc}; see {log}:\n" + log.read_text()[-3000:])
-    return {"wall_s": round(wall, 1), "omp_num_threads": monitor.omp, "load1_during": _summary(monitor.loads),
-            "lingering_pids": lingering, "log": str(log)}
-
-
-def _summary(values: list[float]) -> dict:
-    if not values:
-        return {}
-    return {"min": round(min(values), 2), "median": round(statistics.median(values), 2), "max": round(max(values), 2)}
-
-
 def ftcluster_overrides(a, data_path: Path, model_dir: Path, packing: bool, output_dir: Path) -> list[str]:
     return ["model=tiny", f"model.path={model_dir}", "model.init=pretrained", "model.attn_implementation=sdpa",
             "data=custom", f"data.path={data_path}", "data.format=chat", f"data.packing={str(packing).lower()}",
@@ -338,7 +170,7 @@ def run_ftcluster(a, work: Path, data_path: Path, model_dir: Path, packing: bool
     overrides = ftcluster_overrides(a, data_path, model_dir, packing, out_dir)
     cmd = [*ftcluster_cli(), "train", *overrides]
     print(f"[bench] {tag}: ftcluster train (data.packing={str(packing).lower()})", flush=True)
-    info = _run_logged(cmd, work / f"{tag}.log", a.threads)
+    info = run_logged(cmd, work / f"{tag}.log", a.threads)
     metrics = [json.loads(line) for line in (out_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
     train_rows = sorted((m for m in metrics if "tokens_per_s" in m), key=lambda m: m["step"])
     total = a.warmup + a.steps
@@ -366,7 +198,7 @@ def run_trainer(a, work: Path, model_dir: Path, rows_dir: Path, order: list[int]
     spec_path.write_text(json.dumps(spec))
     cmd = [sys.executable, str(Path(__file__).resolve()), "--hf-worker", str(spec_path)]
     print(f"[bench] {tag}: transformers.Trainer (pad to longest)", flush=True)
-    info = _run_logged(cmd, work / f"{tag}.log", a.threads)
+    info = run_logged(cmd, work / f"{tag}.log", a.threads)
     result = json.loads(Path(spec["result"]).read_text())
     return {"side": "trainer", "tag": tag, "command": " ".join(map(shlex.quote, cmd)), **result, **info}
 
@@ -754,7 +586,7 @@ def main() -> int:
         "date": date, "started_at": started_at, "finished_at": finished_at, "smoke": a.smoke,
         "settings": {k: v for k, v in vars(a).items() if k not in ("hf_worker", "workdir", "out", "report_from", "note")},
         "environment": {"cpu_model": cpu_model(), "cores": os.cpu_count(), "platform": platform.platform(),
-                        "versions": versions(), "git": git_state()},
+                        "versions": versions(PACKAGES), "git": git_state()},
         "quiet": quiet, "workdir": str(work),
         "reproduce": "python benchmarks/sft_vs_hf_trainer.py" + (" --smoke" if a.smoke else ""),
         "dataset": {"records": a.records, "lengths": _distribution(lengths), "prepared_unpacked": hf_stats,

@@ -72,6 +72,8 @@ class DPOConfig:
     label_smoothing: float = 0.0
     # SimPO's target margin gamma: -log sigmoid(beta * (avg logp_c - avg logp_r) - gamma).
     simpo_gamma: float = 0.5
+    # RPO (TRL's rpo_alpha): add this weight times the NLL of the chosen answers, per token.
+    sft_weight: float = 0.0
     # cached: the reference's log-probs are computed once, before training, and kept on disk (keyed by
     # model, data and template) for every later epoch and run; live: a reference forward every step.
     reference: str = "cached"
@@ -501,6 +503,9 @@ def validate(cfg: DictConfig, check_paths: bool = True) -> Derived:
     if cfg.peft.method == "qlora" and not _has_cuda():
         raise ConfigError("peft.method", "QLoRA quantizes with bitsandbytes, which needs a CUDA GPU; "
                                          "on CPU use peft=lora")
+    if cfg.peft.method in ("prompt", "prefix") and stage != "sft":
+        raise ConfigError("peft.method", f"{cfg.peft.method} tuning is supported for stage=sft only; for stage={stage} "
+                                         f"use peft=lora, peft=dora or peft=none")
     if cfg.peft.method in ("prompt", "prefix") and cfg.strategy.zero_stage == 3:
         raise ConfigError("peft.method", f"{cfg.peft.method} tuning is not supported with ZeRO-3 here; "
                                          "use strategy=zero2")
@@ -539,6 +544,8 @@ def _check_dpo(cfg: DictConfig) -> None:
         raise ConfigError("stage.dpo.beta", f"got {d.beta}; it must be a positive number such as 0.1")
     if not 0 <= d.label_smoothing < 0.5:
         raise ConfigError("stage.dpo.label_smoothing", f"got {d.label_smoothing}; it must be in [0, 0.5)")
+    if d.sft_weight < 0:
+        raise ConfigError("stage.dpo.sft_weight", f"got {d.sft_weight}; it must be 0 or more")
     if d.label_smoothing and d.loss not in ("sigmoid", "simpo"):
         raise ConfigError("stage.dpo.label_smoothing", f"label smoothing applies to the sigmoid and simpo losses, "
                                                        f"not {d.loss}; set it to 0")
@@ -588,9 +595,6 @@ def _check_rl(cfg: DictConfig) -> None:
         raise ConfigError("stage.rl.generation_backend",
                           "the vLLM backend is not available in this version (no GPU was at hand to test its weight "
                           "sync); use stage.rl.generation_backend=hf")
-    if cfg.peft.method in ("prompt", "prefix"):
-        raise ConfigError("peft.method", f"stage={stage} trains LoRA/DoRA adapters or full weights; "
-                                         f"{cfg.peft.method} tuning is not supported for RL")
 
 
 def _has_cuda() -> bool:

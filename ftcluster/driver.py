@@ -42,6 +42,8 @@ PACKAGES = ["ftcluster", "torch", "deepspeed", "transformers", "peft", "ray", "h
 
 def train(cfg: DictConfig, argv: list[str]) -> Path:
     derived = validate(cfg)
+    if cfg.stage.name in RL_STAGES:
+        check_rewards(cfg)
     out = Path(cfg.output_dir).resolve()
     cfg.output_dir = str(out)
     if cfg.stage.dpo.reference_cache_dir:  # workers may run elsewhere than this working directory
@@ -55,8 +57,6 @@ def train(cfg: DictConfig, argv: list[str]) -> Path:
     if resume_from is None:
         (out / "metrics.jsonl").unlink(missing_ok=True)  # a run that died before its first checkpoint
 
-    if cfg.stage.name in RL_STAGES:
-        check_rewards(cfg)
     model_dir = resolve_model(cfg, out)
     payload = {"config": _plain(cfg), "model_dir": model_dir, "data_dir": str(out / "data"),
                "resume_from": str(resume_from) if resume_from else None, "launch_id": uuid.uuid4().hex}

@@ -32,7 +32,8 @@ def pair_logps(model, batch: dict) -> SequenceLogps:
     side's summed response log-probability and token count."""
     inputs = {k: batch[k].to(dist.device()) for k in ("input_ids", "attention_mask")}
     logits = model(**inputs, use_cache=False).logits
-    logps, mask = labelled_logps(logits, batch["labels"].to(logits.device))
+    labels = batch["labels"].to(logits.device)
+    logps, mask = labelled_logps(logits[:, -labels.shape[1]:], labels)
     sums, counts = logps.sum(dim=1), mask.sum(dim=1)
     pairs = sums.shape[0] // 2
     return SequenceLogps(sums[:pairs], sums[pairs:], counts[:pairs], counts[pairs:])

@@ -44,7 +44,8 @@ class PreferenceTerms:
     """Per-pair terms of a DPO-family objective.
 
     The objective over a global batch of P pairs with N chosen tokens is
-    `losses.sum() / P + nll.sum() / N`; `nll` is non-zero for ORPO only (its SFT term on the chosen side).
+    `losses.sum() / P + nll.sum() / N`: `nll` is the (weighted) SFT term on the chosen side, ORPO's own
+    and RPO's (any loss with sft_weight > 0), else zero.
     Rewards are the implicit rewards each loss defines, for the metrics (accuracy, margins)."""
 
     losses: torch.Tensor
@@ -54,7 +55,7 @@ class PreferenceTerms:
 
 
 def preference_terms(loss: str, policy: SequenceLogps, reference: SequenceLogps | None, beta: float,
-                     label_smoothing: float = 0.0, simpo_gamma: float = 0.5) -> PreferenceTerms:
+                     label_smoothing: float = 0.0, simpo_gamma: float = 0.5, sft_weight: float = 0.0) -> PreferenceTerms:
     """The per-pair terms of one DPO-family loss, as TRL defines them.
 
     sigmoid: DPO, -log sigmoid(beta * h) with h the difference of the policy's and the reference's
@@ -64,8 +65,10 @@ def preference_terms(loss: str, policy: SequenceLogps, reference: SequenceLogps 
     simpo (reference-free): -log sigmoid(beta (avg_c - avg_r) - gamma).
     orpo (reference-free): NLL of the chosen side plus beta * -log sigmoid(log-odds ratio), on
       length-normalised log-probs.
+    sft_weight > 0 adds that weight times the chosen side's NLL (RPO, TRL's rpo_alpha): it keeps the
+    chosen answers likely while the margin grows, against DPO's tendency to lower both sides.
     """
-    zero = torch.zeros_like(policy.chosen)
+    nll = -sft_weight * policy.chosen
     if loss in ("sigmoid", "ipo"):
         if reference is None:
             raise ValueError(f"loss {loss!r} needs reference log-probs")
@@ -77,17 +80,17 @@ def preference_terms(loss: str, policy: SequenceLogps, reference: SequenceLogps 
             (pc, pr), (rc, rr) = policy.averages(), reference.averages()
             chosen_ratio, rejected_ratio = pc - rc, pr - rr
             losses = (chosen_ratio - rejected_ratio - 1 / (2 * beta)) ** 2
-        return PreferenceTerms(losses, zero, beta * chosen_ratio.detach(), beta * rejected_ratio.detach())
+        return PreferenceTerms(losses, nll, beta * chosen_ratio.detach(), beta * rejected_ratio.detach())
     avg_c, avg_r = policy.averages()
     if loss == "simpo":
         h = beta * (avg_c - avg_r) - simpo_gamma
         losses = -(1 - label_smoothing) * F.logsigmoid(h) - label_smoothing * F.logsigmoid(-h)
-        return PreferenceTerms(losses, zero, beta * avg_c.detach(), beta * avg_r.detach())
+        return PreferenceTerms(losses, nll, beta * avg_c.detach(), beta * avg_r.detach())
     if loss == "orpo":
         # log(p / (1 - p)) of the average per-token probability; log1p(-exp(x)) is exact for x < 0.
         log_odds = (avg_c - avg_r) - (torch.log1p(-torch.exp(avg_c)) - torch.log1p(-torch.exp(avg_r)))
         losses = -beta * F.logsigmoid(log_odds)
-        return PreferenceTerms(losses, -policy.chosen, beta * avg_c.detach(), beta * avg_r.detach())
+        return PreferenceTerms(losses, nll - policy.chosen, beta * avg_c.detach(), beta * avg_r.detach())
     raise ValueError(f"unknown preference loss {loss!r}; known: {', '.join(PREFERENCE_LOSSES)}")
 
 

@@ -86,6 +86,8 @@ class ReferenceLogps:
 
     def _compute(self) -> dict:
         ctx = self.ctx
+        pairs = len(ctx.loader.rows) + (len(ctx.eval_rows) if ctx.eval_rows is not None else 0)
+        ctx.tracker.message(f"computing the reference log-probs of {pairs} pairs once, for {self.folder}")
         if ctx.cfg.peft.method == "none":
             self._frozen = _frozen_copy(ctx)
         tables = {"train": self._score(ctx.loader.rows)}

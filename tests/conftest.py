@@ -76,6 +76,23 @@ def uninterrupted(tmp_path_factory) -> Path:
     return out
 
 
+PLAIN_CHATML = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n"
+                "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+
+
+@pytest.fixture(scope="session")
+def zero2_run(tmp_path_factory) -> tuple[Path, Path]:
+    """One ZeRO-2 SFT run that several tests read (equivalence with the reference loop, manifest and
+    trackers, the export round trip): ChatML without the default system prompt as data.chat_template,
+    wandb (offline) and TensorBoard on. Returns (output_dir, template file)."""
+    root = tmp_path_factory.mktemp("zero2")
+    template = root / "plain_chatml.jinja"
+    template.write_text(PLAIN_CHATML)
+    train(root / "run", "strategy=zero2", "trainer.max_steps=6", f"data.chat_template={template}", "tracking=wandb",
+          "tracking.tensorboard=true")
+    return root / "run", template
+
+
 # The bundled preference pairs at the tiny model's scale.
 PAIRS = ["data=json_extract_pairs", "trainer.micro_batch_per_device=2", "trainer.global_batch=8",
          "trainer.max_seq_len=192"]

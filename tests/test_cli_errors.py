@@ -100,3 +100,64 @@ def test_console_script_exits_nonzero_without_traceback(tmp_path):
     assert result.returncode == 2
     assert result.stderr.strip().splitlines() == [
         "ftcluster train: error: config key 'strategy.zero_stage': got 5; it must be 0, 1, 2 or 3"]
+
+
+PAIR = {"prompt": "Say hi.", "chosen": "hi", "rejected": "go away"}
+
+
+@pytest.mark.parametrize("records, expected", [
+    ([PAIR, {**PAIR, "rejected": "hi"}], "pairs.jsonl:2: 'chosen' and 'rejected' are the same response"),
+    ([{"prompt": "Say hi.", "chosen": "hi"}], "pairs.jsonl:1: record has no 'rejected' field (format=preference "
+                                              "expects prompt (text or turns), chosen and rejected"),
+    ([PAIR, PAIR, {**PAIR, "margin": "big"}], "pairs.jsonl:3: field 'margin' must be a number, got str"),
+    ([{"chosen": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}],
+       "rejected": [{"role": "user", "content": "c"}, {"role": "assistant", "content": "d"}]}],
+     "pairs.jsonl:1: without a 'prompt' field, 'chosen' and 'rejected' must be whole conversations that share"),
+])
+def test_bad_preference_records_name_file_and_line(capsys, tmp_path, records, expected):
+    data = write_jsonl(tmp_path / "pairs.jsonl", records)
+    code, err = run_cli(capsys, "stage=dpo", f"data.path={data}", "data.eval_path=null", "data.format=preference",
+                        f"output_dir={tmp_path}/run")
+    assert code == 2 and expected in err, err
+    assert not (tmp_path / "run" / "config.yaml").exists()
+
+
+@pytest.mark.parametrize("overrides, expected", [
+    (["stage=dpo"], "'data.format': stage=dpo trains on preference data, not 'alpaca'; dpo data needs "
+                    "data.format=preference records with prompt, chosen and rejected"),
+    (["stage=rm", "data=json_extract_pairs", "stage.rm.margin=x"], "stage.rm.margin"),
+    (["stage=grpo", "stage.rl.reward_fn=null"], "'stage.rl.reward_fn': stage=grpo needs exactly one reward"),
+    (["stage=grpo", "stage.rl.reward_fn=no_such_module:fn"], "'stage.rl.reward_fn': cannot import 'no_such_module'"),
+    (["stage=grpo", "stage.rl.reward_fn=ftcluster.rewards:nope"], "'ftcluster.rewards' has no function 'nope'"),
+    (["stage=grpo", "stage.rl.samples_per_prompt=1"], "GRPO compares each sample with the others of its group"),
+    (["stage=grpo", "trainer.global_batch=12"], "12 sequences per optimizer step do not divide a rollout of"),
+    (["stage=dpo", "data=json_extract_pairs", "stage.dpo.loss=kto"], "'stage.dpo.loss': got 'kto'"),
+    (["stage=grpo", "data.format=preference"], "stage=grpo trains on prompt, alpaca, chat data"),
+])
+def test_stage_config_errors(capsys, tmp_path, overrides, expected):
+    code, err = run_cli(capsys, *overrides, f"output_dir={tmp_path}/run")
+    assert code == 2 and expected in err, err
+    assert "Traceback" not in err and not (tmp_path / "run").exists()
+
+
+def test_prompt_records_need_a_prompt(capsys, tmp_path):
+    data = write_jsonl(tmp_path / "prompts.jsonl", [{"prompt": "Count to 3."}, {"question": "Count to 4."}])
+    code, err = run_cli(capsys, "stage=grpo", f"data.path={data}", "data.eval_path=null", "data.format=prompt",
+                        f"output_dir={tmp_path}/run")
+    assert code == 2 and "prompts.jsonl:2: record has no 'prompt' field (format=prompt expects prompt" in err, err
+
+
+def test_reward_model_whose_tokenizer_does_not_match(capsys, tmp_path):
+    from transformers import AutoConfig, AutoTokenizer
+
+    from ftcluster.config import ASSETS
+
+    folder = tmp_path / "rm"
+    config = AutoConfig.from_pretrained(ASSETS / "models" / "tiny")
+    config.architectures, config.vocab_size = ["LlamaForSequenceClassification"], 10
+    config.save_pretrained(folder)
+    AutoTokenizer.from_pretrained(ASSETS / "models" / "tiny").save_pretrained(folder)
+    code, err = run_cli(capsys, "stage=ppo", "stage.rl.reward_fn=null", f"stage.rl.reward_model={folder}",
+                        f"output_dir={tmp_path}/run")
+    assert code == 2 and f"the tokenizer in {folder} has 1000 tokens but its model only 10 embeddings" in err, err
+    assert not (tmp_path / "run" / "config.yaml").exists()

@@ -313,3 +313,60 @@ def test_text_format_prepares_without_a_template(tmp_path):
     stats = prepare(config(path, format="text"), bare, str(tmp_path / "out"))
     assert stats["train"]["examples"] == 2 and stats["eval_generate"] == 0
     assert "eval" not in stats and not (tmp_path / "out" / "eval").exists()
+
+
+# Converting and encoding: preference pairs and prompts
+
+
+def test_preference_layouts_give_one_canonical_pair():
+    user = {"role": "user", "content": "Say hi."}
+    hi, bye = {"role": "assistant", "content": "hi"}, {"role": "assistant", "content": "bye"}
+    expected = {"prompt": [user], "chosen": [hi], "rejected": [bye], "margin": None}
+    standard = {"prompt": "Say hi.", "chosen": "hi", "rejected": "bye"}
+    conversational = {"prompt": [user], "chosen": [hi], "rejected": [bye]}
+    implicit = {"chosen": [user, hi], "rejected": [user, bye]}  # TRL's implicit prompt: the shared opening
+    sharegpt = {"prompt": [{"from": "human", "value": "Say hi."}], "chosen": [{"from": "gpt", "value": "hi"}],
+                "rejected": [{"from": "gpt", "value": "bye"}]}
+    for record in (standard, conversational, implicit, sharegpt):
+        assert to_example(record, "preference", "p.jsonl", 1) == expected
+    assert to_example({**standard, "margin": 2}, "preference", "p.jsonl", 1)["margin"] == 2.0
+    with_system = to_example(standard, "preference", "p.jsonl", 1, system_prompt="Be brief.")
+    assert with_system["prompt"][0] == {"role": "system", "content": "Be brief."}
+
+
+def test_a_preference_side_needs_an_answer():
+    with raises("p.jsonl:4: field 'rejected' has no assistant turn"):
+        to_example({"prompt": "Hi", "chosen": "hi", "rejected": [{"role": "user", "content": "x"}]},
+                   "preference", "p.jsonl", 4)
+
+
+def test_pair_labels_cover_each_response_only(tokenizer):
+    from ftcluster.data.pairs import encode_pair
+    from ftcluster.data.template import IGNORE
+
+    example = to_example({"prompt": "Say hi.", "chosen": "hello there", "rejected": "no"}, "preference", "p", 1)
+    row = encode_pair(example, tokenizer)
+    for side, answer in (("chosen", "hello there"), ("rejected", "no")):
+        ids, labels = row[f"{side}_input_ids"], row[f"{side}_labels"]
+        trained = tokenizer.decode([t for t, label in zip(ids, labels) if label != IGNORE])
+        assert trained == f"{answer}<|im_end|>"  # the answer and its end of turn, never the prompt
+    prompt_len = next(i for i, label in enumerate(row["chosen_labels"]) if label != IGNORE)
+    assert row["chosen_input_ids"][:prompt_len] == row["rejected_input_ids"][:prompt_len]
+
+
+def test_prepare_pairs_and_prompts(tmp_path, tokenizer):
+    pairs = write_jsonl(tmp_path / "p.jsonl", [{"prompt": "Say hi.", "chosen": "hi", "rejected": "bye"}] * 3)
+    cfg = apply_schema({"stage": {"name": "dpo"}, "data": {"path": pairs, "format": "preference", "packing": False},
+                        "trainer": {"max_seq_len": 64, "global_batch": 2, "micro_batch_per_device": 1}})
+    stats = prepare(cfg, tokenizer, str(tmp_path / "pairs"))
+    assert stats["kind"] == "pairs" and stats["train"]["examples"] == 3
+    assert set(datasets.load_from_disk(str(tmp_path / "pairs" / "train")).column_names) >= {
+        "chosen_input_ids", "rejected_labels", "margin"}
+
+    alpaca = write_jsonl(tmp_path / "a.jsonl", [ALPACA] * 4)
+    cfg = apply_schema({"stage": {"name": "grpo", "rl": {"prompts_per_step": 2, "max_new_tokens": 8}},
+                        "data": {"path": alpaca, "format": "alpaca"}, "trainer": {"max_seq_len": 64}})
+    stats = prepare(cfg, tokenizer, str(tmp_path / "prompts"))
+    row = datasets.load_from_disk(str(tmp_path / "prompts" / "train"))[0]
+    assert stats["kind"] == "prompts" and json.loads(row["extra_json"]) == {"reference": "5"}
+    assert tokenizer.decode(row["prompt_ids"]).endswith("2 and 3<|im_end|>\n<|im_start|>assistant\n")

@@ -121,3 +121,9 @@ def test_group_relative_advantages():
 def test_sequence_reward_lands_on_the_last_real_token():
     out = sequence_rewards_to_tokens(torch.tensor([1.0, 2.0]), torch.tensor([[1, 1, 0], [1, 1, 1]]))
     assert out.tolist() == [[0.0, 1.0, 0.0], [0.0, 0.0, 2.0]]
+
+
+def test_rpo_adds_the_weighted_nll_of_the_chosen_side():
+    terms = preference_terms("sigmoid", POLICY, REFERENCE, beta=0.1, sft_weight=0.5)
+    assert terms.losses.item() == pytest.approx(softplus(-0.2))  # the DPO term is unchanged
+    assert terms.nll.item() == pytest.approx(5.0)  # 0.5 x the chosen side's summed NLL of 10

@@ -34,18 +34,14 @@ def test_resume_continues_exactly_like_an_uninterrupted_run(tmp_path):
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
-def test_export_round_trip_gives_the_same_eval_loss(tmp_path):
+def test_export_round_trip_gives_the_same_eval_loss(zero2_run, tmp_path):
     from ftcluster.data.loader import eval_batches
     from ftcluster.stages.sft import token_loss_sum
     import datasets
 
-    run = tmp_path / "run"
-    template = tmp_path / "plain_chatml.jinja"  # ChatML without the default system prompt
-    template.write_text("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n"
-                        "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
-    train(run, "strategy=zero2", "trainer.max_steps=4", "trainer.save_every_steps=4", f"data.chat_template={template}")
+    run, template = zero2_run  # its data.chat_template: ChatML without the default system prompt
     logged = rows(run, "eval_loss")[-1]
-    assert logged[0] == 4
+    assert logged[0] == 6
 
     from transformers import AutoTokenizer
 
@@ -61,7 +57,7 @@ def test_export_round_trip_gives_the_same_eval_loss(tmp_path):
     assert total / tokens == pytest.approx(logged[1], rel=1e-5)
 
     # `ftcluster export` from the last checkpoint rebuilds the same weights offline.
-    result = cli("export", str(run / "checkpoints" / "step-4"), "--out", str(tmp_path / "exported"))
+    result = cli("export", str(run / "checkpoints" / "step-6"), "--out", str(tmp_path / "exported"))
     assert result.returncode == 0, result.stderr
     assert AutoTokenizer.from_pretrained(tmp_path / "exported").chat_template == template.read_text()
     a, b = load_file(run / "final" / "model.safetensors"), load_file(tmp_path / "exported" / "model.safetensors")

@@ -15,7 +15,7 @@ import socket
 import time
 from dataclasses import dataclass
 from datetime import timedelta
-from typing import Any, Callable
+from typing import Callable
 
 from omegaconf import DictConfig
 
@@ -65,7 +65,7 @@ class ActorGroup:
     """`count` actors of `actor_class`, rank i on `bundles[i]` of `placement_group`."""
 
     def __init__(self, role: str, actor_class: type, count: int, placement_group, bundles: list[int],
-                 resources: list[dict], timeout_s: int, *args):
+                 resources: list[dict], timeout_s: int, start_timeout_s: int, *args):
         import ray
         from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
@@ -80,23 +80,26 @@ class ActorGroup:
                 ).remote(role, i, count, *args)
             for i, b in enumerate(bundles)]
         self.places = None
-        self.places = Pending(self, [a.where.remote() for a in self.actors], "start").get()
+        # Starting a process and importing what it needs can take a while on a busy node.
+        self.places = Pending(self, [a.where.remote() for a in self.actors], "start", start_timeout_s).get()
         master = self.places[0]
         self.call("join_group", master["ip"], master["port"], timeout_s)
 
     def __len__(self) -> int:
         return len(self.actors)
 
-    def call(self, method: str, *args, per_rank: dict[str, list] | None = None, **kwargs) -> list:
+    def call(self, method: str, *args, per_rank: dict[str, list] | None = None, timeout_s: int | None = None,
+             **kwargs) -> list:
         """`method(*args, **kwargs)` on every rank, rank i also getting {name: values[i]} from per_rank;
-        the results in rank order."""
-        return self.call_async(method, *args, per_rank=per_rank, **kwargs).get()
+        the results in rank order, within timeout_s (default: the group's)."""
+        return self.call_async(method, *args, per_rank=per_rank, timeout_s=timeout_s, **kwargs).get()
 
-    def call_async(self, method: str, *args, per_rank: dict[str, list] | None = None, **kwargs) -> "Pending":
+    def call_async(self, method: str, *args, per_rank: dict[str, list] | None = None, timeout_s: int | None = None,
+                   **kwargs) -> "Pending":
         per_rank = per_rank or {}
         refs = [getattr(actor, method).remote(*args, **kwargs, **{name: values[i] for name, values in per_rank.items()})
                 for i, actor in enumerate(self.actors)]
-        return Pending(self, refs, method)
+        return Pending(self, refs, method, timeout_s or self.timeout_s)
 
     def describe(self, rank: int) -> str:
         place = self.places[rank] if self.places else None
@@ -111,19 +114,20 @@ class ActorGroup:
 
 
 class Pending:
-    """Calls in flight on a group's ranks; get() waits for all of them, within the group's deadline."""
+    """Calls in flight on a group's ranks; get() waits for all of them, within timeout_s."""
 
-    def __init__(self, group: ActorGroup, refs: list, what: str):
-        self.group, self.refs, self.what = group, refs, what
+    def __init__(self, group: ActorGroup, refs: list, what: str, timeout_s: int):
+        self.group, self.refs, self.what, self.timeout_s = group, refs, what, timeout_s
 
     def get(self) -> list:
         import ray
         from ray.exceptions import RayActorError, RayTaskError
 
-        deadline = time.time() + self.group.timeout_s
+        deadline = time.time() + self.timeout_s
         pending = list(self.refs)
         while pending:
-            done, pending = ray.wait(pending, num_returns=len(pending), timeout=max(0.0, deadline - time.time()))
+            # One at a time: a failed rank surfaces at once, not when the slowest one finishes.
+            done, pending = ray.wait(pending, num_returns=1, timeout=max(0.0, deadline - time.time()))
             for ref in done:
                 try:
                     ray.get(ref)
@@ -137,10 +141,11 @@ class Pending:
                 except RayActorError as exc:
                     rank = self.refs.index(ref)
                     raise WorkerFailed(f"{self.group.describe(rank)} died in {self.what}: {_tail(str(exc), 3)}") from None
-            if pending and time.time() >= deadline:
+            if not done and pending:
                 late = ", ".join(self.group.describe(self.refs.index(ref)) for ref in pending)
-                raise ActorTimeout(f"{late} did not finish {self.what} within {self.group.timeout_s} s "
-                                   f"(launcher.collective_timeout_s or stage.rl.sync_timeout_s): stalled or lost")
+                raise ActorTimeout(f"{late} did not finish {self.what} within {self.timeout_s} s: stalled or lost "
+                                   f"(the deadline is launcher.collective_timeout_s, stage.rl.sync_timeout_s for "
+                                   f"weight syncs, launcher.ready_timeout_s for start-up)")
         return ray.get(list(self.refs))
 
 
@@ -161,6 +166,7 @@ class Placement:
         self.use_gpu = cfg.launcher.use_gpu if cfg.launcher.use_gpu is not None else ray.cluster_resources().get("GPU", 0) > 0
         self.groups: list[ActorGroup] = []
         self._pgs: list = []
+        self._slots = 0  # bundles held by this placement
 
     def bundle(self) -> dict:
         return {"CPU": self.cfg.launcher.cpus_per_worker, **({"GPU": 1} if self.use_gpu else {})}
@@ -168,6 +174,9 @@ class Placement:
     def place(self, roles: dict[str, tuple[type, int, tuple]], colocate: bool, timeout_s: int) -> dict[str, ActorGroup]:
         """roles: name -> (actor class, count, constructor args). Returns the started groups by name."""
         roles = {name: spec for name, spec in roles.items() if spec[1] > 0}
+        counts = {name: count for name, (_, count, _) in roles.items()}
+        self._check_fits(max(counts.values()) if colocate else sum(counts.values()),
+                         ("colocated roles " if colocate else "roles ") + ", ".join(f"{n} x{c}" for n, c in counts.items()))
         if colocate:
             slots = max(count for _, count, _ in roles.values())
             pg = self._placement_group(slots, "colocated roles: " + ", ".join(roles))
@@ -182,29 +191,39 @@ class Placement:
         started = {}
         for name, (actor_class, count, args) in roles.items():
             pg, bundles, resources = layout[name]
-            started[name] = ActorGroup(name, actor_class, count, pg, bundles, resources, timeout_s, *args)
+            started[name] = ActorGroup(name, actor_class, count, pg, bundles, resources, timeout_s,
+                                       self.cfg.launcher.ready_timeout_s, *args)
             self.groups.append(started[name])
         return started
 
     def _share(self, actors: int) -> dict:
         return {key: value / actors for key, value in self.bundle().items()}
 
+    def _check_fits(self, slots: int, what: str) -> None:
+        """Before any placement group is asked for: one that can never be granted would wait forever."""
+        import ray
+
+        total = ray.cluster_resources()
+        for resource, amount in self.bundle().items():
+            held = amount * self._slots
+            if total.get(resource, 0) - held < amount * slots:
+                raise UserError(f"{what} need {slots} bundles of {self.bundle()} but the Ray cluster has "
+                                f"{total.get(resource, 0):g} {resource}" + (f", {held:g} of them already placed" if held else "")
+                                + ": lower launcher.workers or the stage.rl.*_workers, set stage.rl.colocate=true, "
+                                  "or add nodes")
+
     def _placement_group(self, slots: int, what: str):
         import ray
         from ray.util.placement_group import placement_group
 
-        total = ray.cluster_resources()
-        for resource, amount in self.bundle().items():
-            if total.get(resource, 0) < amount * slots:
-                raise UserError(f"{what} need {slots} bundles of {self.bundle()} but the Ray cluster has "
-                                f"{total.get(resource, 0):g} {resource}: lower launcher.workers or the stage.rl.*_workers, "
-                                f"set stage.rl.colocate=true, or add nodes")
         pg = placement_group([self.bundle()] * slots, strategy=self.cfg.launcher.placement_strategy)
         ready, _ = ray.wait([pg.ready()], timeout=self.cfg.launcher.ready_timeout_s)
         if not ready:
             raise UserError(f"the placement group for {what} ({slots} x {self.bundle()}) was not ready within "
-                            f"launcher.ready_timeout_s={self.cfg.launcher.ready_timeout_s}")
+                            f"launcher.ready_timeout_s={self.cfg.launcher.ready_timeout_s}: other jobs hold the "
+                            f"resources, or a node is missing")
         self._pgs.append(pg)
+        self._slots += slots
         return pg
 
     def shutdown(self) -> None:
@@ -214,4 +233,4 @@ class Placement:
             group.kill()
         for pg in self._pgs:
             remove_placement_group(pg)
-        self.groups, self._pgs = [], []
+        self.groups, self._pgs, self._slots = [], [], 0

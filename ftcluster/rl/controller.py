@@ -50,6 +50,7 @@ class RLContext:
     eval_rows: datasets.Dataset | None
     groups: dict[str, ActorGroup]
     start_step: int
+    tokenizer: object
     reward_fn: object = None
     timings: dict = field(default_factory=dict)
 
@@ -83,8 +84,11 @@ class RLContext:
         tracker.message(f"{cfg.stage.name}: actor groups {placed} ({'colocated' if rl.colocate else 'separate'})")
         for pending in [group.call_async("setup") for group in groups.values()]:
             pending.get()
+        from ftcluster.model import load_tokenizer
+
         reward_fn = load_reward_fn(rl.reward_fn) if rl.reward_fn else None
-        ctx = cls(cfg, payload, tracker, loader, rows, eval_rows, groups, start_step, reward_fn)
+        ctx = cls(cfg, payload, tracker, loader, rows, eval_rows, groups, start_step,
+                  load_tokenizer(payload["model_dir"]), reward_fn)
         ctx.sync(start_step)
         if start_step:
             tracker.message(f"resumed from {resume} at step {start_step}")
@@ -111,10 +115,9 @@ class RLContext:
                 samples.append({"prompt_ids": row["prompt_ids"], "prompt": prompt, "fields": fields, "group": group})
         with self.phase("generate"):
             responses = self._generate([s["prompt_ids"] for s in samples], step)
-        tokenizer = self._tokenizer()
         for sample, response in zip(samples, responses):
             sample["response_ids"] = response
-            sample["completion"] = tokenizer.decode(response, skip_special_tokens=True)
+            sample["completion"] = self.tokenizer.decode(response, skip_special_tokens=True)
         return samples
 
     def _generate(self, prompt_ids: list[list[int]], step: int) -> list[list[int]]:
@@ -129,11 +132,14 @@ class RLContext:
     def score(self, samples: list[dict], step: int) -> list[float]:
         """One reward per sample: the reward function here, or the reward model group."""
         with self.phase("score"):
-            if self.reward_fn is not None:
-                return score_samples(self.reward_fn, self.cfg.stage.rl.reward_fn, samples, step)
-            group = self.groups["reward"]
-            plain = [{"prompt": s["prompt"], "completion": s["completion"]} for s in samples]
-            return [r for part in group.call("score", per_rank={"samples": shares(plain, len(group))}) for r in part]
+            return self._rewards(samples, step)
+
+    def _rewards(self, samples: list[dict], step: int) -> list[float]:
+        if self.reward_fn is not None:
+            return score_samples(self.reward_fn, self.cfg.stage.rl.reward_fn, samples, step)
+        group = self.groups["reward"]
+        plain = [{"prompt": s["prompt"], "completion": s["completion"]} for s in samples]
+        return [r for part in group.call("score", per_rank={"samples": shares(plain, len(group))}) for r in part]
 
     def logprobs(self, samples: list[dict]) -> tuple[list, list | None]:
         """Per-token log-probs of the responses under the policy before the update, and under the
@@ -184,9 +190,7 @@ class RLContext:
             return
         with self.phase("sync"):
             box, digest = self.groups["policy"].call("trainable_weights", version)[0]
-            rollout.timeout_s = self.cfg.stage.rl.sync_timeout_s
-            confirmed = rollout.call("load_weights", box)
-            rollout.timeout_s = self.cfg.launcher.collective_timeout_s
+            confirmed = rollout.call("load_weights", box, timeout_s=self.cfg.stage.rl.sync_timeout_s)
         # Each rollout actor reports the version and a checksum of the weights it now holds.
         wrong = [rank for rank, (v, d) in enumerate(confirmed) if v != version or abs(d - digest) > 1e-6 * abs(digest)]
         if wrong:
@@ -230,9 +234,7 @@ class RLContext:
         prompts, fields = zip(*(decode_row(row) for row in self.eval_rows))
         answers = self.groups["policy"].call("eval_answers", list(prompts), self.cfg.trainer.eval_max_new_tokens)[0]
         samples = [{"prompt": p, "completion": a, "fields": f} for p, a, f in zip(prompts, answers, fields)]
-        saved = self.timings
-        rewards = self.score(samples, step)
-        self.timings = saved
+        rewards = self._rewards(samples, step)  # not timed: the step's phases are the training ones
         metrics = {"eval_reward_mean": sum(rewards) / len(rewards)}
         if all("reference" in f for f in fields):
             metrics["eval_exact_match"] = exact_match_rate(answers, [f["reference"] for f in fields])
@@ -254,13 +256,6 @@ class RLContext:
     def export_final(self) -> None:
         written = self.groups["policy"].call("export_final", f"{self.cfg.output_dir}/final")[0]
         self.tracker.message(f"exported {written}")
-
-    def _tokenizer(self):
-        if not hasattr(self, "_tok"):
-            from ftcluster.model import load_tokenizer
-
-            self._tok = load_tokenizer(self.payload["model_dir"])
-        return self._tok
 
 
 def _sequences(samples: list[dict]) -> list[dict]:

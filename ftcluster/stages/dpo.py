@@ -20,6 +20,8 @@ Features and their trade-offs:
 
 from __future__ import annotations
 
+import time
+
 import torch
 
 from ftcluster import dist
@@ -41,10 +43,12 @@ def train(ctx: StageContext) -> None:
     d = ctx.cfg.stage.dpo
     reference = None
     if d.loss not in REFERENCE_FREE:
+        started = time.perf_counter()
         reference = ReferenceLogps(ctx, cached=d.reference == "cached")
         if reference.cached:
             ctx.tracker.log(0, {"reference_cache_hit": int(reference.cache_hit),
-                                "reference_forward_batches": reference.forward_batches})
+                                "reference_forward_batches": reference.forward_batches,
+                                "reference_pass_s": time.perf_counter() - started})
             ctx.tracker.message(f"reference log-probs {'read from' if reference.cache_hit else 'cached in'} "
                                 f"{reference.folder} ({reference.forward_batches} reference forward batches)")
     loop.run(ctx, lambda c, i: step(c, i, reference), lambda c, s, g: evaluate(c, s, g, reference))
@@ -61,7 +65,7 @@ def step(ctx: StageContext, index: int, reference: ReferenceLogps | None) -> loo
     for mb in micro_batches:
         policy = pair_logps(engine, mb)
         terms = preference_terms(d.loss, policy, reference.logps(mb) if reference else None, d.beta,
-                                 d.label_smoothing, d.simpo_gamma)
+                                 d.label_smoothing, d.simpo_gamma, d.sft_weight)
         objective = terms.losses.sum() / pairs + terms.nll.sum() / chosen_tokens
         # DeepSpeed averages gradients over ranks: scale so the sum over ranks is the global objective.
         engine.backward(objective * ctx.world_size, scale_wrt_gas=False)
@@ -110,7 +114,7 @@ def eval_pairs(ctx: StageContext, reference: ReferenceLogps | None) -> dict:
         ref = reference.logps(batch, "eval") if reference else None
         if int(batch["num_examples"]) == 0:
             continue
-        terms = preference_terms(d.loss, policy, ref, d.beta, d.label_smoothing, d.simpo_gamma)
+        terms = preference_terms(d.loss, policy, ref, d.beta, d.label_smoothing, d.simpo_gamma, d.sft_weight)
         sums += _pair_sums(terms, policy, terms.losses.sum())
         nll += terms.nll.sum().item()
         pairs += int(batch["num_examples"])

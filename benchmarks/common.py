@@ -1,0 +1,211 @@
+"""What every benchmark here shares: waiting for a quiet machine, describing it (CPU, package versions,
+git state), and running one side of a comparison as a subprocess while sampling its process tree
+(threads, load, peak memory per process).
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import re
+import statistics
+import subprocess
+import threading
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+RESULTS = REPO / "benchmarks" / "results"
+BUSY_PATTERN = re.compile(r"ftcluster train|pytest")
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Machine state
+
+def _process_table() -> dict[int, tuple[int, str]]:
+    """pid -> (ppid, command line) for every process we can read."""
+    table = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            stat = Path(f"/proc/{entry}/stat").read_text()
+            ppid = int(stat[stat.rindex(")") + 2:].split()[1])
+            cmd = Path(f"/proc/{entry}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace").strip()
+        except (OSError, ValueError, IndexError):
+            continue
+        table[int(entry)] = (ppid, cmd)
+    return table
+
+
+def _descendants(root: int, table: dict) -> set[int]:
+    children: dict[int, list[int]] = {}
+    for pid, (ppid, _) in table.items():
+        children.setdefault(ppid, []).append(pid)
+    out, stack = set(), [root]
+    while stack:
+        for child in children.get(stack.pop(), []):
+            if child not in out:
+                out.add(child)
+                stack.append(child)
+    return out
+
+
+def _ancestors(pid: int, table: dict) -> set[int]:
+    out = set()
+    while pid in table and pid not in out and pid > 1:
+        out.add(pid)
+        pid = table[pid][0]
+    return out
+
+
+def busy_processes() -> list[str]:
+    """Other processes running ftcluster training or pytest (this process, its parents and children excluded)."""
+    table = _process_table()
+    mine = _ancestors(os.getpid(), table) | _descendants(os.getpid(), table)
+    return [f"{pid}: {cmd[:120]}" for pid, (_, cmd) in sorted(table.items())
+            if pid not in mine and BUSY_PATTERN.search(cmd)]
+
+
+def load1() -> float:
+    return os.getloadavg()[0]
+
+
+def wait_for_quiet(max_wait_s: float, threshold: float, poll_s: float = 15.0) -> dict:
+    started = time.time()
+    while True:
+        busy, load = busy_processes(), load1()
+        waited = time.time() - started
+        if not busy and load < threshold:
+            return {"quiet": True, "waited_s": round(waited), "load1": load, "busy": []}
+        if waited >= max_wait_s:
+            return {"quiet": False, "waited_s": round(waited), "load1": load, "busy": busy}
+        print(f"[bench] waiting for a quiet machine ({waited:.0f}/{max_wait_s:.0f} s): load1={load:.2f}, "
+              f"{len(busy)} busy process(es)", flush=True)
+        time.sleep(poll_s)
+
+
+def cpu_model() -> str:
+    for line in Path("/proc/cpuinfo").read_text().splitlines():
+        if line.startswith("model name"):
+            return line.split(":", 1)[1].strip()
+    return platform.processor() or "unknown"
+
+
+def versions(packages: list[str]) -> dict:
+    import importlib.metadata as md
+
+    out = {"python": platform.python_version()}
+    for name in packages:
+        try:
+            out[name] = md.version(name)
+        except md.PackageNotFoundError:
+            out[name] = None
+    return out
+
+
+def git_state() -> dict:
+    def run(*args):
+        try:
+            return subprocess.run(["git", "-C", str(REPO), *args], capture_output=True, text=True, timeout=10).stdout
+        except (OSError, subprocess.TimeoutExpired):
+            return ""
+    return {"sha": run("rev-parse", "HEAD").strip() or None,
+            "dirty_files": len([line for line in run("status", "--porcelain").splitlines() if line.strip()])}
+
+
+class Monitor:
+    """Samples a child's process tree while it runs: which processes, the training worker's OMP_NUM_THREADS,
+    each process's peak resident memory (the kernel's VmHWM, so no peak between samples is missed) and the
+    load average; afterwards waits for the whole tree to be gone before the next run starts."""
+
+    def __init__(self, root_pid: int):
+        self.root, self.pids, self.loads, self.omp = root_pid, set(), [], {}
+        self.peak_rss_mib: dict[str, float] = {}  # "pid command" -> MiB
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, daemon=True)
+        self._thread.start()
+
+    def _loop(self):
+        while not self._stop.is_set():
+            table = _process_table()
+            tree = _descendants(self.root, table) | {self.root}
+            self.pids |= tree
+            for pid in tree:
+                cmd = table.get(pid, (0, ""))[1]
+                if ("RayTrainWorker" in cmd or pid == self.root) and cmd not in self.omp:
+                    try:
+                        env = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+                        omp = next((e.split(b"=", 1)[1].decode() for e in env if e.startswith(b"OMP_NUM_THREADS=")), None)
+                        self.omp[cmd[:60]] = omp
+                    except OSError:
+                        pass
+                peak = _peak_rss_mib(pid)
+                if peak is not None:
+                    label = f"{pid} {cmd[:60]}"
+                    self.peak_rss_mib[label] = max(peak, self.peak_rss_mib.get(label, 0.0))
+            self.loads.append(load1())
+            self._stop.wait(1.0)
+
+    def peak_of(self, pattern: str) -> float | None:
+        """The highest peak RSS (MiB) among the processes whose command line matches `pattern`."""
+        peaks = [mib for label, mib in self.peak_rss_mib.items() if re.search(pattern, label)]
+        return max(peaks) if peaks else None
+
+    def finish(self, linger_s: float = 60.0) -> list[int]:
+        self._stop.set()
+        self._thread.join()
+        deadline = time.time() + linger_s
+        while time.time() < deadline:
+            alive = [p for p in self.pids if Path(f"/proc/{p}").exists()]
+            if not alive:
+                return []
+            time.sleep(0.5)
+        return [p for p in self.pids if Path(f"/proc/{p}").exists()]
+
+
+def _peak_rss_mib(pid: int) -> float | None:
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    except (OSError, ValueError, IndexError):
+        return None
+    return None
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Runs
+
+def _env(threads: int) -> dict:
+    env = dict(os.environ)
+    env.update(OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads), TOKENIZERS_PARALLELISM="false",
+               RAY_USAGE_STATS_ENABLED="0", PYTHONUNBUFFERED="1")
+    return env
+
+
+def run_logged(cmd: list[str], log: Path, threads: int, trainer_pattern: str | None = None) -> dict:
+    """Run `cmd` with `threads` threads, its output in `log`; trainer_pattern names the process that trains
+    (a regular expression on its command line) for the peak-memory figure."""
+    started = time.time()
+    with open(log, "w") as f:
+        proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, env=_env(threads), cwd=str(REPO))
+        monitor = Monitor(proc.pid)
+        rc = proc.wait()
+    lingering = monitor.finish()
+    wall = time.time() - started
+    if rc != 0:
+        raise RuntimeError(f"{cmd[0]} exited {rc}; see {log}:\n" + log.read_text()[-3000:])
+    out = {"wall_s": round(wall, 1), "omp_num_threads": monitor.omp, "load1_during": _summary(monitor.loads),
+           "lingering_pids": lingering, "log": str(log)}
+    if trainer_pattern:
+        out["trainer_peak_rss_mib"] = monitor.peak_of(trainer_pattern)
+    return out
+
+
+def _summary(values: list[float]) -> dict:
+    if not values:
+        return {}
+    return {"min": round(min(values), 2), "median": round(statistics.median(values), 2), "max": round(max(values), 2)}
+
+

@@ -1,0 +1,64 @@
+"""Role placement for the RL stages on a real Ray cluster: actor groups with their own process groups,
+colocated on shared bundles or apart, and calls that fail loudly (naming role, rank, node and pid)
+instead of hanging."""
+
+import pytest
+from omegaconf import OmegaConf
+from ray import cloudpickle
+
+import actor_roles
+from actor_roles import Echo
+from ftcluster.config import TrainConfig
+from ftcluster.errors import UserError
+from ftcluster.launch import ray as ray_launch
+from ftcluster.launch.actors import ActorTimeout, Placement
+from ftcluster.launch.ray import WorkerFailed
+
+
+@pytest.fixture(scope="module")
+def cfg():
+    ray_launch.connect(address=None)  # the in-process cluster the other tests share (2 CPUs here)
+    cloudpickle.register_pickle_by_value(actor_roles)  # tests/ is not on the workers' path
+    conf = OmegaConf.structured(TrainConfig)
+    conf.launcher.use_gpu = False
+    return conf
+
+
+def test_colocated_roles_share_bundles_and_each_group_has_its_own_process_group(cfg):
+    placement = Placement(cfg)
+    try:
+        groups = placement.place({"policy": (Echo, 2, ()), "critic": (Echo, 1, ())}, colocate=True, timeout_s=60)
+        policy, critic = (groups[name].call("placed") for name in ("policy", "critic"))
+        assert [(p["rank"], p["world"]) for p in policy] == [(0, 2), (1, 2)]
+        assert [(c["rank"], c["world"]) for c in critic] == [(0, 1)]
+        assert len({p["pg"] for p in policy + critic}) == 1  # one placement group for every role
+        # bundle 0 holds policy rank 0 and the critic: half a CPU each; bundle 1 policy rank 1 alone
+        assert [p["bundle"]["CPU"] for p in policy] == [0.5, 1.0] and critic[0]["bundle"]["CPU"] == 0.5
+        assert groups["policy"].call("total", 3) == [6, 6] and groups["critic"].call("total", 3) == [3]
+    finally:
+        placement.shutdown()
+
+
+def test_separate_roles_that_do_not_fit_are_refused(cfg):
+    placement = Placement(cfg)
+    try:
+        placement.place({"policy": (Echo, 1, ())}, colocate=False, timeout_s=60)
+        with pytest.raises(UserError, match=r"roles critic x2 need 2 bundles of .* has 2 CPU, 1 of them already "
+                                            r"placed: .* set stage.rl.colocate=true"):
+            placement.place({"critic": (Echo, 2, ())}, colocate=False, timeout_s=60)
+    finally:
+        placement.shutdown()
+
+
+def test_a_stalled_or_dead_actor_fails_the_call_naming_it(cfg):
+    placement = Placement(cfg)
+    try:
+        group = placement.place({"rollout": (Echo, 2, ())}, colocate=True, timeout_s=3)["rollout"]
+        pids = [p["pid"] for p in group.call("placed")]
+        with pytest.raises(ActorTimeout, match=rf"^rollout rank 1 \(node .*, pid {pids[1]}\) did not finish stall_on "
+                                               r"within 3 s: stalled or lost"):
+            group.call("stall_on", 1, 60)
+        with pytest.raises(WorkerFailed, match=rf"^rollout rank 0 \(node .*, pid {pids[0]}\) died in die_on"):
+            group.call("die_on", 0, timeout_s=30)
+    finally:
+        placement.shutdown()
