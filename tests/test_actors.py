@@ -39,13 +39,15 @@ def test_colocated_roles_share_bundles_and_each_group_has_its_own_process_group(
         placement.shutdown()
 
 
-def test_separate_roles_that_do_not_fit_are_refused(cfg):
+def test_separate_roles_get_placement_groups_of_their_own_and_what_cannot_fit_is_refused(cfg):
     placement = Placement(cfg)
     try:
-        placement.place({"policy": (Echo, 1, ())}, colocate=False, timeout_s=60)
-        with pytest.raises(UserError, match=r"roles critic x2 need 2 bundles of .* has 2 CPU, 1 of them already "
+        groups = placement.place({"policy": (Echo, 1, ()), "critic": (Echo, 1, ())}, colocate=False, timeout_s=60)
+        policy, critic = (groups[name].call("placed")[0] for name in ("policy", "critic"))
+        assert policy["pg"] != critic["pg"] and policy["bundle"]["CPU"] == critic["bundle"]["CPU"] == 1.0
+        with pytest.raises(UserError, match=r"roles reward x1 need 1 bundles of .* has 2 CPU, 2 of them already "
                                             r"placed: .* set stage.rl.colocate=true"):
-            placement.place({"critic": (Echo, 2, ())}, colocate=False, timeout_s=60)
+            placement.place({"reward": (Echo, 1, ())}, colocate=False, timeout_s=60)
     finally:
         placement.shutdown()
 

@@ -49,11 +49,12 @@ DPO = ["stage=dpo", *PAIRS, "trainer.max_steps=10", "trainer.eval_every_steps=10
 
 
 def test_dpo_raises_held_out_accuracy_and_reuses_its_reference_cache(tmp_path):
-    """ZeRO-0 computes the reference log-probs once and caches them; a ZeRO-3 run on the same model and
-    data reads them (no reference forward at all) and follows the same trajectory."""
+    """ZeRO-3 computes the reference log-probs once, with a frozen copy partitioned like the policy, and
+    caches them; a ZeRO-0 run on the same model and data reads them (no reference forward at all) and
+    follows the same trajectory."""
     cache = tmp_path / "reference_cache"
-    first, second = tmp_path / "zero0", tmp_path / "zero3"
-    train(first, *DPO, "strategy=zero0", f"stage.dpo.reference_cache_dir={cache}")
+    first, second = tmp_path / "zero3", tmp_path / "zero0"
+    train(first, *DPO, "strategy=zero3", f"stage.dpo.reference_cache_dir={cache}")
     assert rows(first, "reference_cache_hit") == [(0, 0)]
     assert rows(first, "reference_forward_batches")[0][1] > 0
     assert len(list(cache.iterdir())) == 1
@@ -63,7 +64,7 @@ def test_dpo_raises_held_out_accuracy_and_reuses_its_reference_cache(tmp_path):
     assert accuracy[-1][1] >= 0.7
     assert rows(first, "eval_rewards_margin")[-1][1] > 0
 
-    train(second, *DPO, "strategy=zero3", f"stage.dpo.reference_cache_dir={cache}")
+    train(second, *DPO, "strategy=zero0", f"stage.dpo.reference_cache_dir={cache}")
     assert rows(second, "reference_cache_hit") == [(0, 1)]
     assert rows(second, "reference_forward_batches") == [(0, 0)]
     assert [v for _, v in rows(second, "loss")] == pytest.approx([v for _, v in rows(first, "loss")], rel=1e-4)

@@ -20,13 +20,22 @@ def rows(run, key):
     return [(r["step"], r[key]) for r in read_metrics(run) if key in r]
 
 
-def test_grpo_raises_the_reward_of_a_toy_task(tmp_path):
-    """Reward: the share of digits in the answer. Sampling happens on 2 separate rollout actors that get
-    the policy's weights after every update; the reference is a frozen copy the policy holds."""
-    run = tmp_path / "grpo"
-    train(run, "stage=grpo", *RL, "stage.rl.reward_fn=tests/toy_rewards.py:digit_share", "stage.rl.prompts_per_step=4",
-          "stage.rl.samples_per_prompt=4", "trainer.global_batch=16", "trainer.max_steps=15", "optim.lr=3e-3",
-          "stage.rl.rollout_workers=2", "strategy=zero2")
+# Reward: the share of digits in the answer. Sampling happens on 2 separate rollout actors that get the
+# policy's weights after every update; the reference is a frozen copy the policy holds. Constant lr.
+GRPO = ["stage=grpo", *RL, "stage.rl.reward_fn=tests/toy_rewards.py:digit_share", "stage.rl.prompts_per_step=4",
+        "stage.rl.samples_per_prompt=4", "trainer.global_batch=16", "optim.lr=3e-3", "stage.rl.rollout_workers=2",
+        "strategy=zero2"]
+
+
+@pytest.fixture(scope="module")
+def grpo_run(tmp_path_factory):
+    run = tmp_path_factory.mktemp("grpo") / "run"
+    train(run, *GRPO, "trainer.max_steps=15")
+    return run
+
+
+def test_grpo_raises_the_reward_of_a_toy_task(grpo_run):
+    run = grpo_run
     held_out = rows(run, "eval_reward_mean")
     assert [step for step, _ in held_out] == [0, 15]
     assert held_out[-1][1] > 3 * held_out[0][1] > 0
@@ -42,6 +51,20 @@ def test_grpo_raises_the_reward_of_a_toy_task(tmp_path):
     step1 = [s["reward"] for s in samples if s["step"] == 1]
     assert sum(step1) / 16 == pytest.approx(rewards[0])
     assert AutoModelForCausalLM.from_pretrained(run / "final") is not None
+
+
+def test_grpo_resumes_exactly(grpo_run, tmp_path):
+    """Stopped after step 2 with a checkpoint (policy, optimizer, data position), resumed: the same samples,
+    rewards and losses as the uninterrupted run's first 4 steps (sampling is seeded by step and rank)."""
+    run = tmp_path / "run"
+    train(run, *GRPO, "trainer.max_steps=4", "trainer.stop_after_steps=2")
+    assert not (run / "final").exists() and (run / "checkpoints" / "step-2" / "policy").is_dir()
+    train(run, *GRPO, "trainer.max_steps=4", "resume=auto")
+    for key in ("reward_mean", "loss", "kl"):
+        assert rows(run, key) == rows(grpo_run, key)[:4], key
+    resumed = [json.loads(line) for line in (run / "rollouts.jsonl").read_text().splitlines()]
+    whole = [json.loads(line) for line in (grpo_run / "rollouts.jsonl").read_text().splitlines()]
+    assert resumed == [s for s in whole if s["step"] <= 4]
 
 
 def test_ppo_with_a_reward_model_a_critic_and_a_reference_group(tmp_path, reward_model_run):
