@@ -5,6 +5,7 @@ git state), and running one side of a comparison as a subprocess while sampling 
 
 from __future__ import annotations
 
+import argparse
 import os
 import platform
 import re
@@ -209,3 +210,20 @@ def _summary(values: list[float]) -> dict:
     return {"min": round(min(values), 2), "median": round(statistics.median(values), 2), "max": round(max(values), 2)}
 
 
+
+
+def add_run_arguments(p: argparse.ArgumentParser, steps: int) -> None:
+    """The options every side-by-side benchmark takes: the batch, steps and rounds, and the machine."""
+    p.add_argument("--micro-batch", type=int, default=4)
+    p.add_argument("--global-batch", type=int, default=8)
+    p.add_argument("--steps", type=int, default=steps, help="measured steps")
+    p.add_argument("--warmup", type=int, default=5, help="steps run and left out of the figures")
+    p.add_argument("--rounds", type=int, default=2)
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--wait-quiet", type=float, default=1200, help="seconds to wait for a quiet machine (0: don't)")
+    p.add_argument("--quiet-load", type=float, default=0.5, help="1-min load average that counts as quiet")
+    p.add_argument("--workdir", help="where the runs go (default: a new temp folder)")
+    p.add_argument("--out", help="report folder (default: benchmarks/results; the work folder with --smoke)")
+    p.add_argument("--note", action="append", default=[], help="a line for the report's notes (repeatable)")

@@ -39,7 +39,8 @@ import tempfile
 import time
 from pathlib import Path
 
-from common import REPO, RESULTS, busy_processes, cpu_model, git_state, load1, run_logged, versions, wait_for_quiet
+from common import (REPO, RESULTS, add_run_arguments, busy_processes, cpu_model, git_state, load1, run_logged,
+                    versions, wait_for_quiet)
 
 TINY = REPO / "ftcluster" / "assets" / "models" / "tiny"
 PAIRS = REPO / "ftcluster" / "assets" / "data" / "json_extract" / "pairs_train.jsonl"
@@ -218,20 +219,8 @@ def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--trl-worker", help=argparse.SUPPRESS)
     p.add_argument("--smoke", action="store_true", help="3 measured steps after 1 warm-up, 1 round")
-    p.add_argument("--micro-batch", type=int, default=4)
-    p.add_argument("--global-batch", type=int, default=8)
-    p.add_argument("--steps", type=int, default=40, help="measured steps")
-    p.add_argument("--warmup", type=int, default=5, help="steps run and left out of the figures")
-    p.add_argument("--rounds", type=int, default=2)
-    p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--beta", type=float, default=0.1)
-    p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--wait-quiet", type=float, default=1200, help="seconds to wait for a quiet machine (0: don't)")
-    p.add_argument("--quiet-load", type=float, default=0.5, help="1-min load average that counts as quiet")
-    p.add_argument("--workdir", help="where the runs go (default: a new temp folder)")
-    p.add_argument("--out", help="report folder (default: benchmarks/results; the work folder with --smoke)")
-    p.add_argument("--note", action="append", default=[], help="a line for the report's notes (repeatable)")
+    add_run_arguments(p, steps=40)
     a = p.parse_args()
     if a.trl_worker:
         trl_worker(a.trl_worker)

@@ -45,7 +45,8 @@ import tempfile
 import time
 from pathlib import Path
 
-from common import REPO, RESULTS, busy_processes, cpu_model, git_state, load1, run_logged, versions, wait_for_quiet
+from common import (REPO, RESULTS, add_run_arguments, busy_processes, cpu_model, git_state, load1, run_logged,
+                    versions, wait_for_quiet)
 
 TINY = REPO / "ftcluster" / "assets" / "models" / "tiny"
 PACKAGES = ["ftcluster", "torch", "transformers", "accelerate", "datasets", "deepspeed", "ray", "hydra-core",
@@ -499,21 +500,9 @@ def main() -> int:
     p.add_argument("--min-len", type=int, default=32, help="shortest target length in tokens (the framing is ~30)")
     p.add_argument("--max-len", type=int, default=480)
     p.add_argument("--max-seq-len", type=int, default=512)
-    p.add_argument("--micro-batch", type=int, default=4)
-    p.add_argument("--global-batch", type=int, default=8)
-    p.add_argument("--steps", type=int, default=30, help="measured steps")
-    p.add_argument("--warmup", type=int, default=5, help="steps run and left out of the figures")
-    p.add_argument("--rounds", type=int, default=2)
-    p.add_argument("--lr", type=float, default=1e-3)
-    p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--wait-quiet", type=float, default=1200, help="seconds to wait for a quiet machine (0: don't)")
-    p.add_argument("--quiet-load", type=float, default=0.5, help="1-min load average that counts as quiet")
-    p.add_argument("--workdir", help="where the data set and the runs go (default: a new temp folder)")
-    p.add_argument("--out", help="report folder (default: benchmarks/results; the work folder with --smoke)")
     p.add_argument("--report-from", metavar="JSON", help="measure nothing: rebuild the report of a finished "
                                                           "measurement from its .json (raw figures)")
-    p.add_argument("--note", action="append", default=[], help="a line for the report's notes (repeatable)")
+    add_run_arguments(p, steps=30)
     a = p.parse_args()
     if a.hf_worker:
         hf_worker(a.hf_worker)

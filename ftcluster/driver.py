@@ -41,6 +41,18 @@ PACKAGES = ["ftcluster", "torch", "deepspeed", "transformers", "peft", "ray", "h
 
 
 def train(cfg: DictConfig, argv: list[str]) -> Path:
+    payload = prepare_run(cfg, argv)
+    if payload is None:
+        print(f"[ftcluster] {cfg.output_dir} is already complete at step {cfg.trainer.max_steps}; final/ is up to date")
+        return Path(cfg.output_dir) / "final"
+    started = time.time()
+    importlib.import_module(LAUNCHERS[cfg.launcher.name]).launch(worker_entry(cfg), payload, cfg)
+    return _check_outcome(cfg, started)
+
+
+def prepare_run(cfg: DictConfig, argv: list[str]) -> dict | None:
+    """Everything before the launch: checks, resume policy, model folder, data, config.yaml and
+    manifest.json. Returns the payload every worker entry gets, or None when the run is already complete."""
     derived = validate(cfg)
     if cfg.stage.name in RL_STAGES:
         check_rewards(cfg)
@@ -51,8 +63,7 @@ def train(cfg: DictConfig, argv: list[str]) -> Path:
     stop.install_signal_handler(out)  # first: a preemption notice may come at any moment
     resume_from = resolve_resume(cfg, derived)
     if resume_from is not None and _already_finished(cfg, resume_from):
-        print(f"[ftcluster] {out} is already complete at step {cfg.trainer.max_steps}; final/ is up to date")
-        return out / "final"
+        return None
     out.mkdir(parents=True, exist_ok=True)
     if resume_from is None:
         (out / "metrics.jsonl").unlink(missing_ok=True)  # a run that died before its first checkpoint
@@ -64,10 +75,7 @@ def train(cfg: DictConfig, argv: list[str]) -> Path:
     _report_data(stats)
     (out / "config.yaml").write_text(to_yaml(cfg))
     (out / "manifest.json").write_text(json.dumps(manifest(cfg, derived, argv, stats), indent=2))
-
-    started = time.time()
-    importlib.import_module(LAUNCHERS[cfg.launcher.name]).launch(worker_entry(cfg), payload, cfg)
-    return _check_outcome(cfg, started)
+    return payload
 
 
 def worker_entry(cfg: DictConfig):

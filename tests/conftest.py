@@ -30,6 +30,31 @@ def train(output_dir: Path, *overrides: str):
     return driver_train(compose(args), ["train", *args])
 
 
+def train_in_process(output_dir: Path, *overrides: str) -> None:
+    """The driver's preparation, then the worker entry called right here as a world of one, without Ray:
+    for checks of one rank's numerics, in seconds (the libraries are already imported). The environment
+    it sets is restored afterwards; its process group of one stays for the session, since DeepSpeed keeps
+    the groups it built on it (a destroyed torch group cannot be swapped in under them)."""
+    from ftcluster.config import compose
+    from ftcluster.driver import prepare_run
+    from ftcluster.worker import train_worker
+
+    args = [*TINY, "launcher.workers=1", *overrides, f"output_dir={output_dir}"]
+    payload = prepare_run(compose(args), ["train", *args])
+    environment = dict(os.environ)
+    os.environ.update(_WORLD_OF_ONE)  # what ftcluster.dist.setup set up the first time
+    try:
+        train_worker(payload)
+        _WORLD_OF_ONE.update({k: os.environ[k] for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR",
+                                                         "MASTER_PORT")})
+    finally:
+        os.environ.clear()
+        os.environ.update(environment)
+
+
+_WORLD_OF_ONE: dict[str, str] = {}
+
+
 def losses(output_dir: Path) -> dict[int, float]:
     from ftcluster.track import read_metrics
 

@@ -46,6 +46,17 @@ def wait_until(predicate, what: str, timeout: float = 300) -> None:
         time.sleep(0.1)
 
 
+def main_in_process(capsys, *args):
+    """`ftcluster ...` through the CLI's main() in this process: what a refusal says, without a process start."""
+    from types import SimpleNamespace
+
+    from ftcluster.cli import main
+
+    code = main(list(args))
+    out = capsys.readouterr()
+    return SimpleNamespace(returncode=code, stdout=out.out, stderr=out.err)
+
+
 def test_two_nodes_zero3_match_the_single_process_reference(slurm, tmp_path):
     args = ["strategy=zero3", "trainer.max_steps=4", f"data.system_prompt={hydra_quote(PROMPT)}"]
     run = tmp_path / "slurm"
@@ -110,24 +121,24 @@ def test_job_that_fails_inside_reports_exit_code_and_log_tail(slurm, tmp_path):
     (["launcher.nodes=2", "launcher.gpus_per_node=1"], "launcher.gpus_per_node", "at most 0"),
     (["launcher.account=my account"], "launcher.account", "cannot go on an #SBATCH line"),
 ])
-def test_impossible_requests_are_refused_before_submission(slurm, tmp_path, overrides, key, says):
-    result = cli("train", *TINY, "launcher=slurm", *overrides, f"output_dir={tmp_path / 'run'}")
+def test_impossible_requests_are_refused_before_submission(slurm, capsys, tmp_path, overrides, key, says):
+    result = main_in_process(capsys, "train", *TINY, "launcher=slurm", *overrides, f"output_dir={tmp_path / 'run'}")
     assert result.returncode == 2
     assert f"config key '{key}'" in result.stderr and says in result.stderr, result.stderr
     assert not (tmp_path / "run").exists()
 
 
-def test_no_sbatch_on_path(tmp_path):
-    result = cli("train", *TINY, "launcher=slurm", f"output_dir={tmp_path / 'run'}",
-                 env={"PATH": str(Path(sys.executable).parent)})
+def test_no_sbatch_on_path(capsys, monkeypatch, tmp_path):
+    monkeypatch.setenv("PATH", str(Path(sys.executable).parent))
+    result = main_in_process(capsys, "train", *TINY, "launcher=slurm", f"output_dir={tmp_path / 'run'}")
     assert result.returncode == 2
     assert "missing: sbatch" in result.stderr and "slurm/local/up.sh" in result.stderr
 
 
-def test_dry_run_script_carries_every_override_byte_for_byte(tmp_path):
+def test_dry_run_script_carries_every_override_byte_for_byte(capsys, tmp_path):
     overrides = [*TINY, "launcher=slurm", "launcher.nodes=2", f"data.system_prompt={hydra_quote(PROMPT)}",
                  "launcher.setup=['module load cuda/12.4', 'source $HOME/venv/bin/activate']"]
-    result = cli("train", *overrides, f"output_dir={tmp_path / 'run'}", "--dry-run")
+    result = main_in_process(capsys, "train", *overrides, f"output_dir={tmp_path / 'run'}", "--dry-run")
     assert result.returncode == 0, result.stderr
     script = result.stdout
     assert "#SBATCH --nodes=2" in script and "#SBATCH --signal=B:USR1@120" in script
@@ -140,7 +151,7 @@ def test_dry_run_script_carries_every_override_byte_for_byte(tmp_path):
     assert not (tmp_path / "run").exists()
 
 
-def test_override_hydra_cannot_parse_is_refused_before_submission(tmp_path):
-    result = cli("train", *TINY, "launcher=slurm", "data.system_prompt=it's", f"output_dir={tmp_path / 'run'}")
+def test_override_hydra_cannot_parse_is_refused_before_submission(capsys, tmp_path):
+    result = main_in_process(capsys, "train", *TINY, "launcher=slurm", "data.system_prompt=it's", f"output_dir={tmp_path / 'run'}")
     assert result.returncode == 2
     assert "data.system_prompt=it's" in result.stderr and "quote" in result.stderr, result.stderr

@@ -103,11 +103,7 @@ def _pair_rows(name: str, items: list, cfg, tokenizer) -> tuple[list[dict], dict
     rows, kept, truncated, too_long, no_target = [], [], 0, 0, 0
     for path, line, example in items:
         row = _at(path, line, pairs.encode_pair, example, tokenizer)
-        cut = pairs.pair_length(row) > max_len
-        if cut and policy == "error":
-            raise DataError(path, line, f"pair is {pairs.pair_length(row)} tokens (its longer side), longer than "
-                                        f"trainer.max_seq_len={max_len} (data.truncation=error). Raise "
-                                        f"trainer.max_seq_len, or set data.truncation=truncate or drop")
+        cut = _over_length(path, line, pairs.pair_length(row), max_len, policy, "pair (its longer side)")
         if cut and policy == "drop":
             too_long += 1
             continue
@@ -196,11 +192,7 @@ def _encode_split(name: str, items: list, cfg, tokenizer) -> tuple[list, list, d
     truncated, too_long, no_target = 0, 0, 0
     for path, line, example in items:
         ids, labels = _at(path, line, _encode_sequence, example, tokenizer, cfg.data.train_on)
-        cut = len(ids) > max_len
-        if cut and policy == "error":
-            raise DataError(path, line, f"example is {len(ids)} tokens, longer than trainer.max_seq_len="
-                                        f"{max_len} (data.truncation=error). Raise trainer.max_seq_len, or set "
-                                        f"data.truncation=truncate or data.truncation=drop")
+        cut = _over_length(path, line, len(ids), max_len, policy, "example")
         if cut and policy == "drop":
             too_long += 1
             continue
@@ -223,6 +215,15 @@ def _encode_split(name: str, items: list, cfg, tokenizer) -> tuple[list, list, d
         "tokens": sum(len(ids) for ids, _ in encoded),
         "trainable_tokens": sum(label != IGNORE for _, labels in encoded for label in labels),
     }
+
+
+def _over_length(path: str, line: int, length: int, max_len: int, policy: str, what: str) -> bool:
+    """Whether `length` tokens exceed trainer.max_seq_len; under data.truncation=error, the error."""
+    if length > max_len and policy == "error":
+        raise DataError(path, line, f"{what} is {length} tokens, longer than trainer.max_seq_len={max_len} "
+                                    f"(data.truncation=error). Raise trainer.max_seq_len, or set "
+                                    f"data.truncation=truncate or data.truncation=drop")
+    return length > max_len
 
 
 def _encode_sequence(example: dict, tokenizer, train_on: str) -> tuple[list[int], list[int]]:
