@@ -143,7 +143,7 @@ class Monitor:
                         pass
                 peak = _peak_rss_mib(pid)
                 if peak is not None:
-                    label = f"{pid} {cmd[:60]}"
+                    label = f"{pid} {cmd[:300]}"
                     self.peak_rss_mib[label] = max(peak, self.peak_rss_mib.get(label, 0.0))
             self.loads.append(load1())
             self._stop.wait(1.0)

@@ -58,6 +58,7 @@ def ftcluster_run(a, work: Path, model_dir: Path, reference: str, tag: str) -> d
         f"trainer.max_steps={a.warmup + a.steps}", "trainer.max_seq_len=256", "trainer.eval_every_steps=0",
         "trainer.save_every_steps=0", "trainer.eval_generate=false", f"optim.lr={a.lr}", "optim.scheduler=constant",
         "optim.warmup_steps=0", "tracking=none", "tracking.progress=false", f"stage.dpo.beta={a.beta}",
+        "stage.dpo.sft_weight=0",
         f"stage.dpo.reference={reference}", f"stage.dpo.reference_cache_dir={work / 'reference_cache'}",
         f"seed={a.seed}", f"output_dir={out_dir}"]
     cmd = [sys.executable, "-m", "ftcluster.cli", "train", *overrides]
@@ -188,7 +189,7 @@ def write_report(res: dict, path: Path) -> None:
          f"Machine {'quiet' if res['quiet']['quiet'] else 'NOT quiet'} at the start (1-min load "
          f"{res['quiet']['load1']:.2f}).{' SMOKE RUN: too few steps to mean anything.' if res['smoke'] else ''}\n",
          f"Tiny model (2 layers, hidden 64), 200 bundled pairs, {a['micro_batch']} pairs per micro-batch, "
-         f"{a['global_batch']} per step, sigmoid DPO beta {a['beta']}, AdamW lr {a['lr']} constant, fp32, "
+         f"{a['global_batch']} per step, sigmoid DPO beta {a['beta']} (no RPO term), AdamW lr {a['lr']} constant, fp32, "
          f"{a['threads']} threads, {a['warmup']} warm-up + {a['steps']} measured steps, {a['rounds']} rounds.\n",
          "## Result\n",
          "| ratio of pairs/s | geometric mean | per round |", "|---|---|---|"]
@@ -201,9 +202,9 @@ def write_report(res: dict, path: Path) -> None:
         f = run["figures"]
         ref = f"{run['reference_pass_s']:.1f} s" if run.get("reference_pass_s") and not run.get("cache_hit") else (
             "read from the cache" if run.get("cache_hit") else "")
+        rss = f"{f['peak_rss_mib']:.0f} MiB" if f["peak_rss_mib"] else "not measured"
         L.append(f"| {run['tag']} | {f['pairs_per_s']:.1f} | {f['median_step_s'] * 1000:.0f} ms "
-                 f"({f['min_step_s'] * 1000:.0f}-{f['max_step_s'] * 1000:.0f}) | "
-                 f"{f['peak_rss_mib']:.0f} MiB | {ref} |" if f["peak_rss_mib"] else f"| {run['tag']} | ... |")
+                 f"({f['min_step_s'] * 1000:.0f}-{f['max_step_s'] * 1000:.0f}) | {rss} | {ref} |")
     L += ["", "Largest per-step loss difference from the first ftcluster-cached run (same weights, pairs and order; "
           "TRL also trains the newline after the end-of-turn token): "
           + ", ".join(f"{side} {d:.2g}" for side, d in res["loss_agreement"].items()) + ".\n",
