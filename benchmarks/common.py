@@ -11,6 +11,7 @@ import platform
 import re
 import statistics
 import subprocess
+import tempfile
 import threading
 import time
 from pathlib import Path
@@ -227,3 +228,14 @@ def add_run_arguments(p: argparse.ArgumentParser, steps: int) -> None:
     p.add_argument("--workdir", help="where the runs go (default: a new temp folder)")
     p.add_argument("--out", help="report folder (default: benchmarks/results; the work folder with --smoke)")
     p.add_argument("--note", action="append", default=[], help="a line for the report's notes (repeatable)")
+
+
+def folders(a: argparse.Namespace, prefix: str) -> tuple[Path, Path]:
+    """The work folder (--workdir, else a new temp folder) and the report folder (--out, else
+    benchmarks/results, or the work folder's results/ for a --smoke run), both created."""
+    work = Path(a.workdir or tempfile.mkdtemp(prefix=prefix)).resolve()
+    work.mkdir(parents=True, exist_ok=True)
+    out = Path(a.out).resolve() if a.out else (work / "results" if a.smoke else RESULTS)
+    out.mkdir(parents=True, exist_ok=True)
+    print(f"[bench] work folder {work}", flush=True)
+    return work, out

@@ -35,11 +35,10 @@ import platform
 import shlex
 import statistics
 import sys
-import tempfile
 import time
 from pathlib import Path
 
-from common import (REPO, RESULTS, add_run_arguments, busy_processes, cpu_model, git_state, load1, run_logged,
+from common import (REPO, add_run_arguments, busy_processes, cpu_model, folders, git_state, load1, run_logged,
                     versions, wait_for_quiet)
 
 TINY = REPO / "ftcluster" / "assets" / "models" / "tiny"
@@ -228,11 +227,7 @@ def main() -> int:
         return 0
     if a.smoke:
         a.steps, a.warmup, a.rounds = 3, 1, 1
-    work = Path(a.workdir or tempfile.mkdtemp(prefix="ftcluster-dpo-bench-")).resolve()
-    work.mkdir(parents=True, exist_ok=True)
-    out = Path(a.out).resolve() if a.out else (work / "results" if a.smoke else RESULTS)
-    out.mkdir(parents=True, exist_ok=True)
-    print(f"[bench] work folder {work}", flush=True)
+    work, out = folders(a, "ftcluster-dpo-bench-")
 
     import datasets
 
