@@ -16,6 +16,8 @@ import threading
 import time
 from pathlib import Path
 
+from ftcluster.driver import cpu_model  # noqa: F401  (the benchmark scripts take it from here)
+
 REPO = Path(__file__).resolve().parent.parent
 RESULTS = REPO / "benchmarks" / "results"
 BUSY_PATTERN = re.compile(r"ftcluster train|pytest")
@@ -85,13 +87,6 @@ def wait_for_quiet(max_wait_s: float, threshold: float, poll_s: float = 15.0) ->
         print(f"[bench] waiting for a quiet machine ({waited:.0f}/{max_wait_s:.0f} s): load1={load:.2f}, "
               f"{len(busy)} busy process(es)", flush=True)
         time.sleep(poll_s)
-
-
-def cpu_model() -> str:
-    for line in Path("/proc/cpuinfo").read_text().splitlines():
-        if line.startswith("model name"):
-            return line.split(":", 1)[1].strip()
-    return platform.processor() or "unknown"
 
 
 def versions(packages: list[str]) -> dict:

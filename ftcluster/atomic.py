@@ -1,9 +1,11 @@
-"""Folders that appear whole or not at all."""
+"""Files and folders that appear whole or not at all."""
 
 from __future__ import annotations
 
 import shutil
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Iterator
 
 
 def swap_into_place(tmp: Path, final: Path) -> None:
@@ -23,3 +25,27 @@ def write_text(path: Path, text: str) -> None:
     tmp = path.with_name(f".tmp-{path.name}")
     tmp.write_text(text)
     tmp.replace(path)
+
+
+@contextmanager
+def replacing(path: Path) -> Iterator[Path]:
+    """A temporary path beside `path` to write (a file or a folder); it takes `path`'s place only when the
+    block completes, so an interrupted write leaves the old content, or nothing, never half a file."""
+    tmp = path.with_name(f".tmp-{path.name}")
+    _remove(tmp)
+    try:
+        yield tmp
+    except BaseException:
+        _remove(tmp)
+        raise
+    if tmp.is_dir():
+        swap_into_place(tmp, path)
+    else:
+        tmp.replace(path)
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir():
+        shutil.rmtree(path)
+    else:
+        path.unlink(missing_ok=True)

@@ -21,6 +21,21 @@ commands:
   export CHECKPOINT [--out DIR] [--merge|--no-merge]
                                      a Hugging Face folder from any checkpoints/step-N of a run
   config [overrides]                 print the composed, validated config and exit
+  bench  suite=NAME [overrides] [--results DIR] [--work DIR] [--cluster PROFILE] [--no-resume]
+                                     run the matrix in conf/bench/NAME.yaml (each cell a short real run);
+                                     report in benchmarks/results/<suite>_<hardware>_<date>.md
+  bench  compare A B                 two suites' result files side by side, with ratios B/A
+  data   validate FILE [--format F]   check every record; each bad one as file:line: message (exit 2 if any)
+  data   stats FILE [--eval FILE] [--model tiny|smollm2|DIR] [--max-seq-len N] [--chat-template F] [--out DIR]
+                                     token lengths per split as training sees them; histogram PNG + stats.json
+  data   dedup FILE --out OUT [--near-threshold 0.85]
+                                     drop exact and MinHash near duplicates (first kept); counts and pairs
+  data   scrub FILE --out OUT [--phone-region US]
+                                     e-mails, phone numbers, IPv4, API keys and tokens -> [EMAIL], [PHONE], ...
+  data   contamination TRAIN EVAL [--ngram 13] [--threshold 0.5] [--out FILE]
+                                     eval examples overlapping train (exact or n-gram share), with lines, rate
+  data   split FILE --eval-fraction 0.1 [--seed 0] --out DIR
+                                     a seeded split into DIR/train.jsonl and DIR/eval.jsonl (lines kept as is)
 
 Config groups (conf/): model data stage peft strategy launcher tracking; sections: trainer optim export.
 """
@@ -32,7 +47,8 @@ def main(argv: list[str] | None = None) -> int:
         print(USAGE)
         return 0
     verb, rest = argv[0], argv[1:]
-    commands = {"train": cmd_train, "export": cmd_export, "config": cmd_config, "jobs": cmd_jobs}
+    commands = {"train": cmd_train, "export": cmd_export, "config": cmd_config, "jobs": cmd_jobs, "bench": cmd_bench,
+                "data": cmd_data}
     if verb not in commands:
         print(f"ftcluster: unknown command {verb!r}\n\n{USAGE}", file=sys.stderr)
         return 2
@@ -111,6 +127,40 @@ def cmd_export(args: list[str]) -> int:
     out = export_checkpoint(ns.checkpoint, ns.out, ns.merge)
     print(f"[ftcluster] exported {out}")
     return 0
+
+
+def cmd_bench(args: list[str]) -> int:
+    if args[:1] == ["compare"]:
+        if len(args) != 3:
+            raise UserError("usage: ftcluster bench compare A.jsonl B.jsonl (or their .md reports)")
+        from ftcluster.bench.compare import compare
+
+        print(compare(args[1], args[2]))
+        return 0
+    parser = argparse.ArgumentParser(prog="ftcluster bench", usage="ftcluster bench suite=NAME [overrides] [options]")
+    parser.add_argument("--results", default="benchmarks/results", help="where the report and its files go")
+    parser.add_argument("--work", default=None, help="where the cells run (default runs/bench/<suite>_<hardware>)")
+    parser.add_argument("--cluster", default=None, help="hardware profile in conf/cluster/ (default: the suite's, "
+                                                        "else this machine's)")
+    parser.add_argument("--no-resume", action="store_true", help="run every cell again")
+    ns, rest = parser.parse_known_args(args)
+    suites = [a for a in rest if a.startswith("suite=")]
+    if len(suites) != 1:
+        from ftcluster.bench.suite import known
+
+        raise UserError(f"name one suite: ftcluster bench suite=NAME; known: {', '.join(known())} (conf/bench/)")
+    overrides = [a for a in rest if not a.startswith("suite=")]
+    from ftcluster.bench.main import bench
+
+    report = bench(suites[0].split("=", 1)[1], overrides, ns.results, ns.work, ns.cluster, resume=not ns.no_resume)
+    print(f"[ftcluster] bench report: {report}")
+    return 0
+
+
+def cmd_data(args: list[str]) -> int:
+    from ftcluster.curate.command import data_command
+
+    return data_command(args)
 
 
 if __name__ == "__main__":

@@ -238,6 +238,9 @@ class TrainerConfig:
     eval_max_new_tokens: int = 64
     # Stop cleanly (with a checkpoint) after this many steps; resume=auto continues the schedule.
     stop_after_steps: Optional[int] = None
+    # Time every collective (comm_time_s per logged step): blocks the device after each, so communication no
+    # longer overlaps computation; for benchmarks (ftcluster bench), not for production runs.
+    profile_comms: bool = False
 
 
 @dataclass

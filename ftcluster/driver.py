@@ -244,10 +244,20 @@ def _version(name: str) -> str | None:
 def _hardware() -> dict:
     import torch
 
-    info = {"machine": platform.machine(), "cpus": os.cpu_count(), "cuda": torch.version.cuda}
+    info = {"machine": platform.machine(), "cpu_model": cpu_model(), "cpus": os.cpu_count(), "cuda": torch.version.cuda}
     if torch.cuda.is_available():
         info["gpus"] = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
     return info
+
+
+def cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
 
 
 def _plain(cfg: DictConfig) -> dict:

@@ -44,6 +44,10 @@ def deepspeed_config(cfg: DictConfig, derived: Derived) -> dict:
         "steps_per_print": 10**9,
         "wall_clock_breakdown": False,
     }
+    if t.profile_comms:
+        from ftcluster.comms import LOGGER_CONFIG
+
+        config["comms_logger"] = dict(LOGGER_CONFIG)
     if s.deepspeed_config:
         config = _deep_merge(config, _read_user_config(s.deepspeed_config))
         _check_batch_keys(config, cfg, derived)
@@ -100,8 +104,10 @@ def build_optimizer(model: torch.nn.Module, cfg: DictConfig) -> torch.optim.Opti
     for name, param in model.named_parameters():
         if not param.requires_grad:
             continue
-        # Biases and norm scales are not weights to shrink toward zero.
-        (no_decay if param.ndim < 2 or "norm" in name.lower() else decay).append(param)
+        # Biases and norm scales are not weights to shrink toward zero. A ZeRO-3 partitioned parameter is an
+        # empty 1-D tensor here: its real shape is ds_shape.
+        ndim = len(getattr(param, "ds_shape", param.shape))
+        (no_decay if ndim < 2 or "norm" in name.lower() else decay).append(param)
     groups = [{"params": decay, "weight_decay": o.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
     return torch.optim.AdamW([g for g in groups if g["params"]], lr=o.lr, betas=tuple(o.betas), eps=o.eps)
 

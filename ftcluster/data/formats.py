@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 from ftcluster.errors import DataError
 
@@ -40,50 +40,67 @@ ROLES = {
 }
 
 
-def read_records(path: str) -> Iterator[tuple[int, dict]]:
-    """Yield `(line, record)` from a JSONL, JSON, Parquet file or a saved Hugging Face dataset folder."""
+def read_records(path: str, on_error: Callable[[DataError], None] | None = None) -> Iterator[tuple[int, dict]]:
+    """Yield `(line, record)` from a JSONL, JSON, Parquet file or a saved Hugging Face dataset folder.
+
+    A record that is not a JSON object (or not JSON at all) raises, unless `on_error` is given: then it is
+    handed the error and reading goes on, so a checker can list every bad line in one pass."""
     p = Path(path)
     if not p.exists():
         raise DataError(path, None, "file does not exist")
     if p.is_dir():
         yield from _read_saved_dataset(path)
     elif p.suffix == ".jsonl":
-        yield from _read_jsonl(path)
+        yield from _read_jsonl(path, on_error)
     elif p.suffix == ".json":
-        yield from _read_json(path)
+        yield from _read_json(path, on_error)
     elif p.suffix == ".parquet":
         yield from _read_parquet(path)
     else:
         raise DataError(path, None, f"unknown file type {p.suffix or '(no extension)'!r}; supported: {SUPPORTED}")
 
 
-def _read_jsonl(path: str) -> Iterator[tuple[int, dict]]:
+def _read_jsonl(path: str, on_error: Callable[[DataError], None] | None) -> Iterator[tuple[int, dict]]:
     with open(path, "rb") as f:
         for line, raw in enumerate(f, start=1):
-            text = _decode(raw, path, line)
-            if not text.strip():
-                continue
             try:
-                # Without the newline, a record cut short is reported at its last column, not the next line.
-                record = json.loads(text.rstrip("\r\n"))
-            except json.JSONDecodeError as exc:
-                raise DataError(path, line, f"invalid JSON: {exc.msg} (column {exc.colno})") from None
-            yield line, _object(record, path, line)
+                text = _decode(raw, path, line)
+                if not text.strip():
+                    continue
+                try:
+                    # Without the newline, a record cut short is reported at its last column, not the next line.
+                    record = json.loads(text.rstrip("\r\n"))
+                except json.JSONDecodeError as exc:
+                    raise DataError(path, line, f"invalid JSON: {exc.msg} (column {exc.colno})") from None
+                record = _object(record, path, line)
+            except DataError as exc:
+                if on_error is None:
+                    raise
+                on_error(exc)
+                continue
+            yield line, record
 
 
-def _read_json(path: str) -> Iterator[tuple[int, dict]]:
+def _read_json(path: str, on_error: Callable[[DataError], None] | None) -> Iterator[tuple[int, dict]]:
     text = _decode(Path(path).read_bytes(), path, None)
     # Many datasets ship JSON Lines under a .json name; a document that does not open with '['
     # is read line by line so those files work and their errors still carry line numbers.
     if not text.lstrip().startswith("["):
-        yield from _read_jsonl(path)
+        yield from _read_jsonl(path, on_error)
         return
     try:
         records = json.loads(text)
     except json.JSONDecodeError as exc:
         raise DataError(path, exc.lineno, f"invalid JSON: {exc.msg} (column {exc.colno})") from None
     for index, record in enumerate(records, start=1):
-        yield index, _object(record, path, index)
+        try:
+            record = _object(record, path, index)
+        except DataError as exc:
+            if on_error is None:
+                raise
+            on_error(exc)
+            continue
+        yield index, record
 
 
 def _decode(raw: bytes, path: str, line: int | None) -> str:

@@ -60,7 +60,7 @@ def prepare(cfg, tokenizer, out_dir: str) -> dict:
         if data.eval_path:
             eval_items = _read(data.eval_path, cfg)
         elif data.eval_fraction > 0:
-            train_items, eval_items = _hold_out(train_items, data.eval_fraction, cfg.seed, data.path)
+            train_items, eval_items = hold_out(train_items, data.eval_fraction, cfg.seed, data.path)
         else:
             eval_items = None
 
@@ -174,8 +174,9 @@ def _read(path: str, cfg) -> list[tuple[str, int, dict]]:
     return items
 
 
-def _hold_out(items: list, fraction: float, seed: int, path: str) -> tuple[list, list]:
-    """A seeded split of data.path into train and eval, each kept in file order."""
+def hold_out(items: list, fraction: float, seed: int, path: str) -> tuple[list, list]:
+    """A seeded split of data.path into train and eval, each kept in file order (`ftcluster data split` makes
+    the same one, so a split written to disk holds out what data.eval_fraction would)."""
     n_eval = max(1, round(len(items) * fraction))
     if n_eval >= len(items):
         raise DataError(path, None, f"{len(items)} records cannot spare data.eval_fraction={fraction} for eval and "
@@ -252,7 +253,7 @@ def _pad_id(tokenizer) -> int:
 
 
 @contextmanager
-def _quiet_datasets():
+def quiet_datasets():
     # Saving a split is quick; its progress bars would only bury the launch log.
     enabled = datasets.is_progress_bar_enabled()
     datasets.disable_progress_bars()
@@ -274,7 +275,7 @@ def _remove(*paths: Path) -> None:
 def _save_rows(rows: list[dict], where: Path, features: datasets.Features) -> None:
     _remove(where)
     columns = {key: [row[key] for row in rows] for key in features}
-    with _quiet_datasets():
+    with quiet_datasets():
         datasets.Dataset.from_dict(columns, features=features).save_to_disk(str(where))
 
 

@@ -4,7 +4,7 @@ step and one evaluation are.
 Evaluation before training, every trainer.eval_every_steps and at the last step (generation-based
 evaluation on its own schedule, being far dearer); metrics every trainer.log_every_steps; a checkpoint
 every trainer.save_every_steps, at trainer.stop_after_steps, on a stop request (SIGUSR1 to the driver)
-and at the end; then final/.
+and at the end; each rank's peak memory (peak_memory.json); then final/.
 """
 
 from __future__ import annotations
@@ -13,6 +13,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Callable
 
+from ftcluster import comms, peak
 from ftcluster.stages.context import StageContext
 
 
@@ -34,10 +35,13 @@ def run(ctx: StageContext, step_fn: Callable[[StageContext, int], StepResult],
         evaluate_fn(ctx, 0, t.eval_generate)
     step = ctx.start_step
     while step < t.max_steps:
-        started = time.perf_counter()
+        started, comm_before = time.perf_counter(), comms.seconds_so_far()
         lr = ctx.engine.get_lr()[0]  # the rate this step uses; the schedule moves on inside step()
         result = step_fn(ctx, step)
         elapsed = time.perf_counter() - started
+        timings = {"step_time_s": elapsed}
+        if t.profile_comms:
+            timings["comm_time_s"] = comms.seconds_so_far() - comm_before
         step += 1
         ctx.tracker.advance()
         last = step == t.max_steps
@@ -45,7 +49,7 @@ def run(ctx: StageContext, step_fn: Callable[[StageContext, int], StepResult],
             ctx.tracker.log(step, {
                 **result.metrics, "lr": lr, "grad_norm": _grad_norm(ctx.engine),
                 "tokens_per_s": result.tokens / elapsed, "trainable_tokens_per_s": result.trainable_tokens / elapsed,
-                "samples_per_s": result.examples / elapsed, "epoch": ctx.loader.epoch_of(step - 1),
+                "samples_per_s": result.examples / elapsed, "epoch": ctx.loader.epoch_of(step - 1), **timings,
             })
         generate = t.eval_generate and (last or every(step, t.eval_generate_every_steps))
         if every(step, t.eval_every_steps) or last or generate:
@@ -59,6 +63,7 @@ def run(ctx: StageContext, step_fn: Callable[[StageContext, int], StepResult],
             ctx.tracker.message(f"stopped after step {step} as {why}; "
                                 f"resume=auto continues from {ctx.cfg.output_dir}/checkpoints/step-{step}")
             return
+    peak.record(ctx.cfg.output_dir, ctx.rank)  # of training: the export below gathers whole weights on rank 0
     ctx.export_final()
 
 
