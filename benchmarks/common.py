@@ -1,22 +1,26 @@
 """What every benchmark here shares: waiting for a quiet machine, describing it (CPU, package versions,
-git state), and running one side of a comparison as a subprocess while sampling its process tree
-(threads, load, peak memory per process).
+git state), running one side of a comparison as a subprocess while sampling its process tree
+(threads, load, peak memory per process), and timing the steps of a Hugging Face `Trainer` (or a TRL
+trainer, its subclass) inside such a subprocess.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import platform
 import re
+import shlex
 import statistics
 import subprocess
+import sys
 import tempfile
 import threading
 import time
 from pathlib import Path
 
-from ftcluster.driver import cpu_model  # noqa: F401  (the benchmark scripts take it from here)
+from ftcluster.driver import cpu_model
 
 REPO = Path(__file__).resolve().parent.parent
 RESULTS = REPO / "benchmarks" / "results"
@@ -109,6 +113,12 @@ def git_state() -> dict:
             return ""
     return {"sha": run("rev-parse", "HEAD").strip() or None,
             "dirty_files": len([line for line in run("status", "--porcelain").splitlines() if line.strip()])}
+
+
+def environment(packages: list[str]) -> dict:
+    """The machine and the software a measurement ran on, as its report states them."""
+    return {"cpu_model": cpu_model(), "cores": os.cpu_count(), "platform": platform.platform(),
+            "versions": versions(packages), "git": git_state()}
 
 
 class Monitor:
@@ -206,6 +216,65 @@ def _summary(values: list[float]) -> dict:
     return {"min": round(min(values), 2), "median": round(statistics.median(values), 2), "max": round(max(values), 2)}
 
 
+def run_worker(script: Path, flag: str, spec: dict, work: Path, tag: str, threads: int) -> dict:
+    """Run the other side of a comparison: `script flag SPEC` in a subprocess, `spec` (what to train) written to
+    SPEC as JSON. The worker writes its figures to spec["result"]; they come back merged with the run's own
+    (log, threads, load, the worker's peak memory)."""
+    spec = {**spec, "result": str(work / f"{tag}.json")}
+    spec_path = work / f"{tag}.spec.json"
+    spec_path.write_text(json.dumps(spec))
+    cmd = [sys.executable, str(script), flag, str(spec_path)]
+    info = run_logged(cmd, work / f"{tag}.log", threads, trainer_pattern=flag)
+    return {"tag": tag, "command": " ".join(map(shlex.quote, cmd)), **json.loads(Path(spec["result"]).read_text()),
+            **info}
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Inside a worker: the Hugging Face side's step times and losses
+
+def start_worker(spec_path: str) -> dict:
+    """What a worker does first: read its spec, take the threads it was given (before any torch work) and
+    quiet transformers' logging."""
+    spec = json.loads(Path(spec_path).read_text())
+    import torch
+    from transformers.utils import logging as hf_logging
+
+    torch.set_num_threads(spec["threads"])
+    hf_logging.set_verbosity_error()
+    return spec
+
+
+def step_timer(steps: list[dict], counts: dict | None = None):
+    """A TrainerCallback that appends one row per optimizer step to `steps`: `time_s`, a whole iteration of the
+    Trainer's loop (on_step_end to on_step_end: fetching and collating the step's micro-batches, forward/backward,
+    clipping, optimizer, its per-step logging), the comparable figure to ftcluster's own step time; `core_time_s`,
+    on_step_begin to on_step_end (without the fetching and the logging); and what `counts` holds (the caller adds
+    to it per micro-batch; it is zeroed after each step)."""
+    from transformers import TrainerCallback
+
+    class StepTimer(TrainerCallback):
+        def on_train_begin(self, args, state, control, **kw):
+            self.last = time.perf_counter()
+
+        def on_step_begin(self, args, state, control, **kw):
+            self.begin = time.perf_counter()
+
+        def on_step_end(self, args, state, control, **kw):
+            now = time.perf_counter()
+            steps.append({"step": state.global_step, "time_s": now - self.last, "core_time_s": now - self.begin,
+                          **(counts or {})})
+            for key in counts or {}:
+                counts[key] = 0
+            self.last = now
+
+    return StepTimer()
+
+
+def add_logged_losses(steps: list[dict], trainer) -> None:
+    """Give each step row the loss the Trainer logged for it (logging_steps=1: the step's own loss)."""
+    losses = {h["step"]: h["loss"] for h in trainer.state.log_history if "loss" in h and "step" in h}
+    for s in steps:
+        s["loss"] = losses.get(s["step"])
 
 
 def add_run_arguments(p: argparse.ArgumentParser, steps: int) -> None:

@@ -30,16 +30,14 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
-import platform
 import shlex
 import statistics
 import sys
 import time
 from pathlib import Path
 
-from common import (REPO, add_run_arguments, busy_processes, cpu_model, folders, git_state, load1, run_logged,
-                    versions, wait_for_quiet)
+from common import (REPO, add_logged_losses, add_run_arguments, busy_processes, environment, folders, load1,
+                    run_logged, run_worker, start_worker, step_timer, wait_for_quiet)
 
 TINY = REPO / "ftcluster" / "assets" / "models" / "tiny"
 PAIRS = REPO / "ftcluster" / "assets" / "data" / "json_extract" / "pairs_train.jsonl"
@@ -76,31 +74,22 @@ def ftcluster_run(a, work: Path, model_dir: Path, reference: str, tag: str) -> d
 def trl_run(a, work: Path, model_dir: Path, order: list[int], precompute: bool, tag: str) -> dict:
     spec = {"model_dir": str(model_dir), "order": order, "output_dir": str(work / "runs" / tag), "threads": a.threads,
             "micro_batch": a.micro_batch, "accum": a.global_batch // a.micro_batch, "max_steps": a.warmup + a.steps,
-            "lr": a.lr, "beta": a.beta, "seed": a.seed, "precompute": precompute, "result": str(work / f"{tag}.json")}
-    spec_path = work / f"{tag}.spec.json"
-    spec_path.write_text(json.dumps(spec))
-    cmd = [sys.executable, str(Path(__file__).resolve()), "--trl-worker", str(spec_path)]
+            "lr": a.lr, "beta": a.beta, "seed": a.seed, "precompute": precompute}
     print(f"[bench] {tag}: trl DPOTrainer (precompute_ref_log_probs={precompute})", flush=True)
-    info = run_logged(cmd, work / f"{tag}.log", a.threads, trainer_pattern="--trl-worker")
-    result = json.loads(Path(spec["result"]).read_text())
-    return {"side": "trl-precomputed" if precompute else "trl", "tag": tag,
-            "command": " ".join(map(shlex.quote, cmd)), **result, **info}
+    return {"side": "trl-precomputed" if precompute else "trl",
+            **run_worker(Path(__file__).resolve(), "--trl-worker", spec, work, tag, a.threads)}
 
 
 # ----------------------------------------------------------------------------------------------------------
 # The TRL side, in its own process (--trl-worker SPEC)
 
 def trl_worker(spec_path: str) -> None:
-    spec = json.loads(Path(spec_path).read_text())
-    import torch
-
-    torch.set_num_threads(spec["threads"])
+    spec = start_worker(spec_path)
     import datasets
-    from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
-    from transformers.utils import logging as hf_logging
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
     from trl import DPOConfig, DPOTrainer
 
-    hf_logging.set_verbosity_error()
     tokenizer = AutoTokenizer.from_pretrained(spec["model_dir"])
     records = [json.loads(line) for line in PAIRS.read_text().splitlines()]
     # Conversational form, rendered by the tokenizer's chat template as ftcluster renders it.
@@ -118,24 +107,12 @@ def trl_worker(spec_path: str) -> None:
         eval_strategy="no", report_to=[], disable_tqdm=True, train_sampling_strategy="sequential",
         dataloader_pin_memory=False)
     steps: list[dict] = []
-
-    class StepTimer(TrainerCallback):
-        def on_train_begin(self, args, state, control, **kw):
-            self.last = time.perf_counter()
-
-        def on_step_end(self, args, state, control, **kw):
-            now = time.perf_counter()
-            steps.append({"step": state.global_step, "time_s": now - self.last})
-            self.last = now
-
     started = time.perf_counter()
     trainer = DPOTrainer(model=model, args=args, train_dataset=dataset, processing_class=tokenizer,
-                         callbacks=[StepTimer()])
+                         callbacks=[step_timer(steps)])
     setup_s = time.perf_counter() - started
     trainer.train()
-    losses = {h["step"]: h["loss"] for h in trainer.state.log_history if "loss" in h and "step" in h}
-    for s in steps:
-        s["loss"] = losses.get(s["step"])
+    add_logged_losses(steps, trainer)
     Path(spec["result"]).write_text(json.dumps({"steps": steps, "setup_s": setup_s,
                                                 "torch_threads": torch.get_num_threads()}))
 
@@ -252,8 +229,7 @@ def main() -> int:
     date = time.strftime("%Y-%m-%d")
     res = {"date": date, "started_at": started_at, "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
            "smoke": a.smoke, "settings": {k: v for k, v in vars(a).items() if k not in ("trl_worker", "workdir", "out")},
-           "environment": {"cpu_model": cpu_model(), "cores": os.cpu_count(), "platform": platform.platform(),
-                           "versions": versions(PACKAGES), "git": git_state()},
+           "environment": environment(PACKAGES),
            "quiet": quiet, "workdir": str(work), "notes": list(a.note), "runs": runs,
            "reproduce": "python benchmarks/dpo_vs_trl.py" + (" --smoke" if a.smoke else "")}
     summarize(res)

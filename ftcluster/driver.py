@@ -73,6 +73,8 @@ def prepare_run(cfg: DictConfig, argv: list[str]) -> dict | None:
                "resume_from": str(resume_from) if resume_from else None, "launch_id": uuid.uuid4().hex}
     stats = prepare_data(cfg, model_dir, out / "data")
     _report_data(stats)
+    if cfg.trainer.eval_generate:
+        _check_eval_references(cfg, out / "data" / "eval_generate.jsonl")
     (out / "config.yaml").write_text(to_yaml(cfg))
     (out / "manifest.json").write_text(json.dumps(manifest(cfg, derived, argv, stats), indent=2))
     return payload
@@ -171,6 +173,15 @@ def prepare_data(cfg: DictConfig, model_dir: str, data_dir: Path) -> dict:
     from ftcluster.model import load_tokenizer
 
     return prepare(cfg, load_tokenizer(model_dir), data_dir)
+
+
+def _check_eval_references(cfg: DictConfig, prompts_file: Path) -> None:
+    """trainer.eval_metrics that need a kind of reference (JSON objects) fail now, not at step 0 in the workers."""
+    from ftcluster.metrics import check_references
+
+    lines = prompts_file.read_text(encoding="utf-8").splitlines() if prompts_file.is_file() else []
+    check_references(cfg.trainer.eval_metrics, [json.loads(line)["reference"] for line in lines if line.strip()],
+                     "trainer.eval_metrics", f"data ({cfg.data.eval_path or cfg.data.path})")
 
 
 def _report_data(stats: dict) -> None:

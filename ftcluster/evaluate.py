@@ -12,14 +12,7 @@ import math
 import torch
 
 from ftcluster import dist
-
-
-def normalize(text: str) -> str:
-    return text.strip()
-
-
-def exact_match(prediction: str, reference: str) -> bool:
-    return normalize(prediction) == normalize(reference)
+from ftcluster.metrics import exact_match
 
 
 @torch.no_grad()

@@ -18,20 +18,31 @@ from ftcluster import atomic, dist
 PEAK_FILE = "peak_memory.json"
 
 
+_start: dict = {}
+
+
+def mark_start() -> None:
+    """Called before any model state exists. On CPU the resident set then is the process itself (interpreter,
+    torch, transformers, DeepSpeed: hundreds of MiB the planner's tensor arithmetic does not count); on GPU
+    the allocator starts from zero anyway."""
+    if not torch.cuda.is_available():
+        _start["baseline_bytes"] = _status_bytes("VmRSS")
+
+
 def this_rank() -> dict:
     if torch.cuda.is_available():
         device = torch.cuda.current_device()
         return {"device": torch.cuda.get_device_name(device), "peak_bytes": torch.cuda.max_memory_allocated(device),
                 "reserved_bytes": torch.cuda.max_memory_reserved(device)}
-    return {"device": "cpu", "peak_bytes": _resident_high_water_mark()}
+    # VmHWM: the most resident memory this process ever had, libraries included, as the OS counts it.
+    return {"device": "cpu", "peak_bytes": _status_bytes("VmHWM"), **_start}
 
 
-def _resident_high_water_mark() -> int:
-    """VmHWM: the most resident memory this process ever had (libraries included, as the OS counts it)."""
+def _status_bytes(field: str) -> int:
     for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
+        if line.startswith(f"{field}:"):
             return int(line.split()[1]) * 1024
-    raise RuntimeError("/proc/self/status has no VmHWM line")
+    raise RuntimeError(f"/proc/self/status has no {field} line")
 
 
 def record(output_dir: str, rank: int) -> None:

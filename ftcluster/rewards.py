@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Callable
 
 from ftcluster.errors import ConfigError, UserError
+from ftcluster.metrics import field_share, json_object
 
 _OBJECT = re.compile(r"\{.*\}", re.DOTALL)
 
@@ -30,28 +31,16 @@ def json_match(prompt: list, completion: str, reference: str, **fields) -> float
     if answer == reference.strip():
         return 1.0
     expected = json.loads(reference)
-    parsed = _parse_object(answer)
+    parsed = json_object(answer)
     if parsed is not None:
-        return 0.25 + 0.5 * _field_share(parsed, expected)
+        return 0.25 + 0.5 * field_share(parsed, expected)
     found = _OBJECT.search(answer)
-    inner = _parse_object(found.group(0)) if found else None
-    return 0.25 * _field_share(inner, expected) if inner is not None else 0.0
+    inner = json_object(found.group(0)) if found else None
+    return 0.25 * field_share(inner, expected) if inner is not None else 0.0
 
 
 def exact_match(prompt: list, completion: str, reference: str, **fields) -> float:
     return float(completion.strip() == reference.strip())
-
-
-def _parse_object(text: str) -> dict | None:
-    try:
-        value = json.loads(text)
-    except ValueError:
-        return None
-    return value if isinstance(value, dict) else None
-
-
-def _field_share(parsed: dict, expected: dict) -> float:
-    return sum(parsed.get(key) == value for key, value in expected.items()) / max(1, len(expected))
 
 
 def load_reward_fn(spec: str, key: str = "stage.rl.reward_fn") -> Callable[..., float]:

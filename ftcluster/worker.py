@@ -51,13 +51,16 @@ def train_worker(payload: dict) -> None:
     if cfg.data.format != "text":
         apply_template_override(tokenizer, cfg.data.chat_template)  # evaluation and final/ use it too
     stage = importlib.import_module(STAGES[cfg.stage.name])
+    import datasets
+
+    from ftcluster import peak
+
+    peak.mark_start()  # what this process holds before any model state: libraries, interpreter, data readers
     ds_config = ds_engine.deepspeed_config(cfg, derived)
     with ds_engine.zero3_construction(ds_config):
         model = load_model(cfg, model_dir, kind=stage.MODEL_KIND)
     engine = ds_engine.initialize(model, cfg, ds_config)
     _seed_everything(cfg.seed + rank)  # e.g. dropout masks differ per rank, as their data does
-
-    import datasets
 
     train_rows = datasets.load_from_disk(str(data_dir / "train"))
     eval_rows = datasets.load_from_disk(str(data_dir / "eval")) if (data_dir / "eval").is_dir() else None

@@ -1,4 +1,5 @@
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -36,11 +37,17 @@ def train_in_process(output_dir: Path, *overrides: str) -> None:
     it sets is restored afterwards; its process group of one stays for the session, since DeepSpeed keeps
     the groups it built on it (a destroyed torch group cannot be swapped in under them)."""
     from ftcluster.config import compose
+
+    args = [*TINY, "launcher.workers=1", *overrides, f"output_dir={output_dir}"]
+    run_in_process(compose(args), ["train", *args])
+
+
+def run_in_process(cfg, argv: list[str]) -> None:
+    """train_in_process for a config composed by the caller (e.g. from a --config file)."""
     from ftcluster.driver import prepare_run
     from ftcluster.worker import train_worker
 
-    args = [*TINY, "launcher.workers=1", *overrides, f"output_dir={output_dir}"]
-    payload = prepare_run(compose(args), ["train", *args])
+    payload = prepare_run(cfg, argv)
     environment = dict(os.environ)
     os.environ.update(_WORLD_OF_ONE)  # what ftcluster.dist.setup set up the first time
     try:
@@ -131,6 +138,21 @@ def reward_model_run(tmp_path_factory) -> Path:
     train(out, "stage=rm", *PAIRS, "strategy=zero2", "trainer.max_steps=12", "trainer.eval_every_steps=12",
           "optim.lr=3e-3")
     return out
+
+
+@pytest.fixture(scope="module")
+def slurm():
+    """The local SLURM cluster (slurm/local/up.sh, root): brought up (and torn down) here unless one is already
+    running."""
+    root = Path(__file__).resolve().parent.parent
+    running = shutil.which("sinfo") and subprocess.run(["sinfo"], capture_output=True).returncode == 0
+    if not running:
+        if os.geteuid() != 0:
+            pytest.skip("the SLURM tests bring up a local cluster with slurm/local/up.sh, which needs root")
+        subprocess.run([root / "slurm/local/up.sh"], check=True, timeout=900)
+    yield
+    if not running:
+        subprocess.run([root / "slurm/local/down.sh"], check=True, timeout=120)
 
 
 @pytest.fixture(scope="session", autouse=True)

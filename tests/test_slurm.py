@@ -1,9 +1,9 @@
 """launcher=slurm against a real SLURM cluster: slurmctld and two slurmd emulating node1 and node2 on
-this machine, brought up by slurm/local/up.sh (root; it installs Debian's Slurm when missing)."""
+this machine, brought up by slurm/local/up.sh (root; it installs Debian's Slurm when missing): the `slurm`
+fixture in conftest.py."""
 
 import os
 import re
-import shutil
 import subprocess
 import sys
 import time
@@ -18,19 +18,6 @@ from ftcluster.launch.submit import hydra_quote
 ROOT = Path(__file__).resolve().parent.parent
 # Spaces, both quotes, `$`, backticks and a backslash: all must reach the job unchanged.
 PROMPT = """It's "quoted" $HOME `not run` \\ back"""
-
-
-@pytest.fixture(scope="module")
-def slurm():
-    """The local cluster: brought up (and torn down) here unless one is already running."""
-    running = shutil.which("sinfo") and subprocess.run(["sinfo"], capture_output=True).returncode == 0
-    if not running:
-        if os.geteuid() != 0:
-            pytest.skip("the SLURM tests bring up a local cluster with slurm/local/up.sh, which needs root")
-        subprocess.run([ROOT / "slurm/local/up.sh"], check=True, timeout=900)
-    yield
-    if not running:
-        subprocess.run([ROOT / "slurm/local/down.sh"], check=True, timeout=120)
 
 
 def job_field(job_id: str, field: str) -> str:

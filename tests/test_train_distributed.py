@@ -26,11 +26,32 @@ def assert_matches_reference(run):
     assert got[-1] < got[0]  # it learns
 
 
+def assert_planner_predicts_what_each_rank_holds(run):
+    """The planner's weight and optimizer bytes per rank equal what DeepSpeed's objects hold on every rank
+    after the first update (memory.json), to the byte: ZeRO-3's per-tensor partitions (tiny's tensors are
+    all under stage3_param_persistence_threshold, so each rank also keeps them whole), ZeRO-1's flat groups
+    padded to 2 x world elements, the fp32 master partitions, Adam's moments and step counters."""
+    from ftcluster.config import load_run_config
+    from ftcluster.plan import memory
+    from ftcluster.plan.setup import setup_from_config
+    from ftcluster.plan.shape import config_folder, parameter_tensors, read_shape
+
+    cfg = load_run_config(run / "config.yaml")
+    tensors = parameter_tensors(read_shape(config_folder(cfg)), cfg.peft)
+    setup = setup_from_config(cfg, on_gpu=False)
+    held = json.loads((run / "memory.json").read_text())
+    assert [r["rank"] for r in held] == [0, 1]
+    for rank in held:
+        assert rank["param_bytes"] == memory.param_bytes(tensors, setup)
+        assert rank["optimizer_bytes"] == memory.optimizer_bytes(tensors, setup)
+
+
 @pytest.mark.parametrize("stage", [0, 1, 3])
 def test_zero_stage_matches_single_process_reference(tmp_path, stage):
     run = tmp_path / f"zero{stage}"
     train(run, f"strategy=zero{stage}", "trainer.max_steps=6")
     assert_matches_reference(run)
+    assert_planner_predicts_what_each_rank_holds(run)
 
 
 def test_zero2_matches_single_process_reference(zero2_run):

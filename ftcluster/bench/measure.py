@@ -62,4 +62,6 @@ def _peak_memory(output_dir: Path) -> dict:
            "peak_memory_bytes_per_rank": [r["peak_bytes"] for r in ranks]}
     if all("reserved_bytes" in r for r in ranks):
         out["reserved_memory_bytes"] = max(r["reserved_bytes"] for r in ranks)
+    if all("baseline_bytes" in r for r in ranks):
+        out["baseline_bytes"] = max(r["baseline_bytes"] for r in ranks)
     return out

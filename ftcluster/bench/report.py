@@ -85,7 +85,7 @@ def _markdown(records, suite, overrides, hardware, cluster, work_dir: Path, plot
               f"{sum(r['status'] in ('failed', 'oom') for r in records)} failed or out of memory. Each cell: "
               f"{suite.config.warmup_steps} warm-up steps, then {suite.config.measure_steps} measured steps, "
               f"through `ftcluster train`.", ""]
-    lines += ["## Machine", "", f"- hardware profile: `{cluster.name}` (peak {cluster.describe_peaks()})",
+    lines += ["## Machine", "", f"- hardware profile: `{cluster.name}` ({_peaks(cluster)})",
               f"- host: {platform.node()}, {cpu_model()}"]
     if manifest:
         lines += [f"- hardware seen by the runs: `{json.dumps(manifest.get('hardware'))}`",
@@ -111,6 +111,12 @@ def _markdown(records, suite, overrides, hardware, cluster, work_dir: Path, plot
         lines += ["## Full config of the first measured cell", "", "<details><summary>config.yaml</summary>", "",
                   "```yaml", config.strip(), "```", "", "</details>", ""]
     return "\n".join(lines)
+
+
+def _peaks(cluster) -> str:
+    peaks = ", ".join(f"{dtype} {getattr(cluster.peak_tflops, dtype):.3g}" for dtype in ("fp32", "bf16", "fp16")
+                      if getattr(cluster.peak_tflops, dtype))
+    return f"peak TFLOP/s per device: {peaks}; efficiency assumed by the planner {cluster.efficiency:.0%}"
 
 
 def _table(records: list[dict], axes: list[str]) -> str:
@@ -161,7 +167,7 @@ def _plots(records: list[dict], axes: list[str], results_dir: Path, name: str) -
 
 def _first_manifest(records: list[dict], work_dir: Path) -> dict | None:
     for r in records:
-        path = work_dir / "cells" / r["cell"] / "manifest.json"
+        path = work_dir / "cells" / r["folder"] / "manifest.json"
         if path.is_file():
             return json.loads(path.read_text())
     return None
@@ -169,7 +175,7 @@ def _first_manifest(records: list[dict], work_dir: Path) -> dict | None:
 
 def _first_config(records: list[dict], work_dir: Path) -> str | None:
     for r in records:
-        path = work_dir / "cells" / r["cell"] / "config.yaml"
+        path = work_dir / "cells" / r["folder"] / "config.yaml"
         if r["status"] == "ok" and path.is_file():
             return path.read_text()
     return None

@@ -50,11 +50,12 @@ def run(suite: Suite, overrides: list[str], work_dir: Path, cluster, resume: boo
 
 
 def run_cell(suite: Suite, cell: Cell, args: list[str], cfg, work_dir: Path, cluster) -> dict:
-    from ftcluster.bench.hardware import flops_per_token, peak_flops, prediction
+    from ftcluster.bench.hardware import flops_per_token, for_cell, prediction
     from ftcluster.config import validate
     from ftcluster.driver import train
 
-    record = {"cell": cell.name, "axes": {k: v for k, v in cell.axes}, "overrides": cell.overrides}
+    record = {"cell": cell.name, "folder": cell.folder, "axes": {k: v for k, v in cell.axes},
+              "overrides": cell.overrides}
     try:
         derived = validate(cfg)
     except UserError as exc:
@@ -63,7 +64,8 @@ def run_cell(suite: Suite, cell: Cell, args: list[str], cfg, work_dir: Path, clu
     out = Path(cfg.output_dir)
     shutil.rmtree(out, ignore_errors=True)  # an earlier attempt of this cell, cut short
     try:
-        record["predicted"] = prediction(cfg, cluster)
+        profile = for_cell(cluster, cfg)
+        record["predicted"] = prediction(cfg, profile)
         train(cfg, ["bench", *args])
     except UserError as exc:
         return {**record, "status": "skipped", "reason": str(exc)}
@@ -72,7 +74,10 @@ def run_cell(suite: Suite, cell: Cell, args: list[str], cfg, work_dir: Path, clu
     from ftcluster.bench.measure import measure
 
     record.update(status="ok", **measure(out, suite.config.warmup_steps, derived.world_size,
-                                          flops_per_token(cfg), peak_flops(cluster, cfg.strategy.precision)))
+                                          flops_per_token(cfg), profile.peak_flops(cfg.strategy.precision)))
+    if "baseline_bytes" in record:  # CPU: the planner counts tensors; the process itself is measured
+        record["predicted"]["tensor_bytes"] = record["predicted"]["peak_memory_bytes"]
+        record["predicted"]["peak_memory_bytes"] += record["baseline_bytes"]
     record["errors"] = _prediction_errors(record)
     for name in DROPPED_AFTER_MEASURING:
         shutil.rmtree(out / name, ignore_errors=True)
@@ -84,7 +89,7 @@ def _cell_args(suite: Suite, cell: Cell, overrides: list[str], work_dir: Path) -
     fixed = [f"trainer.max_steps={c.warmup_steps + c.measure_steps}", "trainer.log_every_steps=1",
              "trainer.eval_every_steps=0", "trainer.eval_generate=false", "trainer.save_every_steps=0",
              "trainer.stop_after_steps=null", f"trainer.profile_comms={str(c.profile_comms).lower()}",
-             "tracking.progress=false", "resume=never", f"output_dir={work_dir / 'cells' / cell.name}"]
+             "tracking.progress=false", "resume=never", f"output_dir={work_dir / 'cells' / cell.folder}"]
     return [*c.base, *overrides, *cell.overrides, *fixed]
 
 

@@ -8,6 +8,7 @@ that are measured). A cell is one point of the Cartesian product: a list of `ftc
 from __future__ import annotations
 
 import itertools
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Optional
@@ -45,8 +46,13 @@ class Cell:
 
     @property
     def name(self) -> str:
-        """Stable and readable: the folder the cell runs in, and its key in result files."""
-        return ",".join(self.overrides).replace("/", "_")
+        """Stable and readable: the cell's key in result files."""
+        return ",".join(self.overrides)
+
+    @property
+    def folder(self) -> str:
+        """The folder the cell runs in: its name with what paths and Hydra overrides cannot hold replaced."""
+        return re.sub(r"[^A-Za-z0-9._-]+", "_", self.name)
 
 
 @dataclass

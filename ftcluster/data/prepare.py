@@ -56,14 +56,7 @@ def prepare(cfg, tokenizer, out_dir: str) -> dict:
             return cached
         (out / "stats.json").unlink(missing_ok=True)  # stats.json last written = set complete.
 
-        train_items = _read(data.path, cfg)
-        if data.eval_path:
-            eval_items = _read(data.eval_path, cfg)
-        elif data.eval_fraction > 0:
-            train_items, eval_items = hold_out(train_items, data.eval_fraction, cfg.seed, data.path)
-        else:
-            eval_items = None
-
+        train_items, eval_items = read_splits(cfg)
         kind = KINDS[cfg.stage.name]
         stats = {"fingerprint": fingerprint, "format": data.format, "kind": kind, "packed": kind == "sequences"
                  and bool(data.packing), "max_seq_len": cfg.trainer.max_seq_len, "pad_id": _pad_id(tokenizer),
@@ -164,6 +157,18 @@ def _require_some(name: str, items: list, rows: list, reasons: dict, max_len: in
     if items and not rows:
         raise DataError(items[0][0], None, f"the {name} split is empty after filtering: all {len(items)} examples "
                                            f"were dropped ({_explain(reasons, max_len)})")
+
+
+def read_splits(cfg) -> tuple[list, list | None]:
+    """The (path, line, example) items of the train and eval splits (None without eval data): data.eval_path,
+    or data.eval_fraction held out of data.path. `ftcluster eval` scores the same eval split."""
+    data = cfg.data
+    train_items = _read(data.path, cfg)
+    if data.eval_path:
+        return train_items, _read(data.eval_path, cfg)
+    if data.eval_fraction > 0:
+        return hold_out(train_items, data.eval_fraction, cfg.seed, data.path)
+    return train_items, None
 
 
 def _read(path: str, cfg) -> list[tuple[str, int, dict]]:

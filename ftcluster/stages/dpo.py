@@ -31,7 +31,7 @@ from ftcluster.losses import REFERENCE_FREE, pair_wins, preference_terms
 from ftcluster.reference import ReferenceLogps
 from ftcluster.stages import loop
 from ftcluster.stages.context import StageContext
-from ftcluster.stages.sft import eval_exact_match
+from ftcluster.stages.sft import eval_generation
 
 MODEL_KIND = "causal_lm"
 # Summed over the pairs of a global batch (across ranks), then divided by the number of pairs.
@@ -96,7 +96,7 @@ def evaluate(ctx: StageContext, step: int, generate: bool, reference: ReferenceL
     if ctx.eval_rows is not None:
         metrics.update(eval_pairs(ctx, reference))
     if generate and ctx.eval_prompts:
-        metrics.update(eval_exact_match(ctx, step))
+        metrics.update(eval_generation(ctx, step))
     if metrics:
         ctx.tracker.log(step, metrics)
 

@@ -4,7 +4,8 @@ step and one evaluation are.
 Evaluation before training, every trainer.eval_every_steps and at the last step (generation-based
 evaluation on its own schedule, being far dearer); metrics every trainer.log_every_steps; a checkpoint
 every trainer.save_every_steps, at trainer.stop_after_steps, on a stop request (SIGUSR1 to the driver)
-and at the end; each rank's peak memory (peak_memory.json); then final/.
+and at the end; what each rank holds after its first update (memory.json) and each rank's peak memory
+(peak_memory.json); then final/.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Callable
 
-from ftcluster import comms, peak
+from ftcluster import comms, memory, peak
 from ftcluster.stages.context import StageContext
 
 
@@ -33,6 +34,9 @@ def run(ctx: StageContext, step_fn: Callable[[StageContext, int], StepResult],
     t = ctx.cfg.trainer
     if ctx.start_step == 0:
         evaluate_fn(ctx, 0, t.eval_generate)
+    # from_pretrained returns a model in eval mode: without an evaluation to switch it back, dropout and
+    # gradient checkpointing (transformers checks self.training) would silently stay off.
+    ctx.engine.train()
     step = ctx.start_step
     while step < t.max_steps:
         started, comm_before = time.perf_counter(), comms.seconds_so_far()
@@ -43,6 +47,8 @@ def run(ctx: StageContext, step_fn: Callable[[StageContext, int], StepResult],
         if t.profile_comms:
             timings["comm_time_s"] = comms.seconds_so_far() - comm_before
         step += 1
+        if step == ctx.start_step + 1:  # the optimizer's state exists from its first update on
+            memory.record(ctx.engine, ctx.cfg.output_dir)
         ctx.tracker.advance()
         last = step == t.max_steps
         if step % t.log_every_steps == 0 or last:

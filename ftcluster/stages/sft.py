@@ -9,8 +9,9 @@ Features and their trade-offs:
 - Packing: rows hold several examples with position ids restarting per example; attention never
   crosses examples (see ftcluster.data.packing).
 - Evaluation at step 0, every trainer.eval_every_steps and at the last step: eval_loss, eval_ppl. With
-  trainer.eval_generate, greedy generation scored by exact match (eval_exact_match) before training,
-  at the last step and every trainer.eval_generate_every_steps: decoding costs far more than a loss pass.
+  trainer.eval_generate, greedy generation scored by exact match (eval_exact_match) and the other
+  trainer.eval_metrics (eval_<name>, ftcluster.metrics) before training, at the last step and every
+  trainer.eval_generate_every_steps: decoding costs far more than a loss pass.
 - Checkpoints, resume and export as every SPMD stage has them (ftcluster.stages.loop): resume
   restores model, optimizer, schedule, RNG and data position (a pure function of the step); final/ holds
   consolidated safetensors + tokenizer (merged weights and final/adapter/ with PEFT).
@@ -24,7 +25,8 @@ import torch
 import torch.nn.functional as F
 
 from ftcluster import dist
-from ftcluster.evaluate import exact_match_rate, generate_answers
+from ftcluster.evaluate import generate_answers
+from ftcluster.metrics import compute as compute_metrics
 from ftcluster.stages import loop
 from ftcluster.stages.context import StageContext
 
@@ -76,38 +78,46 @@ def evaluate(ctx: StageContext, step: int, generate: bool) -> None:
     if ctx.eval_rows is not None:
         metrics.update(eval_loss(ctx))
     if generate and ctx.eval_prompts:
-        metrics.update(eval_exact_match(ctx, step))
+        metrics.update(eval_generation(ctx, step))
     if metrics:
         ctx.tracker.log(step, metrics)
 
 
-def eval_exact_match(ctx: StageContext, step: int) -> dict:
-    """Greedy answers to the held-out prompts, scored by exact match against their references."""
+def eval_generation(ctx: StageContext, step: int) -> dict:
+    """Greedy answers to the held-out prompts, scored against their references by exact match and the
+    other trainer.eval_metrics."""
     prompts = [p["prompt"] for p in ctx.eval_prompts]
     predictions = generate_answers(
         ctx.engine.module, ctx.tokenizer, prompts, max_new_tokens=ctx.cfg.trainer.eval_max_new_tokens,
         # One generate() call per rank when the share is small: decoding is latency-bound.
         batch_size=min(32, math.ceil(len(prompts) / ctx.world_size)),
         synced=ctx.engine.zero_optimization_partition_weights() and ctx.world_size > 1)
-    rate = exact_match_rate(predictions, [p["reference"] for p in ctx.eval_prompts])
-    ctx.tracker.message(f"step {step}: held-out exact match {rate:.1%} ({len(predictions)} examples); "
-                        f"e.g. {predictions[0]!r}")
-    return {"eval_exact_match": rate}
+    names = dict.fromkeys(["exact_match", *ctx.cfg.trainer.eval_metrics])
+    scores = compute_metrics(names, predictions, [p["reference"] for p in ctx.eval_prompts])
+    ctx.tracker.message(f"step {step}: held-out exact match {scores['exact_match']:.1%} ({len(predictions)} "
+                        f"examples); e.g. {predictions[0]!r}")
+    return {f"eval_{name}": value for name, value in scores.items()}
 
 
 def eval_loss(ctx: StageContext) -> dict:
+    engine = ctx.engine
+    engine.eval()
+    loss = mean_token_loss(engine, ctx.eval_rows, ctx.cfg.trainer.micro_batch_per_device, ctx.rank, ctx.world_size,
+                           ctx.pad_id, ctx.cfg.data.packing)
+    engine.train()
+    return {"eval_loss": loss, "eval_ppl": math.exp(min(loss, 50.0))}
+
+
+@torch.no_grad()
+def mean_token_loss(model, rows, micro_batch: int, rank: int, world_size: int, pad_id: int, packed: bool) -> float:
+    """Cross-entropy per label token over all of `rows`, this rank scoring its share (also `ftcluster eval`'s
+    perplexity, so both measure the same thing)."""
     from ftcluster.data.loader import eval_batches
 
-    engine = ctx.engine
-    # eval_batches gives every rank as many batches (ZeRO-3 forwards are collectives); fillers train nothing.
-    batches = eval_batches(ctx.eval_rows, ctx.cfg.trainer.micro_batch_per_device, ctx.rank, ctx.world_size,
-                           ctx.pad_id, ctx.cfg.data.packing)
-    engine.eval()
+    # eval_batches gives every rank as many batches (ZeRO-3 forwards are collectives); fillers count nothing.
     loss_sum = tokens = 0.0
-    for batch in batches:
-        loss_sum += token_loss_sum(engine, batch).item()
+    for batch in eval_batches(rows, micro_batch, rank, world_size, pad_id, packed):
+        loss_sum += token_loss_sum(model, batch).item()
         tokens += _label_tokens(batch)
-    engine.train()
     loss_sum, tokens = dist.all_reduce_sum([loss_sum, tokens]).tolist()
-    loss = loss_sum / max(tokens, 1)
-    return {"eval_loss": loss, "eval_ppl": math.exp(min(loss, 50.0))}
+    return loss_sum / max(tokens, 1)

@@ -1,33 +1,53 @@
-"""ftcluster SFT vs a plain Hugging Face `transformers.Trainer`, on this machine's CPU, in one run.
+"""ftcluster SFT vs a plain Hugging Face `transformers.Trainer` and TRL's `SFTTrainer`, on this machine's CPU,
+in one run.
 
-    python benchmarks/sft_vs_hf_trainer.py                 # full measurement, report in benchmarks/results/
-    python benchmarks/sft_vs_hf_trainer.py --smoke         # a few steps end to end, report in the work folder
+    pip install -e '.[bench]'                          # TRL, for the third side
+    python benchmarks/sft_baselines.py                 # full measurement, report in benchmarks/results/
+    python benchmarks/sft_baselines.py --smoke         # a few steps end to end, report in the work folder
 
-Both sides train the tiny model (ftcluster/assets/models/tiny) from the very same weight file, on the same
-seeded variable-length chat data set (built here, written once as JSONL), tokenized the same way
-(ftcluster.data: the same chat template, assistant-only labels), with the same batch (rows per micro-batch,
-rows per optimizer step), optimizer (torch AdamW, same lr, betas, eps, no weight decay, constant schedule),
-gradient clipping (1.0), precision (fp32), one training process with 2 threads and the same number of steps.
-Only the batching policy and the training loop differ:
+Every side trains the tiny model (ftcluster/assets/models/tiny) from the very same weight file, on the same
+seeded variable-length chat data set (built here, written once as JSONL), tokenized the same way, with the
+same batch (rows per micro-batch, rows per optimizer step), optimizer (torch AdamW, same lr, betas, eps, no
+weight decay, constant schedule, no warm-up), gradient clipping (1.0), precision (fp32), no gradient
+checkpointing, one training process with 2 threads and the same number of steps. Only the batching policy and
+the training loop differ. Four comparisons:
 
   1. ftcluster with packing (data.packing=true, its default) vs the Trainer padding each micro-batch to its
      longest example (DataCollatorForSeq2Seq(padding=True), labels -100 on padding).
   2. ftcluster without packing (data.packing=false: each micro-batch padded to its longest row) vs the same
-     Trainer run: an equal padding policy. The Trainer reads the rows in the order ftcluster's loader does
-     (train_sampling_strategy="sequential" over that order), so both sides see the very same micro-batches
-     and their per-step losses must agree, which the report checks.
+     Trainer run: an equal padding policy.
+  3. ftcluster with packing vs SFTTrainer with its packing (packing=True, packing_strategy="bfd": best-fit
+     decreasing into rows of max_length, which TRL always runs padding-free: each micro-batch's rows back to
+     back in one sequence, position_ids restarting per example, no attention_mask).
+  4. ftcluster without packing vs SFTTrainer without packing (its collator pads each micro-batch to its longest
+     row): an equal padding policy.
 
-Measured per optimizer step, after the first --warmup steps (start-up excluded: model load, Ray start):
+Tokenization is identical by construction: the Trainer and the SFTTrainer are given the rows that
+ftcluster.data.prepare wrote with data.packing=false (input_ids, and labels that are -100 outside assistant
+turns), which TRL takes as a pre-tokenized data set and uses as is (it packs them for comparison 3). TRL's
+own route, a conversational data set with assistant_only_loss=True, refuses this model's chat template
+(ChatML without {% generation %} markers, which TRL cannot patch for an unknown template); and a template
+edited to have them would also train the newline after <|im_end|>, which ftcluster leaves out. Tokenizing
+happens before training on every side, outside the timed steps. In comparisons 2 and 4 the baselines read
+the rows in the order ftcluster's loader does (train_sampling_strategy="sequential" over that order), so all
+three sides see the very same micro-batches and their per-step losses must agree, which the report checks.
+With packing the rows differ by construction (each side packs its own way); TRL's packed rows are drawn by
+its default seeded random sampler, as ftcluster's loader shuffles its own.
+
+Measured per optimizer step, after the first --warmup steps (start-up excluded: model load, Ray start, TRL's
+data preparation):
   effective tokens/s = real (non-padding) tokens of the step / step time, and
   packing efficiency  = real tokens / (rows x padded width), summed over the measured micro-batches.
 ftcluster's figures come from its own output_dir/metrics.jsonl (`tokens_per_s`: real tokens over the time of
 loader + forward/backward/optimizer, see ftcluster/stages/sft.py); the padded widths are recomputed with
-ftcluster's loader over the rows it prepared. The Trainer's step time is one whole iteration of its loop
+ftcluster's loader over the rows it prepared. A baseline's step time is one whole iteration of its loop
 (on_step_end to on_step_end: fetching and collating the step's micro-batches, forward/backward, clipping,
 optimizer, its per-step logging), its token counts come from the batches it trained on.
 
-Runs alternate (ftcluster packed, Trainer, ftcluster unpacked, Trainer) for --rounds rounds so that drift of
-a shared machine hits both sides alike. Writes benchmarks/results/sft_vs_hf_trainer_cpu_<date>.{md,json}.
+Each round runs SFTTrainer packed, ftcluster packed, Trainer, SFTTrainer unpacked, ftcluster unpacked,
+Trainer: every ftcluster run sits between the two runs it is compared with, so that drift of a shared
+machine hits all sides alike. Writes benchmarks/results/sft_baselines_cpu_<date>.{md,json} (the reports
+before TRL joined are sft_vs_hf_trainer_cpu_<date>.md, from this script under its old name).
 """
 
 from __future__ import annotations
@@ -36,7 +56,6 @@ import argparse
 import json
 import math
 import os
-import platform
 import random
 import shlex
 import statistics
@@ -44,12 +63,12 @@ import sys
 import time
 from pathlib import Path
 
-from common import (REPO, add_run_arguments, busy_processes, cpu_model, folders, git_state, load1, run_logged,
-                    versions, wait_for_quiet)
+from common import (REPO, add_logged_losses, add_run_arguments, busy_processes, environment, folders, load1,
+                    run_logged, run_worker, start_worker, step_timer, wait_for_quiet)
 
 TINY = REPO / "ftcluster" / "assets" / "models" / "tiny"
-PACKAGES = ["ftcluster", "torch", "transformers", "accelerate", "datasets", "deepspeed", "ray", "hydra-core",
-            "tokenizers", "numpy"]
+PACKAGES = ["ftcluster", "torch", "transformers", "trl", "accelerate", "datasets", "deepspeed", "ray",
+            "hydra-core", "tokenizers", "numpy"]
 
 # A plain English word pool the tiny tokenizer was trained on (its GENERIC sentences), so lengths in tokens
 # track lengths in words and the text looks like text.
@@ -170,7 +189,7 @@ def run_ftcluster(a, work: Path, data_path: Path, model_dir: Path, packing: bool
     overrides = ftcluster_overrides(a, data_path, model_dir, packing, out_dir)
     cmd = [*ftcluster_cli(), "train", *overrides]
     print(f"[bench] {tag}: ftcluster train (data.packing={str(packing).lower()})", flush=True)
-    info = run_logged(cmd, work / f"{tag}.log", a.threads)
+    info = run_logged(cmd, work / f"{tag}.log", a.threads, trainer_pattern="RayTrainWorker")
     metrics = [json.loads(line) for line in (out_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
     train_rows = sorted((m for m in metrics if "tokens_per_s" in m), key=lambda m: m["step"])
     total = a.warmup + a.steps
@@ -190,100 +209,121 @@ def run_ftcluster(a, work: Path, data_path: Path, model_dir: Path, packing: bool
             "data_stats": stats, "steps": steps, **info}
 
 
-def run_trainer(a, work: Path, model_dir: Path, rows_dir: Path, order: list[int], tag: str) -> dict:
-    spec = {"model_dir": str(model_dir), "rows_dir": str(rows_dir), "order": order, "output_dir": str(work / "runs" / tag),
-            "threads": a.threads, "micro_batch": a.micro_batch, "accum": a.global_batch // a.micro_batch,
-            "max_steps": a.warmup + a.steps, "lr": a.lr, "seed": a.seed, "result": str(work / f"{tag}.json")}
-    spec_path = work / f"{tag}.spec.json"
-    spec_path.write_text(json.dumps(spec))
-    cmd = [sys.executable, str(Path(__file__).resolve()), "--hf-worker", str(spec_path)]
-    print(f"[bench] {tag}: transformers.Trainer (pad to longest)", flush=True)
-    info = run_logged(cmd, work / f"{tag}.log", a.threads)
-    result = json.loads(Path(spec["result"]).read_text())
-    return {"side": "trainer", "tag": tag, "command": " ".join(map(shlex.quote, cmd)), **result, **info}
+BASELINES = {"trainer": "transformers.Trainer (pad to longest)", "trl": "trl.SFTTrainer"}
+
+
+def run_baseline(a, work: Path, model_dir: Path, rows_dir: Path, side: str, packing: bool, order: list[int] | None,
+                 tag: str) -> dict:
+    """One Hugging Face side (`side` in BASELINES) in its own process, on the unpacked rows ftcluster prepared:
+    in `order` when given (the order ftcluster's loader reads them), else all of them, shuffled by the side."""
+    spec = {"side": side, "packing": packing, "model_dir": str(model_dir), "rows_dir": str(rows_dir), "order": order,
+            "output_dir": str(work / "runs" / tag), "threads": a.threads, "micro_batch": a.micro_batch,
+            "accum": a.global_batch // a.micro_batch, "max_steps": a.warmup + a.steps, "lr": a.lr, "seed": a.seed,
+            "max_seq_len": a.max_seq_len}
+    print(f"[bench] {tag}: {BASELINES[side]}" + (" packing=True" if packing else ""), flush=True)
+    return {"side": side, "packing": packing,
+            **run_worker(Path(__file__).resolve(), "--hf-worker", spec, work, tag, a.threads)}
 
 
 # ----------------------------------------------------------------------------------------------------------
-# The Trainer side, in its own process (--hf-worker SPEC)
+# The Hugging Face sides, each in its own process (--hf-worker SPEC)
 
 def hf_worker(spec_path: str) -> None:
-    spec = json.loads(Path(spec_path).read_text())
-    import torch
-
-    torch.set_num_threads(spec["threads"])
+    spec = start_worker(spec_path)
     import datasets
-    from transformers import (AutoModelForCausalLM, AutoTokenizer, DataCollatorForSeq2Seq, Trainer,
-                              TrainerCallback, TrainingArguments)
-    from transformers.utils import logging as hf_logging
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    hf_logging.set_verbosity_error()
     tokenizer = AutoTokenizer.from_pretrained(spec["model_dir"])
     tokenizer.padding_side = "right"
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     # The rows ftcluster.data.prepare wrote with data.packing=false: one tokenized example per row, labels -100
-    # outside assistant turns. The Trainer gets input_ids, attention_mask and labels, nothing else.
-    rows = datasets.load_from_disk(spec["rows_dir"]).select(spec["order"])
+    # outside assistant turns. The baselines get input_ids and labels (and the Trainer an attention_mask).
+    rows = datasets.load_from_disk(spec["rows_dir"])
+    if spec["order"] is not None:
+        rows = rows.select(spec["order"])
     rows = rows.remove_columns(["position_ids", "num_examples"])
-    rows = rows.map(lambda r: {"attention_mask": [1] * len(r["input_ids"])})
     model = AutoModelForCausalLM.from_pretrained(spec["model_dir"], dtype=torch.float32, attn_implementation="sdpa")
     model.config.use_cache = False  # as ftcluster does; no KV cache is built in training forwards
-
-    args = TrainingArguments(
+    shared = dict(
         output_dir=spec["output_dir"], max_steps=spec["max_steps"], per_device_train_batch_size=spec["micro_batch"],
         gradient_accumulation_steps=spec["accum"], learning_rate=spec["lr"], lr_scheduler_type="constant",
         warmup_steps=0, weight_decay=0.0, adam_beta1=0.9, adam_beta2=0.999, adam_epsilon=1e-8,
         optim="adamw_torch", max_grad_norm=1.0, logging_strategy="steps", logging_steps=1, save_strategy="no",
         eval_strategy="no", report_to=[], use_cpu=True, seed=spec["seed"], dataloader_pin_memory=False,
-        disable_tqdm=True, train_sampling_strategy="sequential", bf16=False, fp16=False)
-
-    counts = {"real": 0, "processed": 0, "rows": 0, "label_tokens": 0}
-
-    class CountingTrainer(Trainer):
-        # Counts what each micro-batch holds; training itself is Trainer.training_step, unchanged.
-        def training_step(self, model, inputs, num_items_in_batch=None):
-            counts["real"] += int(inputs["attention_mask"].sum())
-            counts["processed"] += inputs["input_ids"].numel()
-            counts["rows"] += inputs["input_ids"].shape[0]
-            counts["label_tokens"] += int((inputs["labels"][:, 1:] != -100).sum())
-            return super().training_step(model, inputs, num_items_in_batch)
-
+        disable_tqdm=True, bf16=False, fp16=False, gradient_checkpointing=False,
+        # Given an order, read it as is; otherwise the Trainer's default seeded random order.
+        train_sampling_strategy="sequential" if spec["order"] is not None else "random")
+    counts = {"real": 0, "processed": 0, "examples": 0, "label_tokens": 0}
     steps: list[dict] = []
-
-    class StepTimer(TrainerCallback):
-        def on_train_begin(self, args, state, control, **kw):
-            self.last = time.perf_counter()
-
-        def on_step_begin(self, args, state, control, **kw):
-            self.begin = time.perf_counter()
-
-        def on_step_end(self, args, state, control, **kw):
-            now = time.perf_counter()
-            steps.append({"step": state.global_step, "time_s": now - self.last, "core_time_s": now - self.begin,
-                          **counts})
-            for key in counts:
-                counts[key] = 0
-            self.last = now
-
-    collator = DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=-100)
-    trainer = CountingTrainer(model=model, args=args, train_dataset=rows, data_collator=collator,
-                              callbacks=[StepTimer()])
+    build = {"trainer": _trainer, "trl": _sft_trainer}[spec["side"]]
+    started = time.perf_counter()
+    trainer, shown = build(spec, model, tokenizer, rows, shared, counts, [step_timer(steps, counts)])
+    setup_s = time.perf_counter() - started
     trainer.train()
-    losses = {h["step"]: h["loss"] for h in trainer.state.log_history if "loss" in h and "step" in h}
+    add_logged_losses(steps, trainer)
     for s in steps:
         s["tokens_per_s"] = s["real"] / s["time_s"]
-        s["loss"] = losses.get(s["step"])
+    lengths = [len(ids) for ids in trainer.train_dataset["input_ids"]]
     Path(spec["result"]).write_text(json.dumps({
-        "steps": steps, "torch_threads": torch.get_num_threads(),
-        "training_args": {k: v for k, v in args.to_dict().items() if k in TRAINING_ARGS_SHOWN},
-        "collator": "DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=-100)",
+        "steps": steps, "torch_threads": torch.get_num_threads(), "setup_s": setup_s,
+        "arguments": {k: v for k, v in trainer.args.to_dict().items() if k in ARGS_SHOWN}, **shown,
+        # What the side trains on after its own preparation (TRL packs here): rows and how full they are.
+        "prepared": {"rows": len(lengths), "tokens": sum(lengths),
+                     "fill": sum(lengths) / (len(lengths) * spec["max_seq_len"])},
     }))
 
 
-TRAINING_ARGS_SHOWN = ("max_steps", "per_device_train_batch_size", "gradient_accumulation_steps", "learning_rate",
-                       "lr_scheduler_type", "warmup_steps", "weight_decay", "adam_beta1", "adam_beta2", "adam_epsilon",
-                       "optim", "max_grad_norm", "logging_steps", "save_strategy", "eval_strategy", "report_to",
-                       "use_cpu", "seed", "train_sampling_strategy", "bf16", "fp16", "dataloader_num_workers")
+def _counting(trainer_cls, counts: dict):
+    """`trainer_cls`, counting what each micro-batch holds; training itself is the class's own training_step."""
+
+    class Counting(trainer_cls):
+        def training_step(self, model, inputs, num_items_in_batch=None):
+            ids = inputs["input_ids"]
+            if "attention_mask" in inputs:  # padded rows, one example each
+                counts["real"] += int(inputs["attention_mask"].sum())
+                counts["examples"] += ids.shape[0]
+            else:  # TRL padding-free: the micro-batch's examples back to back in one row, no padding at all
+                counts["real"] += ids.numel()
+                counts["examples"] += inputs["cu_seq_lens_q"].numel() - 1
+            counts["processed"] += ids.numel()
+            counts["label_tokens"] += int((inputs["labels"][:, 1:] != -100).sum())
+            return super().training_step(model, inputs, num_items_in_batch)
+
+    return Counting
+
+
+def _trainer(spec, model, tokenizer, rows, shared, counts, callbacks):
+    from transformers import DataCollatorForSeq2Seq, Trainer, TrainingArguments
+
+    rows = rows.map(lambda r: {"attention_mask": [1] * len(r["input_ids"])})
+    collator = DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=-100)
+    trainer = _counting(Trainer, counts)(model=model, args=TrainingArguments(**shared), train_dataset=rows,
+                                         data_collator=collator, callbacks=callbacks)
+    return trainer, {"collator": "DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=-100)"}
+
+
+def _sft_trainer(spec, model, tokenizer, rows, shared, counts, callbacks):
+    from trl import SFTConfig, SFTTrainer
+
+    # SFTConfig's own defaults that differ from the other sides are set back: bf16 (on by default),
+    # gradient checkpointing (on by default). TRL's loss (its fused LM head, which never builds the full
+    # logits, plus the entropy and token accuracy it logs) is its default and stays.
+    args = SFTConfig(**shared, max_length=spec["max_seq_len"], packing=spec["packing"], packing_strategy="bfd")
+    trainer = _counting(SFTTrainer, counts)(model=model, args=args, train_dataset=rows, processing_class=tokenizer,
+                                            callbacks=callbacks)
+    collator = trainer.data_collator
+    return trainer, {"collator": f"{type(collator).__name__}(pad_token_id={collator.pad_token_id}, "
+                                 f"padding_free={collator.padding_free}) (SFTTrainer's default)"}
+
+
+ARGS_SHOWN = ("max_steps", "per_device_train_batch_size", "gradient_accumulation_steps", "learning_rate",
+              "lr_scheduler_type", "warmup_steps", "weight_decay", "adam_beta1", "adam_beta2", "adam_epsilon", "optim",
+              "max_grad_norm", "logging_steps", "save_strategy", "eval_strategy", "report_to", "use_cpu", "seed",
+              "train_sampling_strategy", "bf16", "fp16", "gradient_checkpointing", "dataloader_num_workers",
+              "max_length", "packing", "packing_strategy", "padding_free", "assistant_only_loss",
+              "completion_only_loss", "loss_type")
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -297,7 +337,8 @@ def figures(run: dict, warmup: int) -> dict:
            "max_tokens_per_s": max(rates), "aggregate_tokens_per_s": real / sum(s["time_s"] for s in measured),
            "median_step_s": statistics.median(s["time_s"] for s in measured), "real_tokens": real,
            "processed_tokens": processed, "packing_efficiency": real / processed,
-           "real_tokens_per_step": real / len(measured), "padded_tokens_per_step": processed / len(measured)}
+           "real_tokens_per_step": real / len(measured), "padded_tokens_per_step": processed / len(measured),
+           "examples_per_step": sum(s["examples"] for s in measured) / len(measured)}
     if all("core_time_s" in s for s in measured):
         out["median_core_tokens_per_s"] = statistics.median(s["real"] / s["core_time_s"] for s in measured)
     return out
@@ -311,15 +352,22 @@ def loss_agreement(ft: dict, hf: dict) -> dict:
 
 
 COMPARISONS = (
-    # key, ftcluster run, the Trainer run right after it, target, title
-    ("packed_vs_trainer", "ftcluster-packed", "trainer-a", 2.0, "1. ftcluster packing vs Trainer pad-to-longest"),
-    ("unpacked_vs_trainer", "ftcluster-unpacked", "trainer-b", 0.95,
+    # key, ftcluster run, the baseline run beside it, the baseline's name, target (None: none set), title
+    ("packed_vs_trainer", "ftcluster-packed", "trainer-a", "Trainer", 2.0,
+     "1. ftcluster packing vs Trainer pad-to-longest"),
+    ("unpacked_vs_trainer", "ftcluster-unpacked", "trainer-b", "Trainer", 0.95,
      "2. ftcluster no packing vs Trainer (equal padding)"),
+    ("packed_vs_trl", "ftcluster-packed", "trl-packed", "SFTTrainer", None,
+     "3. ftcluster packing vs SFTTrainer packing (BFD, padding-free)"),
+    ("unpacked_vs_trl", "ftcluster-unpacked", "trl-unpacked", "SFTTrainer", None,
+     "4. ftcluster no packing vs SFTTrainer no packing (equal padding)"),
 )
+# The baselines that read ftcluster's unpacked micro-batches, so their losses must match its own step by step.
+SAME_BATCHES = {"trainer-b": "Trainer", "trl-unpacked": "SFTTrainer"}
 
 
 def summarize(res: dict) -> None:
-    """Figures per run, and per comparison the ratio of each ftcluster run to the Trainer run right after it.
+    """Figures per run, and per comparison the ratio of each ftcluster run to the baseline run beside it.
 
     The headline ratio of a comparison is the geometric mean of its per-round ratios: each ratio is taken
     between two runs minutes apart, so a load that changes between rounds cancels out, which pooling the
@@ -330,25 +378,26 @@ def summarize(res: dict) -> None:
     for r in res["runs"]:
         r["figures"] = figures(r, warmup)
     comparisons = {}
-    for key, ft_name, hf_name, target, title in COMPARISONS:
+    for key, ft_name, base_name, base_label, target, title in COMPARISONS:
         rounds = []
         for n in range(1, res["settings"]["rounds"] + 1):
-            ft, hf = runs[f"r{n}-{ft_name}"]["figures"], runs[f"r{n}-{hf_name}"]["figures"]
-            rounds.append({"round": n, "ftcluster": ft, "trainer": hf,
-                           "ratio": ft["median_tokens_per_s"] / hf["median_tokens_per_s"],
-                           "ratio_aggregate": ft["aggregate_tokens_per_s"] / hf["aggregate_tokens_per_s"],
-                           "ratio_trainer_core_time": ft["median_tokens_per_s"] / hf["median_core_tokens_per_s"]})
+            ft, base = runs[f"r{n}-{ft_name}"]["figures"], runs[f"r{n}-{base_name}"]["figures"]
+            rounds.append({"round": n, "ftcluster": ft, "baseline": base,
+                           "ratio": ft["median_tokens_per_s"] / base["median_tokens_per_s"],
+                           "ratio_aggregate": ft["aggregate_tokens_per_s"] / base["aggregate_tokens_per_s"],
+                           "ratio_baseline_core_time": ft["median_tokens_per_s"] / base["median_core_tokens_per_s"]})
         ratio = math.exp(statistics.fmean(math.log(x["ratio"]) for x in rounds))
-        meeting = sum(x["ratio"] >= target for x in rounds)
-        # Met only when every round meets it; rounds on both sides of the target leave it open.
-        verdict = "yes" if meeting == len(rounds) else "no" if meeting == 0 else "inconclusive"
-        comparisons[key] = {"title": title, "target": target, "ratio": ratio, "verdict": verdict,
+        comparisons[key] = {"title": title, "baseline": base_label, "target": target, "ratio": ratio,
                             "ratio_min": min(x["ratio"] for x in rounds), "ratio_max": max(x["ratio"] for x in rounds),
-                            "rounds_meeting_target": meeting, "rounds": rounds}
+                            "rounds": rounds}
+        if target is not None:
+            meeting = sum(x["ratio"] >= target for x in rounds)
+            # Met only when every round meets it; rounds on both sides of the target leave it open.
+            comparisons[key].update(rounds_meeting_target=meeting, verdict="yes" if meeting == len(rounds) else
+                                    "no" if meeting == 0 else "inconclusive")
     res["comparisons"] = comparisons
-    res["loss_agreement"] = loss_agreement(runs["r1-ftcluster-unpacked"], runs["r1-trainer-b"])
-    res.pop("rounds", None)
-    res.pop("trainer_core_time", None)
+    res["loss_agreement"] = {name: loss_agreement(runs["r1-ftcluster-unpacked"], runs[f"r1-{name}"])
+                             for name in SAME_BATCHES}
 
 
 def _f(x: float, digits: int = 0) -> str:
@@ -359,12 +408,20 @@ def _rate(f: dict) -> str:
     return f"{_f(f['median_tokens_per_s'])} ({_f(f['min_tokens_per_s'])}-{_f(f['max_tokens_per_s'])})"
 
 
+def _target(c: dict) -> tuple[str, str]:
+    if c["target"] is None:
+        return "none set", "-"
+    verdict = "yes" if c["verdict"] == "yes" else c["verdict"].upper()
+    return f">= {c['target']}x", f"{verdict} ({c['rounds_meeting_target']} of {len(c['rounds'])} rounds)"
+
+
 def write_report(res: dict, md_path: Path) -> None:
     a, w = res["settings"], res["settings"]["warmup"]
     comps = res["comparisons"]
     ds, env, q = res["dataset"], res["environment"], res["quiet"]
+    runs = {r["tag"]: r for r in res["runs"]}
     L = []
-    L.append(f"# ftcluster SFT vs Hugging Face Trainer on CPU ({res['date']})\n")
+    L.append(f"# ftcluster SFT vs Hugging Face Trainer and TRL SFTTrainer on CPU ({res['date']})\n")
     if res.get("smoke"):
         L.append("**Smoke configuration: too few steps for the figures to mean anything.**\n")
     if q["quiet"] is False:
@@ -378,45 +435,63 @@ def write_report(res: dict, md_path: Path) -> None:
              f"{a['threads']} threads each. Effective tokens/s = real (non-padding) tokens per second of training step "
              f"time, median over {a['steps']} steps after {w} warm-up steps (start-up excluded); min and max beside it. "
              "Packing efficiency = real tokens / (rows x padded width) over the same steps. Each ftcluster run is "
-             "compared with the Trainer run right after it; the ratio of a comparison is the geometric mean of its "
-             "rounds' ratios, and a target counts as met only when every round meets it (inconclusive when the "
-             "rounds fall on both sides).\n")
+             "compared with the baseline runs right before and after it; the ratio of a comparison is the geometric "
+             "mean of its rounds' ratios, and a target counts as met only when every round meets it (inconclusive "
+             "when the rounds fall on both sides). The issue sets targets against the Trainer only.\n")
     L.append("## Results\n")
-    L.append("| comparison | ratio (ftcluster / Trainer) | per round | target | met | packing efficiency ftcluster / Trainer |")
+    L.append("| comparison | ratio (ftcluster / baseline) | per round | target | met | packing efficiency ftcluster / "
+             "baseline |")
     L.append("|---|---|---|---|---|---|")
     for c in comps.values():
         r0 = c["rounds"][0]
+        target, met = _target(c)
         L.append(f"| {c['title']} | **{c['ratio']:.2f}x** | " + ", ".join(f"{x['ratio']:.2f}x" for x in c["rounds"])
-                 + f" | >= {c['target']}x | {c['verdict'].upper() if c['verdict'] != 'yes' else 'yes'} "
-                 f"({c['rounds_meeting_target']} of {len(c['rounds'])} rounds) | {r0['ftcluster']['packing_efficiency']:.1%} / "
-                 f"{r0['trainer']['packing_efficiency']:.1%} |")
+                 + f" | {target} | {met} | {r0['ftcluster']['packing_efficiency']:.1%} / "
+                 f"{r0['baseline']['packing_efficiency']:.1%} |")
     L.append("")
     L.append("Effective tokens/s per run, median (min-max) over the measured steps:\n")
-    L.append("| comparison | round | ftcluster | Trainer | ratio of medians | ratio of aggregates |")
+    L.append("| comparison | round | ftcluster | baseline | ratio of medians | ratio of aggregates |")
     L.append("|---|---|---|---|---|---|")
     for c in comps.values():
         for x in c["rounds"]:
-            L.append(f"| {c['title'][:2]} | {x['round']} | {_rate(x['ftcluster'])} | {_rate(x['trainer'])} | "
-                     f"{x['ratio']:.2f}x | {x['ratio_aggregate']:.2f}x |")
+            L.append(f"| {c['title'][:2]} vs {c['baseline']} | {x['round']} | {_rate(x['ftcluster'])} | "
+                     f"{_rate(x['baseline'])} | {x['ratio']:.2f}x | {x['ratio_aggregate']:.2f}x |")
     L.append("")
-    L.append("Aggregate = sum of real tokens / sum of step times over the measured steps. Per run:\n")
-    L.append("| run | median step time | real tokens / step | padded tokens / step | 1-min load during the run |")
-    L.append("|---|---|---|---|---|")
+    L.append("Aggregate = sum of real tokens / sum of step times over the measured steps. Per run (peak RSS: the "
+             "training process's, the Ray Train worker for ftcluster):\n")
+    L.append("| run | median step time | real tokens / step | padded tokens / step | examples / step | peak RSS | "
+             "1-min load during the run |")
+    L.append("|---|---|---|---|---|---|---|")
     for r in res["runs"]:
         f, ld = r["figures"], r["load1_during"]
+        rss = f"{r['trainer_peak_rss_mib']:.0f} MiB" if r.get("trainer_peak_rss_mib") else "?"
         L.append(f"| {r['tag']} | {f['median_step_s'] * 1000:.0f} ms | {_f(f['real_tokens_per_step'])} | "
-                 f"{_f(f['padded_tokens_per_step'])} | {ld.get('min', '?')}-{ld.get('max', '?')} "
-                 f"(median {ld.get('median', '?')}) |")
-    c2 = comps["unpacked_vs_trainer"]
-    L.append("\nThe Trainer's step time is a whole loop iteration (on_step_end to on_step_end). Counting only "
-             "on_step_begin to on_step_end (leaving out fetching and collating the step's micro-batches and its "
-             "per-step logging), comparison 2's per-round ratios would be "
-             + ", ".join(f"{x['ratio_trainer_core_time']:.2f}x" for x in c2["rounds"]) + ".\n")
+                 f"{_f(f['padded_tokens_per_step'])} | {f['examples_per_step']:.1f} | {rss} | "
+                 f"{ld.get('min', '?')}-{ld.get('max', '?')} (median {ld.get('median', '?')}) |")
+    L.append("\nA baseline's step time is a whole loop iteration (on_step_end to on_step_end). Counting only "
+             "on_step_begin to on_step_end (leaving out fetching and collating the step's micro-batches and the "
+             "per-step logging), the per-round ratios would be: "
+             + "; ".join(f"comparison {c['title'][:1]} " + ", ".join(f"{x['ratio_baseline_core_time']:.2f}x"
+                                                                       for x in c["rounds"]) for c in comps.values())
+             + ".\n")
+    trl_p = runs["r1-trl-packed"]
+    L.append(f"SFTTrainer's packing (comparison 3): BFD packed the {ds['records']} examples into "
+             f"{trl_p['prepared']['rows']} rows of at most {a['max_seq_len']} tokens ({trl_p['prepared']['fill']:.1%} "
+             f"full; ftcluster: {ds['prepared_packed']['train']['rows']} rows, "
+             f"{ds['prepared_packed']['train']['packing_efficiency']:.1%}). TRL always trains BFD-packed rows "
+             "padding-free: the rows of a micro-batch go back to back into one sequence, with position_ids "
+             "restarting per example and no attention_mask, meant for flash-attention's variable-length kernels. With "
+             "sdpa (no flash-attention here) transformers turns those position_ids into a block-diagonal mask over the "
+             f"whole flattened sequence (~{a['micro_batch'] * a['max_seq_len']} tokens), so attention costs grow with the "
+             f"micro-batch's total length squared; ftcluster's packed micro-batch is {a['micro_batch']} rows of "
+             f"{a['max_seq_len']} with a block-diagonal mask per row. TRL's preparation (tokenized rows in, packing) "
+             f"took {trl_p['setup_s']:.1f} s of trainer construction, outside the timed steps.\n")
     la = res["loss_agreement"]
-    L.append(f"Correctness check (comparison 2 reads identical micro-batches on both sides): per-step losses of the "
-             f"first round's ftcluster unpacked and Trainer runs differ by at most {la['max_abs_diff']:.2e} over "
-             f"{la['steps_compared']} steps (step 1: {la['first'][0]:.5f} vs {la['first'][1]:.5f}; last: "
-             f"{la['last'][0]:.5f} vs {la['last'][1]:.5f}).\n")
+    L.append("Correctness check (comparisons 2 and 4 read identical micro-batches on all three sides): per-step "
+             "losses of the first round's ftcluster unpacked run against "
+             + "; ".join(f"{SAME_BATCHES[name]}: at most {d['max_abs_diff']:.2e} apart over {d['steps_compared']} steps (step 1: "
+                         f"{d['first'][0]:.5f} vs {d['first'][1]:.5f}; last: {d['last'][0]:.5f} vs {d['last'][1]:.5f})"
+                         for name, d in la.items()) + ".\n")
     if res.get("notes"):
         L.append("## Notes\n")
         L.extend(f"- {n}" for n in res["notes"])
@@ -429,9 +504,10 @@ def write_report(res: dict, md_path: Path) -> None:
              f"`ftcluster train`/`pytest`" + (f"; still running: {'; '.join(q['busy'])}" if q['busy'] else "") + ")")
     omp = sorted({v for r in res["runs"] if r["side"] == "ftcluster" for k, v in r["omp_num_threads"].items()
                   if "RayTrainWorker" in k and v})
+    hf_threads = sorted({r["torch_threads"] for r in res["runs"] if r["side"] != "ftcluster"})
     L.append(f"- threads: ftcluster's Ray Train worker had OMP_NUM_THREADS={', '.join(omp) or '?'} "
-             f"(launcher.cpus_per_worker={a['threads']}); the Trainer process ran torch.set_num_threads({a['threads']}) "
-             f"(torch reported {', '.join(str(t) for t in sorted({r['torch_threads'] for r in res['runs'] if r['side'] == 'trainer'}))})")
+             f"(launcher.cpus_per_worker={a['threads']}); the Trainer and SFTTrainer processes ran "
+             f"torch.set_num_threads({a['threads']}) (torch reported {', '.join(map(str, hf_threads))})")
     L.append("- packages: " + ", ".join(f"{k} {v}" for k, v in env["versions"].items()))
     L.append(f"- git: {env['git']['sha']} ({env['git']['dirty_files']} changed/untracked files in the tree at run time)\n")
     L.append("## Data set\n")
@@ -448,33 +524,42 @@ def write_report(res: dict, md_path: Path) -> None:
              f"(packing efficiency against max_seq_len {st_p['train']['packing_efficiency']:.1%}); unpacked "
              f"{st_u['train']['rows']} rows; {st_u['train']['trainable_tokens']} of {st_u['train']['tokens']} tokens "
              f"carry a label (assistant tokens); truncated {st_u['train']['truncated']}, dropped "
-             f"{st_u['train']['dropped']}. The Trainer trained on the rows of the ftcluster data.packing=false "
-             f"preparation (data fingerprint {'identical' if ds['same_fingerprint'] else 'DIFFERENT'} to the "
-             f"ftcluster unpacked run's).\n")
+             f"{st_u['train']['dropped']}. The Trainer and the SFTTrainer trained on the rows of the ftcluster "
+             f"data.packing=false preparation (data fingerprint {'identical' if ds['same_fingerprint'] else 'DIFFERENT'} "
+             f"to the ftcluster unpacked run's), as pre-tokenized rows with labels: TRL's assistant_only_loss refuses "
+             f"this chat template (no generation markers), and labels given as is make the token and label sets "
+             f"identical on all sides.\n")
     L.append("## Settings and commands\n")
     L.append(f"- max_seq_len {a['max_seq_len']}; {a['micro_batch']} rows per micro-batch, {a['global_batch']} rows per "
              f"optimizer step (gradient accumulation {a['global_batch'] // a['micro_batch']}); torch AdamW lr {a['lr']}, "
              f"betas (0.9, 0.999), eps 1e-8, weight decay 0, constant schedule, no warm-up, gradient clipping 1.0; fp32; "
-             f"sdpa attention; {w} warm-up + {a['steps']} measured steps; {a['rounds']} round(s) of (ftcluster packed, "
-             f"Trainer, ftcluster unpacked, Trainer); seed {a['seed']}.")
-    L.append("- A row is one example for the Trainer and for ftcluster data.packing=false, and up to max_seq_len "
-             "tokens of several examples for ftcluster data.packing=true: the same number of rows per step carries "
+             f"no gradient checkpointing; sdpa attention; {w} warm-up + {a['steps']} measured steps; {a['rounds']} "
+             f"round(s) of (SFTTrainer packed, ftcluster packed, Trainer, SFTTrainer unpacked, ftcluster unpacked, "
+             f"Trainer); seed {a['seed']}.")
+    L.append("- A row is one example for the Trainer, the unpacked SFTTrainer and ftcluster data.packing=false, and "
+             "up to max_seq_len tokens of several examples when packed: the same number of rows per step carries "
              "more real tokens when packed. Tokens/s divides by the step time, so the comparison is per real token.")
     L.append("- Step time: ftcluster's own (sft.py: the loader's micro-batches, forward/backward/optimizer, the loss "
-             "all-reduce), from `tokens_per_s` in metrics.jsonl; the Trainer's from on_step_end to on_step_end.")
-    L.append("- Initial weights: ftcluster.model.materialize_random_init(tiny, seed) written once to a folder; both "
-             "sides load that folder (ftcluster with model.path=... model.init=pretrained).")
-    L.append("- Row order: the Trainer reads the unpacked rows in the order ftcluster's loader reads them "
-             "(train_sampling_strategy=\"sequential\" over that order); its default random order would draw other "
-             "batches from the same distribution. Both sides set use_cache=False on the model config.\n")
+             "all-reduce), from `tokens_per_s` in metrics.jsonl; the baselines' from on_step_end to on_step_end.")
+    L.append("- Initial weights: ftcluster.model.materialize_random_init(tiny, seed) written once to a folder; every "
+             "side loads that folder (ftcluster with model.path=... model.init=pretrained).")
+    L.append("- Row order: the Trainer and the unpacked SFTTrainer read the unpacked rows in the order ftcluster's "
+             "loader reads them (train_sampling_strategy=\"sequential\" over that order); the packed SFTTrainer reads "
+             "its own packed rows in its default seeded random order. Every side sets use_cache=False.")
+    L.append("- SFTTrainer: SFTConfig's defaults bf16=True and gradient_checkpointing=True are turned off to match; "
+             "its loss is its default (the fused LM head, which scores only labelled positions without building "
+             "the full logits, and logs entropy and token accuracy per step).\n")
     first_ft = next(r for r in res["runs"] if r["side"] == "ftcluster")
-    first_hf = next(r for r in res["runs"] if r["side"] == "trainer")
     L.append("ftcluster (packed; the unpacked runs differ only in `data.packing=false` and `output_dir`):\n")
     L.append("```bash\n" + first_ft["command"].replace(" model=", " \\\n  model=", 1) + "\n```\n")
-    L.append(f"Trainer (`{first_hf['command']}`; the spec file names the model folder, the prepared rows and their "
-             f"order):\n")
-    L.append("```python\nTrainingArguments(" + ", ".join(f"{k}={v!r}" for k, v in first_hf["training_args"].items())
-             + ")\n" + first_hf["collator"] + "\n```\n")
+    for tag, what in (("r1-trainer-a", "Trainer"), ("r1-trl-unpacked", "SFTTrainer, unpacked"),
+                      ("r1-trl-packed", "SFTTrainer, packed")):
+        r = runs[tag]
+        config = "TrainingArguments" if r["side"] == "trainer" else "SFTConfig"
+        order = " and their order" if r["arguments"]["train_sampling_strategy"] == "sequential" else ""
+        L.append(f"{what} (`{r['command']}`; the spec file names the model folder, the prepared rows{order}):\n")
+        L.append(f"```python\n{config}(" + ", ".join(f"{k}={v!r}" for k, v in r["arguments"].items())
+                 + ")\n" + r["collator"] + "\n```\n")
     L.append("Reproduce: `" + res["reproduce"] + "`\n")
     md_path.write_text("\n".join(L))
 
@@ -527,14 +612,14 @@ def main() -> int:
     from ftcluster.data.prepare import prepare
     from ftcluster.model import load_tokenizer, materialize_random_init
 
-    # One weight file for both sides.
+    # One weight file for every side.
     model_dir = Path(materialize_random_init(str(TINY), work / "init_model", a.seed))
     tokenizer = load_tokenizer(str(model_dir))
     data_path = work / "train.jsonl"
     lengths = build_dataset(data_path, a.records, a.min_len, a.max_len, a.max_seq_len, a.seed, tokenizer)
     print(f"[bench] data set: {_distribution(lengths)}", flush=True)
 
-    # The Trainer's rows: ftcluster.data.prepare with data.packing=false, exactly what the unpacked run prepares.
+    # The baselines' rows: ftcluster.data.prepare with data.packing=false, exactly what the unpacked run prepares.
     hf_cfg = compose(ftcluster_overrides(a, data_path, model_dir, False, work / "runs" / "unused"))
     hf_stats = prepare(hf_cfg, load_tokenizer(str(model_dir)), str(work / "hf_data"))
     import datasets
@@ -553,14 +638,17 @@ def main() -> int:
     started_at = time.strftime("%Y-%m-%dT%H:%M:%S%z")
     runs = []
     for r in range(1, a.rounds + 1):
-        ft_p = run_ftcluster(a, work, data_path, model_dir, True, f"r{r}-ftcluster-packed")
-        hf_1 = run_trainer(a, work, model_dir, hf_rows, order, f"r{r}-trainer-a")
-        ft_u = run_ftcluster(a, work, data_path, model_dir, False, f"r{r}-ftcluster-unpacked")
-        hf_2 = run_trainer(a, work, model_dir, hf_rows, order, f"r{r}-trainer-b")
-        runs += [ft_p, hf_1, ft_u, hf_2]
-        fp, f1, fu, f2 = (figures(x, a.warmup)["median_tokens_per_s"] for x in (ft_p, hf_1, ft_u, hf_2))
-        print(f"[bench] round {r}: packed/Trainer {fp / f1:.2f}x, unpacked/Trainer {fu / f2:.2f}x "
-              f"(tokens/s {fp:.0f}, {f1:.0f}, {fu:.0f}, {f2:.0f})", flush=True)
+        # Each ftcluster run between the two baselines it is compared with.
+        round_runs = [run_baseline(a, work, model_dir, hf_rows, "trl", True, None, f"r{r}-trl-packed"),
+                      run_ftcluster(a, work, data_path, model_dir, True, f"r{r}-ftcluster-packed"),
+                      run_baseline(a, work, model_dir, hf_rows, "trainer", False, order, f"r{r}-trainer-a"),
+                      run_baseline(a, work, model_dir, hf_rows, "trl", False, order, f"r{r}-trl-unpacked"),
+                      run_ftcluster(a, work, data_path, model_dir, False, f"r{r}-ftcluster-unpacked"),
+                      run_baseline(a, work, model_dir, hf_rows, "trainer", False, order, f"r{r}-trainer-b")]
+        runs += round_runs
+        tp, fp, h1, tu, fu, h2 = (figures(x, a.warmup)["median_tokens_per_s"] for x in round_runs)
+        print(f"[bench] round {r}: packed/Trainer {fp / h1:.2f}x, unpacked/Trainer {fu / h2:.2f}x, packed/SFTTrainer "
+              f"{fp / tp:.2f}x, unpacked/SFTTrainer {fu / tu:.2f}x", flush=True)
     finished_at = time.strftime("%Y-%m-%dT%H:%M:%S%z")
 
     ft_u1 = next(x for x in runs if x["side"] == "ftcluster" and not x["packing"])
@@ -569,10 +657,9 @@ def main() -> int:
     res = {
         "date": date, "started_at": started_at, "finished_at": finished_at, "smoke": a.smoke,
         "settings": {k: v for k, v in vars(a).items() if k not in ("hf_worker", "workdir", "out", "report_from", "note")},
-        "environment": {"cpu_model": cpu_model(), "cores": os.cpu_count(), "platform": platform.platform(),
-                        "versions": versions(PACKAGES), "git": git_state()},
+        "environment": environment(PACKAGES),
         "quiet": quiet, "workdir": str(work),
-        "reproduce": "python benchmarks/sft_vs_hf_trainer.py" + (" --smoke" if a.smoke else ""),
+        "reproduce": "python benchmarks/sft_baselines.py" + (" --smoke" if a.smoke else ""),
         "dataset": {"records": a.records, "lengths": _distribution(lengths), "prepared_unpacked": hf_stats,
                     "prepared_packed": packed_stats,
                     "same_fingerprint": ft_u1["data_stats"]["fingerprint"] == hf_stats["fingerprint"]},
@@ -580,14 +667,15 @@ def main() -> int:
         "runs": runs,
     }
     if not res["dataset"]["same_fingerprint"]:
-        res["notes"].append("The Trainer's prepared rows do not have the fingerprint of ftcluster's unpacked run.")
+        res["notes"].append("The baselines' prepared rows do not have the fingerprint of ftcluster's unpacked run.")
     summarize(res)
-    stem = f"sft_vs_hf_trainer_cpu_{date}"
+    stem = f"sft_baselines_cpu_{date}"
     (out / f"{stem}.json").write_text(json.dumps(res, indent=1) + "\n")
     write_report(res, out / f"{stem}.md")
     for c in res["comparisons"].values():
+        target = f"; target >= {c['target']}x: {c['verdict']}" if c["target"] is not None else ""
         print(f"[bench] {c['title']}: {c['ratio']:.2f}x (rounds: " + ", ".join(f"{x['ratio']:.2f}x" for x in c["rounds"])
-              + f"; target >= {c['target']}x: {c['verdict']})", flush=True)
+              + target + ")", flush=True)
     print(f"[bench] wrote {out / (stem + '.md')} and {out / (stem + '.json')}", flush=True)
     return 0
 

@@ -1,0 +1,1 @@
+"""`ftcluster sweep`: hyperparameter sweeps whose trials are full `ftcluster train` runs."""

@@ -1,0 +1,105 @@
+"""`ftcluster sweep [overrides]`: compose and check the sweep (ftcluster.sweep.plan), claim or continue its folder
+(output_dir), run the trials on the chosen backend, then write the summary.
+
+`sweep.params.KEY=DIST` arguments add one parameter each without Hydra's quoting (Hydra would read choice(...)
+as its own sweep syntax); everything else is a Hydra override as for `ftcluster train`.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from omegaconf import DictConfig, OmegaConf, open_dict
+
+from ftcluster.config import compose, to_yaml
+from ftcluster.errors import ConfigError, UserError
+
+SPEC_FILE = "sweep.yaml"
+_PARAM_PREFIXES = ("sweep.params.", "+sweep.params.")
+
+
+def sweep(args: list[str]) -> Path:
+    from ftcluster.sweep.plan import make_plan
+    from ftcluster.sweep.summary import BEST_FILE, CSV_FILE, summarize
+
+    overrides, params = split_params(args)
+    cfg = compose(overrides)
+    with open_dict(cfg.sweep.params):
+        cfg.sweep.params.update(params)
+    plan = make_plan(cfg)
+    out = Path(cfg.output_dir).resolve()
+    cfg.output_dir = str(out)
+    resume = claim(out, cfg)
+    print(f"[ftcluster] sweep in {out}: {plan.trials} trials, {cfg.sweep.search} search, scheduler "
+          f"{cfg.sweep.scheduler}, {cfg.sweep.concurrency} at once, on {cfg.sweep.backend}", flush=True)
+    if cfg.sweep.backend == "ray":
+        from ftcluster.sweep import tune_backend
+
+        tune_backend.run(plan, resume)
+    else:
+        from ftcluster.sweep import slurm_backend
+
+        slurm_backend.run(plan, overrides, resume)
+    rows = summarize(out, cfg, plan.space)
+    for row in rows:
+        shown = "-" if row["metric"] is None else f"{row['metric']:.6g}"
+        print(f"[ftcluster]   {row['trial']}: {cfg.sweep.metric}={shown} {row['status']} {row['params']}")
+    failed = [r for r in rows if r["status"].startswith("failed")]
+    if failed:
+        from ftcluster.launch.ray import WorkerFailed
+
+        raise WorkerFailed(f"{len(failed)} of {len(rows)} trials failed, e.g. {failed[0]['trial']}: "
+                           f"{failed[0]['status']}; summary in {out}/{CSV_FILE} (resume=auto runs them again)")
+    if not (out / BEST_FILE).is_file():
+        raise UserError(f"no trial of the sweep in {out} logged {cfg.sweep.metric}; see {out}/{CSV_FILE}")
+    return out / BEST_FILE
+
+
+def split_params(args: list[str]) -> tuple[list[str], dict]:
+    overrides, params = [], {}
+    for arg in args:
+        prefix = next((p for p in _PARAM_PREFIXES if arg.startswith(p)), None)
+        if prefix is None:
+            overrides.append(arg)
+            continue
+        key, sep, expr = arg[len(prefix):].partition("=")
+        if not sep or not key:
+            raise ConfigError("sweep.params", f"{arg!r}: write sweep.params.KEY=DISTRIBUTION, e.g. "
+                                              f"'sweep.params.optim.lr=loguniform(1e-5,1e-3)'")
+        params[key] = expr
+    return overrides, params
+
+
+def claim(out: Path, cfg: DictConfig) -> bool:
+    """The sweep folder: a new one, or (resume=auto) the same sweep continued. Returns whether it continues."""
+    if (out / "config.yaml").exists():
+        raise ConfigError("output_dir", f"{out} holds a training run, not a sweep; choose another output_dir")
+    if cfg.resume not in ("never", "auto"):
+        raise ConfigError("resume", f"got {cfg.resume!r}; a sweep continues with resume=auto (each trial from its "
+                                    f"own newest checkpoint)")
+    spec = out / SPEC_FILE
+    if not spec.is_file():
+        out.mkdir(parents=True, exist_ok=True)
+        spec.write_text(to_yaml(cfg))
+        return False
+    if cfg.resume == "never":
+        raise ConfigError("resume", f"output_dir={out} already holds a sweep. Continue it with resume=auto (finished "
+                                    f"trials are not run again), or choose another output_dir")
+    before, now = _flat(OmegaConf.load(spec)), _flat(cfg)
+    changed = sorted(k for k in before.keys() | now.keys() if k != "resume" and before.get(k) != now.get(k))
+    if changed:
+        key = changed[0]
+        raise ConfigError(key, f"the sweep in {out} was started with {key}={before.get(key)!r}, now "
+                               f"{now.get(key)!r}; continue it with the settings in {spec}, or choose another output_dir")
+    return True
+
+
+def _flat(cfg) -> dict:
+    def walk(node, prefix):
+        if isinstance(node, dict) and node:
+            for k, v in node.items():
+                yield from walk(v, f"{prefix}{k}.")
+        else:
+            yield prefix[:-1], node
+
+    return dict(walk(OmegaConf.to_container(cfg, resolve=True), ""))
