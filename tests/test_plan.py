@@ -54,6 +54,11 @@ def test_parameter_counts_equal_the_published_ones_and_transformers_on_the_meta_
     layer_qwen = 2 * hq * hq + 2 * hq * kvq + (hq + 2 * kvq) + 3 * hq * 18944 + 2 * hq
     assert sum(t.numel for t in parameter_tensors(read_shape(CONFIGS / "qwen2_5_7b"))) == \
         2 * 152064 * hq + 28 * layer_qwen + hq == 7_615_616_512
+    # The bundled SmolLM2 is planned from the copy of its converted config.json that ships with ftcluster.
+    from ftcluster.config import compose
+    from ftcluster.plan.shape import config_folder
+
+    assert Path(config_folder(compose(["model=smollm2"]))) == CONFIGS / "smollm2_135m_instruct"
     # Tensor by tensor against transformers: Llama with tied embeddings, Mixtral (router, fused experts).
     for name in ("smollm2_135m_instruct", "mixtral_8x7b"):
         with torch.device("meta"):

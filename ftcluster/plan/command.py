@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import copy
 
-from ftcluster.errors import UserError
+from ftcluster.errors import ConfigError, UserError
 
 
 def plan_command(args: list[str]) -> int:
@@ -29,6 +29,9 @@ def plan_command(args: list[str]) -> int:
     from ftcluster.plan.report import as_json, as_table
 
     cfg = compose(overrides)
+    if cfg.peft.method == "qlora":
+        raise ConfigError("peft.method", "the planner does not model QLoRA's 4-bit weights; plan with peft=lora, "
+                                         "an upper bound on what the weights need")
     # The planner picks the strategy, the number of devices and the micro-batch; everything else is checked
     # as `ftcluster train` would, with one worker and one micro-batch so those checks hold.
     checked = copy.deepcopy(cfg)

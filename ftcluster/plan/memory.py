@@ -125,14 +125,19 @@ def _element_bytes(t: Tensor, setup: TrainSetup) -> int:
     return setup.adapter_bytes if t.trainable and setup.peft_method != "none" else setup.dtype_bytes
 
 
+def zero3_param_bytes(tensors: list[Tensor], setup: TrainSetup) -> tuple[int, int]:
+    """ZeRO-3's weights on this rank: (its partitions of every tensor, the whole copies of the persistent
+    ones). On one rank a persistent tensor's whole copy is its partition."""
+    partitions = sum(_element_bytes(t, setup) * _zero3_partition(t, setup.world) for t in tensors)
+    persistent = zero3_persistent(tensors, setup) if setup.world > 1 else []
+    return partitions, sum(_element_bytes(t, setup) * t.numel for t in persistent)
+
+
 def param_bytes(tensors: list[Tensor], setup: TrainSetup) -> int:
     """Weights on this rank between steps (wherever they live)."""
     w = setup.world
     if setup.zero_stage == 3:
-        # On one rank a persistent tensor's whole copy is its partition.
-        persistent = {t.name for t in zero3_persistent(tensors, setup)} if w > 1 else set()
-        return sum(_element_bytes(t, setup) * (_zero3_partition(t, w) + (t.numel if t.name in persistent else 0))
-                   for t in tensors)
+        return sum(zero3_param_bytes(tensors, setup))
     if setup.zero_stage == 0:
         return sum(_element_bytes(t, setup) * t.numel for t in tensors)
     frozen = sum(t.numel for t in tensors if not t.trainable)
@@ -185,8 +190,7 @@ def host_bytes(tensors: list[Tensor], setup: TrainSetup) -> int:
         if setup.zero_stage == 3:
             host += setup.dtype_bytes * slices  # ZeRO-3's gradient partitions follow the optimizer
     if setup.offload_params:
-        persistent = sum(t.numel for t in zero3_persistent(tensors, setup))
-        host += param_bytes(tensors, setup) - setup.dtype_bytes * persistent
+        host += zero3_param_bytes(tensors, setup)[0]  # the partitions; persistent copies stay on the device
     return host
 
 
@@ -294,12 +298,17 @@ def rank_memory(shape: ModelShape, setup: TrainSetup, tensors: list[Tensor]) -> 
     if setup.offload_optimizer:
         states -= optimizer
     if setup.offload_params:
-        states -= params - setup.dtype_bytes * sum(t.numel for t in zero3_persistent(tensors, setup))
+        states -= zero3_param_bytes(tensors, setup)[0]
     device_grads = _device_gradients(tensors, setup, gradients)
 
-    # The loss gradient comes first; a recomputed layer only after it is gone.
+    # The loss gradient comes first; ZeRO-2's gradient partition (when a step starts without it) and a
+    # recomputed layer only after it is gone.
     loss_gradient = 2 * FP32 * shape.vocab * setup.tokens_per_micro_batch
-    at_turn = max(loss_gradient, recompute_bytes(shape, setup, tensors)) + _gathered_bytes(shape, tensors, setup) + _standing_gradients(tensors, setup)
+    standing = _standing_gradients(tensors, setup)
+    partition = (setup.dtype_bytes * sum(optimizer_slices(tensors, setup))
+                 if setup.zero_stage == 2 and not standing and not setup.offload_optimizer else 0)
+    at_turn = (max(loss_gradient, partition + recompute_bytes(shape, setup, tensors))
+               + _gathered_bytes(shape, tensors, setup) + standing)
     at_step = _step_temporaries(tensors, setup)
     backward, step = activations + at_turn, device_grads + at_step
     phase, transient = ("backward", at_turn) if backward >= step else ("step", at_step)
@@ -318,12 +327,13 @@ def _device_gradients(tensors: list[Tensor], setup: TrainSetup, gradients: int) 
 
 
 def _standing_gradients(tensors: list[Tensor], setup: TrainSetup) -> int:
-    """Gradients already held when a backward starts: the partitions ZeRO-2/3 keep; with ZeRO 0/1 the
-    full gradients accumulated over the step's earlier micro-batches (they are released after a step)."""
+    """Gradients already held when a backward starts: ZeRO-3's partition buffer, kept from the start; with
+    ZeRO 0-2 what the step's earlier micro-batches accumulated (all of it, ZeRO-2 its partition), which is
+    released after each step. Offloaded, the partitions are in host memory."""
     b = setup.dtype_bytes
     if setup.zero_stage < 2:
         return b * sum(t.numel for t in tensors if t.trainable) if setup.grad_accum > 1 else 0
-    if setup.zero_stage == 3 and setup.offload_optimizer:
+    if setup.offload_optimizer or setup.zero_stage == 2 and setup.grad_accum == 1:
         return 0
     return b * sum(optimizer_slices(tensors, setup))
 

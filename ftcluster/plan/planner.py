@@ -4,7 +4,9 @@ and how fast it runs, and the recommendation: the fastest that fits.
 Candidates: ZeRO 0-3 with their offload choices, gradient checkpointing off and on, micro-batches of 1, 2,
 4, ... up to max_micro_batch; the model, data length, precision and PEFT are the config's. Every device
 of the profile is a data-parallel rank. With a global batch given, a micro-batch it cannot be divided
-into is not a candidate; without one, each candidate's step is one micro-batch on every device.
+into is not a candidate; without one, each candidate's step is one micro-batch on every device. The step
+modelled is SFT's (rows of trainer.max_seq_len tokens, a loss over the vocabulary); other stages are
+planned as that step on the same rows.
 """
 
 from __future__ import annotations

@@ -70,7 +70,7 @@ def predict_shape(shape: ModelShape, tensors: list[Tensor], setup: TrainSetup, p
         "compute": flops.hardware * tokens_per_rank / (peak_flops * profile.efficiency),
         "comm": comm_seconds(tensors, setup, profile.gpus_per_node, profile.intra_node_gb_per_s,
                              profile.inter_node_gb_per_s, profile.network_efficiency),
-        "offload": _offload_seconds(tensors, setup, profile, ranks_per_node),
+        "offload": _offload_seconds(tensors, setup, profile),
         "update": _update_seconds(tensors, setup, profile, ranks_per_node),
     }
     step = sum(times.values())
@@ -89,7 +89,7 @@ def _update_seconds(tensors: list[Tensor], setup: TrainSetup, profile: ClusterPr
     return streamed / (profile.memory_gb_per_s * 1e9) if profile.memory_gb_per_s else 0.0
 
 
-def _offload_seconds(tensors: list[Tensor], setup: TrainSetup, profile: ClusterProfile, ranks_per_node: int) -> float:
+def _offload_seconds(tensors: list[Tensor], setup: TrainSetup, profile: ClusterProfile) -> float:
     if not profile.pcie_gb_per_s:  # a CPU: host memory is the device's
         return 0.0
     moved = 0

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import os
-import platform
 import time
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
@@ -117,8 +116,9 @@ def measured_cpu(seconds: float = 0.4) -> dict:
     import torch
 
     from ftcluster.bundled import cache_root
+    from ftcluster.driver import cpu_model
 
-    fingerprint = f"{_cpu_model()} | torch {torch.__version__}"
+    fingerprint = f"{cpu_model()} | torch {torch.__version__}"
     path = cache_root() / "hardware" / "cpu.json"
     if path.is_file():
         cached = json.loads(path.read_text())
@@ -169,12 +169,3 @@ def _copy_gb_per_s(seconds: float) -> float:
     dst = torch.empty_like(src)
     return 2 * src.nbytes * _best_rate(lambda: dst.copy_(src), seconds) / 1e9  # read and write
 
-
-def _cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from dataclasses import asdict
 
 from ftcluster.plan.planner import Candidate, Plan
 from ftcluster.plan.profiles import GIB
@@ -16,7 +17,7 @@ def as_json(result: Plan) -> str:
     return json.dumps({
         "model": {**result.shape.__dict__, "total_params": result.total_params,
                   "trainable_params": result.trainable_params},
-        "cluster": _profile_dict(result),
+        "cluster": asdict(result.profile),
         "global_batch": result.global_batch,
         "candidates": [c.as_dict() for c in result.candidates],
         "recommended": recommended.as_dict() if recommended else None,
@@ -94,8 +95,3 @@ def _label(c: Candidate) -> str:
     return (f"{c.strategy}, gradient checkpointing {'on' if c.gradient_checkpointing else 'off'}, "
             f"micro-batch {c.micro_batch}")
 
-
-def _profile_dict(result: Plan) -> dict:
-    from dataclasses import asdict
-
-    return asdict(result.profile)

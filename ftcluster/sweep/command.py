@@ -7,12 +7,14 @@ as its own sweep syntax); everything else is a Hydra override as for `ftcluster 
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from ftcluster.config import compose, to_yaml
 from ftcluster.errors import ConfigError, UserError
+from ftcluster.sweep.trial import TRIALS_DIR
 
 SPEC_FILE = "sweep.yaml"
 _PARAM_PREFIXES = ("sweep.params.", "+sweep.params.")
@@ -44,6 +46,12 @@ def sweep(args: list[str]) -> Path:
     for row in rows:
         shown = "-" if row["metric"] is None else f"{row['metric']:.6g}"
         print(f"[ftcluster]   {row['trial']}: {cfg.sweep.metric}={shown} {row['status']} {row['params']}")
+    finished = [r for r in rows if r["status"] == "completed" or r["status"].startswith(("stopped", "failed"))]
+    if len(finished) < plan.trials:
+        # Ray Tune takes Ctrl-C itself and returns early, with the experiment saved.
+        print(f"[ftcluster] {plan.trials - len(finished)} of {plan.trials} trials did not finish; continue the sweep "
+              f"with resume=auto", file=sys.stderr)
+        raise KeyboardInterrupt
     failed = [r for r in rows if r["status"].startswith("failed")]
     if failed:
         from ftcluster.launch.ray import WorkerFailed
@@ -78,7 +86,9 @@ def claim(out: Path, cfg: DictConfig) -> bool:
         raise ConfigError("resume", f"got {cfg.resume!r}; a sweep continues with resume=auto (each trial from its "
                                     f"own newest checkpoint)")
     spec = out / SPEC_FILE
-    if not spec.is_file():
+    # A sweep refused before its first trial (e.g. by a joined cluster's capacity) has claimed nothing yet.
+    started = (out / TRIALS_DIR).is_dir() and any((out / TRIALS_DIR).iterdir())
+    if not spec.is_file() or not started:
         out.mkdir(parents=True, exist_ok=True)
         spec.write_text(to_yaml(cfg))
         return False

@@ -24,7 +24,7 @@ from omegaconf import DictConfig, OmegaConf
 from ray import tune
 
 from ftcluster.sweep.plan import Plan, check_concurrency
-from ftcluster.sweep.trial import TRIALS_DIR, metric_rows, trial_config, wandb_group, write_record
+from ftcluster.sweep.trial import TRIALS_DIR, metric_rows, read_record, trial_config, wandb_group, write_record
 
 TUNE_DIR = "tune"
 TRIAL_ACTOR_MEMORY = 2**20  # bytes of Ray's logical memory resource
@@ -165,7 +165,11 @@ def run(plan: Plan, resume: bool) -> None:
                            tune_config=_tune_config(cfg, plan.trials),
                            run_config=tune.RunConfig(name=TUNE_DIR, storage_path=str(Path(cfg.output_dir)), verbose=1,
                                                      callbacks=callbacks))
-    tuner.fit()
+    for result in tuner.fit():
+        # A trial whose actor died (out of memory, a lost node) never got to record its end.
+        folder = Path(cfg.output_dir) / TRIALS_DIR / Path(result.path).name
+        if result.error is not None and read_record(folder).get("status") not in ("failed", "completed", "stopped"):
+            write_record(folder, status="failed", error=_first_line(result.error))
 
 
 def _tune_config(cfg: DictConfig, trials: int) -> tune.TuneConfig:
