@@ -229,6 +229,7 @@ def run_baseline(a, work: Path, model_dir: Path, rows_dir: Path, side: str, pack
 # The Hugging Face sides, each in its own process (--hf-worker SPEC)
 
 def hf_worker(spec_path: str) -> None:
+    """Train one baseline as its spec says and write its per-step figures, losses and settings to spec["result"]."""
     spec = start_worker(spec_path)
     import datasets
     import torch
@@ -307,9 +308,9 @@ def _trainer(spec, model, tokenizer, rows, shared, counts, callbacks):
 def _sft_trainer(spec, model, tokenizer, rows, shared, counts, callbacks):
     from trl import SFTConfig, SFTTrainer
 
-    # SFTConfig's own defaults that differ from the other sides are set back: bf16 (on by default),
-    # gradient checkpointing (on by default). TRL's loss (its fused LM head, which never builds the full
-    # logits, plus the entropy and token accuracy it logs) is its default and stays.
+    # `shared` turns off SFTConfig's defaults that would make the sides differ: bf16 and gradient checkpointing.
+    # TRL's loss (its fused LM head, which never builds the full logits, plus the entropy and token accuracy
+    # it logs) is its default and stays.
     args = SFTConfig(**shared, max_length=spec["max_seq_len"], packing=spec["packing"], packing_strategy="bfd")
     trainer = _counting(SFTTrainer, counts)(model=model, args=args, train_dataset=rows, processing_class=tokenizer,
                                             callbacks=callbacks)

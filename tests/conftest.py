@@ -37,17 +37,11 @@ def train_in_process(output_dir: Path, *overrides: str) -> None:
     it sets is restored afterwards; its process group of one stays for the session, since DeepSpeed keeps
     the groups it built on it (a destroyed torch group cannot be swapped in under them)."""
     from ftcluster.config import compose
-
-    args = [*TINY, "launcher.workers=1", *overrides, f"output_dir={output_dir}"]
-    run_in_process(compose(args), ["train", *args])
-
-
-def run_in_process(cfg, argv: list[str]) -> None:
-    """train_in_process for a config composed by the caller (e.g. from a --config file)."""
     from ftcluster.driver import prepare_run
     from ftcluster.worker import train_worker
 
-    payload = prepare_run(cfg, argv)
+    args = [*TINY, "launcher.workers=1", *overrides, f"output_dir={output_dir}"]
+    payload = prepare_run(compose(args), ["train", *args])
     environment = dict(os.environ)
     os.environ.update(_WORLD_OF_ONE)  # what ftcluster.dist.setup set up the first time
     try:

@@ -245,7 +245,7 @@ def test_plan_json_for_a_70b_model_recommends_the_fastest_that_fits(capsys):
 def test_bad_plan_input_is_one_clear_error(capsys, tmp_path, problem, expected):
     model = tmp_path / "model"
     model.mkdir()
-    args = ["model=tiny"]
+    args = ["model=tiny", "cluster=h100_sxm"] if problem in ("json", "model_type", "folder") else ["model=tiny"]
     if problem == "json":
         (model / "config.json").write_text('{\n  "model_type": "llama",\n  "hidden_size": 64,,\n}\n')
     elif problem == "model_type":

@@ -77,6 +77,7 @@ def plan(cfg: DictConfig, overrides: list[str]) -> dict[str, Target]:
     elif e.baseline is not None:
         targets["base"] = resolve(e.baseline, "eval.baseline")
     check_data(cfg)
+    _check_placement(cfg)
     cfg.stage.name, cfg.peft.method = "sft", "none"  # scored as a plain causal LM; adapters come from targets
     validate(cfg, check_paths=False)
     default = (Path(tuned.run_dir, "eval") if tuned.run_dir
@@ -87,6 +88,16 @@ def plan(cfg: DictConfig, overrides: list[str]) -> dict[str, Target]:
                                              f"use a folder of its own such as {out / 'eval'}")
     cfg.output_dir = str(out)
     return targets
+
+
+def _check_placement(cfg: DictConfig) -> None:
+    from ftcluster.driver import submitter_for
+
+    if cfg.launcher.workers > 1 and submitter_for(cfg) is not None:
+        raise ConfigError("launcher.name", f"with launcher={cfg.launcher.name} and this address, train would submit a "
+                                           f"job; eval places its workers from this process only: run it inside the "
+                                           f"allocation or on the cluster (launcher=local, or launcher=ray "
+                                           f"launcher.address=HOST:6379), or with launcher.workers=1")
 
 
 def adopt_run_settings(cfg: DictConfig, run_cfg: DictConfig, overrides: list[str]) -> None:

@@ -28,7 +28,9 @@ materialise. The SwiGLU MLP keeps gate, silu(gate), up and their product (4ef). 
 rank-r intermediate. With gradient checkpointing a layer keeps only its input (eh), and backward
 recomputes one layer at a time once the loss gradient is gone. The loss over the vocabulary keeps fp32
 log-probabilities (4V per token) and briefly needs twice as much again for their gradient (8V).
-tests/test_plan.py holds the arithmetic; against tensors alive on a CPU run, these come within 1%.
+tests/test_plan.py holds the arithmetic. Against the tensor bytes alive in real DeepSpeed steps on a CPU
+(ZeRO 0-3, fp32/bf16, full/LoRA, with and without checkpointing, 1 and 2 ranks) activations came within
+0.1% and the peak within 4%.
 """
 
 from __future__ import annotations

@@ -67,7 +67,9 @@ def run(plan: Plan, overrides: list[str], resume: bool) -> None:
     folder = sweep_dir / "slurm" / launch_id
     print(f"[ftcluster] submitting {len(jobs)} points as SLURM array job {job_name}; logs in {folder}", flush=True)
     if not _has_accounting():
-        logging.getLogger("submitit").setLevel(logging.ERROR)  # its every status poll would warn
+        from submitit.core import logger as submitit_logger  # (configures its logger as it is imported)
+
+        submitit_logger.get_logger().setLevel(logging.ERROR)  # its every status poll would warn
         print("[ftcluster] this cluster has no accounting (sacct); each 'Slurm accounting storage is disabled' below "
               "is one of submitit's status polls, and squeue is watched instead", flush=True)
     with hydra_launcher(cfg, overrides, sweep_dir, job_name, folder) as launcher:
