@@ -60,6 +60,9 @@ def main(argv: list[str] | None = None) -> int:
         print(USAGE)
         return 0
     verb, rest = argv[0], argv[1:]
+    if verb in ("train", "eval", "sweep") and ("--help" in rest or "-h" in rest):  # the rest is Hydra overrides
+        print(USAGE)
+        return 0
     commands = {"train": cmd_train, "eval": cmd_eval, "export": cmd_export, "config": cmd_config, "jobs": cmd_jobs, "bench": cmd_bench,
                 "data": cmd_data, "sweep": cmd_sweep, "plan": cmd_plan}
     if verb not in commands:
@@ -92,9 +95,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def cmd_train(overrides: list[str]) -> int:
-    if "--help" in overrides or "-h" in overrides:
-        print(USAGE)
-        return 0
     dry_run = "--dry-run" in overrides
     overrides = [o for o in overrides if o != "--dry-run"]
     config_file, overrides = _config_file(overrides)
@@ -117,9 +117,6 @@ def cmd_train(overrides: list[str]) -> int:
 
 
 def cmd_eval(overrides: list[str]) -> int:
-    if "--help" in overrides or "-h" in overrides:
-        print(USAGE)
-        return 0
     from ftcluster.eval.command import eval_command
 
     report = eval_command(overrides)
@@ -140,9 +137,6 @@ def _config_file(args: list[str]) -> tuple[str | None, list[str]]:
 
 
 def cmd_sweep(overrides: list[str]) -> int:
-    if "--help" in overrides or "-h" in overrides:
-        print(USAGE)
-        return 0
     from ftcluster.sweep.command import sweep
 
     best = sweep(overrides)
