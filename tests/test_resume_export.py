@@ -5,22 +5,17 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
-from conftest import cli, train
+from conftest import RESUMABLE, cli, train
 from ftcluster import checkpoint
 from ftcluster.track import read_metrics
-
-# 16-row global batches make an epoch a few steps long, so 8 steps cross at least one epoch boundary.
-RESUMABLE = ["strategy=zero3", "trainer.max_steps=8", "trainer.global_batch=16", "trainer.micro_batch_per_device=4",
-             "trainer.eval_every_steps=4"]
 
 
 def rows(run, key):
     return [(r["step"], r[key]) for r in read_metrics(run) if key in r]
 
 
-def test_resume_continues_exactly_like_an_uninterrupted_run(tmp_path):
-    whole, part = tmp_path / "whole", tmp_path / "part"
-    train(whole, *RESUMABLE)
+def test_resume_continues_exactly_like_an_uninterrupted_run(zero3_run, tmp_path):
+    whole, part = zero3_run, tmp_path / "part"
     train(part, *RESUMABLE, "trainer.save_every_steps=3", "trainer.stop_after_steps=5")
     assert [p.name for p in checkpoint.complete_checkpoints(part)] == ["step-3", "step-5"]
     assert not (part / "final").exists()

@@ -18,10 +18,10 @@ def train_losses(run_dir):
     return [row["loss"] for row in read_metrics(run_dir) if "loss" in row]
 
 
-def assert_matches_reference(run):
+def assert_matches_reference(run, steps=6):
     expected, _ = reference_losses(run)
     got = train_losses(run)
-    assert len(got) == 6
+    assert len(got) == steps
     assert got == pytest.approx(expected, rel=1e-5, abs=1e-6)
     assert got[-1] < got[0]  # it learns
 
@@ -46,21 +46,31 @@ def assert_planner_predicts_what_each_rank_holds(run):
         assert rank["optimizer_bytes"] == memory.optimizer_bytes(tensors, setup)
 
 
-@pytest.mark.parametrize("stage", [0, 1, 3])
-def test_zero_stage_matches_single_process_reference(tmp_path, stage):
+# ZeRO-1 also with activation checkpointing, which must not change the math either.
+@pytest.mark.parametrize("stage, extra", [(0, []), (1, ["model.gradient_checkpointing=true"])])
+def test_zero_stage_matches_single_process_reference(tmp_path, stage, extra):
     run = tmp_path / f"zero{stage}"
-    train(run, f"strategy=zero{stage}", "trainer.max_steps=6")
+    train(run, f"strategy=zero{stage}", "trainer.max_steps=6", *extra)
     assert_matches_reference(run)
     assert_planner_predicts_what_each_rank_holds(run)
+
+
+def test_zero3_matches_single_process_reference(zero3_run):
+    """The resume test's uninterrupted run (test_resume_export.py): 8 steps of 16 rows, across an epoch."""
+    assert_matches_reference(zero3_run, steps=8)
+    assert_planner_predicts_what_each_rank_holds(zero3_run)
 
 
 def test_zero2_matches_single_process_reference(zero2_run):
     assert_matches_reference(zero2_run[0])
 
 
-def test_lora_under_zero3_matches_reference_and_exports(tmp_path):
+def test_lora_under_zero3_offload_with_checkpointing_matches_reference_and_exports(tmp_path):
+    """LoRA on ZeRO-3 with parameters and optimizer states offloaded to the CPU, and activation checkpointing
+    (which under PEFT needs the inputs to require grad): none of it may change the math."""
     run = tmp_path / "lora"
-    train(run, "strategy=zero3", "peft=lora", "peft.r=4", "trainer.max_steps=5", "optim.lr=1e-2")
+    train(run, "strategy=zero3_offload", "model.gradient_checkpointing=true", "peft=lora", "peft.r=4",
+          "trainer.max_steps=5", "optim.lr=1e-2")
     expected, ref_model = reference_losses(run)
     assert train_losses(run) == pytest.approx(expected, rel=1e-5, abs=1e-6)
     final = run / "final"

@@ -175,23 +175,34 @@ def watched(launch, job_name: str, folder: Path) -> None:
 
     thread = threading.Thread(target=target, name="ftcluster-sweep-launch", daemon=True)
     thread.start()
-    seen, gone_since = False, None
+    gone_since = None
     while thread.is_alive():
         thread.join(POLL_S)
         queued = _queued(job_name)
         if queued is None:
             continue
         if queued:
-            seen, gone_since = True, None
-        elif seen:
+            gone_since = None
+        # A task that fails at once may leave the queue between two polls: submitted counts as seen.
+        elif any(folder.glob("*_submitted.pkl")):
             gone_since = gone_since or time.time()
             if time.time() - gone_since > LOST_AFTER_S:
                 from ftcluster.launch.ray import WorkerFailed
 
                 raise WorkerFailed(f"SLURM array job {job_name} left the queue but some of its tasks never wrote a "
-                                   f"result (cancelled, out of time or on a lost node?); their logs are in {folder}")
+                                   f"result (cancelled, out of time or on a lost node?); their logs are in {folder}"
+                                   f"{_log_tail(folder)}")
     if "error" in outcome:
         raise outcome["error"]
+
+
+def _log_tail(folder: Path, lines: int = 5) -> str:
+    """The end of the first task log that has an error in it, to put in the failure message."""
+    for log in sorted(folder.glob("*_log.err")):
+        text = [line for line in log.read_text(errors="replace").splitlines() if line.strip()]
+        if text:
+            return f"; the end of {log.name}:\n" + "\n".join(text[-lines:])
+    return ""
 
 
 def _has_accounting() -> bool:
