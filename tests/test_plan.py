@@ -3,6 +3,7 @@ parameter counts against transformers and peft on the meta device, hardware prof
 --json` for a 70B model, and its refusals. The planner against what real ranks hold: tests/test_train_distributed.py."""
 
 import json
+import os
 import math
 from pathlib import Path
 
@@ -204,6 +205,11 @@ def test_profiles_load_with_overrides_and_the_cpu_one_measures_once(tmp_path, mo
     for name in ("h100_pcie", "h200", "a100_40gb", "a100_80gb", "l40s"):
         assert load_profile(name).peak_tflops.bf16 in (756, 989, 312, 362)
     monkeypatch.setenv("FTCLUSTER_CACHE", str(tmp_path))
+    # Measured on a busy machine: used, never cached as the machine's peak.
+    monkeypatch.setattr("os.getloadavg", lambda: (9.0 * (os.cpu_count() or 1), 0.0, 0.0))
+    busy = measured_cpu(seconds=0.02)
+    assert busy["fp32_tflops_per_core"] > 0 and not (tmp_path / "hardware" / "cpu.json").exists()
+    monkeypatch.setattr("os.getloadavg", lambda: (0.0, 0.0, 0.0))
     measured = measured_cpu(seconds=0.02)
     cached = json.loads((tmp_path / "hardware" / "cpu.json").read_text())
     assert cached == measured and measured["fp32_tflops_per_core"] > 0 and measured["memory_gb_per_s_per_core"] > 0
@@ -213,7 +219,7 @@ def test_profiles_load_with_overrides_and_the_cpu_one_measures_once(tmp_path, mo
     monkeypatch.setattr("ftcluster.plan.profiles._matmul_tflops", lambda *a: pytest.fail("measured again"))
     cpu = load_profile("cpu", cpus_per_worker=2)
     assert cpu.peak_flops("fp32") == pytest.approx(0.1e12) and cpu.memory_gb_per_s == pytest.approx(10.0)
-    assert cpu.gpus_per_node * 2 <= max(2, __import__("os").cpu_count())
+    assert cpu.gpus_per_node * 2 <= max(2, os.cpu_count())
     assert cpu.memory_gib * cpu.gpus_per_node == pytest.approx(cpu.host_memory_gib)
 
 

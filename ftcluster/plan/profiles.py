@@ -109,10 +109,15 @@ def _fill_from_this_machine(profile: ClusterProfile, cpus_per_worker: int) -> Cl
                    host_memory_gb_per_s=profile.host_memory_gb_per_s or memory_bw * per_device)
 
 
+# A measurement taken while other work holds the cores would be cached as this machine's peak for good (one
+# taken at load 5-23 put MFU above 100% later): above this 1-minute load per core it is used, not cached.
+QUIET_LOAD_PER_CORE = 0.5
+
+
 def measured_cpu(seconds: float = 0.4) -> dict:
     """One core's matmul TFLOP/s per dtype and copy bandwidth, measured once per CPU model and torch
-    version and cached in <FTCLUSTER_CACHE or ~/.cache/ftcluster>/hardware/cpu.json (delete it to measure
-    again, e.g. after measuring on a busy machine)."""
+    version and cached in <FTCLUSTER_CACHE or ~/.cache/ftcluster>/hardware/cpu.json when the machine was
+    quiet (delete it to measure again)."""
     import torch
 
     from ftcluster.bundled import cache_root
@@ -134,6 +139,12 @@ def measured_cpu(seconds: float = 0.4) -> dict:
                   "memory_gb_per_s_per_core": _copy_gb_per_s(seconds / 2)}
     finally:
         torch.set_num_threads(threads)
+    load, cores = os.getloadavg()[0], os.cpu_count() or 1
+    result["load1"] = round(load, 2)
+    if load > QUIET_LOAD_PER_CORE * cores:
+        print(f"[ftcluster] CPU peak measured at load {load:.1f} on {cores} cores: used for this run only, not "
+              f"cached; MFU and predicted throughput are understated and overstated by as much", flush=True)
+        return result
     path.parent.mkdir(parents=True, exist_ok=True)
     from ftcluster import atomic
 
