@@ -102,7 +102,6 @@ def uninterrupted(tmp_path_factory) -> Path:
     return out
 
 
-
 # ZeRO-3 across an epoch boundary: 16-row global batches make an epoch a few steps long, so 8 steps cross
 # at least one. Evaluation every 4 steps.
 RESUMABLE = ["strategy=zero3", "trainer.max_steps=8", "trainer.global_batch=16", "trainer.micro_batch_per_device=4",
@@ -116,6 +115,7 @@ def zero3_run(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("zero3") / "whole"
     train(out, *RESUMABLE)
     return out
+
 
 PLAIN_CHATML = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n"
                 "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")

@@ -143,7 +143,7 @@ def measured_cpu(seconds: float = 0.4) -> dict:
     result["load1"] = round(load, 2)
     if load > QUIET_LOAD_PER_CORE * cores:
         print(f"[ftcluster] CPU peak measured at load {load:.1f} on {cores} cores: used for this run only, not "
-              f"cached; MFU and predicted throughput are understated and overstated by as much", flush=True)
+              f"cached (MFU comes out too high and predicted throughput too low)", flush=True)
         return result
     path.parent.mkdir(parents=True, exist_ok=True)
     from ftcluster import atomic

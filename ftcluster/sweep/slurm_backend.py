@@ -175,16 +175,17 @@ def watched(launch, job_name: str, folder: Path) -> None:
 
     thread = threading.Thread(target=target, name="ftcluster-sweep-launch", daemon=True)
     thread.start()
-    gone_since = None
+    submitted, gone_since = False, None
     while thread.is_alive():
         thread.join(POLL_S)
         queued = _queued(job_name)
         if queued is None:
             continue
+        # A task that fails at once may leave the queue between two polls: submitted counts as seen.
+        submitted = submitted or queued or any(folder.glob("*_submitted.pkl"))
         if queued:
             gone_since = None
-        # A task that fails at once may leave the queue between two polls: submitted counts as seen.
-        elif any(folder.glob("*_submitted.pkl")):
+        elif submitted:
             gone_since = gone_since or time.time()
             if time.time() - gone_since > LOST_AFTER_S:
                 from ftcluster.launch.ray import WorkerFailed
