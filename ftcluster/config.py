@@ -244,6 +244,10 @@ class TrainerConfig:
     # Time every collective (comm_time_s per logged step): blocks the device after each, so communication no
     # longer overlaps computation; for benchmarks (ftcluster bench), not for production runs.
     profile_comms: bool = False
+    # On a CPU, hand freed tensor memory back to the OS at once (ftcluster.peak.return_freed_memory), so that
+    # the resident set follows the live tensors and peak_memory.json measures what the planner predicts;
+    # steps get slower (page faults). For benchmarks (ftcluster bench sets it).
+    exact_cpu_memory: bool = False
 
 
 @dataclass

@@ -25,10 +25,19 @@ ROLES = ("param_bytes", "optimizer_bytes", "grad_bytes")
 
 def held_bytes(engine) -> dict[str, int]:
     """{"param_bytes", "optimizer_bytes", "grad_bytes"} this rank holds, on any device."""
+    return {role: sum(s.nbytes() for s in storages) for role, storages in _storages_by_role(engine).items()}
+
+
+def held_storages(engine) -> list:
+    """Every storage counted in held_bytes, once."""
+    return [s for storages in _storages_by_role(engine).values() for s in storages]
+
+
+def _storages_by_role(engine) -> dict[str, list]:
     seen: set[tuple[str, int]] = set()
 
-    def total(tensors) -> int:
-        count = 0
+    def unique(tensors) -> list:
+        found = []
         for tensor in tensors:
             if not isinstance(tensor, torch.Tensor):
                 continue
@@ -37,8 +46,8 @@ def held_bytes(engine) -> dict[str, int]:
             if storage.nbytes() == 0 or key in seen:
                 continue
             seen.add(key)
-            count += storage.nbytes()
-        return count
+            found.append(storage)
+        return found
 
     params = list(engine.module.parameters())
     wrapper = engine.optimizer
@@ -47,9 +56,9 @@ def held_bytes(engine) -> dict[str, int]:
     # steps); the state is keyed by them all along.
     updated = [p for group in torch_optimizer.param_groups for p in group["params"]] + list(torch_optimizer.state)
     state = [value for per_param in torch_optimizer.state.values() for value in per_param.values()]
-    held = {"param_bytes": total([p.data for p in params] + [getattr(p, "ds_tensor", None) for p in params]),
-            "optimizer_bytes": total(updated + state)}
-    held["grad_bytes"] = total([p.grad for p in params + updated] + _gradient_buffers(wrapper))
+    held = {"param_bytes": unique([p.data for p in params] + [getattr(p, "ds_tensor", None) for p in params]),
+            "optimizer_bytes": unique(updated + state)}
+    held["grad_bytes"] = unique([p.grad for p in params + updated] + _gradient_buffers(wrapper))
     return held
 
 

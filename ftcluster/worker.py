@@ -55,7 +55,9 @@ def train_worker(payload: dict) -> None:
 
     from ftcluster import peak
 
-    peak.mark_start()  # what this process holds before any model state: libraries, interpreter, data readers
+    if cfg.trainer.exact_cpu_memory and not torch.cuda.is_available() and not peak.return_freed_memory():
+        print("[ftcluster] trainer.exact_cpu_memory: this C library has no mallopt (not glibc); the resident "
+              "set will also hold freed memory", flush=True)
     ds_config = ds_engine.deepspeed_config(cfg, derived)
     with ds_engine.zero3_construction(ds_config):
         model = load_model(cfg, model_dir, kind=stage.MODEL_KIND)

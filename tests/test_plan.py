@@ -28,8 +28,7 @@ def setup(**changes) -> TrainSetup:
     values = dict(world=8, zero_stage=0, offload_optimizer=False, offload_params=False, precision="bf16",
                   micro_batch=1, grad_accum=1, seq_len=4096, checkpointing=False, attention="sdpa", on_gpu=True,
                   peft_method="none", reduce_bucket_size=500_000_000, param_persistence_threshold=100_000,
-                  model_persistence_threshold=2 ** 63 - 1, prefetch_bucket_size=50_000_000,
-                  max_reuse_distance=1_000_000_000, sub_group_size=1_000_000_000)
+                  model_persistence_threshold=2 ** 63 - 1, sub_group_size=1_000_000_000)
     return TrainSetup(**{**values, **changes})
 
 
@@ -168,20 +167,42 @@ def test_activation_bytes_by_hand():
     assert memory.layer_activation_bytes_per_token(shape, flash, tensors) == per_layer - 2 * e * (H - KV)
 
 
-def test_peak_is_the_larger_phase_on_top_of_the_states():
+def test_peak_is_the_largest_moment_on_top_of_the_states():
     shape = read_shape(CONFIGS / "llama3_8b")
     tensors = parameter_tensors(shape)
     z3 = setup(zero_stage=3, micro_batch=2)
     m = memory.rank_memory(shape, z3, tensors)
-    states = m.params + m.optimizer + m.buffers
+    states = m.params + m.optimizer + m.buffers  # ZeRO-3 keeps its reduce bucket from the start
     assert m.buffers == 500_000_000 * 2  # DeepSpeed's reduce bucket, bf16
     # At the turn from forward to backward: the loss gradient (two fp32 vocabulary-wide tensors), the
-    # gathered output layer and last layers (within max_reuse_distance / 2) plus the prefetch bucket, and
-    # the gradient partitions ZeRO-3 keeps.
-    gathered = 2 * (V * H + 1_000_000_000 // 2 + 50_000_000)
+    # gathered output layer and the layer the backward gathers next (its norms are persistent), and the
+    # gradient partitions ZeRO-3 keeps.
+    gathered = 2 * (V * H + LAYER_MATMULS)
     turn = 2 * 4 * V * 2 * 4096 + gathered + 2 * (PARAMS_8B // 8)
     assert (m.phase, m.transient) == ("backward", turn)
     assert m.peak == states + m.activations + turn
+
+    # ZeRO-2 in fp32 on a CPU, 4 micro-batches a step, on 2 ranks, with the trainable weights small enough
+    # that the end of the backward comes out on top: the bucket's pages are written only as gradients arrive
+    # (not at the turn), and at the end it is full beside the rank's new gradient partition, its fp32 copy
+    # and the partition the earlier micro-batches accumulated. DeepSpeed releases it before the step.
+    cpu = setup(world=2, zero_stage=2, precision="fp32", on_gpu=False, grad_accum=4, seq_len=8)
+    small = [t for t in tensors if t.name.startswith("layers.0.")]
+    m = memory.rank_memory(shape, cpu, small)
+    numel = sum(t.numel for t in small)
+    groups = memory.optimizer_groups(small)
+    partition = sum(memory._zero12_partition(g, 2) for g in groups)
+    assert m.buffers == 4 * numel  # the bucket, as far as the gradients reach
+    assert m.gradients == 4 * partition + 4 * partition
+    held = m.params + m.optimizer
+    assert held == 4 * 2 * partition + (4 + 4 + 4) * partition + 4 * len(groups)
+    assert (m.phase, m.transient) == ("reduce", 4 * numel + 4 * partition)
+    assert m.peak == held + m.gradients + m.transient
+    # On a GPU, with long rows: the bucket is allocated whole as the backward starts, beside the activations.
+    gpu = memory.rank_memory(shape, setup(world=2, zero_stage=2, precision="fp32", grad_accum=4), small)
+    assert gpu.buffers == 4 * 500_000_000 and gpu.phase == "backward"
+    assert gpu.transient == 2 * 4 * V * 4096 + 4 * partition + gpu.buffers
+    assert gpu.peak == held + gpu.activations + gpu.transient
 
 
 def test_communication_bytes_per_zero_stage_by_hand():

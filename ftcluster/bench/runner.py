@@ -89,6 +89,7 @@ def _cell_args(suite: Suite, cell: Cell, overrides: list[str], work_dir: Path) -
     fixed = [f"trainer.max_steps={c.warmup_steps + c.measure_steps}", "trainer.log_every_steps=1",
              "trainer.eval_every_steps=0", "trainer.eval_generate=false", "trainer.save_every_steps=0",
              "trainer.stop_after_steps=null", f"trainer.profile_comms={str(c.profile_comms).lower()}",
+             "trainer.exact_cpu_memory=true",
              "tracking.progress=false", "resume=never", f"output_dir={work_dir / 'cells' / cell.folder}"]
     return [*c.base, *overrides, *cell.overrides, *fixed]
 

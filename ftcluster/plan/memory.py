@@ -50,9 +50,10 @@ ALLREDUCE_BUCKET = 500_000_000
 
 @dataclass(frozen=True)
 class RankMemory:
-    """Bytes per rank. Everything but `host` is on the device. `peak` = the states on the device (params,
-    optimizer and buffers, less what is offloaded) + either `activations` + `transient` (phase "backward":
-    the turn from forward to backward) or the gradients on the device + `transient` (phase "step")."""
+    """Bytes per rank. Everything but `host` is on the device. `peak` = the states held throughout on the
+    device (params, optimizer and ZeRO-3's buffer, less what is offloaded) + either `activations` +
+    `transient` (phase "backward": the turn from forward to backward) or the gradients on the device +
+    `transient` (phase "reduce": the end of a ZeRO-1/2 backward; "step": the optimizer step)."""
 
     params: int
     optimizer: int
@@ -289,14 +290,20 @@ def _lora_rank(tensors: list[Tensor]) -> int:
 # ---- the peak ---------------------------------------------------------------------------------------------
 
 def rank_memory(shape: ModelShape, setup: TrainSetup, tensors: list[Tensor]) -> RankMemory:
-    """Every term above for one rank, and the peak: the larger of the turn from forward to backward
-    (activations + the loss gradient + ZeRO-3's gathered weights + gradients already held) and the
-    optimizer step (gradients + the update's temporaries), on top of the states."""
+    """Every term above for one rank, and the peak: the largest of three moments, on top of the states
+    held throughout (params, optimizer, ZeRO-3's gradient buffer, less what is offloaded):
+    - "backward", the turn from forward to backward: activations + the loss gradient + ZeRO-3's gathered
+      weights + gradients already held (+ on a GPU ZeRO-1/2's reduce bucket, allocated whole as the
+      backward starts; on a CPU its pages are written only as gradients arrive, while activations go);
+    - "reduce", the end of the backward (ZeRO-1/2): the bucket full, the rank's gradient partition and its
+      fp32 copy (ZeRO-2: beside the partition the earlier micro-batches accumulated); DeepSpeed releases
+      the bucket before the optimizer step;
+    - "step", the optimizer step: the gradients + the update's temporaries."""
     params, optimizer = param_bytes(tensors, setup), optimizer_bytes(tensors, setup)
     gradients, buffers = gradient_bytes(tensors, setup), buffer_bytes(tensors, setup)
     activations = activation_bytes(shape, setup, tensors)
 
-    states = params + optimizer + buffers
+    states = params + optimizer + (buffers if setup.zero_stage == 3 else 0)
     if setup.offload_optimizer:
         states -= optimizer
     if setup.offload_params:
@@ -309,14 +316,17 @@ def rank_memory(shape: ModelShape, setup: TrainSetup, tensors: list[Tensor]) -> 
     standing = _standing_gradients(tensors, setup)
     partition = (setup.dtype_bytes * sum(optimizer_slices(tensors, setup))
                  if setup.zero_stage == 2 and not standing and not setup.offload_optimizer else 0)
+    bucket = buffers if setup.zero_stage in (1, 2) else 0
     at_turn = (max(loss_gradient, partition + recompute_bytes(shape, setup, tensors))
-               + _gathered_bytes(shape, tensors, setup) + standing)
-    at_step = _step_temporaries(tensors, setup)
-    backward, step = activations + at_turn, device_grads + at_step
-    phase, transient = ("backward", at_turn) if backward >= step else ("step", at_step)
+               + _gathered_bytes(shape, tensors, setup) + standing + (bucket if setup.on_gpu else 0))
+    moments = {"backward": (activations, at_turn), "step": (device_grads, _step_temporaries(tensors, setup))}
+    if bucket:
+        moments["reduce"] = (device_grads, bucket + (standing if setup.zero_stage == 2 else 0))
+    phase = max(moments, key=lambda name: sum(moments[name]))  # the first of equals: the turn
+    transient = moments[phase][1]
     return RankMemory(params=params, optimizer=optimizer, gradients=gradients, buffers=buffers,
-                      activations=activations, transient=transient, phase=phase, peak=states + max(backward, step),
-                      host=host_bytes(tensors, setup))
+                      activations=activations, transient=transient, phase=phase,
+                      peak=states + sum(moments[phase]), host=host_bytes(tensors, setup))
 
 
 def _device_gradients(tensors: list[Tensor], setup: TrainSetup, gradients: int) -> int:
@@ -341,16 +351,16 @@ def _standing_gradients(tensors: list[Tensor], setup: TrainSetup) -> int:
 
 
 def _gathered_bytes(shape: ModelShape, tensors: list[Tensor], setup: TrainSetup) -> int:
-    """ZeRO-3's gathered weights at the turn: the output layer, the last layers (DeepSpeed keeps a weight
-    gathered when it is used again within stage3_max_reuse_distance elements, and the forward's last
-    layers are the backward's first), and the prefetch bucket."""
+    """ZeRO-3's gathered weights at the turn: the output layer (the forward's last module is the backward's
+    first) and the layer the backward gathers next. Not the forward's last layers nor a prefetch bucket: with
+    a complete trace and stage3_max_reuse_distance far above the model, DeepSpeed 0.19 still had every layer
+    released at the turn (SmolLM2, 2 ranks, full and LoRA: the resident set after the forward grew by the
+    activations alone, and counting the reused layers put the peak 13% and 38% too high)."""
     if setup.zero_stage != 3 or setup.world == 1:  # on one rank a partition is the whole tensor
         return 0
     persistent = {t.name for t in zero3_persistent(tensors, setup)}
-    partitioned = sum(t.numel for t in tensors if t.name not in persistent)
     layer = sum(t.numel for t in tensors if t.name.startswith("layers.0.") and t.name not in persistent)
-    kept = shape.vocab * shape.hidden + max(layer, setup.max_reuse_distance // 2) + setup.prefetch_bucket_size
-    return setup.dtype_bytes * min(partitioned, kept)
+    return setup.dtype_bytes * (shape.vocab * shape.hidden + layer)
 
 
 def _step_temporaries(tensors: list[Tensor], setup: TrainSetup) -> int:

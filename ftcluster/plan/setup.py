@@ -29,8 +29,6 @@ class TrainSetup:
     reduce_bucket_size: int
     param_persistence_threshold: int
     model_persistence_threshold: int
-    prefetch_bucket_size: int
-    max_reuse_distance: int
     sub_group_size: int
 
     @property
@@ -70,7 +68,6 @@ def setup_from_config(cfg: DictConfig, on_gpu: bool) -> TrainSetup:
         attention=cfg.model.attn_implementation, on_gpu=on_gpu, peft_method=cfg.peft.method, reduce_bucket_size=int(zero.reduce_bucket_size),
         param_persistence_threshold=int(zero.param_persistence_threshold),
         model_persistence_threshold=int(zero.model_persistence_threshold),
-        prefetch_bucket_size=int(zero.prefetch_bucket_size), max_reuse_distance=int(zero.max_reuse_distance),
         sub_group_size=int(zero.sub_group_size))
 
 

@@ -48,6 +48,7 @@ def run(ctx: StageContext, step_fn: Callable[[StageContext, int], StepResult],
             timings["comm_time_s"] = comms.seconds_so_far() - comm_before
         step += 1
         if step == ctx.start_step + 1:  # the optimizer's state exists from its first update on
+            peak.note_baseline(ctx.engine)
             memory.record(ctx.engine, ctx.cfg.output_dir)
         ctx.tracker.advance()
         last = step == t.max_steps

@@ -1,0 +1,46 @@
+"""How the CPU resident set is made to measure tensors: freed memory handed back to the OS (against glibc's
+default, which keeps it), and only the pages of a tensor that are written count. In a fresh interpreter
+each, as the allocator setting is per process."""
+
+import subprocess
+import sys
+
+import pytest
+
+SCRIPT = r"""
+import sys
+import torch
+from ftcluster import peak
+
+def rss():
+    return peak._status_bytes("VmRSS")
+
+if sys.argv[1] == "exact":
+    assert peak.return_freed_memory()
+# Freeing a mapped 4 MiB block raises glibc's default mmap threshold to 4 MiB: smaller blocks then come
+# from its heap, as activations do after the first step.
+warm = torch.empty(4 * 2**20, dtype=torch.uint8); warm[:] = 1; del warm
+big = torch.empty(64 * 2**20, dtype=torch.uint8)  # mapped on its own, no page written yet
+untouched = peak._resident_bytes(big.untyped_storage())
+big[: 16 * 2**20] = 1
+partly = peak._resident_bytes(big.untyped_storage())
+del big
+before = rss()
+blocks = [torch.ones(2**20 // 4 * (1 + i % 3)) for i in range(300)]  # 1-3 MiB each, written
+held = rss()
+del blocks
+print(untouched, partly, before, held, rss())
+"""
+
+
+@pytest.mark.parametrize("mode", ["exact", "default"])
+def test_freed_tensors_leave_the_resident_set_only_with_exact_cpu_memory(mode):
+    out = subprocess.run([sys.executable, "-c", SCRIPT, mode], capture_output=True, text=True, check=True).stdout
+    untouched, partly, before, held, after = map(int, out.split()[-5:])
+    mib = 2**20
+    assert untouched < mib and 16 * mib <= partly < 17 * mib
+    assert held - before > 500 * mib  # 300 blocks of 1-3 MiB
+    if mode == "exact":
+        assert after - before < 8 * mib  # all handed back
+    else:
+        assert after - before > 100 * mib  # glibc keeps freed heap memory resident
