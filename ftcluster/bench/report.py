@@ -27,6 +27,7 @@ COLUMNS = [  # (key in a record, CSV/Markdown header, Markdown format)
     ("mfu", "MFU", "{:.1%}"),
     ("comm_share", "comm share", "{:.1%}"),
     ("peak_memory_bytes", "peak mem (GiB)", "gib"),
+    ("baseline_bytes", "of which baseline (GiB)", "gib"),
     ("predicted.peak_memory_bytes", "predicted mem (GiB)", "gib"),
     ("errors.peak_memory_bytes", "mem error", "{:+.1%}"),
     ("predicted.tokens_per_s", "predicted tokens/s", "{:,.0f}"),
@@ -94,7 +95,10 @@ def _markdown(records, suite, overrides, hardware, cluster, work_dir: Path, plot
     lines += ["", "## Results", "", _table(records, suite.axes), "",
               "Throughput sums work over time across the measured steps. MFU counts model FLOPs (6 per "
               "parameter per token plus attention, no recomputation) against the profile's peak. Peak memory: "
-              "max over ranks of the device allocator's high-water mark (GPU) or of the resident set (CPU). "
+              "max over ranks of the device allocator's high-water mark (GPU) or of the resident set (CPU, with "
+              "freed memory handed back to the OS at once: `trainer.exact_cpu_memory`). On CPU the prediction is "
+              "the planner's tensor bytes plus the baseline, what the rank held after its first step besides its "
+              "engine's tensors (interpreter, libraries, data), which the planner does not model. "
               "Errors are (predicted - measured) / measured. Comm share: time rank 0 spent in collectives "
               "(DeepSpeed's communication logger, which blocks after each one) over step time.", ""]
     problems = [r for r in records if r["status"] != "ok"]
