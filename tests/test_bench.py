@@ -52,6 +52,10 @@ def test_two_cell_cpu_suite_writes_consistent_figures(smoke_suite):
         assert r["peak_memory_bytes"] > 200 * 2**20
         predicted = r["predicted"]
         assert predicted["peak_memory_bytes"] > 0 and predicted["tokens_per_s"] > 0
+        # Throughput predicted for the tokens the measured steps held (the planner's own figure assumes full rows).
+        assert r["tokens_per_step"] == pytest.approx(sum(m["tokens_per_s"] * m["step_time_s"] for m in rows) / 3)
+        assert predicted["tokens_per_s"] == pytest.approx(r["tokens_per_step"] / predicted["step_time_s"])
+        assert predicted["tokens_per_s_full_rows"] >= predicted["tokens_per_s"]
         # On a CPU the prediction is the planner's tensors plus what each rank held that is not its engine's.
         assert 200 * 2**20 < r["baseline_bytes"] < r["peak_memory_bytes"]
         assert predicted["peak_memory_bytes"] == predicted["tensor_bytes"] + r["baseline_bytes"]

@@ -93,7 +93,9 @@ def test_best_yaml_is_a_config_train_takes_as_it_is(asha_sweep, capsys):
     best = asha_sweep / "best.yaml"
     assert main(["config", "--config", str(best)]) == 0  # composed and validated as `train` does
     composed = OmegaConf.create(capsys.readouterr().out)
-    trial = OmegaConf.load(asha_sweep / "trials" / table(asha_sweep)[0]["trial"] / "config.yaml")
+    # The best completed trial (an early-stopped one can show a lower loss at its last evaluation).
+    best_trial = next(r for r in table(asha_sweep) if r["status"] == "completed")
+    trial = OmegaConf.load(asha_sweep / "trials" / best_trial["trial"] / "config.yaml")
     for cfg in (composed, trial):
         for key in ("output_dir", "resume", "sweep", "tracking.wandb.name"):
             OmegaConf.update(cfg, key, None, merge=False)

@@ -28,6 +28,7 @@ def measure(output_dir: Path, warmup_steps: int, world_size: int, flops_per_toke
     out = {
         "steps_measured": len(rows),
         "tokens_per_s": tokens_per_s,
+        "tokens_per_step": tokens / len(rows),
         "tokens_per_s_per_device": tokens_per_s / world_size,
         "samples_per_s": samples / elapsed,
         "step_time_median_s": statistics.median(times),

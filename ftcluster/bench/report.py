@@ -99,6 +99,8 @@ def _markdown(records, suite, overrides, hardware, cluster, work_dir: Path, plot
               "freed memory handed back to the OS at once: `trainer.exact_cpu_memory`). On CPU the prediction is "
               "the planner's tensor bytes plus the baseline, what the rank held after its first step besides its "
               "engine's tensors (interpreter, libraries, data), which the planner does not model. "
+              "Predicted tokens/s: the tokens the cell's steps held over the predicted step time (the planner "
+              "assumes full rows; `predicted.tokens_per_s_full_rows` in the JSONL is its own figure). "
               "Errors are (predicted - measured) / measured. Comm share: time rank 0 spent in collectives "
               "(DeepSpeed's communication logger, which blocks after each one) over step time.", ""]
     problems = [r for r in records if r["status"] != "ok"]
