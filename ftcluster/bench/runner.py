@@ -81,8 +81,8 @@ def run_cell(suite: Suite, cell: Cell, args: list[str], cfg, work_dir: Path, clu
     predicted["tokens_per_s_full_rows"] = predicted["tokens_per_s"]
     predicted["tokens_per_s"] = record["tokens_per_step"] / predicted["step_time_s"]
     if "baseline_bytes" in record:  # CPU: the planner counts tensors; the process itself is measured
-        record["predicted"]["tensor_bytes"] = record["predicted"]["peak_memory_bytes"]
-        record["predicted"]["peak_memory_bytes"] += record["baseline_bytes"]
+        predicted["tensor_bytes"] = predicted["peak_memory_bytes"]
+        predicted["peak_memory_bytes"] += record["baseline_bytes"]
     record["errors"] = _prediction_errors(record)
     for name in DROPPED_AFTER_MEASURING:
         shutil.rmtree(out / name, ignore_errors=True)
