@@ -359,7 +359,7 @@ CHOICES = {
     "strategy.precision": ("fp32", "bf16", "fp16"),
     "model.init": ("pretrained", "random"),
     "model.attn_implementation": ("sdpa", "eager", "flash_attention_2"),
-    "launcher.name": ("local", "ray", "slurm"),
+    "launcher.name": ("local", "ray", "slurm", "processes"),
     "launcher.container_runtime": ("pyxis", "apptainer"),
     "launcher.placement_strategy": ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"),
     "optim.scheduler": ("cosine", "linear", "constant"),
@@ -371,8 +371,12 @@ RL_STAGES = ("ppo", "grpo")
 
 
 def conf_dir() -> Path:
-    """The conf/ tree: the checkout's when running from source, the wheel's copy otherwise."""
-    return Path(str(resources.files("ftcluster.conf")))
+    """The conf/ tree: the checkout's when running from source (an editable install maps it as
+    ftcluster.conf; a checkout that is only on PYTHONPATH has it beside the package), the wheel's otherwise."""
+    try:
+        return Path(str(resources.files("ftcluster.conf")))
+    except ModuleNotFoundError:
+        return Path(__file__).resolve().parent.parent / "conf"
 
 
 def _asset(relative: str) -> str:
@@ -622,7 +626,9 @@ def validate(cfg: DictConfig, check_paths: bool = True) -> Derived:
                                               "here), or use launcher=local")
     if cfg.launcher.name == "slurm":
         _check_slurm(cfg.launcher)
-    if cfg.launcher.name == "local":
+    if cfg.launcher.name == "processes":
+        _check_processes(cfg)
+    if cfg.launcher.name in ("local", "processes"):
         _check_local_capacity(cfg)
 
     if check_paths:
@@ -718,6 +724,17 @@ def _check_local_capacity(cfg: DictConfig) -> None:
                           f"{workers} workers x launcher.cpus_per_worker={cfg.launcher.cpus_per_worker} need "
                           f"{needed} CPUs; this machine has {cpus}. Use launcher.workers="
                           f"{max(cpus // cfg.launcher.cpus_per_worker, 1)}")
+
+
+def _check_processes(cfg: DictConfig) -> None:
+    """launcher=processes has no Ray: no actor groups, no restarts."""
+    if cfg.stage.name in RL_STAGES:
+        raise ConfigError("launcher.name", f"stage={cfg.stage.name} places one Ray actor group per role; "
+                                           "launcher=processes runs sft, rm and dpo only. Use launcher=local")
+    if cfg.launcher.max_failures:
+        raise ConfigError("launcher.max_failures", f"got {cfg.launcher.max_failures}; launcher=processes does not "
+                                                   "restart workers (Ray Train does, with launcher=local): set 0 and "
+                                                   "rerun with resume=auto after a failure")
 
 
 def _check_slurm(launcher: DictConfig) -> None:

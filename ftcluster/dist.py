@@ -22,7 +22,7 @@ def setup(timeout_s: int = 1800) -> None:
     deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
     if not dist.is_initialized() and "RANK" not in os.environ:
         os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
-                          MASTER_PORT=str(_free_port()))
+                          MASTER_PORT=str(free_port()))
     backend = "nccl" if torch.cuda.is_available() else "gloo"
     # DeepSpeed builds groups of its own (ZeRO's data-parallel group...) without a timeout, so torch
     # gives them its default (30 min), not the launcher's: make the default ours, so that every
@@ -33,7 +33,7 @@ def setup(timeout_s: int = 1800) -> None:
     deepspeed.init_distributed(dist_backend=backend, timeout=timedelta(seconds=timeout_s))
 
 
-def _free_port() -> int:
+def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]

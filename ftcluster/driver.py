@@ -25,7 +25,8 @@ from ftcluster.config import RL_STAGES, Derived, to_yaml, validate
 from ftcluster.errors import ConfigError
 
 # Where the workers are placed from this process.
-LAUNCHERS = {"local": "ftcluster.launch.local", "ray": "ftcluster.launch.ray", "slurm": "ftcluster.launch.slurm"}
+LAUNCHERS = {"local": "ftcluster.launch.local", "ray": "ftcluster.launch.ray", "slurm": "ftcluster.launch.slurm",
+             "processes": "ftcluster.launch.processes"}
 # Launchers that can instead ship the whole `ftcluster train` to run elsewhere (a Ray Job, a SLURM batch
 # job); each says by its `submits(cfg)` whether this process is the submitting side.
 SUBMITTERS = {"ray": "ftcluster.launch.ray_jobs", "slurm": "ftcluster.launch.sbatch"}

@@ -35,6 +35,8 @@ GOOD = {"instruction": "Say hi.", "output": "hi"}
     (["peft=qlora"], "'peft.method': QLoRA quantizes with bitsandbytes, which needs a CUDA GPU"),
     (["data.format=preference"], "'data.format': stage=sft trains on alpaca, chat, text data"),
     (["model.attn_implementation=flash_attention_2"], "flash-attn"),
+    (["launcher=processes", "stage=grpo"], "'launcher.name': stage=grpo places one Ray actor group per role"),
+    (["launcher=processes", "launcher.max_failures=2"], "'launcher.max_failures': got 2; launcher=processes does not"),
 ])
 def test_config_errors(capsys, tmp_path, override, expected):
     code, err = run_cli(capsys, *override, f"output_dir={tmp_path}/run")

@@ -139,6 +139,8 @@ def test_two_point_multirun_on_slurm(slurm, tmp_path, capsys):
     (["sweep.params.optim.lrr=loguniform(1e-5,1e-3)"], "sweep.params.optim.lrr", "not a config key (keys of optim: lr"),
     (["sweep.params.optim.lr=logunif(1e-5,1e-3)"], "sweep.params.optim.lr", "unknown distribution 'logunif'"),
     (["sweep.params.optim.lr=loguniform(0,1e-3)"], "sweep.params.optim.lr", "bounds must be positive"),
+    (["sweep.params.optim.lr=loguniform(1e-5,1e-3)", "launcher=processes"], "launcher.name",
+     "runs its trials as Ray Tune trials"),
 ])
 def test_bad_search_spaces_are_refused_through_the_cli(capsys, tmp_path, extra, key, says):
     code, _, err = sweep(capsys, *ONE_WORKER, *extra, "sweep.trials=2", f"output_dir={tmp_path / 'sweep'}")

@@ -33,7 +33,11 @@ WORKER_ENV = {
 
 def connect(address: str | None) -> None:
     """Start a Ray cluster in this process (address None) or join a running one."""
-    import ray
+    try:
+        import ray
+    except ImportError as exc:
+        raise UserError(f"launcher=local, ray and slurm place workers with Ray, which cannot be imported here "
+                        f"({exc}): install it (pip install 'ray[default,train]') or use launcher=processes") from None
 
     for key, value in WORKER_ENV.items():
         if key != "FTCLUSTER_IN_RAY":

@@ -161,6 +161,9 @@ def _local_gpus(cfg: DictConfig) -> int:
 
 def _check_ray_launcher(cfg: DictConfig) -> None:
     launcher = cfg.launcher
+    if launcher.name == "processes":
+        raise ConfigError("launcher.name", "sweep.backend=ray runs its trials as Ray Tune trials; use "
+                                           "launcher=local (or launcher=ray to join a cluster)")
     if launcher.name == "slurm":
         raise ConfigError("sweep.backend", "launcher=slurm submits one run as a batch job; a sweep on SLURM is "
                                            "sweep.backend=slurm (one array job, a task per point)")

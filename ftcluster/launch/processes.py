@@ -1,0 +1,112 @@
+"""launcher=processes: one process per worker on this machine, without Ray (the torchrun model).
+
+For a single machine where Ray is not installed or not wanted: a workstation, one node of an allocation,
+a GPU box that cannot install packages. Each rank is a fresh interpreter (spawned, so no CUDA or thread
+state is inherited) that gets RANK, LOCAL_RANK, WORLD_SIZE and a master address on loopback, and runs the
+same worker entry as under Ray. The first rank to fail ends the run: the others are stopped rather than
+left waiting in a collective until launcher.collective_timeout_s.
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+import os
+import time
+import traceback
+from multiprocessing.connection import wait
+from typing import Callable
+
+from omegaconf import DictConfig
+
+from ftcluster.dist import free_port
+from ftcluster.errors import UserError
+from ftcluster.launch.ray import WorkerFailed
+
+# How long the other ranks get to exit on their own once one has failed, before they are terminated.
+GRACE_S = 5.0
+
+
+def launch(entry: Callable[[dict], None], payload: dict, cfg: DictConfig) -> None:
+    from ftcluster.launch.actors import Controller
+
+    if isinstance(entry, Controller):  # validate() refuses this first; kept for callers that skip it
+        raise UserError("launcher=processes runs SPMD stages only; PPO and GRPO place actor groups with Ray "
+                        "(launcher=local)")
+    context = multiprocessing.get_context("spawn")
+    workers = cfg.launcher.workers
+    env = rank_environment(workers, cfg.launcher.cpus_per_worker, _use_gpu(cfg), free_port())
+    pipes, procs = [], []
+    for rank in range(workers):
+        receive, send = context.Pipe(duplex=False)
+        proc = context.Process(target=_run_rank, args=(entry, payload, env[rank], send), name=f"ftcluster-rank{rank}")
+        proc.start()
+        send.close()  # the child holds its end; ours closing lets a dead child's pipe read as EOF
+        pipes.append(receive)
+        procs.append(proc)
+    try:
+        failure = _wait_all(procs, pipes)
+    finally:
+        _stop(procs)
+    if failure is not None:
+        raise failure
+
+
+def rank_environment(workers: int, cpus_per_worker: int, use_gpu: bool, port: int) -> list[dict]:
+    """What each rank's process needs to join the group (torch's env:// rendezvous) and to size itself."""
+    base = {"WORLD_SIZE": str(workers), "LOCAL_WORLD_SIZE": str(workers), "MASTER_ADDR": "127.0.0.1",
+            "MASTER_PORT": str(port), "TOKENIZERS_PARALLELISM": "false"}
+    if not use_gpu:
+        # A CPU rank computes with its own cores only, as under Ray (OMP_NUM_THREADS = its CPUs).
+        base.update(CUDA_VISIBLE_DEVICES="", OMP_NUM_THREADS=str(cpus_per_worker))
+    return [{**base, "RANK": str(rank), "LOCAL_RANK": str(rank)} for rank in range(workers)]
+
+
+def _run_rank(entry: Callable[[dict], None], payload: dict, env: dict, report) -> None:
+    os.environ.update(env)
+    try:
+        entry(payload)
+    except UserError as exc:  # said as the worker said it, like launcher=local does
+        report.send(("user", str(exc)))
+        raise SystemExit(1) from None
+    except BaseException as exc:
+        traceback.print_exc()  # the whole of it in this rank's output; the run's error carries the tail
+        tail = "".join(traceback.format_exc().splitlines(True)[-15:])
+        report.send(("failed", f"{type(exc).__name__}: {exc}\n{tail}"))
+        raise SystemExit(1) from None
+    report.send(("ok", ""))
+
+
+def _wait_all(procs: list, pipes: list) -> Exception | None:
+    """Until every rank has reported success, or one has failed or died: its error."""
+    waiting = dict(zip(pipes, range(len(procs))))
+    while waiting:
+        for pipe in wait(list(waiting)):
+            rank = waiting.pop(pipe)
+            try:
+                kind, message = pipe.recv()
+            except EOFError:  # died without a word: killed, out of host memory, a crash in native code
+                procs[rank].join()
+                return WorkerFailed(f"worker process died: rank {rank} (exit code {procs[rank].exitcode})")
+            if kind == "user":
+                return UserError(message)
+            if kind == "failed":
+                return WorkerFailed(f"worker rank {rank} failed: {message}")
+    return None
+
+
+def _stop(procs: list) -> None:
+    deadline = time.monotonic() + GRACE_S
+    for proc in procs:
+        proc.join(timeout=max(deadline - time.monotonic(), 0))
+    for proc in procs:
+        if proc.is_alive():
+            proc.terminate()
+            proc.join()
+
+
+def _use_gpu(cfg: DictConfig) -> bool:
+    if cfg.launcher.use_gpu is not None:
+        return cfg.launcher.use_gpu
+    import torch
+
+    return torch.cuda.is_available()
