@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import math
+import weakref
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -133,6 +134,30 @@ def initialize(model: torch.nn.Module, cfg: DictConfig, ds_config: dict):
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
                                            config=ds_config, dist_init_required=False)
     return engine
+
+
+# Gradient norms DeepSpeed does not keep (see optimizer_step), by engine.
+_norms_measured_here: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def optimizer_step(engine) -> None:
+    """engine.step() after each micro-batch's backward (DeepSpeed updates at the accumulation boundary),
+    measuring the gradient norm where DeepSpeed drops it: without ZeRO and without mixed precision its fp32
+    path clips by the norm and throws the norm away, so get_global_grad_norm() stays None. At the boundary
+    the backward has already averaged the gradients over ranks, so this rank's norm is the global one."""
+    if engine.is_gradient_accumulation_boundary() and not (
+            engine.zero_optimization() or engine.fp16_enabled() or engine.bfloat16_enabled()):
+        grads = [p.grad for p in engine.module.parameters() if p.grad is not None]
+        _norms_measured_here[engine] = float(torch.nn.utils.get_total_norm(grads)) if grads else 0.0
+    engine.step()
+
+
+def grad_norm(engine) -> float:
+    """The global gradient norm of the last update, before clipping; nan when no update has happened."""
+    norm = engine.get_global_grad_norm()
+    if norm is None:
+        norm = _norms_measured_here.get(engine)
+    return float(norm) if norm is not None else float("nan")
 
 
 def initialize_frozen(model: torch.nn.Module, ds_config: dict):

@@ -7,6 +7,7 @@ mean loss over its label tokens. No DeepSpeed, no Ray, no accumulation, no proce
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
 import datasets
@@ -19,7 +20,14 @@ from ftcluster.data.loader import GlobalBatchLoader
 from ftcluster.engine import lr_multiplier
 
 
-def reference_losses(run_dir: str | Path, steps: int | None = None) -> tuple[list[float], torch.nn.Module]:
+@dataclass
+class Reference:
+    losses: list[float]
+    grad_norms: list[float]  # each step's global gradient norm before clipping
+    model: torch.nn.Module
+
+
+def reference_run(run_dir: str | Path, steps: int | None = None) -> Reference:
     run_dir = Path(run_dir)
     cfg = load_run_config(run_dir / "config.yaml")
     model = AutoModelForCausalLM.from_pretrained(run_dir / "init_model", dtype=torch.float32)
@@ -38,16 +46,16 @@ def reference_losses(run_dir: str | Path, steps: int | None = None) -> tuple[lis
     rows = datasets.load_from_disk(str(run_dir / "data" / "train"))
     g = cfg.trainer.global_batch
     loader = GlobalBatchLoader(rows, g, g, 0, 1, cfg.seed, cfg.data.shuffle, 0, cfg.data.packing)
-    losses = []
+    losses, norms = [], []
     for step in range(steps or cfg.trainer.max_steps):
         (batch,) = loader.micro_batches(step)
         inputs = {k: v for k, v in batch.items() if k in ("input_ids", "attention_mask", "position_ids")}
         logits = model(**inputs).logits
         loss = F.cross_entropy(logits[:, :-1].flatten(0, 1), batch["labels"][:, 1:].flatten(), ignore_index=-100)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, cfg.strategy.gradient_clipping)
+        norms.append(torch.nn.utils.clip_grad_norm_(params, cfg.strategy.gradient_clipping).item())
         opt.step()
         sched.step()
         opt.zero_grad()
         losses.append(loss.item())
-    return losses, model
+    return Reference(losses, norms, model)

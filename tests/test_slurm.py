@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from conftest import LONG, TINY, assert_same_weights, cli, last_step, losses
-from reference import reference_losses
+from reference import reference_run
 from ftcluster.launch.submit import hydra_quote
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -53,7 +53,7 @@ def test_two_nodes_zero3_match_the_single_process_reference(slurm, tmp_path):
 
     assert sorted(losses(run)) == [1, 2, 3, 4]
     # The plain-torch loop over the same prepared rows (with the system prompt) and initial weights.
-    expected, _ = reference_losses(run)
+    expected = reference_run(run).losses
     assert [losses(run)[step] for step in (1, 2, 3, 4)] == pytest.approx(expected, rel=1e-5, abs=1e-6)
     from ftcluster.config import load_run_config
 

@@ -21,6 +21,7 @@ from pathlib import Path
 
 import torch
 
+from ftcluster.engine import grad_norm, optimizer_step
 from ftcluster.launch.actors import DistributedActor
 
 
@@ -154,7 +155,7 @@ class PolicyWorker(RoleWorker):
                 per_token = per_token + rl.kl_coef * kl
             loss = (per_token * mask_d).sum() / global_tokens
             engine.backward(loss * self.world_size, scale_wrt_gas=False)
-            engine.step()
+            optimizer_step(engine)
             sums["policy_loss"] += float((per_token.detach() * mask_d).sum())
             sums["kl"] += float((kl * mask_d).sum())
             sums["clipped"] += float((clipped * mask_d).sum())
@@ -166,8 +167,7 @@ class PolicyWorker(RoleWorker):
         return self.engine.get_lr()[0]
 
     def grad_norm(self) -> float:
-        norm = self.engine.get_global_grad_norm()
-        return float(norm) if norm is not None else float("nan")
+        return grad_norm(self.engine)
 
     def trainable_weights(self, version: int):
         """Collective: the weights a rollout actor needs (the adapters with PEFT, else the whole model),
@@ -316,7 +316,7 @@ class CriticWorker(RoleWorker):
             per_token = clipped_value_loss(values, old.to(values.device), returns.to(values.device), rl.value_clip)
             loss = (per_token * mask.to(values.device)).sum() / global_tokens
             self.engine.backward(loss * self.world_size, scale_wrt_gas=False)
-            self.engine.step()
+            optimizer_step(self.engine)
             sums["value_loss"] += float((per_token.detach() * mask.to(values.device)).sum())
             sums["tokens"] += float(mask.sum())
         return sums

@@ -26,6 +26,7 @@ import torch
 
 from ftcluster import dist
 from ftcluster.data.loader import eval_batches
+from ftcluster.engine import optimizer_step
 from ftcluster.logprobs import pair_logps
 from ftcluster.losses import REFERENCE_FREE, pair_wins, preference_terms
 from ftcluster.reference import ReferenceLogps
@@ -69,7 +70,7 @@ def step(ctx: StageContext, index: int, reference: ReferenceLogps | None) -> loo
         objective = terms.losses.sum() / pairs + terms.nll.sum() / chosen_tokens
         # DeepSpeed averages gradients over ranks: scale so the sum over ranks is the global objective.
         engine.backward(objective * ctx.world_size, scale_wrt_gas=False)
-        engine.step()
+        optimizer_step(engine)
         sums += _pair_sums(terms, policy, objective.detach() * pairs)
     sums = dist.all_reduce_sum(sums) / pairs
     metrics = dict(zip(_SUMS, sums.tolist()))

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 from ftcluster import comms, memory, peak
+from ftcluster.engine import grad_norm
 from ftcluster.stages.context import StageContext
 
 
@@ -54,7 +55,7 @@ def run(ctx: StageContext, step_fn: Callable[[StageContext, int], StepResult],
         last = step == t.max_steps
         if step % t.log_every_steps == 0 or last:
             ctx.tracker.log(step, {
-                **result.metrics, "lr": lr, "grad_norm": _grad_norm(ctx.engine),
+                **result.metrics, "lr": lr, "grad_norm": grad_norm(ctx.engine),
                 "tokens_per_s": result.tokens / elapsed, "trainable_tokens_per_s": result.trainable_tokens / elapsed,
                 "samples_per_s": result.examples / elapsed, "epoch": ctx.loader.epoch_of(step - 1), **timings,
             })
@@ -76,8 +77,3 @@ def run(ctx: StageContext, step_fn: Callable[[StageContext, int], StepResult],
 
 def every(step: int, interval: int) -> bool:
     return interval > 0 and step % interval == 0
-
-
-def _grad_norm(engine) -> float:
-    norm = engine.get_global_grad_norm()
-    return float(norm) if norm is not None else float("nan")

@@ -20,6 +20,7 @@ import torch
 
 from ftcluster import dist
 from ftcluster.data.loader import eval_batches
+from ftcluster.engine import optimizer_step
 from ftcluster.losses import bradley_terry, pair_wins
 from ftcluster.stages import loop
 from ftcluster.stages.context import StageContext
@@ -41,7 +42,7 @@ def step(ctx: StageContext, index: int) -> loop.StepResult:
         chosen, rejected = scores(ctx.engine, mb)
         losses = bradley_terry(chosen, rejected, mb["margin"].to(chosen.device) + ctx.cfg.stage.rm.margin)
         ctx.engine.backward(losses.sum() / pairs * ctx.world_size, scale_wrt_gas=False)
-        ctx.engine.step()
+        optimizer_step(ctx.engine)
         sums += _pair_sums(losses, chosen, rejected)
     metrics = dict(zip(_SUMS, (dist.all_reduce_sum(sums) / pairs).tolist()))
     return loop.StepResult(metrics, tokens, tokens, pairs)

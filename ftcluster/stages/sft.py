@@ -25,6 +25,7 @@ import torch
 import torch.nn.functional as F
 
 from ftcluster import dist
+from ftcluster.engine import optimizer_step
 from ftcluster.evaluate import generate_answers
 from ftcluster.metrics import compute as compute_metrics
 from ftcluster.stages import loop
@@ -51,7 +52,7 @@ def train_step(engine, micro_batches: list[dict], world_size: int) -> dict:
     for mb in micro_batches:
         summed = token_loss_sum(engine, mb)
         engine.backward(summed * (world_size / label_tokens), scale_wrt_gas=False)
-        engine.step()
+        optimizer_step(engine)
         loss_sum += summed.item()
     loss = dist.all_reduce_sum([loss_sum])[0].item() / label_tokens
     return {"loss": loss, "label_tokens": label_tokens, "tokens": tokens, "examples": examples}
