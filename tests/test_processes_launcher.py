@@ -75,3 +75,5 @@ def test_each_rank_gets_its_rank_and_a_cpu_share(tmp_path):
     assert [s["RANK"] for s in seen] == ["0", "1"] and [s["LOCAL_RANK"] for s in seen] == ["0", "1"]
     assert {s["WORLD_SIZE"] for s in seen} == {"2"} and {s["MASTER_ADDR"] for s in seen} == {"127.0.0.1"}
     assert {s["OMP_NUM_THREADS"] for s in seen} == {"1"} and {s["CUDA_VISIBLE_DEVICES"] for s in seen} == {""}
+    # What torch computes with: it reads OMP_NUM_THREADS once, when imported (this entry's module imports it).
+    assert [s["torch_threads"] for s in seen] == [1, 1]

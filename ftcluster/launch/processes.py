@@ -15,6 +15,7 @@ import time
 import traceback
 from multiprocessing.connection import wait
 from typing import Callable
+from unittest import mock
 
 from omegaconf import DictConfig
 
@@ -38,8 +39,12 @@ def launch(entry: Callable[[dict], None], payload: dict, cfg: DictConfig) -> Non
     pipes, procs = [], []
     for rank in range(workers):
         receive, send = context.Pipe(duplex=False)
-        proc = context.Process(target=_run_rank, args=(entry, payload, env[rank], send), name=f"ftcluster-rank{rank}")
-        proc.start()
+        proc = context.Process(target=_run_rank, args=(entry, payload, send), name=f"ftcluster-rank{rank}")
+        # The rank's interpreter starts with its environment already set, as torchrun's do: it imports torch
+        # while unpickling its entry, before any code of ours runs there, and torch reads OMP_NUM_THREADS at
+        # that import only (set any later, every rank would start a thread per core of the machine).
+        with mock.patch.dict(os.environ, env[rank]):
+            proc.start()
         send.close()  # the child holds its end; ours closing lets a dead child's pipe read as EOF
         pipes.append(receive)
         procs.append(proc)
@@ -55,14 +60,15 @@ def rank_environment(workers: int, cpus_per_worker: int, use_gpu: bool, port: in
     """What each rank's process needs to join the group (torch's env:// rendezvous) and to size itself."""
     base = {"WORLD_SIZE": str(workers), "LOCAL_WORLD_SIZE": str(workers), "MASTER_ADDR": "127.0.0.1",
             "MASTER_PORT": str(port), "TOKENIZERS_PARALLELISM": "false"}
+    # A rank computes with its own share of the cores only, as a Ray worker does (OMP_NUM_THREADS = its CPUs):
+    # N ranks with a thread per core each would oversubscribe the machine N times.
+    base["OMP_NUM_THREADS"] = str(cpus_per_worker)
     if not use_gpu:
-        # A CPU rank computes with its own cores only, as under Ray (OMP_NUM_THREADS = its CPUs).
-        base.update(CUDA_VISIBLE_DEVICES="", OMP_NUM_THREADS=str(cpus_per_worker))
+        base["CUDA_VISIBLE_DEVICES"] = ""
     return [{**base, "RANK": str(rank), "LOCAL_RANK": str(rank)} for rank in range(workers)]
 
 
-def _run_rank(entry: Callable[[dict], None], payload: dict, env: dict, report) -> None:
-    os.environ.update(env)
+def _run_rank(entry: Callable[[dict], None], payload: dict, report) -> None:
     try:
         entry(payload)
     except UserError as exc:  # said as the worker said it, like launcher=local does
