@@ -126,8 +126,9 @@ class Monitor:
     each process's peak resident memory (the kernel's VmHWM, so no peak between samples is missed) and the
     load average; afterwards waits for the whole tree to be gone before the next run starts."""
 
-    def __init__(self, root_pid: int):
+    def __init__(self, root_pid: int, trainer_pattern: str | None = None):
         self.root, self.pids, self.loads, self.omp = root_pid, set(), [], {}
+        self.trainer_pattern = trainer_pattern
         self.peak_rss_mib: dict[str, float] = {}  # "pid command" -> MiB
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, daemon=True)
@@ -140,11 +141,12 @@ class Monitor:
             self.pids |= tree
             for pid in tree:
                 cmd = table.get(pid, (0, ""))[1]
-                if ("RayTrainWorker" in cmd or pid == self.root) and cmd not in self.omp:
+                trains = pid == self.root or (self.trainer_pattern and re.search(self.trainer_pattern, cmd))
+                if trains and cmd[:300] not in self.omp:
                     try:
                         env = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
                         omp = next((e.split(b"=", 1)[1].decode() for e in env if e.startswith(b"OMP_NUM_THREADS=")), None)
-                        self.omp[cmd[:60]] = omp
+                        self.omp[cmd[:300]] = omp
                     except OSError:
                         pass
                 peak = _peak_rss_mib(pid)
@@ -197,7 +199,7 @@ def run_logged(cmd: list[str], log: Path, threads: int, trainer_pattern: str | N
     started = time.time()
     with open(log, "w") as f:
         proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, env=_env(threads), cwd=str(REPO))
-        monitor = Monitor(proc.pid)
+        monitor = Monitor(proc.pid, trainer_pattern)
         rc = proc.wait()
     lingering = monitor.finish()
     wall = time.time() - started

@@ -4,6 +4,10 @@ in one run.
     pip install -e '.[bench]'                          # TRL, for the third side
     python benchmarks/sft_baselines.py                 # full measurement, report in benchmarks/results/
     python benchmarks/sft_baselines.py --smoke         # a few steps end to end, report in the work folder
+    python benchmarks/sft_baselines.py --launcher processes   # ftcluster's ranks without Ray: what Ray costs
+
+ftcluster runs with launcher=local (its default: a Ray cluster on this machine, one Ray Train worker) unless
+--launcher processes (a plain spawned process, no Ray); the report and its file name say which.
 
 Every side trains the tiny model (ftcluster/assets/models/tiny) from the very same weight file, on the same
 seeded variable-length chat data set (built here, written once as JSONL), tokenized the same way, with the
@@ -57,6 +61,7 @@ import json
 import math
 import os
 import random
+import re
 import shlex
 import statistics
 import sys
@@ -152,12 +157,18 @@ def ftcluster_overrides(a, data_path: Path, model_dir: Path, packing: bool, outp
     return ["model=tiny", f"model.path={model_dir}", "model.init=pretrained", "model.attn_implementation=sdpa",
             "data=custom", f"data.path={data_path}", "data.format=chat", f"data.packing={str(packing).lower()}",
             "peft=none", "strategy=zero0", "strategy.precision=fp32", "strategy.gradient_clipping=1.0",
-            "launcher=local", "launcher.workers=1", f"launcher.cpus_per_worker={a.threads}", "tracking=none",
+            f"launcher={a.launcher}", "launcher.workers=1", f"launcher.cpus_per_worker={a.threads}", "tracking=none",
             "trainer.eval_generate=false", f"trainer.max_seq_len={a.max_seq_len}",
             f"trainer.micro_batch_per_device={a.micro_batch}", f"trainer.global_batch={a.global_batch}",
             f"trainer.max_steps={a.warmup + a.steps}", "trainer.log_every_steps=1", "trainer.eval_every_steps=0",
             "trainer.save_every_steps=0", f"optim.lr={a.lr}", "optim.weight_decay=0.0", "optim.scheduler=constant",
             "optim.warmup_steps=0", f"seed={a.seed}", f"output_dir={output_dir}"]
+
+
+# The command line of the process that trains, per launcher: the Ray Train worker, or the spawned rank.
+TRAINING_PROCESS = {"local": "RayTrainWorker", "processes": r"multiprocessing\.spawn import spawn_main"}
+LAUNCHERS = {"local": "launcher=local: a Ray cluster on this machine, one Ray Train worker",
+             "processes": "launcher=processes: one spawned process, no Ray"}
 
 
 def ftcluster_cli() -> list[str]:
@@ -189,7 +200,7 @@ def run_ftcluster(a, work: Path, data_path: Path, model_dir: Path, packing: bool
     overrides = ftcluster_overrides(a, data_path, model_dir, packing, out_dir)
     cmd = [*ftcluster_cli(), "train", *overrides]
     print(f"[bench] {tag}: ftcluster train (data.packing={str(packing).lower()})", flush=True)
-    info = run_logged(cmd, work / f"{tag}.log", a.threads, trainer_pattern="RayTrainWorker")
+    info = run_logged(cmd, work / f"{tag}.log", a.threads, trainer_pattern=TRAINING_PROCESS[a.launcher])
     metrics = [json.loads(line) for line in (out_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
     train_rows = sorted((m for m in metrics if "tokens_per_s" in m), key=lambda m: m["step"])
     total = a.warmup + a.steps
@@ -422,7 +433,9 @@ def write_report(res: dict, md_path: Path) -> None:
     ds, env, q = res["dataset"], res["environment"], res["quiet"]
     runs = {r["tag"]: r for r in res["runs"]}
     L = []
-    L.append(f"# ftcluster SFT vs Hugging Face Trainer and TRL SFTTrainer on CPU ({res['date']})\n")
+    launcher = a.get("launcher", "local")  # reports measured before --launcher existed ran launcher=local
+    title = "" if launcher == "local" else f", launcher={launcher}"
+    L.append(f"# ftcluster SFT vs Hugging Face Trainer and TRL SFTTrainer on CPU ({res['date']}{title})\n")
     if res.get("smoke"):
         L.append("**Smoke configuration: too few steps for the figures to mean anything.**\n")
     if q["quiet"] is False:
@@ -431,10 +444,10 @@ def write_report(res: dict, md_path: Path) -> None:
                  f"{max(r['load1_during'].get('max', 0) for r in res['runs']):.1f} on {env['cores']} cores while the "
                  f"runs went, see Machine); the script waited {q['waited_s']} s for a quiet machine first. Absolute "
                  f"figures are not representative; the ratios compare runs taken minutes apart, but contention still "
-                 f"weighs on them (ftcluster's Ray processes compete for the same cores). Re-run on a quiet machine.\n")
-    L.append("Same tiny model and initial weights, same data, tokenization and batch; one training process with "
-             f"{a['threads']} threads each. Effective tokens/s = real (non-padding) tokens per second of training step "
-             f"time, median over {a['steps']} steps after {w} warm-up steps (start-up excluded); min and max beside it. "
+                 f"weighs on them (ftcluster's launcher processes compete for the same cores). Re-run on a quiet machine.\n")
+    L.append(f"ftcluster ran with {LAUNCHERS[launcher]}. Same tiny model and initial weights, same data, "
+             f"tokenization and batch; one training process with {a['threads']} threads each. Effective tokens/s = "
+             f"real (non-padding) tokens per second of training step time, median over {a['steps']} steps after {w} warm-up steps (start-up excluded); min and max beside it. "
              "Packing efficiency = real tokens / (rows x padded width) over the same steps. Each ftcluster run is "
              "compared with the baseline runs right before and after it; the ratio of a comparison is the geometric "
              "mean of its rounds' ratios, and a target counts as met only when every round meets it (inconclusive "
@@ -459,7 +472,7 @@ def write_report(res: dict, md_path: Path) -> None:
                      f"{_rate(x['baseline'])} | {x['ratio']:.2f}x | {x['ratio_aggregate']:.2f}x |")
     L.append("")
     L.append("Aggregate = sum of real tokens / sum of step times over the measured steps. Per run (peak RSS: the "
-             "training process's, the Ray Train worker for ftcluster):\n")
+             "training process's: for ftcluster its rank, not the launcher around it):\n")
     L.append("| run | median step time | real tokens / step | padded tokens / step | examples / step | peak RSS | "
              "1-min load during the run |")
     L.append("|---|---|---|---|---|---|---|")
@@ -504,9 +517,9 @@ def write_report(res: dict, md_path: Path) -> None:
              f"(1-min load {q['load1']:.2f} after waiting {q['waited_s']} s for load < {a['quiet_load']} and no other "
              f"`ftcluster train`/`pytest`" + (f"; still running: {'; '.join(q['busy'])}" if q['busy'] else "") + ")")
     omp = sorted({v for r in res["runs"] if r["side"] == "ftcluster" for k, v in r["omp_num_threads"].items()
-                  if "RayTrainWorker" in k and v})
+                  if re.search(TRAINING_PROCESS[launcher], k) and v})
     hf_threads = sorted({r["torch_threads"] for r in res["runs"] if r["side"] != "ftcluster"})
-    L.append(f"- threads: ftcluster's Ray Train worker had OMP_NUM_THREADS={', '.join(omp) or '?'} "
+    L.append(f"- threads: ftcluster's training process had OMP_NUM_THREADS={', '.join(omp) or '?'} "
              f"(launcher.cpus_per_worker={a['threads']}); the Trainer and SFTTrainer processes ran "
              f"torch.set_num_threads({a['threads']}) (torch reported {', '.join(map(str, hf_threads))})")
     L.append("- packages: " + ", ".join(f"{k} {v}" for k, v in env["versions"].items()))
@@ -585,6 +598,7 @@ def main() -> int:
     p.add_argument("--min-len", type=int, default=32, help="shortest target length in tokens (the framing is ~30)")
     p.add_argument("--max-len", type=int, default=480)
     p.add_argument("--max-seq-len", type=int, default=512)
+    p.add_argument("--launcher", choices=sorted(LAUNCHERS), default="local", help="how ftcluster places its rank")
     p.add_argument("--report-from", metavar="JSON", help="measure nothing: rebuild the report of a finished "
                                                           "measurement from its .json (raw figures)")
     add_run_arguments(p, steps=30)
@@ -660,7 +674,8 @@ def main() -> int:
         "settings": {k: v for k, v in vars(a).items() if k not in ("hf_worker", "workdir", "out", "report_from", "note")},
         "environment": environment(PACKAGES),
         "quiet": quiet, "workdir": str(work),
-        "reproduce": "python benchmarks/sft_baselines.py" + (" --smoke" if a.smoke else ""),
+        "reproduce": "python benchmarks/sft_baselines.py" + (" --smoke" if a.smoke else "")
+                     + ("" if a.launcher == "local" else f" --launcher {a.launcher}"),
         "dataset": {"records": a.records, "lengths": _distribution(lengths), "prepared_unpacked": hf_stats,
                     "prepared_packed": packed_stats,
                     "same_fingerprint": ft_u1["data_stats"]["fingerprint"] == hf_stats["fingerprint"]},
@@ -670,7 +685,7 @@ def main() -> int:
     if not res["dataset"]["same_fingerprint"]:
         res["notes"].append("The baselines' prepared rows do not have the fingerprint of ftcluster's unpacked run.")
     summarize(res)
-    stem = f"sft_baselines_cpu_{date}"
+    stem = f"sft_baselines_cpu_{date}" if a.launcher == "local" else f"sft_baselines_{a.launcher}_cpu_{date}"
     (out / f"{stem}.json").write_text(json.dumps(res, indent=1) + "\n")
     write_report(res, out / f"{stem}.md")
     for c in res["comparisons"].values():
