@@ -447,7 +447,8 @@ def write_report(res: dict, md_path: Path) -> None:
                  f"weighs on them (ftcluster's launcher processes compete for the same cores). Re-run on a quiet machine.\n")
     L.append(f"ftcluster ran with {LAUNCHERS[launcher]}. Same tiny model and initial weights, same data, "
              f"tokenization and batch; one training process with {a['threads']} threads each. Effective tokens/s = "
-             f"real (non-padding) tokens per second of training step time, median over {a['steps']} steps after {w} warm-up steps (start-up excluded); min and max beside it. "
+             f"real (non-padding) tokens per second of training step time, median over {a['steps']} steps after {w} "
+             "warm-up steps (start-up excluded); min and max beside it. "
              "Packing efficiency = real tokens / (rows x padded width) over the same steps. Each ftcluster run is "
              "compared with the baseline runs right before and after it; the ratio of a comparison is the geometric "
              "mean of its rounds' ratios, and a target counts as met only when every round meets it (inconclusive "
