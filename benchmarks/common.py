@@ -20,7 +20,7 @@ import threading
 import time
 from pathlib import Path
 
-from ftcluster.driver import cpu_model
+from ftcluster.util.hardware import cpu_model
 
 REPO = Path(__file__).resolve().parent.parent
 RESULTS = REPO / "benchmarks" / "results"

@@ -209,7 +209,7 @@ def main() -> int:
     import datasets
 
     from ftcluster.data.loader import GlobalBatchLoader
-    from ftcluster.model import materialize_random_init
+    from ftcluster.train.model import materialize_random_init
 
     model_dir = Path(materialize_random_init(str(TINY), work / "init_model", a.seed))
     # The order ftcluster's loader reads the 200 pairs in (one row per pair, file order, seeded epochs).

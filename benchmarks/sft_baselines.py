@@ -556,7 +556,7 @@ def write_report(res: dict, md_path: Path) -> None:
              "more real tokens when packed. Tokens/s divides by the step time, so the comparison is per real token.")
     L.append("- Step time: ftcluster's own (sft.py: the loader's micro-batches, forward/backward/optimizer, the loss "
              "all-reduce), from `tokens_per_s` in metrics.jsonl; the baselines' from on_step_end to on_step_end.")
-    L.append("- Initial weights: ftcluster.model.materialize_random_init(tiny, seed) written once to a folder; every "
+    L.append("- Initial weights: ftcluster.train.model.materialize_random_init(tiny, seed) written once to a folder; every "
              "side loads that folder (ftcluster with model.path=... model.init=pretrained).")
     L.append("- Row order: the Trainer and the unpacked SFTTrainer read the unpacked rows in the order ftcluster's "
              "loader reads them (train_sampling_strategy=\"sequential\" over that order); the packed SFTTrainer reads "
@@ -618,7 +618,7 @@ def main() -> int:
         p.error("--global-batch must be a multiple of --micro-batch")
 
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    from ftcluster.quiet import quiet_libraries
+    from ftcluster.util.quiet import quiet_libraries
 
     quiet_libraries()
     work, out = folders(a, "ftcluster-bench-")
@@ -626,7 +626,7 @@ def main() -> int:
     from ftcluster.config import compose
     from ftcluster.data.loader import GlobalBatchLoader
     from ftcluster.data.prepare import prepare
-    from ftcluster.model import load_tokenizer, materialize_random_init
+    from ftcluster.train.model import load_tokenizer, materialize_random_init
 
     # One weight file for every side.
     model_dir = Path(materialize_random_init(str(TINY), work / "init_model", a.seed))

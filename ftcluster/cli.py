@@ -69,10 +69,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"ftcluster: unknown command {verb!r}\n\n{USAGE}", file=sys.stderr)
         return 2
     if verb != "jobs":  # jobs only talks to a dashboard: no need to import torch (seconds)
-        from ftcluster.quiet import quiet_libraries
+        from ftcluster.util.quiet import quiet_libraries
 
         quiet_libraries()
-    from ftcluster.stop import EXIT_CODE, StoppedOnRequest
+    from ftcluster.train.stop import EXIT_CODE, StoppedOnRequest
 
     try:
         return commands[verb](rest) or 0
@@ -99,7 +99,7 @@ def cmd_train(overrides: list[str]) -> int:
     overrides = [o for o in overrides if o != "--dry-run"]
     config_file, overrides = _config_file(overrides)
     from ftcluster.config import compose, validate
-    from ftcluster.driver import submitter_for, train
+    from ftcluster.run.driver import submitter_for, train
 
     cfg = compose(overrides, config_file=config_file)
     submitter = submitter_for(cfg)
@@ -167,7 +167,7 @@ def cmd_export(args: list[str]) -> int:
     parser.add_argument("--merge", action=argparse.BooleanOptionalAction, default=None,
                         help="merge LoRA/DoRA weights into the base (default: the run's export.merge)")
     ns = parser.parse_args(args)
-    from ftcluster.export import export_checkpoint
+    from ftcluster.train.export import export_checkpoint
 
     out = export_checkpoint(ns.checkpoint, ns.out, ns.merge)
     print(f"[ftcluster] exported {out}")
@@ -209,7 +209,7 @@ def cmd_plan(args: list[str]) -> int:
 
 
 def cmd_data(args: list[str]) -> int:
-    from ftcluster.curate.command import data_command
+    from ftcluster.data.tools.command import data_command
 
     return data_command(args)
 

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Callable
 
 from ftcluster.errors import ConfigError, UserError
-from ftcluster.metrics import field_share, json_object
+from ftcluster.eval.scores import field_share, json_object
 
 _OBJECT = re.compile(r"\{.*\}", re.DOTALL)
 

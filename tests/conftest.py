@@ -25,7 +25,7 @@ LONG = ["strategy=zero2", f"trainer.max_steps={LONG_STEPS}", "trainer.save_every
 def train(output_dir: Path, *overrides: str):
     """`ftcluster train` in this process (sharing one Ray cluster across tests); returns final/'s path."""
     from ftcluster.config import compose
-    from ftcluster.driver import train as driver_train
+    from ftcluster.run.driver import train as driver_train
 
     args = [*TINY, *overrides, f"output_dir={output_dir}"]
     return driver_train(compose(args), ["train", *args])
@@ -37,13 +37,13 @@ def train_in_process(output_dir: Path, *overrides: str) -> None:
     it sets is restored afterwards; its process group of one stays for the session, since DeepSpeed keeps
     the groups it built on it (a destroyed torch group cannot be swapped in under them)."""
     from ftcluster.config import compose
-    from ftcluster.driver import prepare_run
-    from ftcluster.worker import train_worker
+    from ftcluster.run.driver import prepare_run
+    from ftcluster.train.worker import train_worker
 
     args = [*TINY, "launcher.workers=1", *overrides, f"output_dir={output_dir}"]
     payload = prepare_run(compose(args), ["train", *args])
     environment = dict(os.environ)
-    os.environ.update(_WORLD_OF_ONE)  # what ftcluster.dist.setup set up the first time
+    os.environ.update(_WORLD_OF_ONE)  # what ftcluster.util.dist.setup set up the first time
     try:
         train_worker(payload)
         _WORLD_OF_ONE.update({k: os.environ[k] for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR",
@@ -57,7 +57,7 @@ _WORLD_OF_ONE: dict[str, str] = {}
 
 
 def losses(output_dir: Path) -> dict[int, float]:
-    from ftcluster.track import read_metrics
+    from ftcluster.observe.track import read_metrics
 
     return {r["step"]: r["loss"] for r in read_metrics(output_dir) if "loss" in r}
 

@@ -17,7 +17,7 @@ from transformers import AutoModelForCausalLM
 
 from ftcluster.config import load_run_config
 from ftcluster.data.loader import GlobalBatchLoader
-from ftcluster.engine import lr_multiplier
+from ftcluster.train.engine import lr_multiplier
 
 
 @dataclass

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from ftcluster.bundled import resolve_model_path
+from ftcluster.train.bundled import resolve_model_path
 from ftcluster.errors import ConfigError, UserError
 
 ASSETS = Path(__file__).resolve().parents[1] / "ftcluster" / "assets"

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from ftcluster.cli import main
-from ftcluster.track import read_metrics
+from ftcluster.observe.track import read_metrics
 
 PNG = b"\x89PNG\r\n\x1a\n"
 

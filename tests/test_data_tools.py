@@ -7,11 +7,11 @@ from pathlib import Path
 import pytest
 
 from ftcluster.cli import main
-from ftcluster.curate.contamination import find_contamination
-from ftcluster.curate.dedup import SHINGLE_WORDS, find_duplicates
-from ftcluster.curate.scrub import scrub_text
-from ftcluster.curate.stats import summarize
-from ftcluster.curate.text import ngrams, words
+from ftcluster.data.tools.contamination import find_contamination
+from ftcluster.data.tools.dedup import SHINGLE_WORDS, find_duplicates
+from ftcluster.data.tools.scrub import scrub_text
+from ftcluster.data.tools.stats import summarize
+from ftcluster.data.tools.text import ngrams, words
 
 BUNDLED = Path(__file__).parent.parent / "ftcluster" / "assets" / "data" / "json_extract"
 
@@ -244,7 +244,7 @@ def test_stats_on_the_tiny_tokenizer_match_what_training_prepares(tmp_path, caps
     from conftest import TINY
     from ftcluster.config import compose
     from ftcluster.data.prepare import prepare
-    from ftcluster.model import load_tokenizer
+    from ftcluster.train.model import load_tokenizer
 
     train = write_lines(tmp_path / "train.jsonl", (BUNDLED / "train.jsonl").read_text().splitlines()[:40])
     evals = write_lines(tmp_path / "eval.jsonl", (BUNDLED / "eval.jsonl").read_text().splitlines()[:10])

@@ -17,8 +17,8 @@ from rouge_score import rouge_scorer
 
 from conftest import train_in_process
 from ftcluster.cli import main
-from ftcluster.metrics import METRICS, compute
-from ftcluster.track import read_metrics
+from ftcluster.eval.scores import METRICS, compute
+from ftcluster.observe.track import read_metrics
 
 # ---- metrics on fixed strings ---------------------------------------------------------------------------
 

@@ -5,8 +5,8 @@ import math
 import pytest
 import torch
 
-from ftcluster.advantages import gae, group_relative, sequence_rewards_to_tokens, whiten
-from ftcluster.losses import (SequenceLogps, bradley_terry, clipped_policy_loss, clipped_value_loss, kl_penalty,
+from ftcluster.objectives.advantages import gae, group_relative, sequence_rewards_to_tokens, whiten
+from ftcluster.objectives.losses import (SequenceLogps, bradley_terry, clipped_policy_loss, clipped_value_loss, kl_penalty,
                               preference_terms)
 
 

@@ -10,7 +10,7 @@ import pytest
 SCRIPT = r"""
 import sys
 import torch
-from ftcluster import peak
+from ftcluster.observe import peak
 
 def rss():
     return peak._status_bytes("VmRSS")

@@ -8,7 +8,7 @@ import torch
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
 from conftest import PAIRS, train, train_in_process
-from ftcluster.track import read_metrics
+from ftcluster.observe.track import read_metrics
 
 
 def rows(run, key):

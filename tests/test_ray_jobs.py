@@ -20,7 +20,7 @@ import pytest
 
 from conftest import TINY
 from ftcluster.cli import main
-from ftcluster.track import read_metrics
+from ftcluster.observe.track import read_metrics
 
 ROOT = Path(__file__).resolve().parent.parent
 LAUNCH = ROOT / "launch"

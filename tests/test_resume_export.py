@@ -6,8 +6,8 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
 from conftest import RESUMABLE, cli, train
-from ftcluster import checkpoint
-from ftcluster.track import read_metrics
+from ftcluster.train import checkpoint
+from ftcluster.observe.track import read_metrics
 
 
 def rows(run, key):

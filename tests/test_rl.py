@@ -10,7 +10,7 @@ from transformers import AutoModelForCausalLM, AutoModelForSequenceClassificatio
 from conftest import train
 from ftcluster.errors import UserError
 from ftcluster.rewards import json_match, load_reward_fn, score_samples
-from ftcluster.track import read_metrics
+from ftcluster.observe.track import read_metrics
 
 RL = ["trainer.max_seq_len=256", "trainer.micro_batch_per_device=2", "stage.rl.max_new_tokens=16",
       "trainer.eval_max_new_tokens=16", "trainer.eval_every_steps=0"]

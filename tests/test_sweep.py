@@ -13,7 +13,7 @@ from omegaconf import OmegaConf, open_dict
 from conftest import TINY, cli
 from ftcluster.cli import main
 from ftcluster.sweep.space import grid_points, parse, random_points
-from ftcluster.track import read_metrics
+from ftcluster.observe.track import read_metrics
 
 PNG = b"\x89PNG\r\n\x1a\n"
 ONE_WORKER = [*TINY, "launcher.workers=1"]

@@ -10,7 +10,7 @@ import torch
 from safetensors.torch import load_file
 
 from conftest import train
-from ftcluster.track import read_metrics
+from ftcluster.observe.track import read_metrics
 from reference import reference_run
 
 

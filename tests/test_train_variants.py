@@ -6,7 +6,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from conftest import train_in_process
-from ftcluster.track import read_metrics
+from ftcluster.observe.track import read_metrics
 
 
 def losses(run):

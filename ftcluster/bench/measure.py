@@ -11,8 +11,8 @@ import json
 import statistics
 from pathlib import Path
 
-from ftcluster.peak import PEAK_FILE
-from ftcluster.track import read_metrics
+from ftcluster.observe.peak import PEAK_FILE
+from ftcluster.observe.track import read_metrics
 
 
 def measure(output_dir: Path, warmup_steps: int, world_size: int, flops_per_token: float | None,

@@ -12,8 +12,8 @@ import platform
 import time
 from pathlib import Path
 
-from ftcluster import atomic
-from ftcluster.driver import cpu_model
+from ftcluster.util import atomic
+from ftcluster.util.hardware import cpu_model
 
 COLUMNS = [  # (key in a record, CSV/Markdown header, Markdown format)
     ("status", "status", "{}"),

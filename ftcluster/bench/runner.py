@@ -52,7 +52,7 @@ def run(suite: Suite, overrides: list[str], work_dir: Path, cluster, resume: boo
 def run_cell(suite: Suite, cell: Cell, args: list[str], cfg, work_dir: Path, cluster) -> dict:
     from ftcluster.bench.hardware import flops_per_token, for_cell, prediction
     from ftcluster.config import validate
-    from ftcluster.driver import train
+    from ftcluster.run.driver import train
 
     record = {"cell": cell.name, "folder": cell.folder, "axes": {k: v for k, v in cell.axes},
               "overrides": cell.overrides}

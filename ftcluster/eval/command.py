@@ -26,12 +26,12 @@ from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
-from ftcluster.atomic import write_text
+from ftcluster.util.atomic import write_text
 from ftcluster.config import compose, to_yaml, validate
 from ftcluster.errors import ConfigError, DataError
 from ftcluster.eval import report
 from ftcluster.eval.targets import Target, default_baseline, from_model_section, materialize, resolve, run_config
-from ftcluster.metrics import check_names, check_references, compute
+from ftcluster.eval.scores import check_names, check_references, compute
 
 ROLES = ("tuned", "base")  # eval.model, eval.baseline
 _FORMATS = ("alpaca", "chat", "text")
@@ -91,7 +91,7 @@ def plan(cfg: DictConfig, overrides: list[str]) -> dict[str, Target]:
 
 
 def _check_placement(cfg: DictConfig) -> None:
-    from ftcluster.driver import submitter_for
+    from ftcluster.run.driver import submitter_for
 
     if cfg.launcher.workers > 1 and submitter_for(cfg) is not None:
         raise ConfigError("launcher.name", f"with launcher={cfg.launcher.name} and this address, train would submit a "
@@ -202,7 +202,7 @@ def launch(payload: dict, cfg: DictConfig) -> None:
     if cfg.launcher.workers == 1:
         eval_worker(payload)  # a world of one needs no launcher and no process group
         return
-    from ftcluster.driver import LAUNCHERS
+    from ftcluster.run.driver import LAUNCHERS
 
     importlib.import_module(LAUNCHERS[cfg.launcher.name]).launch(eval_worker, payload, cfg)
 

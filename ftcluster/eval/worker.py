@@ -1,5 +1,5 @@
 """What every eval worker runs: for each model in turn, this rank's share of the perplexity batches and of
-the prompts (ftcluster.evaluate.generate_answers spreads them over the ranks), summed or gathered across
+the prompts (ftcluster.eval.generate.generate_answers spreads them over the ranks), summed or gathered across
 ranks; rank 0 writes what the model produced to <output_dir>/work/<role>.json for the launching process
 to score.
 
@@ -17,13 +17,13 @@ from pathlib import Path
 import torch
 from omegaconf import DictConfig
 
-from ftcluster import dist
+from ftcluster.util import dist
 
 
 def eval_worker(payload: dict) -> None:
     """The launcher's entry: plain data in (the resolved config, the models, the prepared data), files out."""
     from ftcluster.config import apply_schema
-    from ftcluster.quiet import quiet_libraries
+    from ftcluster.util.quiet import quiet_libraries
 
     quiet_libraries()
     cfg = apply_schema(payload["config"])
@@ -40,7 +40,7 @@ def eval_tokenizer(cfg: DictConfig, model_dir: str, adapter_dir: str | None):
     """The tokenizer saved with the adapter when there is one, else the model's; with data.chat_template
     applied as training applied it (so a base model renders prompts as its tuned version saw them)."""
     from ftcluster.data.template import apply_template_override
-    from ftcluster.model import load_tokenizer
+    from ftcluster.train.model import load_tokenizer
 
     source = adapter_dir if adapter_dir and Path(adapter_dir, "tokenizer_config.json").is_file() else model_dir
     tokenizer = load_tokenizer(source)
@@ -51,7 +51,7 @@ def eval_tokenizer(cfg: DictConfig, model_dir: str, adapter_dir: str | None):
 
 @torch.no_grad()
 def score_model(cfg: DictConfig, spec: dict) -> dict:
-    from ftcluster.evaluate import generate_answers
+    from ftcluster.eval.generate import generate_answers
 
     data_dir = Path(spec["data_dir"])
     tokenizer = eval_tokenizer(cfg, spec["model_dir"], spec["adapter_dir"])
@@ -88,7 +88,7 @@ def _perplexity_loss(cfg: DictConfig, model, data_dir: Path, split: str) -> floa
 
 
 def _load(cfg: DictConfig, model_dir: str, adapter_dir: str | None) -> torch.nn.Module:
-    from ftcluster.model import load_model
+    from ftcluster.train.model import load_model
 
     model = load_model(cfg, model_dir, trainable=False)
     if adapter_dir:

@@ -19,7 +19,7 @@ from unittest import mock
 
 from omegaconf import DictConfig
 
-from ftcluster.dist import free_port
+from ftcluster.util.dist import free_port
 from ftcluster.errors import UserError
 from ftcluster.launch.ray import WorkerFailed
 

@@ -16,7 +16,7 @@ from urllib.parse import urlsplit
 from omegaconf import DictConfig
 
 from ftcluster.errors import UserError
-from ftcluster.watchdog import CollectiveTimeout, describe_rank, read_placement
+from ftcluster.observe.watchdog import CollectiveTimeout, describe_rank, read_placement
 
 # Ray reads these when its processes start; set before ray.init in this process and passed on.
 WORKER_ENV = {

@@ -15,7 +15,7 @@ def preflight(cfg: DictConfig) -> None:
     """Everything that can be refused here instead of after a queue wait: the config, and an output_dir
     that already holds another run (with resume=never)."""
     from ftcluster.config import validate
-    from ftcluster.driver import resolve_resume
+    from ftcluster.run.driver import resolve_resume
 
     derived = validate(cfg)
     cfg.output_dir = str(Path(cfg.output_dir).resolve())

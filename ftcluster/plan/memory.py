@@ -1,6 +1,6 @@
 """Bytes one rank holds during an SFT step, by what holds them: the analytical half of the planner.
 
-States, as DeepSpeed 0.19 lays them out with the torch AdamW ftcluster hands it (ftcluster.engine), for
+States, as DeepSpeed 0.19 lays them out with the torch AdamW ftcluster hands it (ftcluster.train.engine), for
 Ψ parameters of which T train, on W ranks, b bytes per model-dtype element:
 - parameters (model dtype): ZeRO 0-2 keep all Ψ·b on every rank (ZeRO-1/2 flatten the trainable ones into
   one buffer per optimizer group, padded to a multiple of 2W elements). ZeRO-3 keeps ceil(n/W) elements of
@@ -72,7 +72,7 @@ class RankMemory:
 # ---- states -----------------------------------------------------------------------------------------------
 
 def optimizer_groups(tensors: list[Tensor]) -> list[list[Tensor]]:
-    """ftcluster.engine.build_optimizer's groups: weight-decayed matrices, then vectors and norms."""
+    """ftcluster.train.engine.build_optimizer's groups: weight-decayed matrices, then vectors and norms."""
     decay, rest = [], []
     for t in tensors:
         if t.trainable:

@@ -120,8 +120,8 @@ def measured_cpu(seconds: float = 0.4) -> dict:
     quiet (delete it to measure again)."""
     import torch
 
-    from ftcluster.bundled import cache_root
-    from ftcluster.driver import cpu_model
+    from ftcluster.train.bundled import cache_root
+    from ftcluster.util.hardware import cpu_model
 
     fingerprint = f"{cpu_model()} | torch {torch.__version__}"
     path = cache_root() / "hardware" / "cpu.json"
@@ -146,7 +146,7 @@ def measured_cpu(seconds: float = 0.4) -> dict:
               f"cached (MFU comes out too high and predicted throughput too low)", flush=True)
         return result
     path.parent.mkdir(parents=True, exist_ok=True)
-    from ftcluster import atomic
+    from ftcluster.util import atomic
 
     atomic.write_text(path, json.dumps(result, indent=2) + "\n")
     return result

@@ -54,7 +54,7 @@ def setup_from_config(cfg: DictConfig, on_gpu: bool) -> TrainSetup:
     from deepspeed.runtime.zero.config import DeepSpeedZeroConfig
 
     from ftcluster.config import derive
-    from ftcluster.engine import deepspeed_config
+    from ftcluster.train.engine import deepspeed_config
 
     derived = derive(cfg)
     ds = deepspeed_config(cfg, derived)

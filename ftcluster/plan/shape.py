@@ -56,7 +56,7 @@ class ModelShape:
 class Tensor:
     """One parameter tensor. `module` is the leaf module's name (what peft's target_modules match) for
     linear weights, with the matmul's `fan_in` and `fan_out`; `ndim` decides its optimizer group (vectors
-    get no weight decay, as in ftcluster.engine.build_optimizer)."""
+    get no weight decay, as in ftcluster.train.engine.build_optimizer)."""
 
     name: str
     numel: int
@@ -110,7 +110,7 @@ def read_shape(folder: str) -> ModelShape:
 def config_folder(cfg: DictConfig) -> str:
     """The folder whose config.json describes cfg's model: model.path, or for a bundled model the copy of
     its converted config.json that ships with ftcluster (no GGUF conversion needed to plan)."""
-    from ftcluster.bundled import MODELS, PREFIX
+    from ftcluster.train.bundled import MODELS, PREFIX
     from ftcluster.config import ASSETS
 
     path = cfg.model.path
@@ -184,7 +184,7 @@ def _lora_tensors(tensors: list[Tensor], peft: DictConfig, dora: bool) -> list[T
     present = {t.module for t in tensors if t.module}
     missing = sorted(targets - present)
     if missing:
-        # The same refusal ftcluster.model.peft_config gives when the run starts.
+        # The same refusal ftcluster.train.model.peft_config gives when the run starts.
         raise ConfigError("peft.target_modules", f"{missing} are not modules of this model; "
                                                  f"linear layers it has include {sorted(present)}")
     r, adapters = peft.r, []

@@ -16,17 +16,17 @@ from pathlib import Path
 
 import datasets
 
-from ftcluster import checkpoint, stop
+from ftcluster.train import checkpoint, stop
 from ftcluster.config import apply_schema
 from ftcluster.data.loader import GlobalBatchLoader
 from ftcluster.data.prompts import decode_row
-from ftcluster.evaluate import exact_match_rate
+from ftcluster.eval.generate import exact_match_rate
 from ftcluster.launch.actors import ActorGroup, Placement
 from ftcluster.rewards import load_reward_fn, score_samples
 from ftcluster.rl import workers
 from ftcluster.rl.experience import shares
-from ftcluster.stages.loop import every
-from ftcluster.track import ROLLOUTS_FILE, make_tracker, truncate_metrics
+from ftcluster.train.loop import every
+from ftcluster.observe.track import ROLLOUTS_FILE, make_tracker, truncate_metrics
 
 STAGES = {"ppo": "ftcluster.stages.ppo", "grpo": "ftcluster.stages.grpo"}
 
@@ -84,7 +84,7 @@ class RLContext:
         tracker.message(f"{cfg.stage.name}: actor groups {placed} ({'colocated' if rl.colocate else 'separate'})")
         for pending in [group.call_async("setup") for group in groups.values()]:
             pending.get()
-        from ftcluster.model import load_tokenizer
+        from ftcluster.train.model import load_tokenizer
 
         reward_fn = load_reward_fn(rl.reward_fn) if rl.reward_fn else None
         ctx = cls(cfg, payload, tracker, loader, rows, eval_rows, groups, start_step,

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from ftcluster import dist
+from ftcluster.util import dist
 
 
 @torch.no_grad()

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from ftcluster.engine import grad_norm, optimizer_step
+from ftcluster.train.engine import grad_norm, optimizer_step
 from ftcluster.launch.actors import DistributedActor
 
 
@@ -33,10 +33,10 @@ class RoleWorker(DistributedActor):
         self.payload = payload
 
     def setup(self) -> None:
-        from ftcluster import dist
+        from ftcluster.util import dist
         from ftcluster.config import apply_schema
-        from ftcluster.model import load_tokenizer
-        from ftcluster.quiet import quiet_libraries
+        from ftcluster.train.model import load_tokenizer
+        from ftcluster.util.quiet import quiet_libraries
 
         quiet_libraries()
         self.cfg = apply_schema(self.payload["config"])
@@ -48,7 +48,7 @@ class RoleWorker(DistributedActor):
 
     def _ds_config(self, cfg=None) -> dict:
         from ftcluster.config import derive
-        from ftcluster.engine import deepspeed_config
+        from ftcluster.train.engine import deepspeed_config
 
         cfg = cfg or self.cfg
         return deepspeed_config(cfg, derive(cfg))
@@ -56,7 +56,7 @@ class RoleWorker(DistributedActor):
     def _frozen_ds_config(self) -> dict:
         """For a group that only scores: DeepSpeed's batch arithmetic for one micro-batch per rank."""
         from ftcluster.config import Derived
-        from ftcluster.engine import deepspeed_config
+        from ftcluster.train.engine import deepspeed_config
 
         cfg = _with_workers(self.cfg, self.world_size)
         cfg.trainer.global_batch = cfg.trainer.micro_batch_per_device * self.world_size
@@ -67,7 +67,7 @@ class RoleWorker(DistributedActor):
 
     @torch.no_grad()
     def _token_logps(self, model, samples: list[dict], temperature: float) -> list[list[float]]:
-        from ftcluster.logprobs import token_logps
+        from ftcluster.objectives.logprobs import token_logps
         from ftcluster.rl.experience import pad_sequences, response_mask, to_lists
 
         out = []
@@ -82,8 +82,8 @@ class RoleWorker(DistributedActor):
 class PolicyWorker(RoleWorker):
     def setup(self) -> None:
         super().setup()
-        from ftcluster import engine as ds_engine
-        from ftcluster.model import load_model
+        from ftcluster.train import engine as ds_engine
+        from ftcluster.train.model import load_model
 
         cfg, rl = self.cfg, self.cfg.stage.rl
         self.ds_config = self._ds_config()
@@ -98,7 +98,7 @@ class PolicyWorker(RoleWorker):
             self.frozen = ds_engine.initialize_frozen(frozen, self.ds_config)
         resume = self.payload.get("resume_from")
         if resume:
-            from ftcluster import checkpoint
+            from ftcluster.train import checkpoint
 
             checkpoint.load_engine(self.engine, Path(resume) / "policy", exclude_frozen=cfg.peft.method != "none")
 
@@ -131,8 +131,8 @@ class PolicyWorker(RoleWorker):
         """One optimizer step on this rank's share of a mini-batch: the clipped surrogate (and, with
         kl_mode=loss, kl_coef x the KL estimate), summed over tokens and divided by the mini-batch's
         response tokens on all ranks. Returns sums for the metrics."""
-        from ftcluster.logprobs import token_logps
-        from ftcluster.losses import clipped_policy_loss, kl_penalty
+        from ftcluster.objectives.logprobs import token_logps
+        from ftcluster.objectives.losses import clipped_policy_loss, kl_penalty
         from ftcluster.rl.experience import from_lists, pad_sequences, response_mask
 
         rl, engine = self.cfg.stage.rl, self.engine
@@ -175,7 +175,7 @@ class PolicyWorker(RoleWorker):
         without fetching the tensors."""
         import ray
 
-        from ftcluster.engine import full_state_dict
+        from ftcluster.train.engine import full_state_dict
 
         state = full_state_dict(self.engine)
         if self.rank != 0:
@@ -187,14 +187,14 @@ class PolicyWorker(RoleWorker):
         return [ray.put({"version": version, "state": state})], checksum(state)
 
     def save(self, folder: str) -> None:
-        from ftcluster import checkpoint
+        from ftcluster.train import checkpoint
 
         checkpoint.save_engine(self.engine, Path(folder) / "policy", exclude_frozen=self.cfg.peft.method != "none")
 
     def export_final(self, out_dir: str) -> str | None:
-        from ftcluster import dist
-        from ftcluster.engine import full_state_dict
-        from ftcluster.export import write_final
+        from ftcluster.util import dist
+        from ftcluster.train.engine import full_state_dict
+        from ftcluster.train.export import write_final
 
         state = full_state_dict(self.engine)
         written = None
@@ -207,7 +207,7 @@ class PolicyWorker(RoleWorker):
         """Greedy answers to chat prompts, spread over this group's ranks; every rank returns them all."""
         import math
 
-        from ftcluster.evaluate import generate_answers
+        from ftcluster.eval.generate import generate_answers
 
         return generate_answers(self.engine.module, self.tokenizer, prompts, max_new_tokens=max_new_tokens,
                                 batch_size=min(32, math.ceil(len(prompts) / self.world_size)), synced=self._sharded())
@@ -216,8 +216,8 @@ class PolicyWorker(RoleWorker):
 class ReferenceWorker(RoleWorker):
     def setup(self) -> None:
         super().setup()
-        from ftcluster import engine as ds_engine
-        from ftcluster.model import load_model
+        from ftcluster.train import engine as ds_engine
+        from ftcluster.train.model import load_model
 
         ds_config = self._frozen_ds_config()
         with ds_engine.zero3_construction(ds_config):
@@ -231,11 +231,11 @@ class ReferenceWorker(RoleWorker):
 class RewardWorker(RoleWorker):
     def setup(self) -> None:
         super().setup()
-        from ftcluster import engine as ds_engine
-        from ftcluster.model import load_tokenizer
+        from ftcluster.train import engine as ds_engine
+        from ftcluster.train.model import load_tokenizer
         from transformers import AutoModelForSequenceClassification
 
-        from ftcluster.model import DTYPES
+        from ftcluster.train.model import DTYPES
 
         folder = self.cfg.stage.rl.reward_model
         self.tokenizer = load_tokenizer(folder)
@@ -248,7 +248,7 @@ class RewardWorker(RoleWorker):
     @torch.no_grad()
     def score(self, samples: list[dict]) -> list[float]:
         """Rewards of (prompt turns, completion text) pairs, rendered with the reward model's own template."""
-        from ftcluster import dist
+        from ftcluster.util import dist
 
         texts = [self.tokenizer.apply_chat_template(s["prompt"] + [{"role": "assistant", "content": s["completion"]}],
                                                     tokenize=False) for s in samples]
@@ -268,8 +268,8 @@ class RewardWorker(RoleWorker):
 class CriticWorker(RoleWorker):
     def setup(self) -> None:
         super().setup()
-        from ftcluster import engine as ds_engine
-        from ftcluster.model import load_model
+        from ftcluster.train import engine as ds_engine
+        from ftcluster.train.model import load_model
 
         # Its own learning rate, and a value head on the reward model's backbone when there is one (a
         # common initialisation: it already reads responses for quality), else on the policy's.
@@ -283,7 +283,7 @@ class CriticWorker(RoleWorker):
         self.engine = ds_engine.initialize(model, cfg, ds_config)
         resume = self.payload.get("resume_from")
         if resume:
-            from ftcluster import checkpoint
+            from ftcluster.train import checkpoint
 
             checkpoint.load_engine(self.engine, Path(resume) / "critic", exclude_frozen=cfg.peft.method != "none")
 
@@ -304,7 +304,7 @@ class CriticWorker(RoleWorker):
         return out.squeeze(-1)[:, :-1].float()
 
     def train(self, samples: list[dict], global_tokens: int) -> dict:
-        from ftcluster.losses import clipped_value_loss
+        from ftcluster.objectives.losses import clipped_value_loss
         from ftcluster.rl.experience import from_lists, pad_sequences, response_mask
 
         rl, sums = self.cfg.stage.rl, {"value_loss": 0.0, "tokens": 0.0}
@@ -322,7 +322,7 @@ class CriticWorker(RoleWorker):
         return sums
 
     def save(self, folder: str) -> None:
-        from ftcluster import checkpoint
+        from ftcluster.train import checkpoint
 
         checkpoint.save_engine(self.engine, Path(folder) / "critic", exclude_frozen=self.cfg.peft.method != "none")
 
@@ -332,8 +332,8 @@ class RolloutWorker(RoleWorker):
 
     def setup(self) -> None:
         super().setup()
-        from ftcluster import dist
-        from ftcluster.model import load_model
+        from ftcluster.util import dist
+        from ftcluster.train.model import load_model
 
         self.model = load_model(self.cfg, self.model_dir).to(dist.device()).eval()
         self.version = -1
@@ -380,6 +380,6 @@ def _chunks(items: list, size: int) -> list[list]:
 
 
 def _to_device(batch: dict) -> dict:
-    from ftcluster import dist
+    from ftcluster.util import dist
 
     return {k: v.to(dist.device()) for k, v in batch.items()}

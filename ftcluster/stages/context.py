@@ -23,20 +23,20 @@ class StageContext:
     rank: int
     world_size: int
     launch_id: str  # recorded in checkpoints: a restarted worker resumes from those of its own launch
-    watchdog: Any  # ftcluster.watchdog.Watchdog
+    watchdog: Any  # ftcluster.observe.watchdog.Watchdog
     ds_config: dict = None  # the DeepSpeed config the engine was built with (a frozen copy is sharded alike)
-    model_kind: str = "causal_lm"  # ftcluster.model.MODEL_CLASSES: what the engine's model is
+    model_kind: str = "causal_lm"  # ftcluster.train.model.MODEL_CLASSES: what the engine's model is
 
     def end_of_step(self, step: int) -> bool:
         """Collective, once per optimizer step: heartbeat, and whether to checkpoint and stop now."""
-        from ftcluster import stop
+        from ftcluster.train import stop
 
         self.watchdog.beat(step)
         return stop.requested(self.cfg.output_dir)
 
     def save_checkpoint(self, step: int) -> None:
         """Collective: model, optimizer, schedule, RNG and data position, atomically."""
-        from ftcluster import checkpoint
+        from ftcluster.train import checkpoint
 
         state = {"data": self.loader.state_dict(step), "model_dir": self.model_dir, "world_size": self.world_size,
                  "launch_id": self.launch_id, "model_kind": self.model_kind}
@@ -46,9 +46,9 @@ class StageContext:
 
     def export_final(self) -> None:
         """Collective: final/ (consolidated safetensors + tokenizer; merged weights and final/adapter/ with PEFT)."""
-        from ftcluster import dist
-        from ftcluster.engine import full_state_dict
-        from ftcluster.export import write_final
+        from ftcluster.util import dist
+        from ftcluster.train.engine import full_state_dict
+        from ftcluster.train.export import write_final
 
         state_dict = full_state_dict(self.engine)
         if self.rank == 0:

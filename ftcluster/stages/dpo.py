@@ -1,11 +1,11 @@
 """Direct preference optimisation and its family: DPO (sigmoid), conservative DPO (sigmoid with
-label_smoothing), IPO, and the reference-free SimPO and ORPO (ftcluster.losses.preference_terms).
+label_smoothing), IPO, and the reference-free SimPO and ORPO (ftcluster.objectives.losses.preference_terms).
 
 Features and their trade-offs:
 - One forward per micro-batch: the chosen and rejected sides are rows of the same padded batch
   (ftcluster.data.pairs), so ZeRO-3 gathers every layer once per pair batch, not twice.
 - The reference (sigmoid, ipo): by default its log-probs are computed once before training and cached
-  on disk (ftcluster.reference), keyed by model, data and template; later epochs, resumed attempts and
+  on disk (ftcluster.train.reference), keyed by model, data and template; later epochs, resumed attempts and
   other runs on the same model and data do no reference forward at all, and no reference model is in
   memory while training. stage.dpo.reference=live runs the reference every step instead: no cache on
   disk, one more forward per micro-batch, and (full fine-tuning) a frozen copy kept in memory. With
@@ -24,13 +24,13 @@ import time
 
 import torch
 
-from ftcluster import dist
+from ftcluster.util import dist
 from ftcluster.data.loader import eval_batches
-from ftcluster.engine import optimizer_step
-from ftcluster.logprobs import pair_logps
-from ftcluster.losses import REFERENCE_FREE, pair_wins, preference_terms
-from ftcluster.reference import ReferenceLogps
-from ftcluster.stages import loop
+from ftcluster.train.engine import optimizer_step
+from ftcluster.objectives.logprobs import pair_logps
+from ftcluster.objectives.losses import REFERENCE_FREE, pair_wins, preference_terms
+from ftcluster.train.reference import ReferenceLogps
+from ftcluster.train import loop
 from ftcluster.stages.context import StageContext
 from ftcluster.stages.sft import eval_generation
 

@@ -25,8 +25,8 @@ import time
 
 import torch
 
-from ftcluster.advantages import group_relative
-from ftcluster.losses import kl_penalty
+from ftcluster.objectives.advantages import group_relative
+from ftcluster.objectives.losses import kl_penalty
 from ftcluster.rl.controller import RLContext
 
 

@@ -21,8 +21,8 @@ import time
 
 import torch
 
-from ftcluster.advantages import gae, sequence_rewards_to_tokens, whiten
-from ftcluster.losses import kl_penalty
+from ftcluster.objectives.advantages import gae, sequence_rewards_to_tokens, whiten
+from ftcluster.objectives.losses import kl_penalty
 from ftcluster.rl.controller import RLContext
 from ftcluster.stages.grpo import rollout_metrics
 

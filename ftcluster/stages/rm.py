@@ -18,11 +18,11 @@ from __future__ import annotations
 
 import torch
 
-from ftcluster import dist
+from ftcluster.util import dist
 from ftcluster.data.loader import eval_batches
-from ftcluster.engine import optimizer_step
-from ftcluster.losses import bradley_terry, pair_wins
-from ftcluster.stages import loop
+from ftcluster.train.engine import optimizer_step
+from ftcluster.objectives.losses import bradley_terry, pair_wins
+from ftcluster.train import loop
 from ftcluster.stages.context import StageContext
 
 MODEL_KIND = "reward"

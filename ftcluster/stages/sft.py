@@ -10,9 +10,9 @@ Features and their trade-offs:
   crosses examples (see ftcluster.data.packing).
 - Evaluation at step 0, every trainer.eval_every_steps and at the last step: eval_loss, eval_ppl. With
   trainer.eval_generate, greedy generation scored by exact match (eval_exact_match) and the other
-  trainer.eval_metrics (eval_<name>, ftcluster.metrics) before training, at the last step and every
+  trainer.eval_metrics (eval_<name>, ftcluster.eval.scores) before training, at the last step and every
   trainer.eval_generate_every_steps: decoding costs far more than a loss pass.
-- Checkpoints, resume and export as every SPMD stage has them (ftcluster.stages.loop): resume
+- Checkpoints, resume and export as every SPMD stage has them (ftcluster.train.loop): resume
   restores model, optimizer, schedule, RNG and data position (a pure function of the step); final/ holds
   consolidated safetensors + tokenizer (merged weights and final/adapter/ with PEFT).
 """
@@ -24,11 +24,11 @@ import math
 import torch
 import torch.nn.functional as F
 
-from ftcluster import dist
-from ftcluster.engine import optimizer_step
-from ftcluster.evaluate import generate_answers
-from ftcluster.metrics import compute as compute_metrics
-from ftcluster.stages import loop
+from ftcluster.util import dist
+from ftcluster.train.engine import optimizer_step
+from ftcluster.eval.generate import generate_answers
+from ftcluster.eval.scores import compute as compute_metrics
+from ftcluster.train import loop
 from ftcluster.stages.context import StageContext
 
 MODEL_KIND = "causal_lm"

@@ -1,6 +1,6 @@
 """sweep.backend=slurm: every point at once as one SLURM array job, through Hydra's multirun machinery with the
 submitit SLURM launcher (hydra-submitit-launcher): one array task per point, each composing the sweep's
-overrides plus its own (Hydra's job config), then running `ftcluster.driver.train` with launcher=local on its node,
+overrides plus its own (Hydra's job config), then running `ftcluster.run.driver.train` with launcher=local on its node,
 in <sweep>/trials/point_NNN (Hydra's .hydra/ beside the run's files).
 
 The points are all chosen before submission (a grid, or seeded random draws), so no early stopping here. Array
@@ -148,7 +148,7 @@ def minutes(limit: str) -> int:
 def run_point(task_cfg: DictConfig) -> str:
     """Inside the array task: Hydra has composed this point's config; train it as `ftcluster train` would."""
     from ftcluster.config import apply_schema
-    from ftcluster.driver import train
+    from ftcluster.run.driver import train
 
     cfg = apply_schema(task_cfg)
     out = Path(cfg.output_dir)

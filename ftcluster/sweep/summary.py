@@ -16,7 +16,7 @@ from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
-from ftcluster.atomic import write_text
+from ftcluster.util.atomic import write_text
 from ftcluster.config import SweepConfig
 from ftcluster.sweep.space import Param
 from ftcluster.sweep.trial import TRIALS_DIR, metric_rows, read_record
@@ -60,7 +60,7 @@ def status(folder: Path, record: dict, max_steps: int) -> str:
         return f"stopped early at step {record['step']}"
     if record.get("status") == "failed":
         return f"failed: {record.get('error', '')}"
-    from ftcluster.checkpoint import latest_checkpoint
+    from ftcluster.train.checkpoint import latest_checkpoint
 
     newest = latest_checkpoint(folder)
     return f"interrupted at step {newest.name.split('-')[-1]}" if newest else "not started"

@@ -10,8 +10,8 @@ from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
-from ftcluster.atomic import write_text
-from ftcluster.track import METRICS_FILE
+from ftcluster.util.atomic import write_text
+from ftcluster.observe.track import METRICS_FILE
 
 TRIALS_DIR = "trials"
 RECORD_FILE = "trial.json"

@@ -1,10 +1,10 @@
 """sweep.backend=ray: Ray Tune chooses the trials (grid, seeded random, or Optuna TPE) and stops the weak ones
-(ASHA, median stopping); every trial is `ftcluster.driver.train` on the trial's config, run in a thread of the
+(ASHA, median stopping); every trial is `ftcluster.run.driver.train` on the trial's config, run in a thread of the
 trial's Tune actor, so Ray Train places its workers on the cluster exactly as `ftcluster train` does.
 
 Tune learns a trial's progress from the run's own metrics.jsonl, read while the run goes: each row carrying
 `sweep.metric` is one result, with the training step as Tune's time. A trial the scheduler stops is asked to
-stop through ftcluster.stop (the workers checkpoint after the current step and return), so it ends cleanly and
+stop through ftcluster.train.stop (the workers checkpoint after the current step and return), so it ends cleanly and
 could be continued. The trial actor reserves no CPU: the run's Ray Train workers hold the trial's resources,
 and sweep.concurrency bounds how many run at once (checked against the cluster before any trial starts).
 
@@ -49,8 +49,8 @@ class TrialRun(tune.Trainable):
         self.thread.start()
 
     def _train(self) -> None:
-        from ftcluster.driver import train
-        from ftcluster.stop import StoppedOnRequest
+        from ftcluster.run.driver import train
+        from ftcluster.train.stop import StoppedOnRequest
 
         try:
             train(self.cfg, ["sweep", f"trial={self.trial_id}"])
@@ -92,7 +92,7 @@ class TrialRun(tune.Trainable):
     def cleanup(self) -> None:
         """Called when the trial ends, including when the scheduler stops it: ask the run to checkpoint and stop,
         and wait for it, so that the next trial gets its resources and this one's folder is whole."""
-        from ftcluster import stop
+        from ftcluster.train import stop
 
         request = stop.request_file(self.output_dir)
         while self.thread.is_alive():
@@ -128,7 +128,7 @@ class StopWhenDecided(tune.Callback):
         self.trials_dir = trials_dir
 
     def on_trial_complete(self, iteration: int, trials: list, trial, **info) -> None:
-        from ftcluster import stop
+        from ftcluster.train import stop
 
         if not (trial.last_result or {}).get("done"):  # a run that finished needs no request
             stop.request_file(self.trials_dir / trial.trial_id).touch()

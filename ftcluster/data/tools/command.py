@@ -7,7 +7,7 @@ import argparse
 import json
 from pathlib import Path
 
-from ftcluster.atomic import replacing
+from ftcluster.util.atomic import replacing
 from ftcluster.data.formats import EXPECTS, SUPPORTED
 
 # Lists printed to the terminal stop here, with a count of the rest (the JSON reports of dedup, scrub and
@@ -73,7 +73,7 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _validate(ns) -> int:
-    from ftcluster.curate.validate import validate
+    from ftcluster.data.tools.validate import validate
 
     report = validate(ns.file, ns.format)
     if report.format is None:
@@ -94,7 +94,7 @@ def _validate(ns) -> int:
 
 
 def _stats(ns) -> int:
-    from ftcluster.curate.stats import length_stats, write_report
+    from ftcluster.data.tools.stats import length_stats, write_report
 
     splits = {"train": ns.file, **({"eval": ns.eval} if ns.eval else {})}
     result = length_stats(splits, ns.format, ns.model, ns.max_seq_len, ns.chat_template)
@@ -111,8 +111,8 @@ def _stats(ns) -> int:
 
 
 def _dedup(ns) -> int:
-    from ftcluster.curate.dedup import find_duplicates
-    from ftcluster.curate.output import check_output, write_like
+    from ftcluster.data.tools.dedup import find_duplicates
+    from ftcluster.data.tools.output import check_output, write_like
     from ftcluster.data.formats import read_records
 
     check_output(ns.file, ns.out, "--out")
@@ -134,8 +134,8 @@ def _dedup(ns) -> int:
 def _scrub(ns) -> int:
     from collections import Counter
 
-    from ftcluster.curate.output import check_output, write_like
-    from ftcluster.curate.scrub import KINDS, check_region, scrub_record
+    from ftcluster.data.tools.output import check_output, write_like
+    from ftcluster.data.tools.scrub import KINDS, check_region, scrub_record
     from ftcluster.data.formats import read_records
 
     check_region(ns.phone_region)
@@ -157,7 +157,7 @@ def _scrub(ns) -> int:
 
 
 def _contamination(ns) -> int:
-    from ftcluster.curate.contamination import find_contamination
+    from ftcluster.data.tools.contamination import find_contamination
     from ftcluster.data.formats import read_records
 
     result = find_contamination(read_records(ns.train), read_records(ns.eval), ns.ngram, ns.threshold)
@@ -183,7 +183,7 @@ def _contamination(ns) -> int:
 
 
 def _split(ns) -> int:
-    from ftcluster.curate.split import split
+    from ftcluster.data.tools.split import split
 
     sides = split(ns.file, ns.eval_fraction, ns.seed, ns.out)
     print(", ".join(f"{name}: {count} records -> {path}" for name, (path, count) in sides.items()))

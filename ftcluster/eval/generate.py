@@ -11,8 +11,8 @@ import math
 
 import torch
 
-from ftcluster import dist
-from ftcluster.metrics import exact_match
+from ftcluster.util import dist
+from ftcluster.eval.scores import exact_match
 
 
 @torch.no_grad()

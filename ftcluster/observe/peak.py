@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from ftcluster import atomic, dist
+from ftcluster.util import atomic, dist
 
 PEAK_FILE = "peak_memory.json"
 # glibc's mallopt parameter number (malloc.h) and the threshold exact_cpu_memory sets.
@@ -51,7 +51,7 @@ def note_baseline(engine) -> None:
     the pages written)."""
     if torch.cuda.is_available():
         return
-    from ftcluster.memory import held_storages
+    from ftcluster.observe.memory import held_storages
 
     tensors = sum(_resident_bytes(s) for s in held_storages(engine) if s.device.type == "cpu")
     _recorded["baseline_bytes"] = _status_bytes("VmRSS") - tensors

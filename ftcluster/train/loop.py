@@ -14,8 +14,8 @@ import time
 from dataclasses import dataclass, field
 from typing import Callable
 
-from ftcluster import comms, memory, peak
-from ftcluster.engine import grad_norm
+from ftcluster.observe import comms, memory, peak
+from ftcluster.train.engine import grad_norm
 from ftcluster.stages.context import StageContext
 
 

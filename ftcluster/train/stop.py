@@ -12,7 +12,7 @@ import signal
 import threading
 from pathlib import Path
 
-from ftcluster import dist
+from ftcluster.util import dist
 
 REQUEST_FILE = ".stop-requested"
 # EX_TEMPFAIL: "checkpointed, run me again"; slurm/ftcluster.sbatch requeues the job on it.

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ftcluster.atomic import replacing
+from ftcluster.util.atomic import replacing
 
 
 def plot_lengths(lengths: dict[str, list[int]], limit: int, title: str, png: Path) -> None:

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import torch
 
-from ftcluster import dist
+from ftcluster.util import dist
 from ftcluster.data.template import IGNORE
-from ftcluster.losses import SequenceLogps
+from ftcluster.objectives.losses import SequenceLogps
 
 
 def token_logps(logits: torch.Tensor, targets: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:

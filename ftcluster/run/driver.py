@@ -20,9 +20,10 @@ from pathlib import Path
 
 from omegaconf import DictConfig
 
-from ftcluster import checkpoint, stop
+from ftcluster.train import checkpoint, stop
 from ftcluster.config import RL_STAGES, Derived, to_yaml, validate
 from ftcluster.errors import ConfigError
+from ftcluster.util.hardware import cpu_model
 
 # Where the workers are placed from this process.
 LAUNCHERS = {"local": "ftcluster.launch.local", "ray": "ftcluster.launch.ray", "slurm": "ftcluster.launch.slurm",
@@ -89,7 +90,7 @@ def worker_entry(cfg: DictConfig):
         from ftcluster.rl.controller import run
 
         return Controller(run)
-    from ftcluster.worker import train_worker
+    from ftcluster.train.worker import train_worker
 
     return train_worker
 
@@ -105,7 +106,7 @@ def check_rewards(cfg: DictConfig) -> None:
         return
     from transformers import AutoConfig
 
-    from ftcluster.model import load_tokenizer
+    from ftcluster.train.model import load_tokenizer
 
     folder = Path(rl.reward_model)
     if not (folder / "config.json").is_file():
@@ -159,11 +160,11 @@ def _already_finished(cfg: DictConfig, resume_from: Path) -> bool:
 
 def resolve_model(cfg: DictConfig, out: Path) -> str:
     """A local folder every worker can load: bundled models converted, random init materialized."""
-    from ftcluster.bundled import resolve_model_path
+    from ftcluster.train.bundled import resolve_model_path
 
     model_dir = resolve_model_path(cfg.model.path)
     if cfg.model.init == "random":
-        from ftcluster.model import materialize_random_init
+        from ftcluster.train.model import materialize_random_init
 
         model_dir = materialize_random_init(model_dir, out / "init_model", cfg.seed)
     return model_dir
@@ -171,14 +172,14 @@ def resolve_model(cfg: DictConfig, out: Path) -> str:
 
 def prepare_data(cfg: DictConfig, model_dir: str, data_dir: Path) -> dict:
     from ftcluster.data.prepare import prepare
-    from ftcluster.model import load_tokenizer
+    from ftcluster.train.model import load_tokenizer
 
     return prepare(cfg, load_tokenizer(model_dir), data_dir)
 
 
 def _check_eval_references(cfg: DictConfig, prompts_file: Path) -> None:
     """trainer.eval_metrics that need a kind of reference (JSON objects) fail now, not at step 0 in the workers."""
-    from ftcluster.metrics import check_references
+    from ftcluster.eval.scores import check_references
 
     lines = prompts_file.read_text(encoding="utf-8").splitlines() if prompts_file.is_file() else []
     check_references(cfg.trainer.eval_metrics, [json.loads(line)["reference"] for line in lines if line.strip()],
@@ -237,7 +238,7 @@ def manifest(cfg: DictConfig, derived: Derived, argv: list[str], stats: dict) ->
 
 
 def _git_sha() -> str | None:
-    source = Path(__file__).resolve().parent.parent
+    source = Path(__file__).resolve().parents[2]
     try:
         sha = subprocess.run(["git", "-C", str(source), "rev-parse", "HEAD"], capture_output=True, text=True,
                              timeout=5)
@@ -260,16 +261,6 @@ def _hardware() -> dict:
     if torch.cuda.is_available():
         info["gpus"] = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
     return info
-
-
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def _plain(cfg: DictConfig) -> dict:

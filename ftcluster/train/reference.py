@@ -22,11 +22,11 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from ftcluster import dist
-from ftcluster.bundled import cache_root
+from ftcluster.util import dist
+from ftcluster.train.bundled import cache_root
 from ftcluster.data.loader import eval_batches
-from ftcluster.logprobs import pair_logps
-from ftcluster.losses import SequenceLogps
+from ftcluster.objectives.logprobs import pair_logps
+from ftcluster.objectives.losses import SequenceLogps
 
 LAYOUT = 1
 _SAMPLE = 1 << 20  # bytes read from each end of a weight file for its fingerprint
@@ -128,8 +128,8 @@ def _detached(logps: SequenceLogps) -> SequenceLogps:
 
 def _frozen_copy(ctx):
     """The base model, frozen, sharded like the policy (a ZeRO-3 inference engine under ZeRO-3)."""
-    from ftcluster import engine as ds_engine
-    from ftcluster.model import load_model
+    from ftcluster.train import engine as ds_engine
+    from ftcluster.train.model import load_model
 
     with ds_engine.zero3_construction(ctx.ds_config):
         model = load_model(ctx.cfg, ctx.model_dir, trainable=False)

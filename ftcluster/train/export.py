@@ -13,16 +13,16 @@ from pathlib import Path
 import torch
 from omegaconf import DictConfig
 
-from ftcluster import checkpoint as ckpt
-from ftcluster.atomic import swap_into_place
+from ftcluster.train import checkpoint as ckpt
+from ftcluster.util.atomic import swap_into_place
 from ftcluster.errors import UserError
-from ftcluster.model import DTYPES, MODEL_CLASSES, apply_peft, load_tokenizer
+from ftcluster.train.model import DTYPES, MODEL_CLASSES, apply_peft, load_tokenizer
 
 
 def write_final(state_dict: dict, cfg: DictConfig, model_dir: str, out_dir: str | Path, tokenizer=None,
                 kind: str = "causal_lm") -> Path:
     """`tokenizer` defaults to the base folder's with the run's data.chat_template applied. `kind` is the
-    model the stage trained (ftcluster.model.MODEL_CLASSES): a reward model's final/ loads with
+    model the stage trained (ftcluster.train.model.MODEL_CLASSES): a reward model's final/ loads with
     AutoModelForSequenceClassification."""
     out_dir = Path(out_dir)
     tmp = out_dir.with_name(f".tmp-{out_dir.name}")

@@ -11,7 +11,7 @@ import json
 from pathlib import Path
 from typing import Sequence
 
-from ftcluster.atomic import replacing
+from ftcluster.util.atomic import replacing
 from ftcluster.data.formats import read_records
 from ftcluster.errors import UserError
 

@@ -17,7 +17,7 @@ import time
 from datetime import timedelta
 from pathlib import Path
 
-from ftcluster import dist
+from ftcluster.util import dist
 
 PLACEMENT_FILE = "workers.json"
 _KEY = "ftcluster/heartbeat/{}"
@@ -34,7 +34,7 @@ def gather_placement(output_dir: str) -> list[dict]:
           "local_rank": int(os.environ.get("LOCAL_RANK", 0)), "gpus": os.environ.get("CUDA_VISIBLE_DEVICES")}
     placement = dist.all_gather_objects(me)
     if dist.rank() == 0:
-        from ftcluster.atomic import write_text
+        from ftcluster.util.atomic import write_text
 
         write_text(Path(output_dir) / PLACEMENT_FILE, json.dumps(placement, indent=2))
     return placement

@@ -14,7 +14,7 @@ from typing import Iterable
 
 from datasketch import MinHash, MinHashLSH
 
-from ftcluster.curate.text import fingerprint, ngrams, words
+from ftcluster.data.tools.text import fingerprint, ngrams, words
 from ftcluster.errors import UserError
 
 # Instruction data is short: with 5-word shingles one changed word in a 40-word record already drops the

@@ -75,7 +75,7 @@ def _gradient_buffers(wrapper) -> list:
 
 def record(engine, output_dir: str | Path) -> None:
     """Collective: every rank's held_bytes, written by rank 0 to output_dir/memory.json."""
-    from ftcluster import atomic, dist
+    from ftcluster.util import atomic, dist
 
     per_rank = dist.all_gather_objects({"rank": dist.rank(), **held_bytes(engine)})
     if dist.rank() == 0:

@@ -46,7 +46,7 @@ def deepspeed_config(cfg: DictConfig, derived: Derived) -> dict:
         "wall_clock_breakdown": False,
     }
     if t.profile_comms:
-        from ftcluster.comms import LOGGER_CONFIG
+        from ftcluster.observe.comms import LOGGER_CONFIG
 
         config["comms_logger"] = dict(LOGGER_CONFIG)
     if s.deepspeed_config:
@@ -164,7 +164,7 @@ def initialize_frozen(model: torch.nn.Module, ds_config: dict):
     """A frozen model for inference (a reference or reward model), sharded like the policy: under ZeRO-3 a
     DeepSpeed engine without an optimizer (parameters partitioned, gathered layer by layer), else the
     plain module (ZeRO 0-2 shard only optimizer state and gradients, which a frozen model has none of)."""
-    from ftcluster import dist
+    from ftcluster.util import dist
 
     if ds_config["zero_optimization"]["stage"] != 3:
         return model.to(dist.device())

@@ -15,7 +15,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import Iterable
 
-from ftcluster.curate.text import fingerprint, ngrams, words
+from ftcluster.data.tools.text import fingerprint, ngrams, words
 from ftcluster.errors import UserError
 
 # An n-gram in at least this share of the training records (and in two at least) is template, not content.

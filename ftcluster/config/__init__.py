@@ -19,7 +19,7 @@ from omegaconf.errors import OmegaConfBaseException
 
 from ftcluster.errors import ConfigError, DataError, UserError
 
-ASSETS = Path(__file__).parent / "assets"
+ASSETS = Path(__file__).resolve().parents[1] / "assets"
 
 
 @dataclass
@@ -236,7 +236,7 @@ class TrainerConfig:
     eval_generate: bool = False
     eval_generate_every_steps: int = 0
     eval_max_new_tokens: int = 64
-    # What the generated answers are scored by (ftcluster.metrics.METRICS), each logged as eval_<name>;
+    # What the generated answers are scored by (ftcluster.eval.scores.METRICS), each logged as eval_<name>;
     # eval_exact_match is always logged.
     eval_metrics: List[str] = field(default_factory=lambda: ["exact_match"])
     # Stop cleanly (with a checkpoint) after this many steps; resume=auto continues the schedule.
@@ -244,7 +244,7 @@ class TrainerConfig:
     # Time every collective (comm_time_s per logged step): blocks the device after each, so communication no
     # longer overlaps computation; for benchmarks (ftcluster bench), not for production runs.
     profile_comms: bool = False
-    # On a CPU, hand freed tensor memory back to the OS at once (ftcluster.peak.return_freed_memory), so that
+    # On a CPU, hand freed tensor memory back to the OS at once (ftcluster.observe.peak.return_freed_memory), so that
     # the resident set follows the live tensors and peak_memory.json measures what the planner predicts;
     # steps get slower (page faults). For benchmarks (ftcluster bench sets it).
     exact_cpu_memory: bool = False
@@ -282,7 +282,7 @@ class EvalConfig:
     # General held-out text (data.format=text records) whose perplexity before and after tuning measures
     # forgetting; null skips it. conf/train.yaml points it at the bundled set.
     general: Optional[str] = None
-    # Scores of the greedy answers to the eval prompts (ftcluster.metrics.METRICS); [] for perplexity only.
+    # Scores of the greedy answers to the eval prompts (ftcluster.eval.scores.METRICS); [] for perplexity only.
     metrics: List[str] = field(default_factory=lambda: ["exact_match", "accuracy", "token_precision", "token_recall",
                                                         "token_f1", "bleu", "rouge1", "rouge2", "rougeL", "json_valid",
                                                         "json_field_accuracy"])
@@ -376,7 +376,7 @@ def conf_dir() -> Path:
     try:
         return Path(str(resources.files("ftcluster.conf")))
     except ModuleNotFoundError:
-        return Path(__file__).resolve().parent.parent / "conf"
+        return Path(__file__).resolve().parents[2] / "conf"
 
 
 def _asset(relative: str) -> str:
@@ -588,7 +588,7 @@ def validate(cfg: DictConfig, check_paths: bool = True) -> Derived:
     if cfg.strategy.offload_optimizer and cfg.strategy.zero_stage == 0:
         raise ConfigError("strategy.offload_optimizer", "optimizer offload needs ZeRO 1, 2 or 3")
 
-    from ftcluster.metrics import check_names
+    from ftcluster.eval.scores import check_names
 
     check_names(cfg.trainer.eval_metrics, "trainer.eval_metrics")
     stage = cfg.stage.name

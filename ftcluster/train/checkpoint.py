@@ -18,8 +18,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ftcluster import dist
-from ftcluster.atomic import swap_into_place
+from ftcluster.util import dist
+from ftcluster.util.atomic import swap_into_place
 
 TAG = "state"
 STATE_FILE = "trainer_state.json"

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ftcluster.curate.output import check_output, write_like
+from ftcluster.data.tools.output import check_output, write_like
 from ftcluster.data.formats import read_records
 from ftcluster.data.prepare import hold_out
 from ftcluster.errors import DataError, UserError

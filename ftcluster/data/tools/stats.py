@@ -14,8 +14,8 @@ from pathlib import Path
 import numpy as np
 from omegaconf import DictConfig
 
-from ftcluster.atomic import replacing
-from ftcluster.curate.validate import majority_format
+from ftcluster.util.atomic import replacing
+from ftcluster.data.tools.validate import majority_format
 from ftcluster.data import pairs, prompts
 from ftcluster.data.formats import read_records, to_example
 from ftcluster.data.template import apply_template_override, encode_chat, encode_text
@@ -54,8 +54,8 @@ def length_stats(splits: dict[str, str], fmt: str | None = None, model: str | No
                  max_seq_len: int | None = None, chat_template: str | None = None) -> dict:
     """Per split (name -> file): examples, token-length quantiles and the count over the length limit.
     The format is guessed from the training split's fields when not given; the rest defaults as in training."""
-    from ftcluster.bundled import resolve_model_path
-    from ftcluster.model import load_tokenizer
+    from ftcluster.train.bundled import resolve_model_path
+    from ftcluster.train.model import load_tokenizer
 
     records = {name: list(read_records(path)) for name, path in splits.items()}
     for name, path in splits.items():
@@ -96,7 +96,7 @@ def summarize(lengths: list[int], limit: int) -> dict:
 
 def write_report(result: dict, out: Path) -> tuple[Path, Path]:
     """out/stats.json (without the per-example lengths) and out/lengths.png."""
-    from ftcluster.curate.histogram import plot_lengths
+    from ftcluster.data.tools.histogram import plot_lengths
 
     out.mkdir(parents=True, exist_ok=True)
     summary = {**result, "splits": {name: {k: v for k, v in split.items() if k != "lengths"}

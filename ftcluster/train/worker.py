@@ -15,10 +15,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ftcluster import checkpoint, dist
+from ftcluster.train import checkpoint
+from ftcluster.util import dist
 from ftcluster.config import apply_schema, derive
-from ftcluster.watchdog import Watchdog, gather_placement, is_timeout, summary
-from ftcluster.quiet import quiet_libraries
+from ftcluster.observe.watchdog import Watchdog, gather_placement, is_timeout, summary
+from ftcluster.util.quiet import quiet_libraries
 from ftcluster.stages.context import StageContext
 
 # The stages that run as one SPMD program on every rank; PPO and GRPO are driven from the launching
@@ -39,11 +40,11 @@ def train_worker(payload: dict) -> None:
         print(f"[ftcluster] {world} workers: {summary(placement)}; master {_master()}", flush=True)
     _seed_everything(cfg.seed)
 
-    from ftcluster import engine as ds_engine
+    from ftcluster.train import engine as ds_engine
     from ftcluster.data.loader import GlobalBatchLoader
     from ftcluster.data.template import apply_template_override
-    from ftcluster.model import load_model, load_tokenizer
-    from ftcluster.track import make_tracker, truncate_metrics
+    from ftcluster.train.model import load_model, load_tokenizer
+    from ftcluster.observe.track import make_tracker, truncate_metrics
 
     model_dir, data_dir = payload["model_dir"], Path(payload["data_dir"])
     data_stats = json.loads((data_dir / "stats.json").read_text())
@@ -53,7 +54,7 @@ def train_worker(payload: dict) -> None:
     stage = importlib.import_module(STAGES[cfg.stage.name])
     import datasets
 
-    from ftcluster import peak
+    from ftcluster.observe import peak
 
     if cfg.trainer.exact_cpu_memory and not torch.cuda.is_available() and not peak.return_freed_memory():
         print("[ftcluster] trainer.exact_cpu_memory: this C library has no mallopt (not glibc); the resident "
