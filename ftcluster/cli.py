@@ -8,7 +8,7 @@ import os
 import sys
 from pathlib import Path
 
-from ftcluster.errors import UserError
+from ftcluster.errors import StoppedOnRequest, UserError, WorkerFailed
 
 USAGE = """usage: ftcluster <command> [options] [key=value ...]
 
@@ -63,6 +63,8 @@ def main(argv: list[str] | None = None) -> int:
     if verb in ("train", "eval", "sweep") and ("--help" in rest or "-h" in rest):  # the rest is Hydra overrides
         print(USAGE)
         return 0
+    # Each cmd_* imports what its verb needs when it runs, not at the top: `ftcluster --help` stays instant, and
+    # `ftcluster jobs` (which only talks to a dashboard) never imports torch.
     commands = {"train": cmd_train, "eval": cmd_eval, "export": cmd_export, "config": cmd_config, "jobs": cmd_jobs, "bench": cmd_bench,
                 "data": cmd_data, "sweep": cmd_sweep, "plan": cmd_plan}
     if verb not in commands:
@@ -72,8 +74,6 @@ def main(argv: list[str] | None = None) -> int:
         from ftcluster.util.quiet import quiet_libraries
 
         quiet_libraries()
-    from ftcluster.train.stop import EXIT_CODE, StoppedOnRequest
-
     try:
         return commands[verb](rest) or 0
     except UserError as exc:
@@ -81,13 +81,11 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except StoppedOnRequest as exc:
         print(f"ftcluster {verb}: {exc}", file=sys.stderr)
-        return EXIT_CODE
+        return StoppedOnRequest.EXIT_CODE
     except KeyboardInterrupt:
         print(f"ftcluster {verb}: interrupted", file=sys.stderr)
         return 130
     except Exception as exc:
-        from ftcluster.launch.ray import WorkerFailed
-
         if isinstance(exc, WorkerFailed) and not os.environ.get("FTCLUSTER_TRACEBACK"):
             print(f"ftcluster {verb}: failed: {exc}", file=sys.stderr)
             return 1
@@ -98,16 +96,15 @@ def cmd_train(overrides: list[str]) -> int:
     dry_run = "--dry-run" in overrides
     overrides = [o for o in overrides if o != "--dry-run"]
     config_file, overrides = _config_file(overrides)
-    from ftcluster.config import compose, validate
-    from ftcluster.run.driver import submitter_for, train
+    from ftcluster.config import compose
+    from ftcluster.run.driver import submit, train
 
     cfg = compose(overrides, config_file=config_file)
-    submitter = submitter_for(cfg)
-    if submitter is not None:
-        validate(cfg)
-        # The job composes the same file (on storage it sees, like output_dir).
-        remote = ["--config", str(Path(config_file).resolve())] if config_file else []
-        return submitter.submit(cfg, [*remote, *overrides], dry_run=dry_run)
+    # The job composes the same file (on storage it sees, like output_dir).
+    remote = ["--config", str(Path(config_file).resolve())] if config_file else []
+    code = submit(cfg, [*remote, *overrides], dry_run=dry_run)
+    if code is not None:
+        return code
     if dry_run:
         raise UserError(f"--dry-run shows what a job submission would send; launcher={cfg.launcher.name} "
                         f"submits nothing (use launcher=slurm, or launcher=ray with an http:// address)")

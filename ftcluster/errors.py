@@ -22,3 +22,27 @@ class DataError(UserError):
         self.path, self.line = path, line
         where = f"{path}:{line}" if line is not None else str(path)
         super().__init__(f"{where}: {message}")
+
+
+class WorkerFailed(RuntimeError):
+    """A worker or role actor raised something that is not a user error, or died; the message names it
+    (rank, node, pid) and carries its traceback tail."""
+
+
+class ActorTimeout(WorkerFailed):
+    """A role's call did not return within its deadline."""
+
+
+class CollectiveTimeout(RuntimeError):
+    """A collective outlived launcher.collective_timeout_s; the message names the ranks that did not arrive."""
+
+
+class StoppedOnRequest(Exception):
+    """The run stopped on a request (SIGUSR1, a stop file) after writing a checkpoint; resume=auto continues."""
+
+    # EX_TEMPFAIL: "checkpointed, run me again"; slurm/ftcluster.sbatch requeues the job on it.
+    EXIT_CODE = 75
+
+    def __init__(self, checkpoint):
+        super().__init__(f"stopped on request with a checkpoint at {checkpoint}; resume=auto continues the run")
+        self.checkpoint = checkpoint

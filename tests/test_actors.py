@@ -10,14 +10,18 @@ import actor_roles
 from actor_roles import Echo
 from ftcluster.config import TrainConfig
 from ftcluster.errors import UserError
-from ftcluster.launch import ray as ray_launch
-from ftcluster.launch.actors import ActorTimeout, Placement
-from ftcluster.launch.ray import WorkerFailed
+from ftcluster.launch.cluster import connect
+from ftcluster.errors import ActorTimeout
+from ftcluster.launch.actors import Placement
+from ftcluster.errors import WorkerFailed
+
+# Slow tier: Ray actor groups on this process's Ray cluster.
+pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
 def cfg():
-    ray_launch.connect(address=None)  # the in-process cluster the other tests share (2 CPUs here)
+    connect(address=None)  # the in-process cluster the other tests share (2 CPUs here)
     cloudpickle.register_pickle_by_value(actor_roles)  # tests/ is not on the workers' path
     conf = OmegaConf.structured(TrainConfig)
     conf.launcher.use_gpu = False

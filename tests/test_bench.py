@@ -28,6 +28,7 @@ def smoke_suite(tmp_path_factory):
     return root
 
 
+@pytest.mark.slow
 def test_two_cell_cpu_suite_writes_consistent_figures(smoke_suite):
     stem = f"cpu_smoke_cpu_{time.strftime('%Y-%m-%d')}"
     results, work = smoke_suite / "results", smoke_suite / "work"
@@ -73,6 +74,7 @@ def test_two_cell_cpu_suite_writes_consistent_figures(smoke_suite):
         assert section in report, section
 
 
+@pytest.mark.slow
 def test_a_suite_run_again_skips_its_finished_cells_and_compares_to_itself(smoke_suite, capsys):
     work = smoke_suite / "work"
     metrics = work / "cells" / "strategy_zero0" / "metrics.jsonl"
@@ -85,6 +87,31 @@ def test_a_suite_run_again_skips_its_finished_cells_and_compares_to_itself(smoke
                          str(smoke_suite / "again" / f"{stem}.jsonl"))
     assert code == 0
     assert "| strategy=zero3 |" in out and "tokens/s B/A, geometric mean over 2 cells: 1.000" in out
+
+
+def test_one_cell_in_this_process_is_measured_reported_and_compared(capsys, tmp_path):
+    """The fast tier's suite: one cell on launcher=inline (no Ray), its figures from its own metrics.jsonl,
+    the report, and `bench compare` of the result with itself."""
+    text = ("base: [model=tiny, data=json_extract, peft=none, tracking=none, launcher=inline, launcher.workers=1,"
+            " trainer.max_seq_len=256, trainer.micro_batch_per_device=2, trainer.global_batch=8]\n"
+            "warmup_steps: 1\nmeasure_steps: 2\nmatrix: {strategy: [zero0]}\n")
+    results, work = tmp_path / "results", tmp_path / "work"
+    code, out, err = bench(capsys, f"suite={suite_file(tmp_path, text)}", "--work", str(work), "--results", str(results))
+    assert code == 0, err
+    (jsonl,) = results.glob("mine_*.jsonl")
+    (r,) = [json.loads(line) for line in jsonl.read_text().splitlines()]
+    assert r["status"] == "ok" and r["world_size"] == 1 and r["steps_measured"] == 2, r
+    rows = [m for m in read_metrics(work / "cells" / r["folder"]) if "step_time_s" in m and m["step"] > 1]
+    elapsed = sum(m["step_time_s"] for m in rows)
+    assert r["tokens_per_s"] == pytest.approx(sum(m["tokens_per_s"] * m["step_time_s"] for m in rows) / elapsed)
+    assert r["tokens_per_s_per_device"] == pytest.approx(r["tokens_per_s"])
+    assert "## Results" in jsonl.with_suffix(".md").read_text()
+    code, out, _ = bench(capsys, "compare", str(jsonl.with_suffix(".md")), str(jsonl))
+    assert code == 0 and "| strategy=zero0 |" in out and "tokens/s B/A, geometric mean over 1 cells: 1.000" in out
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"cell": "strategy=zero0"}\n')
+    code, _, err = bench(capsys, "compare", str(jsonl), str(bad))
+    assert code == 2 and f"{bad}:1: not a bench cell record" in err, err
 
 
 def suite_file(tmp_path: Path, text: str) -> str:

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import TINY, cli
+from helpers import TINY, cli
 from ftcluster.cli import main
 
 

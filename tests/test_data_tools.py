@@ -241,7 +241,7 @@ def test_summary_quantiles_are_observed_lengths():
 
 
 def test_stats_on_the_tiny_tokenizer_match_what_training_prepares(tmp_path, capsys):
-    from conftest import TINY
+    from helpers import TINY
     from ftcluster.config import compose
     from ftcluster.data.prepare import prepare
     from ftcluster.train.model import load_tokenizer

@@ -15,7 +15,7 @@ import pytest
 import sacrebleu
 from rouge_score import rouge_scorer
 
-from conftest import train_in_process
+from helpers import INLINE, train
 from ftcluster.cli import main
 from ftcluster.eval.scores import METRICS, compute
 from ftcluster.observe.track import read_metrics
@@ -104,8 +104,8 @@ def tiny_run(tmp_path_factory) -> Path:
     for name, source, lines in (("eval.jsonl", ASSETS / "json_extract" / "eval.jsonl", HELD_OUT),
                                 ("general.jsonl", ASSETS / "general" / "general.jsonl", GENERAL)):
         (root / name).write_text("".join(source.read_text().splitlines(keepends=True)[:lines]))
-    train_in_process(root / "run", "trainer.max_steps=2", "trainer.global_batch=4", f"data.eval_path={root / 'eval.jsonl'}",
-                     *GENERATION)
+    train(root / "run", *INLINE, "trainer.max_steps=2", "trainer.global_batch=4",
+          f"data.eval_path={root / 'eval.jsonl'}", *GENERATION)
     return root / "run"
 
 

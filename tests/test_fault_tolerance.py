@@ -16,8 +16,11 @@ from pathlib import Path
 import psutil
 import pytest
 
-from conftest import LONG, LONG_STEPS, assert_same_weights, last_step, losses, train
-from ftcluster.launch.ray import WorkerFailed
+from helpers import LONG, LONG_STEPS, assert_same_weights, last_step, losses, train
+from ftcluster.errors import WorkerFailed
+
+# Slow tier: long runs on Ray, killed and stalled workers.
+pytestmark = pytest.mark.slow
 
 
 class Background:

@@ -10,20 +10,20 @@ import pytest
 SCRIPT = r"""
 import sys
 import torch
-from ftcluster.observe import peak
+from ftcluster.observe import peak_memory
 
 def rss():
-    return peak._status_bytes("VmRSS")
+    return peak_memory._status_bytes("VmRSS")
 
 if sys.argv[1] == "exact":
-    assert peak.return_freed_memory()
+    assert peak_memory.return_freed_memory()
 # Freeing a mapped 4 MiB block raises glibc's default mmap threshold to 4 MiB: smaller blocks then come
 # from its heap, as activations do after the first step.
 warm = torch.empty(4 * 2**20, dtype=torch.uint8); warm[:] = 1; del warm
 big = torch.empty(64 * 2**20, dtype=torch.uint8)  # mapped on its own, no page written yet
-untouched = peak._resident_bytes(big.untyped_storage())
+untouched = peak_memory._resident_bytes(big.untyped_storage())
 big[: 16 * 2**20] = 1
-partly = peak._resident_bytes(big.untyped_storage())
+partly = peak_memory._resident_bytes(big.untyped_storage())
 del big
 before = rss()
 blocks = [torch.ones(2**20 // 4 * (1 + i % 3)) for i in range(300)]  # 1-3 MiB each, written

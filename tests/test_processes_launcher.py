@@ -13,12 +13,15 @@ import psutil
 import pytest
 from omegaconf import OmegaConf
 
-from conftest import TINY, cli
+from helpers import TINY, cli
 from ftcluster.errors import UserError
 from ftcluster.launch import processes
-from ftcluster.launch.ray import WorkerFailed
+from ftcluster.errors import WorkerFailed
 from launcher_entries import report_environment, wait_in_a_collective_or_fail
 from test_train_distributed import assert_matches_reference
+
+# Slow tier: several processes per test (the ranks, a fresh CLI without Ray).
+pytestmark = pytest.mark.slow
 
 # Makes `import ray` fail and importlib.util.find_spec("ray") answer None, as if Ray were not installed.
 NO_RAY = "import sys\nsys.modules['ray'] = None\n"

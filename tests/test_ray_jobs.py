@@ -18,7 +18,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from conftest import TINY
+from helpers import TINY
 from ftcluster.cli import main
 from ftcluster.observe.track import read_metrics
 
@@ -95,6 +95,7 @@ def finished_job(head, workdir, tmp_path_factory):
     return SimpleNamespace(result=result, run=run, job_id=found and found.group(1))
 
 
+@pytest.mark.slow
 def test_train_runs_as_a_ray_job(finished_job):
     result = finished_job.result
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
@@ -106,6 +107,7 @@ def test_train_runs_as_a_ray_job(finished_job):
     assert (finished_job.run / "final" / "model.safetensors").is_file()
 
 
+@pytest.mark.slow
 def test_a_job_that_fails_gives_its_exit_code_and_log(head, workdir, tmp_path):
     # bad.jsonl passes the submitting side's check (the file exists) and fails when the job reads it.
     result = ftcluster("train", *TINY, "launcher=ray", f"launcher.address={head.dashboard}", "data.path=bad.jsonl",
@@ -117,6 +119,7 @@ def test_a_job_that_fails_gives_its_exit_code_and_log(head, workdir, tmp_path):
     assert "bad.jsonl:2" in result.stderr[ended.end():]  # the driver's one-line error, from the job's log
 
 
+@pytest.mark.slow
 def test_jobs_list_status_logs(head, finished_job, capsys, monkeypatch):
     job = finished_job.job_id
     assert main(["jobs", "list", "--address", head.dashboard]) == 0
@@ -137,6 +140,7 @@ def test_jobs_list_status_logs(head, finished_job, capsys, monkeypatch):
     assert "no job 'ftcluster-no-such-job'" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_ctrl_c_leaves_the_job_running_and_jobs_stop_stops_it(head, capsys):
     from ray.job_submission import JobStatus, JobSubmissionClient
 
@@ -172,6 +176,7 @@ def test_unreachable_address_fails_fast(tmp_path, capsys, scheme):
     assert f"launcher.address={address}" in err and "launch/start_head.sh" in err
 
 
+@pytest.mark.slow
 def test_an_address_that_is_not_a_dashboard(head, tmp_path, capsys):
     address = f"http://127.0.0.1:{head.port}"  # the GCS port, a common mix-up with the dashboard's
     assert main(["train", *TINY, "launcher=ray", f"launcher.address={address}", f"output_dir={tmp_path / 'run'}"]) == 2
@@ -179,6 +184,7 @@ def test_an_address_that_is_not_a_dashboard(head, tmp_path, capsys):
     assert f"launcher.address={address}" in err and "not as a Ray dashboard" in err
 
 
+@pytest.mark.slow
 def test_dry_run_shows_the_job_and_submits_nothing(head, workdir, tmp_path, capsys, monkeypatch):
     from ray.job_submission import JobSubmissionClient
 
@@ -221,6 +227,7 @@ def test_runtime_env_user_keys_win_and_env_vars_merge(tmp_path, monkeypatch):
     assert "working_dir" not in job_runtime_env(cfg) and "excludes" not in job_runtime_env(cfg)
 
 
+@pytest.mark.slow
 def test_launch_scripts_join_and_stop_a_worker(head):
     assert f"launcher.address=http://127.0.0.1:{head.dashboard.rsplit(':', 1)[1]}" in head.printed
     assert "launch/join_worker.sh" in head.printed
@@ -241,6 +248,7 @@ def test_launch_scripts_join_and_stop_a_worker(head):
     assert head.pid == int((head.state / "head.pid").read_text())
 
 
+@pytest.mark.slow
 def test_launch_scripts_refuse_bad_input(head, tmp_path):
     env = {**head.env, "FTCLUSTER_RAY_DIR": str(tmp_path)}
     started = time.time()

@@ -5,7 +5,7 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
-from conftest import RESUMABLE, cli, train
+from helpers import RESUMABLE, cli, train
 from ftcluster.train import checkpoint
 from ftcluster.observe.track import read_metrics
 
@@ -14,6 +14,7 @@ def rows(run, key):
     return [(r["step"], r[key]) for r in read_metrics(run) if key in r]
 
 
+@pytest.mark.slow
 def test_resume_continues_exactly_like_an_uninterrupted_run(zero3_run, tmp_path):
     whole, part = zero3_run, tmp_path / "part"
     train(part, *RESUMABLE, "trainer.save_every_steps=3", "trainer.stop_after_steps=5")
@@ -29,6 +30,7 @@ def test_resume_continues_exactly_like_an_uninterrupted_run(zero3_run, tmp_path)
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
+@pytest.mark.slow
 def test_export_round_trip_gives_the_same_eval_loss(zero2_run, tmp_path):
     from ftcluster.data.loader import eval_batches
     from ftcluster.stages.sft import token_loss_sum

@@ -7,7 +7,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
-from conftest import train
+from helpers import train
 from ftcluster.errors import UserError
 from ftcluster.rewards import json_match, load_reward_fn, score_samples
 from ftcluster.observe.track import read_metrics
@@ -34,6 +34,7 @@ def grpo_run(tmp_path_factory):
     return run
 
 
+@pytest.mark.slow
 def test_grpo_raises_the_reward_of_a_toy_task(grpo_run):
     run = grpo_run
     held_out = rows(run, "eval_reward_mean")
@@ -53,6 +54,7 @@ def test_grpo_raises_the_reward_of_a_toy_task(grpo_run):
     assert AutoModelForCausalLM.from_pretrained(run / "final") is not None
 
 
+@pytest.mark.slow
 def test_grpo_resumes_exactly(grpo_run, tmp_path):
     """From the run's step-10 checkpoint (policy, optimizer, data position), in a new output_dir: step 11
     samples, scores and trains exactly as the uninterrupted run did (sampling is seeded by step and rank)."""
@@ -65,6 +67,7 @@ def test_grpo_resumes_exactly(grpo_run, tmp_path):
     assert resumed == [s for s in whole if s["step"] == 11] and len(resumed) == 16
 
 
+@pytest.mark.slow
 def test_ppo_with_a_reward_model_a_critic_and_a_reference_group(tmp_path, reward_model_run):
     """The reward model trained by stage=rm scores the decoded answers; the critic starts from its
     backbone; the reference is its own group. The logged rewards are what final/ of the reward model

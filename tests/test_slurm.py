@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import LONG, TINY, assert_same_weights, cli, last_step, losses
+from helpers import LONG, TINY, assert_same_weights, cli, last_step, losses
 from reference import reference_run
 from ftcluster.launch.submit import hydra_quote
 
@@ -44,6 +44,7 @@ def main_in_process(capsys, *args):
     return SimpleNamespace(returncode=code, stdout=out.out, stderr=out.err)
 
 
+@pytest.mark.slow
 def test_two_nodes_zero3_match_the_single_process_reference(slurm, tmp_path):
     args = ["strategy=zero3", "trainer.max_steps=4", f"data.system_prompt={hydra_quote(PROMPT)}"]
     run = tmp_path / "slurm"
@@ -64,6 +65,7 @@ def test_two_nodes_zero3_match_the_single_process_reference(slurm, tmp_path):
     assert [(w["rank"], w["node"]) for w in placement] == [(0, "node1"), (1, "node2")]  # rank 0 on the head
 
 
+@pytest.mark.slow
 def test_preempted_job_requeues_and_resumes_to_the_uninterrupted_result(slurm, uninterrupted, tmp_path):
     """Plain sbatch on the template, as a user may: a hard requeue (scontrol requeue) resumes from the
     newest periodic checkpoint; SIGUSR1 (what --signal sends before a time limit) checkpoints, exits 75
@@ -94,6 +96,7 @@ def test_preempted_job_requeues_and_resumes_to_the_uninterrupted_result(slurm, u
     assert_same_weights(run / "final", uninterrupted / "final")
 
 
+@pytest.mark.slow
 def test_job_that_fails_inside_reports_exit_code_and_log_tail(slurm, tmp_path):
     result = cli("train", *TINY, "launcher=slurm", "launcher.setup=['echo preparing the node; exit 3']",
                  f"output_dir={tmp_path / 'run'}")
@@ -102,6 +105,7 @@ def test_job_that_fails_inside_reports_exit_code_and_log_tail(slurm, tmp_path):
     assert "preparing the node" in result.stderr.split("last lines of")[-1]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("overrides, key, says", [
     (["launcher.partition=nope"], "launcher.partition", "available: debug"),
     (["launcher.nodes=3", "launcher.workers=3", "trainer.global_batch=6"], "launcher.nodes", "partition debug has 2"),
@@ -120,6 +124,19 @@ def test_no_sbatch_on_path(capsys, monkeypatch, tmp_path):
     result = main_in_process(capsys, "train", *TINY, "launcher=slurm", f"output_dir={tmp_path / 'run'}")
     assert result.returncode == 2
     assert "missing: sbatch" in result.stderr and "slurm/local/up.sh" in result.stderr
+
+
+def test_inside_a_job_an_unreachable_ray_head_fails_fast_naming_it(capsys, monkeypatch, tmp_path):
+    """The job side (FTCLUSTER_RAY_ADDRESS, set by slurm/ftcluster.sbatch) when its Ray head is gone: one
+    error naming the address instead of a hang. No SLURM cluster needed."""
+    from ftcluster.util.dist import free_port
+
+    address = f"127.0.0.1:{free_port()}"  # nothing listens there
+    monkeypatch.setenv("FTCLUSTER_RAY_ADDRESS", address)
+    started = time.time()
+    result = main_in_process(capsys, "train", *TINY, "launcher=slurm", f"output_dir={tmp_path / 'run'}")
+    assert result.returncode == 2 and time.time() - started < 60
+    assert address in result.stderr and "nothing answers" in result.stderr, result.stderr
 
 
 def test_dry_run_script_carries_every_override_byte_for_byte(capsys, tmp_path):

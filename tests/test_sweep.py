@@ -10,7 +10,7 @@ import os
 import pytest
 from omegaconf import OmegaConf, open_dict
 
-from conftest import TINY, cli
+from helpers import TINY, cli
 from ftcluster.cli import main
 from ftcluster.sweep.space import grid_points, parse, random_points
 from ftcluster.observe.track import read_metrics
@@ -41,6 +41,7 @@ def asha_sweep(tmp_path_factory):
     return out
 
 
+@pytest.mark.slow
 def test_asha_sweep_stops_a_trial_early_and_writes_the_summary(asha_sweep):
     rows = table(asha_sweep)
     assert sorted(float(r["optim.lr"]) for r in rows) == [1e-6, 1e-5, 3e-3, 1e-2]
@@ -75,6 +76,7 @@ def test_asha_sweep_stops_a_trial_early_and_writes_the_summary(asha_sweep):
         assert best[section] == trial_cfg[section], section
 
 
+@pytest.mark.slow
 def test_a_sweep_started_again_reruns_nothing(asha_sweep, capsys):
     files = {p: p.stat().st_mtime_ns for p in (asha_sweep / "trials").rglob("*") if p.is_file()}
     before = table(asha_sweep)
@@ -88,6 +90,7 @@ def test_a_sweep_started_again_reruns_nothing(asha_sweep, capsys):
     assert code == 2 and "config key 'trainer.max_steps'" in err and "was started with" in err
 
 
+@pytest.mark.slow
 def test_best_yaml_is_a_config_train_takes_as_it_is(asha_sweep, capsys):
     """`ftcluster train --config best.yaml`, no override: the best trial's config, as a new run in <sweep>/best."""
     best = asha_sweep / "best.yaml"
@@ -102,6 +105,7 @@ def test_best_yaml_is_a_config_train_takes_as_it_is(asha_sweep, capsys):
     assert composed == trial
 
 
+@pytest.mark.slow
 def test_two_point_multirun_on_slurm(slurm, tmp_path, capsys):
     out = tmp_path / "multirun"
     # One task at a time (the array's %1): two Ray clusters starting at once on a loaded 2-core machine can miss

@@ -9,9 +9,12 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import train
+from helpers import train
 from ftcluster.observe.track import read_metrics
 from reference import reference_run
+
+# Slow tier: 2 Ray workers per run.
+pytestmark = pytest.mark.slow
 
 
 def train_losses(run_dir):

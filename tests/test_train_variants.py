@@ -5,7 +5,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from conftest import train_in_process
+from helpers import INLINE, train
 from ftcluster.observe.track import read_metrics
 
 
@@ -21,8 +21,8 @@ def losses(run):
 def test_peft_methods_train_and_export(tmp_path, method, extra):
     # One rank in this process: what is checked is the method's training and export, not placement.
     run = tmp_path / method
-    train_in_process(run, f"peft={method}", "strategy=zero2", "trainer.micro_batch_per_device=4",
-                     "trainer.max_steps=4", "optim.lr=3e-2", *extra)
+    train(run, *INLINE, f"peft={method}", "strategy=zero2", "trainer.micro_batch_per_device=4",
+          "trainer.max_steps=4", "optim.lr=3e-2", *extra)
     assert len(losses(run)) == 4
     evals = [r["eval_loss"] for r in read_metrics(run) if "eval_loss" in r]
     assert len(evals) == 2 and evals[-1] < evals[0]  # held-out loss, before and after

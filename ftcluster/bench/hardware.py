@@ -4,10 +4,14 @@ cell measured."""
 
 from __future__ import annotations
 
+import torch
 from omegaconf import DictConfig
 
 from ftcluster.errors import UserError
+from ftcluster.plan.flops import training_flops_per_token
+from ftcluster.plan.predict import predict
 from ftcluster.plan.profiles import ClusterProfile, known_profiles, load_profile
+from ftcluster.plan.shape import config_folder, parameter_tensors, read_shape
 
 # torch.cuda.get_device_name() fragments -> profile, most specific first.
 GPU_NAMES = [(("H100", "PCIE"), "h100_pcie"), (("H100",), "h100_sxm"), (("H200",), "h200"),
@@ -20,8 +24,6 @@ def cluster(name: str | None) -> ClusterProfile:
 
 
 def detected_profile() -> str:
-    import torch
-
     if not torch.cuda.is_available():
         return "cpu"
     device = torch.cuda.get_device_name(0).upper()
@@ -46,17 +48,12 @@ def for_cell(profile: ClusterProfile, cfg: DictConfig) -> ClusterProfile:
 
 def flops_per_token(cfg: DictConfig) -> float:
     """Model FLOPs per trained token (no recomputation), as MFU counts them."""
-    from ftcluster.plan.flops import training_flops_per_token
-    from ftcluster.plan.shape import config_folder, parameter_tensors, read_shape
-
     shape = read_shape(config_folder(cfg))
     tensors = parameter_tensors(shape, cfg.peft)
     return training_flops_per_token(shape, tensors, cfg.trainer.max_seq_len, cfg.model.gradient_checkpointing).model
 
 
 def prediction(cfg: DictConfig, profile: ClusterProfile) -> dict:
-    from ftcluster.plan.predict import predict
-
     p = predict(cfg, profile)
     return {"peak_memory_bytes": p.peak_bytes_per_rank, "tokens_per_s": p.tokens_per_s,
             "step_time_s": p.step_time_s, "mfu": p.mfu, "fits": p.fits, "memory": p.memory.as_dict()}

@@ -4,14 +4,13 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from ftcluster.bench import hardware, report, runner
+from ftcluster.bench.suite import load
 from ftcluster.errors import UserError
 
 
 def bench(suite_name: str, overrides: list[str], results_dir: str, work_dir: str | None, cluster_name: str | None,
           resume: bool = True) -> Path:
-    from ftcluster.bench import hardware, report, runner
-    from ftcluster.bench.suite import load
-
     suite = load(suite_name)
     cluster = hardware.cluster(cluster_name or suite.config.cluster)
     machine = hardware.machine_name()

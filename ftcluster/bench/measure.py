@@ -11,7 +11,7 @@ import json
 import statistics
 from pathlib import Path
 
-from ftcluster.observe.peak import PEAK_FILE
+from ftcluster.observe.peak_memory import PEAK_FILE
 from ftcluster.observe.track import read_metrics
 
 

@@ -141,7 +141,7 @@ def _plots(records: list[dict], axes: list[str], results_dir: Path, name: str) -
     ok = [r for r in records if r["status"] == "ok"]
     if not swept or not ok:
         return []
-    import matplotlib
+    import matplotlib  # not at the top: choosing the Agg backend is process-wide, so only when plotting
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt

@@ -16,8 +16,12 @@ from pathlib import Path
 
 from tqdm import tqdm
 
+from ftcluster.bench.hardware import flops_per_token, for_cell, prediction
+from ftcluster.bench.measure import measure
 from ftcluster.bench.suite import Cell, Suite
+from ftcluster.config import compose, validate
 from ftcluster.errors import UserError
+from ftcluster.run.driver import train
 
 CELLS_FILE = "cells.jsonl"
 # A cell keeps its logs and metrics; its weights (checkpoint, final/) are only what a training run leaves.
@@ -25,8 +29,6 @@ DROPPED_AFTER_MEASURING = ("checkpoints", "final", "init_model", "data")
 
 
 def run(suite: Suite, overrides: list[str], work_dir: Path, cluster, resume: bool = True) -> list[dict]:
-    from ftcluster.config import compose
-
     cells = suite.cells()
     args = {cell.name: _cell_args(suite, cell, overrides, work_dir) for cell in cells}
     configs = {name: compose(a) for name, a in args.items()}  # a suite typo fails here, before any run
@@ -50,10 +52,6 @@ def run(suite: Suite, overrides: list[str], work_dir: Path, cluster, resume: boo
 
 
 def run_cell(suite: Suite, cell: Cell, args: list[str], cfg, work_dir: Path, cluster) -> dict:
-    from ftcluster.bench.hardware import flops_per_token, for_cell, prediction
-    from ftcluster.config import validate
-    from ftcluster.run.driver import train
-
     record = {"cell": cell.name, "folder": cell.folder, "axes": {k: v for k, v in cell.axes},
               "overrides": cell.overrides}
     try:
@@ -71,8 +69,6 @@ def run_cell(suite: Suite, cell: Cell, args: list[str], cfg, work_dir: Path, clu
         return {**record, "status": "skipped", "reason": str(exc)}
     except Exception as exc:  # recorded, and the suite goes on: one cell's failure is a result too
         return {**record, "status": "oom" if _out_of_memory(exc) else "failed", "reason": _first_line(exc)}
-    from ftcluster.bench.measure import measure
-
     record.update(status="ok", **measure(out, suite.config.warmup_steps, derived.world_size,
                                           flops_per_token(cfg), profile.peak_flops(cfg.strategy.precision)))
     # The planner assumes full rows; a cell's rows are as full as packing made them (SmolLM2's bundled data:

@@ -16,7 +16,7 @@ from typing import Any, Dict, List, Optional
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from ftcluster.config import conf_dir
+from ftcluster.config import conf_dir, schema_has
 from ftcluster.errors import UserError
 
 # Config groups an axis may name directly (strategy: [zero0, zero3]); any other axis is a dotted key.
@@ -96,11 +96,9 @@ def load(name_or_path: str) -> Suite:
 
 
 def _check(suite: Suite) -> None:
-    from ftcluster.config import _schema_has
-
     c = suite.config
     for key, values in c.matrix.items():
-        if key not in GROUPS and not _schema_has(key):
+        if key not in GROUPS and not schema_has(key):
             raise UserError(f"{suite.path}: matrix axis {key!r} is neither a config group ({', '.join(GROUPS)}) "
                             f"nor a config key; see `ftcluster config` for the keys")
         if not isinstance(values, list) or not values:

@@ -113,7 +113,7 @@ def _decode(raw: bytes, path: str, line: int | None) -> str:
 
 
 def _read_parquet(path: str) -> Iterator[tuple[int, dict]]:
-    import pyarrow.parquet as pq
+    import pyarrow.parquet as pq  # not at the top: only Parquet files need it; `ftcluster data` on JSON stays instant
 
     try:
         table = pq.ParquetFile(path)
@@ -127,7 +127,7 @@ def _read_parquet(path: str) -> Iterator[tuple[int, dict]]:
 
 
 def _read_saved_dataset(path: str) -> Iterator[tuple[int, dict]]:
-    import datasets
+    import datasets  # not at the top: its import takes seconds, and only saved datasets need it
 
     try:
         ds = datasets.load_from_disk(path)

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import random
 import shutil
 from contextlib import contextmanager
@@ -26,13 +25,14 @@ from ftcluster.data.packing import pack, packing_efficiency, unpacked
 from ftcluster.data.template import (IGNORE, apply_template_override, encode_chat, encode_text,
                                      prompt_and_reference)
 from ftcluster.errors import DataError, UserError
+from ftcluster.stages.registry import STAGES
+from ftcluster.util import atomic
 
 # Bump when the encoding or the layout on disk changes, so older prepared sets are not reused.
 LAYOUT_VERSION = 2
 
 # What each stage trains on: token sequences (SFT), preference pairs (reward model, DPO family) or
 # prompts to generate from (PPO, GRPO).
-KINDS = {"sft": "sequences", "rm": "pairs", "dpo": "pairs", "ppo": "prompts", "grpo": "prompts"}
 
 FEATURES = datasets.Features({
     "input_ids": datasets.List(datasets.Value("int32")),
@@ -57,7 +57,7 @@ def prepare(cfg, tokenizer, out_dir: str) -> dict:
         (out / "stats.json").unlink(missing_ok=True)  # stats.json last written = set complete.
 
         train_items, eval_items = read_splits(cfg)
-        kind = KINDS[cfg.stage.name]
+        kind = STAGES[cfg.stage.name].data_kind
         stats = {"fingerprint": fingerprint, "format": data.format, "kind": kind, "packed": kind == "sequences"
                  and bool(data.packing), "max_seq_len": cfg.trainer.max_seq_len, "pad_id": _pad_id(tokenizer),
                  "eval_generate": 0}
@@ -75,12 +75,12 @@ def prepare(cfg, tokenizer, out_dir: str) -> dict:
             stats[name] = counts
             if kept:
                 stats["eval_generate"] = _write_eval_generate(kept, out / "eval_generate.jsonl")
-        _write_json_atomic(out / "stats.json", stats)
+        atomic.write_text(out / "stats.json", json.dumps(stats, indent=2) + "\n")
     return stats
 
 
 def _rows_per_step(cfg) -> int:
-    return cfg.stage.rl.prompts_per_step if KINDS[cfg.stage.name] == "prompts" else cfg.trainer.global_batch
+    return cfg.stage.rl.prompts_per_step if STAGES[cfg.stage.name].data_kind == "prompts" else cfg.trainer.global_batch
 
 
 def _sequence_rows(name: str, items: list, cfg, tokenizer) -> tuple[list[dict], dict, list[dict]]:
@@ -308,8 +308,8 @@ def _fingerprint(cfg, tokenizer) -> str:
     h.update(vocab.encode())
     settings = {
         "layout": LAYOUT_VERSION,
-        "kind": KINDS[cfg.stage.name],
-        "room_for_generation": cfg.stage.rl.max_new_tokens if KINDS[cfg.stage.name] == "prompts" else None,
+        "kind": STAGES[cfg.stage.name].data_kind,
+        "room_for_generation": cfg.stage.rl.max_new_tokens if STAGES[cfg.stage.name].data_kind == "prompts" else None,
         "chat_template": tokenizer.chat_template if data.format != "text" else None,
         "eos": tokenizer.eos_token_id,
         "format": data.format,
@@ -344,9 +344,3 @@ def _prepared(out: Path, fingerprint: str) -> dict | None:
     if stats.get("fingerprint") != fingerprint:
         return None
     return stats
-
-
-def _write_json_atomic(path: Path, obj: dict) -> None:
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(obj, indent=2) + "\n")
-    os.replace(tmp, path)

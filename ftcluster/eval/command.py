@@ -16,7 +16,6 @@ trainer.max_seq_len and seed) are used: the model is scored on what that run hel
 
 from __future__ import annotations
 
-import importlib
 import json
 import math
 import re
@@ -24,14 +23,21 @@ import shutil
 import time
 from pathlib import Path
 
+import datasets
 from omegaconf import DictConfig, OmegaConf
 
-from ftcluster.util.atomic import write_text
 from ftcluster.config import compose, to_yaml, validate
+from ftcluster.data.formats import read_records, to_example
+from ftcluster.data.packing import pack, unpacked
+from ftcluster.data.prepare import FEATURES, prepare, quiet_datasets, read_splits
+from ftcluster.data.template import IGNORE, encode_text, prompt_and_reference
 from ftcluster.errors import ConfigError, DataError
 from ftcluster.eval import report
-from ftcluster.eval.targets import Target, default_baseline, from_model_section, materialize, resolve, run_config
+from ftcluster.eval.scorer import eval_tokenizer, eval_worker
 from ftcluster.eval.scores import check_names, check_references, compute
+from ftcluster.eval.targets import Target, default_baseline, from_model_section, materialize, resolve, run_config
+from ftcluster.launch import launcher_for, submitter_for
+from ftcluster.util.atomic import write_text
 
 ROLES = ("tuned", "base")  # eval.model, eval.baseline
 _FORMATS = ("alpaca", "chat", "text")
@@ -91,8 +97,6 @@ def plan(cfg: DictConfig, overrides: list[str]) -> dict[str, Target]:
 
 
 def _check_placement(cfg: DictConfig) -> None:
-    from ftcluster.run.driver import submitter_for
-
     if cfg.launcher.workers > 1 and submitter_for(cfg) is not None:
         raise ConfigError("launcher.name", f"with launcher={cfg.launcher.name} and this address, train would submit a "
                                            f"job; eval places its workers from this process only: run it inside the "
@@ -128,9 +132,6 @@ def check_data(cfg: DictConfig) -> None:
                                           f"eval data {where} is data.format=text, which has none (references are "
                                           f"the last assistant turn of alpaca or chat records). Set eval.metrics=[] "
                                           f"for perplexity alone, or use alpaca or chat eval data")
-    from ftcluster.data.prepare import read_splits
-    from ftcluster.data.template import prompt_and_reference
-
     _, items = read_splits(_preparation_config(cfg))
     check_references(e.metrics, [prompt_and_reference(ex)[1] for _, _, ex in items if "messages" in ex],
                      "eval.metrics", f"the eval data {where}")
@@ -152,8 +153,6 @@ def _preparation_config(cfg: DictConfig) -> DictConfig:
 
 
 def general_documents(path: str) -> list[str]:
-    from ftcluster.data.formats import read_records, to_example
-
     documents = [to_example(record, "text", path, line)["text"] for line, record in read_records(path)]
     if not documents:
         raise DataError(path, None, "the general text set holds no records")
@@ -162,9 +161,6 @@ def general_documents(path: str) -> list[str]:
 
 def prepare_model(cfg: DictConfig, role: str, target: Target, out: Path) -> dict:
     """The model made loadable and the data encoded with its tokenizer, under <out>/data/<role>/."""
-    from ftcluster.data.prepare import prepare
-    from ftcluster.eval.worker import eval_tokenizer
-
     model_dir, adapter_dir = materialize(target, role, out, cfg.seed)
     tokenizer = eval_tokenizer(cfg, model_dir, adapter_dir)
     data_dir = out / "data" / role
@@ -177,12 +173,6 @@ def prepare_model(cfg: DictConfig, role: str, target: Target, out: Path) -> dict
 
 def write_general_rows(cfg: DictConfig, tokenizer, where: Path) -> dict:
     """The general set as text rows (every token scored), cut and packed like the eval split."""
-    import datasets
-
-    from ftcluster.data.packing import pack, unpacked
-    from ftcluster.data.prepare import FEATURES, quiet_datasets
-    from ftcluster.data.template import IGNORE, encode_text
-
     max_len = cfg.trainer.max_seq_len
     encoded = [encode_text(text, tokenizer) for text in general_documents(cfg.eval.general)]
     truncated = sum(len(ids) > max_len for ids, _ in encoded)
@@ -197,14 +187,10 @@ def write_general_rows(cfg: DictConfig, tokenizer, where: Path) -> dict:
 
 
 def launch(payload: dict, cfg: DictConfig) -> None:
-    from ftcluster.eval.worker import eval_worker
-
     if cfg.launcher.workers == 1:
         eval_worker(payload)  # a world of one needs no launcher and no process group
         return
-    from ftcluster.run.driver import LAUNCHERS
-
-    importlib.import_module(LAUNCHERS[cfg.launcher.name]).launch(eval_worker, payload, cfg)
+    launcher_for(cfg.launcher.name).launch(eval_worker, payload, cfg)
 
 
 def collect(payload: dict, out: Path) -> dict[str, dict]:

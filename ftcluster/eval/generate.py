@@ -12,7 +12,7 @@ import math
 import torch
 
 from ftcluster.util import dist
-from ftcluster.eval.scores import exact_match
+from ftcluster.eval.scores import compute, exact_match
 
 
 @torch.no_grad()
@@ -52,3 +52,20 @@ def generate_answers(model, tokenizer, prompts: list[list[dict]], max_new_tokens
 
 def exact_match_rate(predictions: list[str], references: list[str]) -> float:
     return sum(exact_match(p, r) for p, r in zip(predictions, references)) / max(1, len(references))
+
+
+def eval_generation(ctx, step: int) -> dict:
+    """A training stage's generation-based evaluation: greedy answers to its held-out prompts (ctx: a
+    ftcluster.train.context.StageContext), scored against their references by exact match and the other
+    trainer.eval_metrics; the eval_<name> metrics to log."""
+    prompts = [p["prompt"] for p in ctx.eval_prompts]
+    predictions = generate_answers(
+        ctx.engine.module, ctx.tokenizer, prompts, max_new_tokens=ctx.cfg.trainer.eval_max_new_tokens,
+        # One generate() call per rank when the share is small: decoding is latency-bound.
+        batch_size=min(32, math.ceil(len(prompts) / ctx.world_size)),
+        synced=ctx.engine.zero_optimization_partition_weights() and ctx.world_size > 1)
+    names = dict.fromkeys(["exact_match", *ctx.cfg.trainer.eval_metrics])
+    scores = compute(names, predictions, [p["reference"] for p in ctx.eval_prompts])
+    ctx.tracker.message(f"step {step}: held-out exact match {scores['exact_match']:.1%} ({len(predictions)} "
+                        f"examples); e.g. {predictions[0]!r}")
+    return {f"eval_{name}": value for name, value in scores.items()}

@@ -134,13 +134,13 @@ def _token(predictions: list[str], references: list[str]) -> dict:
 
 
 def _bleu(predictions: list[str], references: list[str]) -> dict:
-    import sacrebleu
+    import sacrebleu  # not at the top: ftcluster.config imports this module, and this would double its import time
 
     return {"bleu": sacrebleu.corpus_bleu(predictions, [references]).score}
 
 
 def _rouge(predictions: list[str], references: list[str]) -> dict:
-    from rouge_score import rouge_scorer  # imports nltk (~2 s): only when ROUGE is asked for
+    from rouge_score import rouge_scorer  # not at the top: it imports nltk (~2 s), for ROUGE only
 
     scorer = rouge_scorer.RougeScorer(["rouge1", "rouge2", "rougeL"], use_stemmer=ROUGE_USES_STEMMER)
     # score(target, prediction): the reference comes first.

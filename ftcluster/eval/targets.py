@@ -14,10 +14,12 @@ from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
-from ftcluster.train import checkpoint
-from ftcluster.train.bundled import MODELS, PREFIX
 from ftcluster.config import conf_dir, load_run_config
 from ftcluster.errors import ConfigError
+from ftcluster.train import checkpoint
+from ftcluster.train.bundled import MODELS, PREFIX, resolve_model_path
+from ftcluster.train.export import export_checkpoint
+from ftcluster.train.model import materialize_random_init
 
 # With these methods and export.merge, a run's final/ holds merged weights; otherwise the base weights,
 # and final/adapter/ is what was trained.
@@ -142,16 +144,10 @@ def materialize(target: Target, role: str, out: Path, seed: int) -> tuple[str, s
     """(model folder, adapter folder or None) for a worker to load. May convert a bundled model, write
     seeded weights or export a checkpoint: run only after every check has passed."""
     if target.kind == "bundled":
-        from ftcluster.train.bundled import resolve_model_path
-
         return resolve_model_path(target.path), None
     if target.kind == "random":
-        from ftcluster.train.model import materialize_random_init
-
         return materialize_random_init(target.path, out / "models" / f"{role}-init", seed), None
     if target.kind == "checkpoint":
-        from ftcluster.train.export import export_checkpoint
-
         exported = export_checkpoint(target.path, out / "models" / f"{role}-{Path(target.path).name}", merge=True)
         if run_config(target).peft.method not in (*_MERGEABLE, "none"):
             return str(exported), str(exported / "adapter")  # prompt / prefix tuning cannot be merged

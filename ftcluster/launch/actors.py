@@ -13,52 +13,44 @@ from __future__ import annotations
 import os
 import socket
 import time
-from dataclasses import dataclass
 from datetime import timedelta
-from typing import Callable
 
+import ray
+import torch
+import torch.distributed as dist
 from omegaconf import DictConfig
+from ray.exceptions import RayActorError, RayTaskError
+from ray.util.placement_group import placement_group, remove_placement_group
+from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
-from ftcluster.errors import UserError
-from ftcluster.launch.ray import WORKER_ENV, WorkerFailed
-
-
-@dataclass(frozen=True)
-class Controller:
-    """A worker entry that runs in the launching process and places its own actor groups (`Placement`)."""
-
-    fn: Callable[[dict, "Placement"], None]
+from ftcluster.errors import ActorTimeout, UserError, WorkerFailed
+from ftcluster.launch.cluster import WORKER_ENV
+from ftcluster.util.text import tail
 
 
-class DistributedActor:
-    """Base of every role actor: knows its rank and joins its group's process group (gloo or NCCL)."""
+class GroupMember:
+    """Mixed into every actor class a group starts (the class itself knows nothing of placement): the
+    actor knows its role, rank and group size, and joins its group's process group (gloo or NCCL).
+    The actor class's own constructor gets the remaining arguments."""
 
-    def __init__(self, role: str, rank: int, world_size: int):
+    def __init__(self, role: str, rank: int, world_size: int, *args):
         self.role, self.rank, self.world_size = role, rank, world_size
         os.environ.update(RANK=str(rank), LOCAL_RANK="0", WORLD_SIZE=str(world_size))
+        super().__init__(*args)
 
     def where(self) -> dict:
         """This actor's node, address, pid, and a free port (rank 0's becomes the group's master port)."""
         with socket.socket() as s:
             s.bind(("", 0))
             port = s.getsockname()[1]
-        import ray
-
         return {"node": os.environ.get("SLURMD_NODENAME") or socket.gethostname(), "pid": os.getpid(),
                 "ip": ray.util.get_node_ip_address(), "port": port}
 
     def join_group(self, master_addr: str, master_port: int, timeout_s: int) -> None:
-        import torch
-        import torch.distributed as dist
-
         os.environ.update(MASTER_ADDR=master_addr, MASTER_PORT=str(master_port))
         if self.world_size > 1 or not dist.is_initialized():
             dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo", rank=self.rank,
                                     world_size=self.world_size, timeout=timedelta(seconds=timeout_s))
-
-
-class ActorTimeout(WorkerFailed):
-    """A role's call did not return within its deadline."""
 
 
 class ActorGroup:
@@ -66,11 +58,9 @@ class ActorGroup:
 
     def __init__(self, role: str, actor_class: type, count: int, placement_group, bundles: list[int],
                  resources: list[dict], timeout_s: int, start_timeout_s: int, *args):
-        import ray
-        from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
-
         self.role, self.timeout_s = role, timeout_s
-        remote = ray.remote(actor_class)
+        member = type(actor_class.__name__, (GroupMember, actor_class), {"__module__": actor_class.__module__})
+        remote = ray.remote(member)
         self.actors = [
             remote.options(
                 num_cpus=resources[i].get("CPU", 0), num_gpus=resources[i].get("GPU", 0),
@@ -107,8 +97,6 @@ class ActorGroup:
         return f"{self.role} rank {rank}{where}"
 
     def kill(self) -> None:
-        import ray
-
         for actor in self.actors:
             ray.kill(actor, no_restart=True)
 
@@ -120,9 +108,6 @@ class Pending:
         self.group, self.refs, self.what, self.timeout_s = group, refs, what, timeout_s
 
     def get(self) -> list:
-        import ray
-        from ray.exceptions import RayActorError, RayTaskError
-
         deadline = time.time() + self.timeout_s
         pending = list(self.refs)
         while pending:
@@ -137,10 +122,10 @@ class Pending:
                         raise cause from None
                     rank = self.refs.index(ref)
                     raise WorkerFailed(f"{self.group.describe(rank)} failed in {self.what}: "
-                                       f"{_tail(str(exc))}") from None
+                                       f"{tail(str(exc), 12)}") from None
                 except RayActorError as exc:
                     rank = self.refs.index(ref)
-                    raise WorkerFailed(f"{self.group.describe(rank)} died in {self.what}: {_tail(str(exc), 3)}") from None
+                    raise WorkerFailed(f"{self.group.describe(rank)} died in {self.what}: {tail(str(exc), 3)}") from None
             if not done and pending:
                 late = ", ".join(self.group.describe(self.refs.index(ref)) for ref in pending)
                 raise ActorTimeout(f"{late} did not finish {self.what} within {self.timeout_s} s: stalled or lost "
@@ -149,19 +134,12 @@ class Pending:
         return ray.get(list(self.refs))
 
 
-def _tail(text: str, lines: int = 12) -> str:
-    rows = text.strip().splitlines()
-    return "\n".join(rows[-lines:])
-
-
 class Placement:
     """Where role groups go on the connected Ray cluster: one set of bundles shared by colocated roles,
     or a placement group per role. Each bundle is one worker slot (launcher.cpus_per_worker CPUs and, on
     GPU machines, one GPU); colocated actors split their bundle's resources evenly."""
 
     def __init__(self, cfg: DictConfig):
-        import ray
-
         self.cfg = cfg
         self.use_gpu = cfg.launcher.use_gpu if cfg.launcher.use_gpu is not None else ray.cluster_resources().get("GPU", 0) > 0
         self.groups: list[ActorGroup] = []
@@ -201,8 +179,6 @@ class Placement:
 
     def _check_fits(self, slots: int, what: str) -> None:
         """Before any placement group is asked for: one that can never be granted would wait forever."""
-        import ray
-
         total = ray.cluster_resources()
         for resource, amount in self.bundle().items():
             held = amount * self._slots
@@ -213,9 +189,6 @@ class Placement:
                                   "or add nodes")
 
     def _placement_group(self, slots: int, what: str):
-        import ray
-        from ray.util.placement_group import placement_group
-
         pg = placement_group([self.bundle()] * slots, strategy=self.cfg.launcher.placement_strategy)
         ready, _ = ray.wait([pg.ready()], timeout=self.cfg.launcher.ready_timeout_s)
         if not ready:
@@ -227,8 +200,6 @@ class Placement:
         return pg
 
     def shutdown(self) -> None:
-        from ray.util.placement_group import remove_placement_group
-
         for group in self.groups:
             group.kill()
         for pg in self._pgs:

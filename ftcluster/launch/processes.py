@@ -10,29 +10,24 @@ left waiting in a collective until launcher.collective_timeout_s.
 from __future__ import annotations
 
 import multiprocessing
-import os
 import time
 import traceback
 from multiprocessing.connection import wait
 from typing import Callable
-from unittest import mock
 
+import torch
 from omegaconf import DictConfig
 
+from ftcluster.errors import UserError, WorkerFailed
 from ftcluster.util.dist import free_port
-from ftcluster.errors import UserError
-from ftcluster.launch.ray import WorkerFailed
+from ftcluster.util.env import environment
+from ftcluster.util.text import tail
 
 # How long the other ranks get to exit on their own once one has failed, before they are terminated.
 GRACE_S = 5.0
 
 
 def launch(entry: Callable[[dict], None], payload: dict, cfg: DictConfig) -> None:
-    from ftcluster.launch.actors import Controller
-
-    if isinstance(entry, Controller):  # validate() refuses this first; kept for callers that skip it
-        raise UserError("launcher=processes runs SPMD stages only; PPO and GRPO place actor groups with Ray "
-                        "(launcher=local)")
     context = multiprocessing.get_context("spawn")
     workers = cfg.launcher.workers
     env = rank_environment(workers, cfg.launcher.cpus_per_worker, _use_gpu(cfg), free_port())
@@ -43,7 +38,7 @@ def launch(entry: Callable[[dict], None], payload: dict, cfg: DictConfig) -> Non
         # The rank's interpreter starts with its environment already set, as torchrun's do: it imports torch
         # while unpickling its entry, before any code of ours runs there, and torch reads OMP_NUM_THREADS at
         # that import only (set any later, every rank would start a thread per core of the machine).
-        with mock.patch.dict(os.environ, env[rank]):
+        with environment(env[rank]):
             proc.start()
         send.close()  # the child holds its end; ours closing lets a dead child's pipe read as EOF
         pipes.append(receive)
@@ -54,6 +49,11 @@ def launch(entry: Callable[[dict], None], payload: dict, cfg: DictConfig) -> Non
         _stop(procs)
     if failure is not None:
         raise failure
+
+
+def control(entry: Callable, payload: dict, cfg: DictConfig) -> None:
+    raise UserError("launcher=processes runs SPMD stages only; PPO and GRPO place one Ray actor group per role "
+                    "(use launcher=local)")
 
 
 def rank_environment(workers: int, cpus_per_worker: int, use_gpu: bool, port: int) -> list[dict]:
@@ -76,8 +76,7 @@ def _run_rank(entry: Callable[[dict], None], payload: dict, report) -> None:
         raise SystemExit(1) from None
     except BaseException as exc:
         traceback.print_exc()  # the whole of it in this rank's output; the run's error carries the tail
-        tail = "".join(traceback.format_exc().splitlines(True)[-15:])
-        report.send(("failed", f"{type(exc).__name__}: {exc}\n{tail}"))
+        report.send(("failed", f"{type(exc).__name__}: {exc}\n{tail(traceback.format_exc(), 15)}"))
         raise SystemExit(1) from None
     report.send(("ok", ""))
 
@@ -113,6 +112,4 @@ def _stop(procs: list) -> None:
 def _use_gpu(cfg: DictConfig) -> bool:
     if cfg.launcher.use_gpu is not None:
         return cfg.launcher.use_gpu
-    import torch
-
     return torch.cuda.is_available()

@@ -28,8 +28,9 @@ from urllib.parse import urlsplit
 from omegaconf import DictConfig, OmegaConf
 
 from ftcluster.errors import ConfigError, UserError
-from ftcluster.launch.ray import check_reachable
-from ftcluster.launch.submit import preflight, remote_overrides
+from ftcluster.launch.cluster import check_reachable
+from ftcluster.launch.submit import remote_overrides
+from ftcluster.util.text import tail
 
 DEFAULT_ADDRESS = "http://127.0.0.1:8265"
 # Never uploaded with the working dir: environments, VCS data, run outputs. Ray also honours the
@@ -53,7 +54,6 @@ def submits(cfg: DictConfig) -> bool:
 
 
 def submit(cfg: DictConfig, overrides: list[str], dry_run: bool = False) -> int:
-    preflight(cfg)
     address = cfg.launcher.address.rstrip("/")
     entrypoint = shlex.join(["python", "-m", "ftcluster.cli", "train",
                              *remote_overrides(cfg, overrides, "launcher.address=auto")])
@@ -112,6 +112,7 @@ def _client(address: str, key: str):
         raise UserError(f"{key}={address}: expected http://HOST:PORT, the cluster's dashboard (port 8265 by default)")
     check_reachable(address, key)
     host_port = urlsplit(address).netloc
+    # not at the top: Ray's import takes most of a second, which `ftcluster jobs --help` and --dry-run do without
     from ray.job_submission import JobSubmissionClient
 
     logging.getLogger("ray.dashboard.modules.job.sdk").setLevel(logging.WARNING)  # "WebSocket closed" after each job
@@ -151,7 +152,7 @@ def _follow(client, job_id: str, address: str) -> int:
     code = info.driver_exit_code
     # Without an exit code the driver never ran or was stopped; Ray's message then says why.
     why = f"driver exit code {code}" if code is not None else ((info.message or "").strip() or "no message")[:300]
-    lines = client.get_job_logs(job_id).splitlines()[-TAIL_LINES:]
+    lines = tail(client.get_job_logs(job_id), TAIL_LINES).splitlines()
     print(f"[ftcluster] Ray Job {job_id} ended {info.status}, {why}; last {len(lines)} lines of its log:",
           *lines, sep="\n", file=sys.stderr)
     return 1 if not code else 128 - code if code < 0 else min(code, 255)  # negative: killed by signal -code

@@ -23,7 +23,8 @@ from pathlib import Path
 from omegaconf import DictConfig
 
 from ftcluster.errors import ConfigError, UserError
-from ftcluster.launch.submit import preflight, remote_overrides
+from ftcluster.launch.submit import remote_overrides
+from ftcluster.util.text import tail
 
 TEMPLATE = "ftcluster.sbatch"
 # Job states after which nothing more happens (a requeued job goes back to PENDING instead).
@@ -40,7 +41,6 @@ def submits(cfg: DictConfig) -> bool:
 
 
 def submit(cfg: DictConfig, overrides: list[str], dry_run: bool = False) -> int:
-    preflight(cfg)
     script = render(cfg, remote_overrides(cfg, overrides))
     if dry_run:
         print(script, end="")
@@ -202,7 +202,7 @@ def follow(job_id: str, log: Path) -> int:
     if state == "COMPLETED":
         return 0
     print(f"[ftcluster] SLURM job {job_id} ended {state} with exit code {exit_code}; last lines of {log}:\n"
-          + _tail(log), file=sys.stderr)
+          + _log_tail(log), file=sys.stderr)
     return exit_code or 1
 
 
@@ -239,10 +239,8 @@ def _print_new(log: Path, offset: int) -> int:
     return offset + len(chunk)
 
 
-def _tail(log: Path, lines: int = 20) -> str:
-    if not log.is_file():
-        return "(no log)"
-    return "\n".join(log.read_text(errors="replace").splitlines()[-lines:])
+def _log_tail(log: Path, lines: int = 20) -> str:
+    return tail(log.read_text(errors="replace"), lines) if log.is_file() else "(no log)"
 
 
 def _run(command: list[str]) -> subprocess.CompletedProcess:

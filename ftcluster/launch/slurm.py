@@ -9,32 +9,42 @@ import os
 import time
 from typing import Callable
 
+import ray
 from omegaconf import DictConfig
 
 from ftcluster.errors import UserError
 from ftcluster.launch import ray as ray_launch
+from ftcluster.launch.actors import Placement
+from ftcluster.launch.cluster import connect
 
 NODE_LABEL = "ftcluster-node"  # set by slurm/ftcluster.sbatch: 0 on the head, 1.. on the other nodes
 
 
 def launch(entry: Callable[[dict], None], payload: dict, cfg: DictConfig) -> None:
+    _join_allocation(cfg)
+    # Worker i on node i // per_node (nodes labelled by the sbatch script, the head 0): ranks contiguous
+    # per node, rank 0, and so the process group's master address, on the head node.
+    per_node = cfg.launcher.workers // cfg.launcher.nodes
+    ray_launch.run_workers(entry, payload, cfg, label_selector=[{NODE_LABEL: str(rank // per_node)}
+                                                        for rank in range(cfg.launcher.workers)])
+
+
+def control(entry: Callable[[dict, Placement], None], payload: dict, cfg: DictConfig) -> None:
+    _join_allocation(cfg)
+    ray_launch.run_controller(entry, payload, cfg)
+
+
+def _join_allocation(cfg: DictConfig) -> None:
     address = os.environ.get("FTCLUSTER_RAY_ADDRESS")
     if not address:
         raise UserError("launcher=slurm places workers only inside a job started from slurm/ftcluster.sbatch "
                         "(FTCLUSTER_RAY_ADDRESS is not set); submit with `ftcluster train launcher=slurm ...`")
-    ray_launch.connect(address)
+    connect(address)
     wait_for_nodes(cfg.launcher)
-    # Worker i on node i // per_node (nodes labelled by the sbatch script, the head 0): ranks contiguous
-    # per node, rank 0, and so the process group's master address, on the head node.
-    per_node = cfg.launcher.workers // cfg.launcher.nodes
-    ray_launch.run(entry, payload, cfg, label_selector=[{NODE_LABEL: str(rank // per_node)}
-                                                        for rank in range(cfg.launcher.workers)])
 
 
 def wait_for_nodes(launcher: DictConfig, poll_s: float = 0.5) -> None:
     """Until launcher.nodes nodes are alive with the CPUs and GPUs the workers need, or ready_timeout_s."""
-    import ray
-
     need_cpus = launcher.workers * launcher.cpus_per_worker
     need_gpus = launcher.nodes * launcher.gpus_per_node
     deadline = time.time() + launcher.ready_timeout_s

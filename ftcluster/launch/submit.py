@@ -1,5 +1,6 @@
-"""What the submitting launchers (a Ray Job, a SLURM batch job) share: the checks that run before
-anything is submitted, and the overrides the remote `ftcluster train` runs with."""
+"""What the submitting launchers (a Ray Job, a SLURM batch job) share: the overrides the remote
+`ftcluster train` runs with, quoted so that they arrive byte for byte. (The driver validates the config and
+the resume policy before a submitter is called.)"""
 
 from __future__ import annotations
 
@@ -9,17 +10,6 @@ from pathlib import Path
 from omegaconf import DictConfig
 
 _PLAIN = re.compile(r"^[A-Za-z0-9_./:-]*$")
-
-
-def preflight(cfg: DictConfig) -> None:
-    """Everything that can be refused here instead of after a queue wait: the config, and an output_dir
-    that already holds another run (with resume=never)."""
-    from ftcluster.config import validate
-    from ftcluster.run.driver import resolve_resume
-
-    derived = validate(cfg)
-    cfg.output_dir = str(Path(cfg.output_dir).resolve())
-    resolve_resume(cfg, derived)
 
 
 def remote_overrides(cfg: DictConfig, overrides: list[str], *extra: str) -> list[str]:

@@ -13,6 +13,9 @@ import uuid
 from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
+from tqdm import tqdm
+
+from ftcluster.util import atomic
 
 METRICS_FILE = "metrics.jsonl"
 # The RL stages' sampled prompts, completions and rewards, one row per sample of each logged step.
@@ -26,9 +29,7 @@ def truncate_metrics(output_dir: str | Path, after_step: int, name: str = METRIC
         return
     rows = [line for line in path.read_text().splitlines() if line.strip()]
     kept = [line for line in rows if json.loads(line)["step"] <= after_step]
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text("".join(line + "\n" for line in kept))
-    tmp.replace(path)
+    atomic.write_text(path, "".join(line + "\n" for line in kept))
 
 
 def read_metrics(output_dir: str | Path, name: str = METRICS_FILE) -> list[dict]:
@@ -110,17 +111,17 @@ def _short(value) -> str:
 def _progress_bar(start: int, total: int):
     # Inside a Ray worker, tqdm_ray draws the bar in the driver's terminal instead of interleaving
     # carriage returns with other workers' log lines.
+    progress = tqdm
     if os.environ.get("FTCLUSTER_IN_RAY") == "1":
-        from ray.experimental.tqdm_ray import tqdm
-    else:
-        from tqdm import tqdm
-    bar = tqdm(total=total, desc="train", unit="step")
+        # not at the top: the driver imports this module, and launcher=processes runs without Ray
+        from ray.experimental.tqdm_ray import tqdm as progress
+    bar = progress(total=total, desc="train", unit="step")
     bar.update(start)  # a resumed run starts part-way
     return bar
 
 
 def _start_wandb(cfg: DictConfig):
-    import wandb
+    import wandb  # not at the top: optional, for tracking.wandb only
 
     w = cfg.tracking.wandb
     id_file = Path(cfg.output_dir) / "wandb_run_id"
@@ -133,6 +134,6 @@ def _start_wandb(cfg: DictConfig):
 
 
 def _start_tensorboard(output_dir: Path):
-    from torch.utils.tensorboard import SummaryWriter
+    from torch.utils.tensorboard import SummaryWriter  # not at the top: needs the optional tensorboard package
 
     return SummaryWriter(log_dir=str(output_dir / "tensorboard"))

@@ -17,14 +17,14 @@ import time
 from datetime import timedelta
 from pathlib import Path
 
+import torch.distributed as torch_dist
+
+from ftcluster.errors import CollectiveTimeout
 from ftcluster.util import dist
+from ftcluster.util.atomic import write_text
 
 PLACEMENT_FILE = "workers.json"
 _KEY = "ftcluster/heartbeat/{}"
-
-
-class CollectiveTimeout(RuntimeError):
-    """A collective waited longer than launcher.collective_timeout_s; the message names the quiet ranks."""
 
 
 def gather_placement(output_dir: str) -> list[dict]:
@@ -34,8 +34,6 @@ def gather_placement(output_dir: str) -> list[dict]:
           "local_rank": int(os.environ.get("LOCAL_RANK", 0)), "gpus": os.environ.get("CUDA_VISIBLE_DEVICES")}
     placement = dist.all_gather_objects(me)
     if dist.rank() == 0:
-        from ftcluster.util.atomic import write_text
-
         write_text(Path(output_dir) / PLACEMENT_FILE, json.dumps(placement, indent=2))
     return placement
 
@@ -69,7 +67,7 @@ def _span(ranks: list[int]) -> str:
 
 def _node_ip() -> str:
     try:
-        import ray
+        import ray  # not at the top: the driver imports this module, and launcher=processes runs without Ray
 
         return ray.util.get_node_ip_address()
     except Exception:  # not inside Ray (a plain process group in tests)
@@ -160,8 +158,6 @@ def _first_line(error: BaseException) -> str:
 
 
 def _default_store():
-    import torch.distributed as torch_dist
-
     if not torch_dist.is_initialized():
         return None
     try:

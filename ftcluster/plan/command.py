@@ -5,7 +5,11 @@ from __future__ import annotations
 import argparse
 import copy
 
+from ftcluster.config import compose, validate
 from ftcluster.errors import ConfigError, UserError
+from ftcluster.plan.planner import plan
+from ftcluster.plan.profiles import load_profile
+from ftcluster.plan.report import as_json, as_table
 
 
 def plan_command(args: list[str]) -> int:
@@ -22,11 +26,6 @@ def plan_command(args: list[str]) -> int:
     clusters = [a.split("=", 1)[1] for a in rest if a.startswith("cluster=")]
     cluster_overrides = [a[len("cluster."):] for a in rest if a.startswith("cluster.")]
     overrides = [a for a in rest if not a.startswith(("cluster=", "cluster."))]
-
-    from ftcluster.config import compose, validate
-    from ftcluster.plan.planner import plan
-    from ftcluster.plan.profiles import load_profile
-    from ftcluster.plan.report import as_json, as_table
 
     cfg = compose(overrides)
     if cfg.peft.method == "qlora":

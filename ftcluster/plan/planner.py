@@ -16,6 +16,7 @@ from dataclasses import dataclass, field, replace
 
 from omegaconf import DictConfig
 
+from ftcluster.errors import ConfigError
 from ftcluster.plan.predict import Prediction, predict_shape
 from ftcluster.plan.profiles import ClusterProfile
 from ftcluster.plan.setup import setup_from_config
@@ -68,8 +69,6 @@ class Plan:
 def plan(cfg: DictConfig, profile: ClusterProfile, global_batch: int | None = None,
          max_micro_batch: int = 16) -> Plan:
     """The candidates of cfg on profile. global_batch: rows per optimizer step (None: micro-batch x devices)."""
-    from ftcluster.errors import ConfigError
-
     shape = read_shape(config_folder(cfg))
     tensors = parameter_tensors(shape, cfg.peft)
     world = profile.devices

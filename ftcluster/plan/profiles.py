@@ -13,7 +13,11 @@ from typing import Optional
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from ftcluster.config import conf_dir
 from ftcluster.errors import ConfigError
+from ftcluster.train.bundled import cache_root
+from ftcluster.util import atomic
+from ftcluster.util.hardware import cpu_model
 
 GIB = 2 ** 30
 
@@ -61,8 +65,6 @@ class ClusterProfile:
 
 
 def cluster_dir() -> Path:
-    from ftcluster.config import conf_dir
-
     return conf_dir() / "cluster"
 
 
@@ -118,10 +120,7 @@ def measured_cpu(seconds: float = 0.4) -> dict:
     """One core's matmul TFLOP/s per dtype and copy bandwidth, measured once per CPU model and torch
     version and cached in <FTCLUSTER_CACHE or ~/.cache/ftcluster>/hardware/cpu.json when the machine was
     quiet (delete it to measure again)."""
-    import torch
-
-    from ftcluster.train.bundled import cache_root
-    from ftcluster.util.hardware import cpu_model
+    import torch  # not at the top (here and below): `ftcluster plan` needs torch only to measure a CPU profile
 
     fingerprint = f"{cpu_model()} | torch {torch.__version__}"
     path = cache_root() / "hardware" / "cpu.json"
@@ -146,8 +145,6 @@ def measured_cpu(seconds: float = 0.4) -> dict:
               f"cached (MFU comes out too high and predicted throughput too low)", flush=True)
         return result
     path.parent.mkdir(parents=True, exist_ok=True)
-    from ftcluster.util import atomic
-
     atomic.write_text(path, json.dumps(result, indent=2) + "\n")
     return result
 
@@ -167,14 +164,14 @@ def _best_rate(step, seconds: float, windows: int = 8) -> float:
 
 
 def _matmul_tflops(dtype, n: int, seconds: float) -> float:
-    import torch
+    import torch  # see measured_cpu
 
     a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
     return 2 * n ** 3 * _best_rate(lambda: torch.mm(a, b), seconds) / 1e12
 
 
 def _copy_gb_per_s(seconds: float) -> float:
-    import torch
+    import torch  # see measured_cpu
 
     src = torch.ones(16 * 2 ** 20)  # 64 MiB: past the caches
     dst = torch.empty_like(src)

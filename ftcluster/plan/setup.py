@@ -8,6 +8,8 @@ from dataclasses import dataclass
 
 from omegaconf import DictConfig
 
+from ftcluster.config import derive
+
 BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
 
 
@@ -51,9 +53,9 @@ class TrainSetup:
 def setup_from_config(cfg: DictConfig, on_gpu: bool) -> TrainSetup:
     """The TrainSetup of cfg, whose launcher.workers is the world size. Raises ConfigError as validate()
     does when the global batch does not divide."""
+    # not at the top: deepspeed and torch take seconds, which `ftcluster plan --help` and its config checks do without
     from deepspeed.runtime.zero.config import DeepSpeedZeroConfig
 
-    from ftcluster.config import derive
     from ftcluster.train.engine import deepspeed_config
 
     derived = derive(cfg)

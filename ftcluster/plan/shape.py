@@ -15,7 +15,9 @@ from pathlib import Path
 
 from omegaconf import DictConfig
 
+from ftcluster.config import ASSETS
 from ftcluster.errors import ConfigError, DataError
+from ftcluster.train.bundled import MODELS, PREFIX
 
 DENSE = ("llama", "mistral", "qwen2", "qwen3")
 MOE = ("mixtral",)
@@ -98,7 +100,7 @@ def read_shape(folder: str) -> ModelShape:
         json.loads(path.read_text())
     except json.JSONDecodeError as exc:
         raise DataError(str(path), exc.lineno, f"not valid JSON ({exc.msg})") from None
-    from transformers import AutoConfig
+    from transformers import AutoConfig  # not at the top: `ftcluster plan --help` and its config checks do without
 
     try:
         config = AutoConfig.from_pretrained(str(path.parent))
@@ -110,9 +112,6 @@ def read_shape(folder: str) -> ModelShape:
 def config_folder(cfg: DictConfig) -> str:
     """The folder whose config.json describes cfg's model: model.path, or for a bundled model the copy of
     its converted config.json that ships with ftcluster (no GGUF conversion needed to plan)."""
-    from ftcluster.train.bundled import MODELS, PREFIX
-    from ftcluster.config import ASSETS
-
     path = cfg.model.path
     if path is None:
         raise ConfigError("model.path", "no model: pick one with model=NAME (conf/model/) or set model.path=DIR")

@@ -4,7 +4,8 @@
 Per-sample lists are what travels between the controller and the role actors (small, and independent
 of each group's padding); a group pads its own share. A sequence's response token t sits at column
 len(prompt) + t of the batch, and its log-prob (or value) at column len(prompt) + t - 1 of the shifted
-[batch, tokens - 1] layout: the position that predicts it.
+[batch, tokens - 1] layout: the position that predicts it. Also the metrics of a rollout, which both RL
+stages log.
 """
 
 from __future__ import annotations
@@ -52,3 +53,17 @@ def shares(items: list, parts: int) -> list[list]:
     """`items` in `parts` contiguous equal shares (the caller checks that they divide)."""
     size = len(items) // parts
     return [items[i * size:(i + 1) * size] for i in range(parts)]
+
+
+def rollout_metrics(samples: list[dict], rewards: torch.Tensor, kl: list | None, group_size: int) -> dict:
+    """What a step's rollout says, for the RL stages' metrics: rewards, response length, the share of prompt
+    groups whose answers scored differently (the ones GRPO learns from) and the mean per-token KL."""
+    groups = rewards.view(-1, group_size)
+    metrics = {"reward_mean": rewards.mean().item(), "reward_std": rewards.std().item() if len(rewards) > 1 else 0.0,
+               "reward_min": rewards.min().item(), "reward_max": rewards.max().item(),
+               "response_length": sum(len(s["response_ids"]) for s in samples) / len(samples),
+               "groups_with_signal": (groups.std(dim=1) > 0).float().mean().item() if group_size > 1 else 1.0}
+    if kl is not None:
+        tokens = sum(len(k) for k in kl)
+        metrics["kl"] = sum(k.sum().item() for k in kl) / max(tokens, 1)
+    return metrics

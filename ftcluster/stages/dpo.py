@@ -25,16 +25,16 @@ import time
 import torch
 
 from ftcluster.util import dist
-from ftcluster.data.loader import eval_batches
 from ftcluster.train.engine import optimizer_step
+from ftcluster.eval.generate import eval_generation
+from ftcluster.objectives.cross_entropy import label_tokens
 from ftcluster.objectives.logprobs import pair_logps
 from ftcluster.objectives.losses import REFERENCE_FREE, pair_wins, preference_terms
 from ftcluster.train.reference import ReferenceLogps
 from ftcluster.train import loop
-from ftcluster.stages.context import StageContext
-from ftcluster.stages.sft import eval_generation
+from ftcluster.train.context import StageContext
+from ftcluster.train.evaluation import held_out
 
-MODEL_KIND = "causal_lm"
 # Summed over the pairs of a global batch (across ranks), then divided by the number of pairs.
 _SUMS = ("loss", "rewards_chosen", "rewards_rejected", "rewards_margin", "rewards_accuracy", "logps_chosen",
          "logps_rejected")
@@ -52,10 +52,11 @@ def train(ctx: StageContext) -> None:
                                 "reference_pass_s": time.perf_counter() - started})
             ctx.tracker.message(f"reference log-probs {'read from' if reference.cache_hit else 'cached in'} "
                                 f"{reference.folder} ({reference.forward_batches} reference forward batches)")
-    loop.run(ctx, lambda c, i: step(c, i, reference), lambda c, s, g: evaluate(c, s, g, reference))
+    for step in loop.steps(ctx, lambda c, s, g: evaluate(c, s, g, reference)):
+        step.result = train_step(ctx, step.index, reference)
 
 
-def step(ctx: StageContext, index: int, reference: ReferenceLogps | None) -> loop.StepResult:
+def train_step(ctx: StageContext, index: int, reference: ReferenceLogps | None) -> loop.StepResult:
     engine, d = ctx.engine, ctx.cfg.stage.dpo
     micro_batches = ctx.loader.micro_batches(index)
     pairs, chosen_tokens, tokens = dist.all_reduce_sum([
@@ -87,8 +88,7 @@ def _pair_sums(terms, policy, loss_sum: torch.Tensor) -> torch.Tensor:
 
 
 def _chosen_tokens(batch: dict) -> int:
-    pairs = batch["labels"].shape[0] // 2
-    return int((batch["labels"][:pairs, 1:] != -100).sum())
+    return label_tokens(batch, rows=batch["labels"].shape[0] // 2)
 
 
 @torch.no_grad()
@@ -103,26 +103,19 @@ def evaluate(ctx: StageContext, step: int, generate: bool, reference: ReferenceL
 
 
 def eval_pairs(ctx: StageContext, reference: ReferenceLogps | None) -> dict:
-    """The objective and the reward metrics over the held-out pairs (filler batches weigh nothing)."""
-    d, engine = ctx.cfg.stage.dpo, ctx.engine
-    engine.eval()
-    sums = torch.zeros(len(_SUMS), dtype=torch.float64)
-    nll = pairs = chosen_tokens = 0.0
-    for batch in eval_batches(ctx.eval_rows, ctx.cfg.trainer.micro_batch_per_device, ctx.rank, ctx.world_size,
-                              ctx.pad_id, packed=False):
-        # Every rank runs every batch, fillers included: ZeRO-3 forwards (a live reference's too) are collectives.
-        policy = pair_logps(engine, batch)
+    """The objective and the reward metrics over the held-out pairs."""
+    d = ctx.cfg.stage.dpo
+
+    def score(batch: dict) -> dict:
+        policy = pair_logps(ctx.engine, batch)
         ref = reference.logps(batch, "eval") if reference else None
-        if int(batch["num_examples"]) == 0:
-            continue
         terms = preference_terms(d.loss, policy, ref, d.beta, d.label_smoothing, d.simpo_gamma, d.sft_weight)
-        sums += _pair_sums(terms, policy, terms.losses.sum())
-        nll += terms.nll.sum().item()
-        pairs += int(batch["num_examples"])
-        chosen_tokens += _chosen_tokens(batch)
-    engine.train()
-    totals = dist.all_reduce_sum([*sums.tolist(), nll, pairs, chosen_tokens])
-    nll, pairs, chosen_tokens = totals[-3:].tolist()
-    metrics = dict(zip(_SUMS, (totals[:len(_SUMS)] / max(pairs, 1)).tolist()))
+        return {**dict(zip(_SUMS, _pair_sums(terms, policy, terms.losses.sum()).tolist())),
+                "nll": terms.nll.sum().item(), "pairs": int(batch["num_examples"]),
+                "chosen_tokens": _chosen_tokens(batch)}
+
+    totals = held_out(ctx, (*_SUMS, "nll", "pairs", "chosen_tokens"), score)
+    nll, pairs, chosen_tokens = (totals.pop(name) for name in ("nll", "pairs", "chosen_tokens"))
+    metrics = {name: value / max(pairs, 1) for name, value in totals.items()}
     metrics["loss"] += nll / max(chosen_tokens, 1)
     return {f"eval_{name}": value for name, value in metrics.items()}

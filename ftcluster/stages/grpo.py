@@ -2,7 +2,7 @@
 advantage its reward relative to its group's, no critic.
 
 Features and their trade-offs:
-- Roles on Ray actors (ftcluster.rl.controller): the policy group samples (or stage.rl.rollout_workers
+- Roles on Ray actors (ftcluster.rl.context): the policy group samples (or stage.rl.rollout_workers
   separate rollout actors do, synced after every update) and trains; the reference is the policy with
   its LoRA adapters disabled, a frozen copy the policy holds, or its own group
   (stage.rl.reference_workers); the reward is a Python function run here or a reward-model group.
@@ -27,13 +27,13 @@ import torch
 
 from ftcluster.objectives.advantages import group_relative
 from ftcluster.objectives.losses import kl_penalty
-from ftcluster.rl.controller import RLContext
+from ftcluster.rl.context import RLContext
+from ftcluster.rl.experience import rollout_metrics
 
 
 def train(ctx: RLContext) -> None:
     rl = ctx.cfg.stage.rl
-    if ctx.start_step == 0:
-        ctx.evaluate(0)
+    ctx.before_training()
     for step in range(ctx.start_step, ctx.cfg.trainer.max_steps):
         started, lr = time.perf_counter(), ctx.policy_lr()
         samples = ctx.rollout(step)
@@ -59,14 +59,3 @@ def train(ctx: RLContext) -> None:
             return
     ctx.export_final()
 
-
-def rollout_metrics(samples: list[dict], rewards: torch.Tensor, kl: list | None, group_size: int) -> dict:
-    groups = rewards.view(-1, group_size)
-    metrics = {"reward_mean": rewards.mean().item(), "reward_std": rewards.std().item() if len(rewards) > 1 else 0.0,
-               "reward_min": rewards.min().item(), "reward_max": rewards.max().item(),
-               "response_length": sum(len(s["response_ids"]) for s in samples) / len(samples),
-               "groups_with_signal": (groups.std(dim=1) > 0).float().mean().item() if group_size > 1 else 1.0}
-    if kl is not None:
-        tokens = sum(len(k) for k in kl)
-        metrics["kl"] = sum(k.sum().item() for k in kl) / max(tokens, 1)
-    return metrics

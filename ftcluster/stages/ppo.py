@@ -1,7 +1,7 @@
 """Proximal policy optimisation with a learned critic (InstructGPT's RLHF recipe).
 
 Features and their trade-offs:
-- Roles on Ray actors (ftcluster.rl.controller): policy, critic (a value head on the reward model's
+- Roles on Ray actors (ftcluster.rl.context): policy, critic (a value head on the reward model's
   backbone when stage.rl.reward_model is set, else on the policy's), reference and reward model, each
   its own DeepSpeed group, colocated on shared bundles or apart (stage.rl.colocate).
 - Rewards: the sequence's score on its last token, minus kl_coef x the per-token KL estimate (k1)
@@ -23,14 +23,13 @@ import torch
 
 from ftcluster.objectives.advantages import gae, sequence_rewards_to_tokens, whiten
 from ftcluster.objectives.losses import kl_penalty
-from ftcluster.rl.controller import RLContext
-from ftcluster.stages.grpo import rollout_metrics
+from ftcluster.rl.context import RLContext
+from ftcluster.rl.experience import rollout_metrics
 
 
 def train(ctx: RLContext) -> None:
     rl = ctx.cfg.stage.rl
-    if ctx.start_step == 0:
-        ctx.evaluate(0)
+    ctx.before_training()
     for step in range(ctx.start_step, ctx.cfg.trainer.max_steps):
         started, lr = time.perf_counter(), ctx.policy_lr()
         samples = ctx.rollout(step)

@@ -19,21 +19,21 @@ from __future__ import annotations
 import torch
 
 from ftcluster.util import dist
-from ftcluster.data.loader import eval_batches
 from ftcluster.train.engine import optimizer_step
 from ftcluster.objectives.losses import bradley_terry, pair_wins
 from ftcluster.train import loop
-from ftcluster.stages.context import StageContext
+from ftcluster.train.context import StageContext
+from ftcluster.train.evaluation import held_out
 
-MODEL_KIND = "reward"
 _SUMS = ("loss", "accuracy", "margin", "rewards_chosen", "rewards_rejected")
 
 
 def train(ctx: StageContext) -> None:
-    loop.run(ctx, step, evaluate)
+    for step in loop.steps(ctx, evaluate):
+        step.result = train_step(ctx, step.index)
 
 
-def step(ctx: StageContext, index: int) -> loop.StepResult:
+def train_step(ctx: StageContext, index: int) -> loop.StepResult:
     micro_batches = ctx.loader.micro_batches(index)
     pairs, tokens = dist.all_reduce_sum([sum(int(mb["num_examples"]) for mb in micro_batches),
                                          sum(int(mb["num_tokens"]) for mb in micro_batches)]).tolist()
@@ -66,17 +66,12 @@ def _pair_sums(losses: torch.Tensor, chosen: torch.Tensor, rejected: torch.Tenso
 def evaluate(ctx: StageContext, step: int, generate: bool) -> None:
     if ctx.eval_rows is None:
         return
-    ctx.engine.eval()
-    sums, pairs = torch.zeros(len(_SUMS), dtype=torch.float64), 0
-    for batch in eval_batches(ctx.eval_rows, ctx.cfg.trainer.micro_batch_per_device, ctx.rank, ctx.world_size,
-                              ctx.pad_id, packed=False):
-        chosen, rejected = scores(ctx.engine, batch)  # fillers too: ZeRO-3 forwards are collectives
-        if int(batch["num_examples"]) == 0:
-            continue
-        losses = bradley_terry(chosen, rejected, batch["margin"] + ctx.cfg.stage.rm.margin)
-        sums += _pair_sums(losses, chosen, rejected)
-        pairs += int(batch["num_examples"])
-    ctx.engine.train()
-    totals = dist.all_reduce_sum([*sums.tolist(), pairs])
-    values = (totals[:-1] / max(totals[-1].item(), 1)).tolist()
-    ctx.tracker.log(step, {f"eval_{name}": value for name, value in zip(_SUMS, values)})
+
+    def score(batch: dict) -> dict:
+        chosen, rejected = scores(ctx.engine, batch)
+        losses = bradley_terry(chosen, rejected, batch["margin"].to(chosen.device) + ctx.cfg.stage.rm.margin)
+        return {**dict(zip(_SUMS, _pair_sums(losses, chosen, rejected).tolist())), "pairs": int(batch["num_examples"])}
+
+    totals = held_out(ctx, (*_SUMS, "pairs"), score)
+    pairs = max(totals.pop("pairs"), 1)
+    ctx.tracker.log(step, {f"eval_{name}": value / pairs for name, value in totals.items()})

@@ -13,7 +13,10 @@ from pathlib import Path
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from ftcluster.config import compose, to_yaml
-from ftcluster.errors import ConfigError, UserError
+from ftcluster.errors import ConfigError, UserError, WorkerFailed
+from ftcluster.sweep import slurm_backend
+from ftcluster.sweep.plan import make_plan
+from ftcluster.sweep.summary import BEST_FILE, CSV_FILE, summarize
 from ftcluster.sweep.trial import TRIALS_DIR
 
 SPEC_FILE = "sweep.yaml"
@@ -21,9 +24,6 @@ _PARAM_PREFIXES = ("sweep.params.", "+sweep.params.")
 
 
 def sweep(args: list[str]) -> Path:
-    from ftcluster.sweep.plan import make_plan
-    from ftcluster.sweep.summary import BEST_FILE, CSV_FILE, summarize
-
     overrides, params = split_params(args)
     cfg = compose(overrides)
     with open_dict(cfg.sweep.params):
@@ -35,12 +35,11 @@ def sweep(args: list[str]) -> Path:
     print(f"[ftcluster] sweep in {out}: {plan.trials} trials, {cfg.sweep.search} search, scheduler "
           f"{cfg.sweep.scheduler}, {cfg.sweep.concurrency} at once, on {cfg.sweep.backend}", flush=True)
     if cfg.sweep.backend == "ray":
+        # not at the top: it imports Ray, which sweep.backend=slurm does without
         from ftcluster.sweep import tune_backend
 
         tune_backend.run(plan, resume)
     else:
-        from ftcluster.sweep import slurm_backend
-
         slurm_backend.run(plan, overrides, resume)
     rows = summarize(out, cfg, plan.space)
     for row in rows:
@@ -54,8 +53,6 @@ def sweep(args: list[str]) -> Path:
         raise KeyboardInterrupt
     failed = [r for r in rows if r["status"].startswith("failed")]
     if failed:
-        from ftcluster.launch.ray import WorkerFailed
-
         raise WorkerFailed(f"{len(failed)} of {len(rows)} trials failed, e.g. {failed[0]['trial']}: "
                            f"{failed[0]['status']}; summary in {out}/{CSV_FILE} (resume=auto runs them again)")
     if not (out / BEST_FILE).is_file():

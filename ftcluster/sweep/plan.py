@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import copy
 import os
+import shutil
 from dataclasses import dataclass
 
 from omegaconf import DictConfig, OmegaConf
@@ -154,7 +155,7 @@ def check_concurrency(cfg: DictConfig, cpus: float, gpus: float) -> None:
 def _local_gpus(cfg: DictConfig) -> int:
     if cfg.launcher.use_gpu is False:
         return 0
-    import torch
+    import torch  # not at the top: a sweep's checks need torch only to count this machine's GPUs
 
     return torch.cuda.device_count()
 
@@ -185,8 +186,6 @@ def _check_slurm(cfg: DictConfig) -> None:
     if cfg.launcher.nodes != 1:
         raise ConfigError("launcher.nodes", "each point of sweep.backend=slurm runs on one node (its array task); "
                                             "use launcher.nodes=1")
-    import shutil
-
     missing = [tool for tool in ("sbatch", "squeue", "sinfo") if shutil.which(tool) is None]
     if missing:
         raise UserError(f"sweep.backend=slurm needs the SLURM client tools on PATH; missing: {', '.join(missing)}. "

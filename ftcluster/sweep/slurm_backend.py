@@ -26,14 +26,22 @@ import uuid
 from contextlib import contextmanager
 from pathlib import Path
 
+from hydra import initialize_config_dir
+from hydra._internal.callbacks import Callbacks
+from hydra.core.global_hydra import GlobalHydra
+from hydra.core.plugins import Plugins
+from hydra.types import HydraContext, RunMode
 from omegaconf import DictConfig
 
-from ftcluster.errors import ConfigError
+from ftcluster.config import apply_schema, conf_dir
+from ftcluster.errors import ConfigError, WorkerFailed
+from ftcluster.launch.sbatch import check_against_cluster
 from ftcluster.launch.submit import hydra_quote
 from ftcluster.sweep.plan import Plan
 from ftcluster.sweep.space import grid_points, random_points
 from ftcluster.sweep.summary import status
 from ftcluster.sweep.trial import TRIALS_DIR, read_record, wandb_group, write_record
+from ftcluster.util.text import tail
 
 POLL_S = 2.0
 # After the array has left the queue, how long submitit may take to collect results before we call them lost.
@@ -41,8 +49,6 @@ LOST_AFTER_S = 60.0
 
 
 def run(plan: Plan, overrides: list[str], resume: bool) -> None:
-    from ftcluster.launch.sbatch import check_against_cluster
-
     cfg = plan.cfg
     check_against_cluster(cfg.launcher)
     sweep_dir = Path(cfg.output_dir)
@@ -67,7 +73,8 @@ def run(plan: Plan, overrides: list[str], resume: bool) -> None:
     folder = sweep_dir / "slurm" / launch_id
     print(f"[ftcluster] submitting {len(jobs)} points as SLURM array job {job_name}; logs in {folder}", flush=True)
     if not _has_accounting():
-        from submitit.core import logger as submitit_logger  # (configures its logger as it is imported)
+        # not at the top: submitit is for SLURM sweeps only (and its import configures the logger set here)
+        from submitit.core import logger as submitit_logger
 
         submitit_logger.get_logger().setLevel(logging.ERROR)  # its every status poll would warn
         print("[ftcluster] this cluster has no accounting (sacct); each 'Slurm accounting storage is disabled' below "
@@ -99,14 +106,6 @@ def hydra_value(value) -> str:
 @contextmanager
 def hydra_launcher(cfg: DictConfig, overrides: list[str], sweep_dir: Path, job_name: str, folder: Path):
     """The submitit SLURM launcher, set up as `--multirun hydra/launcher=submitit_slurm` would set it up."""
-    from hydra import initialize_config_dir
-    from hydra.core.global_hydra import GlobalHydra
-    from hydra.core.plugins import Plugins
-    from hydra.types import HydraContext, RunMode
-    from hydra._internal.callbacks import Callbacks
-
-    from ftcluster.config import conf_dir
-
     GlobalHydra.instance().clear()
     with initialize_config_dir(config_dir=str(conf_dir()), version_base="1.3"):
         hydra = GlobalHydra.instance().hydra
@@ -147,7 +146,7 @@ def minutes(limit: str) -> int:
 
 def run_point(task_cfg: DictConfig) -> str:
     """Inside the array task: Hydra has composed this point's config; train it as `ftcluster train` would."""
-    from ftcluster.config import apply_schema
+    # not at the top: only the array task trains; the process that submits it does without torch and transformers
     from ftcluster.run.driver import train
 
     cfg = apply_schema(task_cfg)
@@ -188,8 +187,6 @@ def watched(launch, job_name: str, folder: Path) -> None:
         elif submitted:
             gone_since = gone_since or time.time()
             if time.time() - gone_since > LOST_AFTER_S:
-                from ftcluster.launch.ray import WorkerFailed
-
                 raise WorkerFailed(f"SLURM array job {job_name} left the queue but some of its tasks never wrote a "
                                    f"result (cancelled, out of time or on a lost node?); their logs are in {folder}"
                                    f"{_log_tail(folder)}")
@@ -202,7 +199,7 @@ def _log_tail(folder: Path, lines: int = 5) -> str:
     for log in sorted(folder.glob("*_log.err")):
         text = [line for line in log.read_text(errors="replace").splitlines() if line.strip()]
         if text:
-            return f"; the end of {log.name}:\n" + "\n".join(text[-lines:])
+            return f"; the end of {log.name}:\n" + tail("\n".join(text), lines)
     return ""
 
 

@@ -61,7 +61,7 @@ class Param:
         return math.exp(rng.uniform(math.log(a[0]), math.log(a[1])))
 
     def tune_domain(self, search: str):
-        from ray import tune
+        from ray import tune  # not at the top: sweep.backend=slurm and the sweep's checks run without Ray
 
         a = self.args
         if search == "grid" or self.kind == "grid":

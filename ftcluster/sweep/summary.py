@@ -16,10 +16,10 @@ from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
-from ftcluster.util.atomic import write_text
 from ftcluster.config import SweepConfig
 from ftcluster.sweep.space import Param
 from ftcluster.sweep.trial import TRIALS_DIR, metric_rows, read_record
+from ftcluster.util.atomic import replacing, write_text
 
 CSV_FILE = "sweep.csv"
 BEST_FILE = "best.yaml"
@@ -60,6 +60,7 @@ def status(folder: Path, record: dict, max_steps: int) -> str:
         return f"stopped early at step {record['step']}"
     if record.get("status") == "failed":
         return f"failed: {record.get('error', '')}"
+    # not at the top: it imports torch, which a sweep needs here for unfinished trials only
     from ftcluster.train.checkpoint import latest_checkpoint
 
     newest = latest_checkpoint(folder)
@@ -87,10 +88,8 @@ def write_csv(path: Path, rows: list[dict], metric: str, keys: list[str]) -> Non
     for r in rows:
         lines.append([r["trial"], *(_cell(r["params"].get(k)) for k in keys), "" if r["metric"] is None else
                       repr(r["metric"]), "" if r["step"] is None else r["step"], r["status"], r["output_dir"]])
-    tmp = path.with_name(f".tmp-{path.name}")
-    with tmp.open("w", newline="") as f:
+    with replacing(path) as tmp, tmp.open("w", newline="") as f:
         csv.writer(f).writerows(lines)
-    tmp.replace(path)
 
 
 def _cell(value) -> str:
@@ -100,7 +99,7 @@ def _cell(value) -> str:
 def plot(path: Path, rows: list[dict], param: Param, metric: str) -> None:
     """The metric at each trial's last evaluation against the parameter: filled for completed trials, hollow
     for those stopped early (their value is from an earlier step)."""
-    import matplotlib
+    import matplotlib  # not at the top: choosing the Agg backend is process-wide, so only when plotting
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt

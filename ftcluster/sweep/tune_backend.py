@@ -20,11 +20,18 @@ import threading
 import time
 from pathlib import Path
 
+import ray
 from omegaconf import DictConfig, OmegaConf
 from ray import tune
+from ray.tune.schedulers import ASHAScheduler, FIFOScheduler, MedianStoppingRule
+from ray.tune.search import BasicVariantGenerator
 
+from ftcluster.config import apply_schema
+from ftcluster.errors import StoppedOnRequest
+from ftcluster.launch.cluster import connect
 from ftcluster.sweep.plan import Plan, check_concurrency
 from ftcluster.sweep.trial import TRIALS_DIR, metric_rows, read_record, trial_config, wandb_group, write_record
+from ftcluster.train import stop
 
 TUNE_DIR = "tune"
 TRIAL_ACTOR_MEMORY = 2**20  # bytes of Ray's logical memory resource
@@ -35,8 +42,6 @@ class TrialRun(tune.Trainable):
     """One trial: its run in a background thread, its metric rows reported one per step() call."""
 
     def setup(self, config: dict, base: dict, group: str) -> None:
-        from ftcluster.config import apply_schema
-
         sweep = apply_schema(base)
         self.output_dir = Path(sweep.output_dir) / TRIALS_DIR / self.trial_id
         self.cfg = trial_config(sweep, config, self.output_dir, group)
@@ -49,8 +54,8 @@ class TrialRun(tune.Trainable):
         self.thread.start()
 
     def _train(self) -> None:
+        # not at the top: only trial actors train; the process driving the sweep does without transformers and datasets
         from ftcluster.run.driver import train
-        from ftcluster.train.stop import StoppedOnRequest
 
         try:
             train(self.cfg, ["sweep", f"trial={self.trial_id}"])
@@ -92,8 +97,6 @@ class TrialRun(tune.Trainable):
     def cleanup(self) -> None:
         """Called when the trial ends, including when the scheduler stops it: ask the run to checkpoint and stop,
         and wait for it, so that the next trial gets its resources and this one's folder is whole."""
-        from ftcluster.train import stop
-
         request = stop.request_file(self.output_dir)
         while self.thread.is_alive():
             request.touch()  # the driver clears a request left by an earlier attempt as it starts: ask until seen
@@ -128,8 +131,6 @@ class StopWhenDecided(tune.Callback):
         self.trials_dir = trials_dir
 
     def on_trial_complete(self, iteration: int, trials: list, trial, **info) -> None:
-        from ftcluster.train import stop
-
         if not (trial.last_result or {}).get("done"):  # a run that finished needs no request
             stop.request_file(self.trials_dir / trial.trial_id).touch()
 
@@ -140,12 +141,8 @@ def _first_line(exc: BaseException) -> str:
 
 
 def run(plan: Plan, resume: bool) -> None:
-    import ray
-
-    from ftcluster.launch import ray as ray_launch
-
     cfg = plan.cfg
-    ray_launch.connect(cfg.launcher.address if cfg.launcher.name == "ray" else None)
+    connect(cfg.launcher.address if cfg.launcher.name == "ray" else None)
     if cfg.launcher.name == "ray":  # a joined cluster: its own resources, now that we can see them
         total = ray.cluster_resources()
         check_concurrency(cfg, total.get("CPU", 0), total.get("GPU", 0))
@@ -175,12 +172,10 @@ def run(plan: Plan, resume: bool) -> None:
 def _tune_config(cfg: DictConfig, trials: int) -> tune.TuneConfig:
     s = cfg.sweep
     if s.search == "optuna":
-        from ray.tune.search.optuna import OptunaSearch
+        from ray.tune.search.optuna import OptunaSearch  # not at the top: it imports optuna, for search=optuna only
 
         search, limit = OptunaSearch(seed=cfg.seed), s.concurrency  # (Tune wraps it in a ConcurrencyLimiter)
     else:
-        from ray.tune.search import BasicVariantGenerator
-
         search, limit = BasicVariantGenerator(random_state=cfg.seed, max_concurrent=s.concurrency), None
     return tune.TuneConfig(metric=s.metric, mode=s.mode, search_alg=search, scheduler=_scheduler(cfg),
                            num_samples=1 if s.search == "grid" else trials, max_concurrent_trials=limit,
@@ -188,8 +183,6 @@ def _tune_config(cfg: DictConfig, trials: int) -> tune.TuneConfig:
 
 
 def _scheduler(cfg: DictConfig):
-    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler, MedianStoppingRule
-
     s = cfg.sweep
     if s.scheduler == "asha":
         return ASHAScheduler(time_attr="step", max_t=cfg.trainer.max_steps, grace_period=s.grace_steps,

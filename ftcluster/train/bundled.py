@@ -11,11 +11,13 @@ from __future__ import annotations
 import importlib.metadata
 import json
 import os
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
+from filelock import FileLock
+
 from ftcluster.errors import ConfigError, UserError
+from ftcluster.util.atomic import replacing
 
 PREFIX = "bundled:"
 
@@ -56,7 +58,7 @@ def resolve_model_path(path: str) -> str:
                                         + ", ".join(PREFIX + n for n in sorted(MODELS)))
     spec = MODELS[name]
     target = cache_root() / "models" / spec.folder
-    if not target.is_dir():  # fast path: the folder only ever appears complete (os.replace below)
+    if not target.is_dir():  # fast path: the folder only ever appears complete (replacing() below)
         _convert_locked(spec, target)
     return str(target)
 
@@ -77,27 +79,22 @@ def _gguf_file(spec: BundledModel) -> Path:
 
 
 def _convert_locked(spec: BundledModel, target: Path) -> None:
-    from filelock import FileLock
-
     gguf = _gguf_file(spec)  # fail on a missing package before creating anything
     target.parent.mkdir(parents=True, exist_ok=True)
     with FileLock(str(target) + ".lock"):
         if target.is_dir():  # another process converted it while we waited for the lock
             return
-        # Holding the lock means no converter is running: any temporary folder is a crash's leftover.
-        for stale in target.parent.glob(target.name + ".tmp-*"):
-            shutil.rmtree(stale, ignore_errors=True)
-        tmp = target.parent / f"{target.name}.tmp-{os.getpid()}"
         print(f"[ftcluster] converting {spec.folder} from GGUF into {target} (once, ~40 s)", flush=True)
-        try:
+        # Holding the lock means no converter is running, so a pending folder is a crash's leftover, which
+        # replacing() discards.
+        with replacing(target) as tmp:
             _convert(gguf, tmp)
             _check(tmp, spec)
-            os.replace(tmp, target)  # atomic: the target is either absent or complete
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
 
 
 def _convert(gguf: Path, out: Path) -> None:
+    # not at the top (here and in _check): `ftcluster plan` imports this module, and only a conversion needs
+    # torch and transformers
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -115,7 +112,7 @@ def _convert(gguf: Path, out: Path) -> None:
 
 def _check(folder: Path, spec: BundledModel) -> None:
     """Cheap checks that the folder is a plain HF model (not a full reload of 538 MB of weights)."""
-    from transformers import AutoConfig
+    from transformers import AutoConfig  # see _convert
 
     raw = json.loads((folder / "config.json").read_text())
     if "quantization_config" in raw:

@@ -18,8 +18,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ftcluster.util import dist
-from ftcluster.util.atomic import swap_into_place
+from ftcluster.util import atomic, dist
 
 TAG = "state"
 STATE_FILE = "trainer_state.json"
@@ -53,35 +52,33 @@ def read_state(checkpoint: Path) -> dict:
 def save(engine, output_dir: str | Path, step: int, trainer_state: dict, keep_last: int,
          exclude_frozen: bool) -> Path:
     """Collective: every rank calls it. Returns the final checkpoint path."""
-    tmp = begin(output_dir, step) if dist.rank() == 0 else pending_path(output_dir, step)
+    tmp = begin(output_dir, step) if dist.rank() == 0 else atomic.pending(step_path(output_dir, step))
     dist.barrier()
     save_engine(engine, tmp, exclude_frozen)
     dist.barrier()
-    final = tmp.with_name(f"step-{step}")
+    final = step_path(output_dir, step)
     if dist.rank() == 0:
         commit(tmp, {"step": step, **trainer_state}, keep_last)
     dist.barrier()
     return final
 
 
-def pending_path(output_dir: str | Path, step: int) -> Path:
-    return checkpoints_dir(output_dir) / f".tmp-step-{step}"
+def step_path(output_dir: str | Path, step: int) -> Path:
+    return checkpoints_dir(output_dir) / f"step-{step}"
 
 
 def begin(output_dir: str | Path, step: int) -> Path:
-    """The hidden folder a checkpoint is written into (emptied: left by a crash during an earlier attempt)."""
-    tmp = pending_path(output_dir, step)
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    return tmp
+    """The hidden folder a checkpoint is written into, empty (whatever a crashed attempt left is discarded)."""
+    return atomic.begin_folder(step_path(output_dir, step))
 
 
 def commit(tmp: Path, trainer_state: dict, keep_last: int) -> Path:
-    """Complete a checkpoint: trainer_state.json last, then the rename that makes it visible."""
+    """Complete a checkpoint: trainer_state.json last, then the rename that makes it visible, then the
+    pruning to the newest keep_last (every path that saves goes through here, SPMD ranks and RL alike)."""
     (tmp / STATE_FILE).write_text(json.dumps(trainer_state, indent=2))
     final = tmp.with_name(f"step-{trainer_state['step']}")
-    swap_into_place(tmp, final)
-    _prune(tmp.parent, keep_last)
+    atomic.swap_into_place(tmp, final)
+    prune(final.parent.parent, keep_last)
     return final
 
 
@@ -91,8 +88,9 @@ def save_engine(engine, folder: Path, exclude_frozen: bool) -> None:
     torch.save(_rng_state(), Path(folder) / f"rng_rank{dist.rank()}.pt")
 
 
-def _prune(root: Path, keep_last: int) -> None:
-    for stale in complete_checkpoints(root.parent)[:-keep_last]:
+def prune(output_dir: str | Path, keep_last: int) -> None:
+    """Keep the newest `keep_last` complete checkpoints (0 keeps them all)."""
+    for stale in complete_checkpoints(output_dir)[:-keep_last]:
         shutil.rmtree(stale)
 
 

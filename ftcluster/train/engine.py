@@ -14,9 +14,12 @@ from pathlib import Path
 
 import torch
 from omegaconf import DictConfig
+from transformers.integrations.deepspeed import HfDeepSpeedConfig, unset_hf_deepspeed_config
 
 from ftcluster.config import Derived
 from ftcluster.errors import ConfigError
+from ftcluster.observe.comm_time import LOGGER_CONFIG
+from ftcluster.util import dist
 
 
 def deepspeed_config(cfg: DictConfig, derived: Derived) -> dict:
@@ -46,8 +49,6 @@ def deepspeed_config(cfg: DictConfig, derived: Derived) -> dict:
         "wall_clock_breakdown": False,
     }
     if t.profile_comms:
-        from ftcluster.observe.comms import LOGGER_CONFIG
-
         config["comms_logger"] = dict(LOGGER_CONFIG)
     if s.deepspeed_config:
         config = _deep_merge(config, _read_user_config(s.deepspeed_config))
@@ -89,8 +90,6 @@ def zero3_construction(ds_config: dict):
     if ds_config["zero_optimization"]["stage"] != 3:
         yield
         return
-    from transformers.integrations.deepspeed import HfDeepSpeedConfig, unset_hf_deepspeed_config
-
     keep_alive = HfDeepSpeedConfig(ds_config)  # transformers holds only a weak reference to it
     try:
         yield
@@ -127,7 +126,7 @@ def lr_multiplier(step: int, cfg: DictConfig) -> float:
 
 def initialize(model: torch.nn.Module, cfg: DictConfig, ds_config: dict):
     """The DeepSpeed engine, which owns the model, optimizer and schedule from here on."""
-    import deepspeed
+    import deepspeed  # not at the top (here and below): the driver imports this module and needs no DeepSpeed
 
     optimizer = build_optimizer(model, cfg)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_multiplier(step, cfg))
@@ -164,11 +163,9 @@ def initialize_frozen(model: torch.nn.Module, ds_config: dict):
     """A frozen model for inference (a reference or reward model), sharded like the policy: under ZeRO-3 a
     DeepSpeed engine without an optimizer (parameters partitioned, gathered layer by layer), else the
     plain module (ZeRO 0-2 shard only optimizer state and gradients, which a frozen model has none of)."""
-    from ftcluster.util import dist
-
     if ds_config["zero_optimization"]["stage"] != 3:
         return model.to(dist.device())
-    import deepspeed
+    import deepspeed  # see initialize
 
     frozen = {key: value for key, value in ds_config.items() if key not in ("optimizer", "scheduler")}
     frozen["zero_optimization"] = {key: value for key, value in ds_config["zero_optimization"].items()

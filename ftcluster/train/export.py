@@ -7,16 +7,17 @@ weights), and the folder is written beside its destination and renamed into plac
 
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
 
 import torch
 from omegaconf import DictConfig
 
-from ftcluster.train import checkpoint as ckpt
-from ftcluster.util.atomic import swap_into_place
+from ftcluster.config import load_run_config
+from ftcluster.data.template import apply_template_override
 from ftcluster.errors import UserError
+from ftcluster.train import checkpoint as ckpt
 from ftcluster.train.model import DTYPES, MODEL_CLASSES, apply_peft, load_tokenizer
+from ftcluster.util.atomic import replacing
 
 
 def write_final(state_dict: dict, cfg: DictConfig, model_dir: str, out_dir: str | Path, tokenizer=None,
@@ -25,8 +26,6 @@ def write_final(state_dict: dict, cfg: DictConfig, model_dir: str, out_dir: str 
     model the stage trained (ftcluster.train.model.MODEL_CLASSES): a reward model's final/ loads with
     AutoModelForSequenceClassification."""
     out_dir = Path(out_dir)
-    tmp = out_dir.with_name(f".tmp-{out_dir.name}")
-    shutil.rmtree(tmp, ignore_errors=True)
     extra = {} if kind == "causal_lm" else {"num_labels": 1, "pad_token_id": load_tokenizer(model_dir).pad_token_id}
     model = MODEL_CLASSES[kind].from_pretrained(model_dir, dtype=DTYPES[cfg.strategy.precision], **extra)
     uses_peft = cfg.peft.method != "none"
@@ -34,24 +33,22 @@ def write_final(state_dict: dict, cfg: DictConfig, model_dir: str, out_dir: str 
         model = apply_peft(model, _without_checkpointing(cfg), kind)
     _load_exactly(model, state_dict, partial=uses_peft)
     tokenizer = tokenizer if tokenizer is not None else _run_tokenizer(cfg, model_dir)
-    if uses_peft:
-        model.save_pretrained(tmp / "adapter")
-        tokenizer.save_pretrained(tmp / "adapter")
-        if cfg.export.merge and cfg.peft.method in ("lora", "dora", "qlora"):
-            model = model.merge_and_unload()
-        else:
-            # Not merged: final/ holds the base weights and final/adapter/ the adapter to apply on them.
-            model = model.get_base_model()
-    model.config.use_cache = True
-    model.save_pretrained(tmp, safe_serialization=True)
-    tokenizer.save_pretrained(tmp)
-    swap_into_place(tmp, out_dir)
+    with replacing(out_dir) as tmp:
+        if uses_peft:
+            model.save_pretrained(tmp / "adapter")  # before merging, which folds the adapter into the base
+            tokenizer.save_pretrained(tmp / "adapter")
+            if cfg.export.merge and cfg.peft.method in ("lora", "dora", "qlora"):
+                model = model.merge_and_unload()
+            else:
+                # Not merged: final/ holds the base weights and final/adapter/ the adapter to apply on them.
+                model = model.get_base_model()
+        model.config.use_cache = True
+        model.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
     return out_dir
 
 
 def _run_tokenizer(cfg: DictConfig, model_dir: str):
-    from ftcluster.data.template import apply_template_override
-
     tokenizer = load_tokenizer(model_dir)
     if cfg.data.format != "text":
         apply_template_override(tokenizer, cfg.data.chat_template)
@@ -83,6 +80,7 @@ def checkpoint_state_dict(checkpoint: Path, zero_stage: int) -> dict:
     if zero_stage == 0:
         model_states = torch.load(tag_dir / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False)
         return model_states["module"]
+    # not at the top: the driver imports this module and needs no DeepSpeed
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
     return get_fp32_state_dict_from_zero_checkpoint(str(checkpoint), tag=ckpt.TAG)
@@ -90,8 +88,6 @@ def checkpoint_state_dict(checkpoint: Path, zero_stage: int) -> dict:
 
 def export_checkpoint(checkpoint: str | Path, out_dir: str | Path | None, merge: bool | None) -> Path:
     """`ftcluster export`: a final/-style folder from any complete checkpoint of a run."""
-    from ftcluster.config import load_run_config
-
     checkpoint = Path(checkpoint)
     if (checkpoint / ckpt.STATE_FILE).is_file() is False:
         raise UserError(f"{checkpoint} is not a complete ftcluster checkpoint (no {ckpt.STATE_FILE}); "

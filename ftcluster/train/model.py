@@ -12,9 +12,11 @@ from pathlib import Path
 import torch
 from omegaconf import DictConfig
 from transformers import (AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification,
-                          AutoModelForTokenClassification, AutoTokenizer, PreTrainedTokenizerBase)
+                          AutoModelForTokenClassification, AutoTokenizer, BitsAndBytesConfig,
+                          PreTrainedTokenizerBase)
 
 from ftcluster.errors import ConfigError
+from ftcluster.util.atomic import replacing
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -43,10 +45,9 @@ def materialize_random_init(model_dir: str, out_dir: Path, seed: int) -> str:
         return str(out_dir)
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(model_dir), dtype=torch.float32)
-    tmp = out_dir.with_name(out_dir.name + ".tmp")
-    model.save_pretrained(tmp)
-    load_tokenizer(model_dir).save_pretrained(tmp)
-    tmp.replace(out_dir)
+    with replacing(out_dir) as tmp:
+        model.save_pretrained(tmp)
+        load_tokenizer(model_dir).save_pretrained(tmp)
     return str(out_dir)
 
 
@@ -84,6 +85,7 @@ def _pad_token_id(model_dir: str) -> int:
 
 
 def apply_peft(model: torch.nn.Module, cfg: DictConfig, kind: str = "causal_lm") -> torch.nn.Module:
+    # not at the top (here and in peft_config): peft's import takes seconds, and full fine-tuning does without it
     from peft import get_peft_model, prepare_model_for_kbit_training
 
     if cfg.peft.method == "qlora":
@@ -96,7 +98,7 @@ def apply_peft(model: torch.nn.Module, cfg: DictConfig, kind: str = "causal_lm")
 
 
 def peft_config(cfg: DictConfig, model: torch.nn.Module, kind: str = "causal_lm"):
-    from peft import LoraConfig, PrefixTuningConfig, PromptTuningConfig, TaskType
+    from peft import LoraConfig, PrefixTuningConfig, PromptTuningConfig, TaskType  # see apply_peft
 
     p = cfg.peft
     if p.method in ("lora", "dora", "qlora"):
@@ -118,17 +120,6 @@ def _linear_names(model: torch.nn.Module) -> set[str]:
 
 
 def _qlora_quantization(dtype: torch.dtype):
-    from transformers import BitsAndBytesConfig
-
     return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
                               bnb_4bit_compute_dtype=dtype if dtype != torch.float32 else torch.bfloat16)
 
-
-def count_parameters(model: torch.nn.Module) -> tuple[int, int]:
-    """(trainable, total), counting ZeRO-3 partitioned parameters at their full size."""
-    trainable = total = 0
-    for param in model.parameters():
-        n = getattr(param, "ds_numel", param.numel())
-        total += n
-        trainable += n if param.requires_grad else 0
-    return trainable, total

@@ -15,18 +15,18 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import shutil
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
 
-from ftcluster.util import dist
-from ftcluster.train.bundled import cache_root
 from ftcluster.data.loader import eval_batches
 from ftcluster.objectives.logprobs import pair_logps
 from ftcluster.objectives.losses import SequenceLogps
+from ftcluster.train import engine as ds_engine
+from ftcluster.train.bundled import cache_root
+from ftcluster.train.model import load_model
+from ftcluster.util import atomic, dist
 
 LAYOUT = 1
 _SAMPLE = 1 << 20  # bytes read from each end of a weight file for its fingerprint
@@ -95,8 +95,8 @@ class ReferenceLogps:
             tables["eval"] = self._score(ctx.eval_rows)
         self._frozen = None  # freed before training starts: no reference model lives beside the policy
         if ctx.rank == 0:
-            _write_atomically(self.folder, tables, {"key": self.key, "model_dir": ctx.model_dir,
-                                                    "rows": {s: len(t["chosen"]) for s, t in tables.items()}})
+            _write(self.folder, tables, {"key": self.key, "model_dir": ctx.model_dir,
+                                         "rows": {s: len(t["chosen"]) for s, t in tables.items()}})
         dist.barrier()
         return tables
 
@@ -128,9 +128,6 @@ def _detached(logps: SequenceLogps) -> SequenceLogps:
 
 def _frozen_copy(ctx):
     """The base model, frozen, sharded like the policy (a ZeRO-3 inference engine under ZeRO-3)."""
-    from ftcluster.train import engine as ds_engine
-    from ftcluster.train.model import load_model
-
     with ds_engine.zero3_construction(ctx.ds_config):
         model = load_model(ctx.cfg, ctx.model_dir, trainable=False)
     return ds_engine.initialize_frozen(model, ctx.ds_config)
@@ -161,15 +158,10 @@ def model_fingerprint(model_dir: str) -> str:
     return h.hexdigest()
 
 
-def _write_atomically(folder: Path, tables: dict, meta: dict) -> None:
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = folder.parent / f".tmp-{folder.name}-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    for split, table in tables.items():
-        save_file({k: v.contiguous() for k, v in table.items()}, str(tmp / f"{split}.safetensors"))
-    (tmp / "meta.json").write_text(json.dumps(meta, indent=2))
-    try:
-        os.replace(tmp, folder)
-    except OSError:  # another run wrote the same key first; its tables are the same
-        shutil.rmtree(tmp, ignore_errors=True)
+
+def _write(folder: Path, tables: dict, meta: dict) -> None:
+    # Runs that share the cache take no lock: one that computed the same key first keeps its (equal) tables.
+    with atomic.publishing(folder) as tmp:
+        for split, table in tables.items():
+            save_file({k: v.contiguous() for k, v in table.items()}, str(tmp / f"{split}.safetensors"))
+        (tmp / "meta.json").write_text(json.dumps(meta, indent=2))

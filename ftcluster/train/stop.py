@@ -3,7 +3,7 @@
 The driver turns SIGUSR1 (SLURM's `--signal=B:USR1@T` before a time limit, or `kill -USR1` by hand)
 into a file in output_dir, which every rank can see on the shared file system. At each step boundary
 the ranks agree (one all-reduce of one number) on whether any of them saw it, so all stop after the
-same step, write one checkpoint and return; the driver exits with EXIT_CODE and resume=auto continues.
+same step, write one checkpoint and return; the driver exits with StoppedOnRequest.EXIT_CODE and resume=auto continues.
 """
 
 from __future__ import annotations
@@ -15,14 +15,6 @@ from pathlib import Path
 from ftcluster.util import dist
 
 REQUEST_FILE = ".stop-requested"
-# EX_TEMPFAIL: "checkpointed, run me again"; slurm/ftcluster.sbatch requeues the job on it.
-EXIT_CODE = 75
-
-
-class StoppedOnRequest(Exception):
-    def __init__(self, checkpoint: Path):
-        super().__init__(f"stopped on request with a checkpoint at {checkpoint}; resume=auto continues the run")
-        self.checkpoint = checkpoint
 
 
 def request_file(output_dir: str | Path) -> Path:
@@ -43,7 +35,11 @@ def install_signal_handler(output_dir: str | Path) -> None:
         signal.signal(signal.SIGUSR1, _request)
 
 
+def seen(output_dir: str | Path) -> bool:
+    """Whether this process sees the request: the whole check where one process decides (the RL controller)."""
+    return request_file(output_dir).exists()
+
+
 def requested(output_dir: str | Path) -> bool:
     """Collective: True on every rank when any rank sees the request."""
-    seen = request_file(output_dir).exists()
-    return dist.all_reduce_sum([float(seen)])[0].item() > 0
+    return dist.all_reduce_sum([float(seen(output_dir))])[0].item() > 0

@@ -7,24 +7,28 @@ can ship it: Ray Train, a SLURM task, or a plain function call in tests.
 
 from __future__ import annotations
 
-import importlib
 import json
+import os
 import random
 from pathlib import Path
 
+import datasets
 import numpy as np
 import torch
 
-from ftcluster.train import checkpoint
-from ftcluster.util import dist
 from ftcluster.config import apply_schema, derive
+from ftcluster.data.loader import GlobalBatchLoader
+from ftcluster.data.template import apply_template_override
+from ftcluster.observe import peak_memory
+from ftcluster.observe.track import make_tracker, truncate_metrics
 from ftcluster.observe.watchdog import Watchdog, gather_placement, is_timeout, summary
+from ftcluster.stages.registry import STAGES
+from ftcluster.train import checkpoint
+from ftcluster.train import engine as ds_engine
+from ftcluster.train.context import StageContext
+from ftcluster.train.model import load_model, load_tokenizer
+from ftcluster.util import dist
 from ftcluster.util.quiet import quiet_libraries
-from ftcluster.stages.context import StageContext
-
-# The stages that run as one SPMD program on every rank; PPO and GRPO are driven from the launching
-# process instead (ftcluster.rl), with an actor group per role.
-STAGES = {"sft": "ftcluster.stages.sft", "rm": "ftcluster.stages.rm", "dpo": "ftcluster.stages.dpo"}
 
 
 def train_worker(payload: dict) -> None:
@@ -40,28 +44,18 @@ def train_worker(payload: dict) -> None:
         print(f"[ftcluster] {world} workers: {summary(placement)}; master {_master()}", flush=True)
     _seed_everything(cfg.seed)
 
-    from ftcluster.train import engine as ds_engine
-    from ftcluster.data.loader import GlobalBatchLoader
-    from ftcluster.data.template import apply_template_override
-    from ftcluster.train.model import load_model, load_tokenizer
-    from ftcluster.observe.track import make_tracker, truncate_metrics
-
     model_dir, data_dir = payload["model_dir"], Path(payload["data_dir"])
     data_stats = json.loads((data_dir / "stats.json").read_text())
     tokenizer = load_tokenizer(model_dir)
     if cfg.data.format != "text":
         apply_template_override(tokenizer, cfg.data.chat_template)  # evaluation and final/ use it too
-    stage = importlib.import_module(STAGES[cfg.stage.name])
-    import datasets
-
-    from ftcluster.observe import peak
-
-    if cfg.trainer.exact_cpu_memory and not torch.cuda.is_available() and not peak.return_freed_memory():
+    stage = STAGES[cfg.stage.name]
+    if cfg.trainer.exact_cpu_memory and not torch.cuda.is_available() and not peak_memory.return_freed_memory():
         print("[ftcluster] trainer.exact_cpu_memory: this C library has no mallopt (not glibc); the resident "
               "set will also hold freed memory", flush=True)
     ds_config = ds_engine.deepspeed_config(cfg, derived)
     with ds_engine.zero3_construction(ds_config):
-        model = load_model(cfg, model_dir, kind=stage.MODEL_KIND)
+        model = load_model(cfg, model_dir, kind=stage.model_kind)
     engine = ds_engine.initialize(model, cfg, ds_config)
     _seed_everything(cfg.seed + rank)  # e.g. dropout masks differ per rank, as their data does
 
@@ -87,11 +81,11 @@ def train_worker(payload: dict) -> None:
                        eval_prompts=_read_prompts(data_dir / "eval_generate.jsonl"), tracker=tracker,
                        model_dir=model_dir, start_step=start_step, rank=rank, world_size=world,
                        launch_id=payload["launch_id"], watchdog=watchdog, ds_config=ds_config,
-                       model_kind=stage.MODEL_KIND)
+                       model_kind=stage.model_kind)
     if start_step:
         tracker.message(f"resumed from {resume_from} at step {start_step}")
     try:
-        stage.train(ctx)
+        stage.entry()(ctx)
     except RuntimeError as exc:
         if is_timeout(exc):
             raise watchdog.diagnose(exc) from exc
@@ -111,8 +105,6 @@ def _resume_point(payload: dict, output_dir: str) -> str | None:
 
 
 def _master() -> str:
-    import os
-
     return f"{os.environ.get('MASTER_ADDR', '?')}:{os.environ.get('MASTER_PORT', '?')}"
 
 

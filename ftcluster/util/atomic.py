@@ -1,11 +1,32 @@
-"""Files and folders that appear whole or not at all."""
+"""Files and folders that appear whole or not at all.
+
+Everything written for another process, a later run or a resume to read (checkpoints, final/, caches,
+stats, reports, rewritten metrics) is written under a hidden name beside its destination and renamed into
+place: a rename within a folder is atomic, so a reader, or a run resumed after a crash, sees the old
+content or the new, never half of either. Every such write in the package goes through here.
+"""
 
 from __future__ import annotations
 
+import os
 import shutil
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
+
+
+def pending(path: Path) -> Path:
+    """Where `path` is written before it is complete: hidden beside it, so nothing ever reads it."""
+    return path.with_name(f".tmp-{path.name}")
+
+
+def begin_folder(path: Path) -> Path:
+    """The empty pending folder of `path` (whatever a crash left there is discarded). For writes that several
+    processes share: one begins, all write into it, one completes it with swap_into_place."""
+    tmp = pending(path)
+    _remove(tmp)
+    tmp.mkdir(parents=True)
+    return tmp
 
 
 def swap_into_place(tmp: Path, final: Path) -> None:
@@ -22,16 +43,15 @@ def swap_into_place(tmp: Path, final: Path) -> None:
 
 def write_text(path: Path, text: str) -> None:
     """Readers see the old content or the new, never a half-written file."""
-    tmp = path.with_name(f".tmp-{path.name}")
-    tmp.write_text(text)
-    tmp.replace(path)
+    with replacing(path) as tmp:
+        tmp.write_text(text)
 
 
 @contextmanager
 def replacing(path: Path) -> Iterator[Path]:
     """A temporary path beside `path` to write (a file or a folder); it takes `path`'s place only when the
     block completes, so an interrupted write leaves the old content, or nothing, never half a file."""
-    tmp = path.with_name(f".tmp-{path.name}")
+    tmp = pending(path)
     _remove(tmp)
     try:
         yield tmp
@@ -42,6 +62,25 @@ def replacing(path: Path) -> Iterator[Path]:
         swap_into_place(tmp, path)
     else:
         tmp.replace(path)
+
+
+@contextmanager
+def publishing(folder: Path) -> Iterator[Path]:
+    """A folder of this process's own to write; when the block completes it becomes `folder` unless another
+    process published a complete one first, which is kept: for content that is the same whoever computes it
+    (a cache entry), written by processes that take no lock."""
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tmp = folder.parent / f".tmp-{folder.name}-{os.getpid()}"
+    _remove(tmp)
+    tmp.mkdir()
+    try:
+        yield tmp
+        try:
+            os.replace(tmp, folder)
+        except OSError:  # `folder` exists and is not empty: the other writer's copy stays
+            pass
+    finally:
+        _remove(tmp)
 
 
 def _remove(path: Path) -> None:

@@ -15,6 +15,7 @@ import torch.distributed as dist
 
 
 def setup(timeout_s: int = 1800) -> None:
+    # not at the top: the driver and the launchers import this module and need no DeepSpeed
     import deepspeed
     import deepspeed.ops
 

@@ -5,10 +5,11 @@ from __future__ import annotations
 import os
 import warnings
 
+import torch
+from transformers.utils import logging as hf_logging
+
 
 def quiet_libraries() -> None:
-    import torch
-
     if not torch.cuda.is_available():
         # Otherwise DeepSpeed warns on every import that it fell back to its CPU accelerator.
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
@@ -16,7 +17,5 @@ def quiet_libraries() -> None:
     # Deprecation notices addressed to library developers, printed once per worker per step otherwise.
     warnings.filterwarnings("ignore", category=FutureWarning, module="torch.distributed")
     warnings.filterwarnings("ignore", category=FutureWarning, module="transformers")
-    from transformers.utils import logging as hf_logging
-
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()

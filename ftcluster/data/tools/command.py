@@ -5,10 +5,15 @@ from __future__ import annotations
 
 import argparse
 import json
+from collections import Counter
 from pathlib import Path
 
+from ftcluster.data.formats import EXPECTS, SUPPORTED, read_records
+from ftcluster.data.tools.contamination import find_contamination
+from ftcluster.data.tools.output import check_output, write_like
+from ftcluster.data.tools.scrub import KINDS, check_region, scrub_record
+from ftcluster.data.tools.validate import validate
 from ftcluster.util.atomic import replacing
-from ftcluster.data.formats import EXPECTS, SUPPORTED
 
 # Lists printed to the terminal stop here, with a count of the rest (the JSON reports of dedup, scrub and
 # contamination --out hold every entry).
@@ -73,8 +78,6 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _validate(ns) -> int:
-    from ftcluster.data.tools.validate import validate
-
     report = validate(ns.file, ns.format)
     if report.format is None:
         how = "no record could be read, so none was checked against a format"
@@ -94,6 +97,7 @@ def _validate(ns) -> int:
 
 
 def _stats(ns) -> int:
+    # not at the top: it imports torch, transformers and matplotlib (seconds), which the other jobs do without
     from ftcluster.data.tools.stats import length_stats, write_report
 
     splits = {"train": ns.file, **({"eval": ns.eval} if ns.eval else {})}
@@ -111,9 +115,7 @@ def _stats(ns) -> int:
 
 
 def _dedup(ns) -> int:
-    from ftcluster.data.tools.dedup import find_duplicates
-    from ftcluster.data.tools.output import check_output, write_like
-    from ftcluster.data.formats import read_records
+    from ftcluster.data.tools.dedup import find_duplicates  # not at the top: datasketch imports scipy (a second)
 
     check_output(ns.file, ns.out, "--out")
     result = find_duplicates(read_records(ns.file), ns.near_threshold)
@@ -132,12 +134,6 @@ def _dedup(ns) -> int:
 
 
 def _scrub(ns) -> int:
-    from collections import Counter
-
-    from ftcluster.data.tools.output import check_output, write_like
-    from ftcluster.data.tools.scrub import KINDS, check_region, scrub_record
-    from ftcluster.data.formats import read_records
-
     check_region(ns.phone_region)
     check_output(ns.file, ns.out, "--out")
     lines, replaced, counts = [], {}, Counter()
@@ -157,9 +153,6 @@ def _scrub(ns) -> int:
 
 
 def _contamination(ns) -> int:
-    from ftcluster.data.tools.contamination import find_contamination
-    from ftcluster.data.formats import read_records
-
     result = find_contamination(read_records(ns.train), read_records(ns.eval), ns.ngram, ns.threshold)
     for o in result.overlaps[:SHOWN]:
         what = "exact copy of" if o.kind == "exact" else f"{o.overlap:.0%} of its {ns.ngram}-grams in train, most at"
@@ -183,7 +176,7 @@ def _contamination(ns) -> int:
 
 
 def _split(ns) -> int:
-    from ftcluster.data.tools.split import split
+    from ftcluster.data.tools.split import split  # not at the top: it imports torch and datasets (seconds)
 
     sides = split(ns.file, ns.eval_fraction, ns.seed, ns.out)
     print(", ".join(f"{name}: {count} records -> {path}" for name, (path, count) in sides.items()))

@@ -10,15 +10,14 @@ import math
 from pathlib import Path
 
 import numpy as np
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
 
 from ftcluster.util.atomic import replacing
 
 
 def plot_lengths(lengths: dict[str, list[int]], limit: int, title: str, png: Path) -> None:
     """One histogram per split on shared bins, the length limit marked."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
     # Whole-token bins, at most 60 of them, spanning the data and the limit so its line is in view.
     low = min(min(min(v) for v in lengths.values()), limit)
     high = max(max(max(v) for v in lengths.values()), limit) + 1

@@ -11,9 +11,9 @@ import json
 from pathlib import Path
 from typing import Sequence
 
-from ftcluster.util.atomic import replacing
 from ftcluster.data.formats import read_records
 from ftcluster.errors import UserError
+from ftcluster.util.atomic import replacing
 
 
 def source_kind(path: str) -> str:
@@ -70,6 +70,7 @@ def _write_json(source: str, tmp: Path, lines: Sequence[int], replaced: dict[int
 
 
 def _write_parquet(source: str, tmp: Path, lines: Sequence[int], replaced: dict[int, dict]) -> None:
+    # not at the top (here and in _write_dataset): `ftcluster data` on JSON files does without pyarrow and datasets
     import pyarrow as pa
     import pyarrow.parquet as pq
 
@@ -81,9 +82,9 @@ def _write_parquet(source: str, tmp: Path, lines: Sequence[int], replaced: dict[
 
 
 def _write_dataset(source: str, tmp: Path, lines: Sequence[int], replaced: dict[int, dict]) -> None:
-    import datasets
+    import datasets  # see _write_parquet
 
-    from ftcluster.data.prepare import quiet_datasets
+    from ftcluster.data.prepare import quiet_datasets  # imports torch too
 
     ds = datasets.load_from_disk(source).select([line - 1 for line in lines])
     if replaced:

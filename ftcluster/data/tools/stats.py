@@ -14,28 +14,24 @@ from pathlib import Path
 import numpy as np
 from omegaconf import DictConfig
 
-from ftcluster.util.atomic import replacing
-from ftcluster.data.tools.validate import majority_format
+from ftcluster.config import compose, conf_dir
 from ftcluster.data import pairs, prompts
 from ftcluster.data.formats import read_records, to_example
 from ftcluster.data.template import apply_template_override, encode_chat, encode_text
+from ftcluster.data.tools.histogram import plot_lengths
+from ftcluster.data.tools.validate import majority_format
 from ftcluster.errors import DataError, UserError
-
-# The stage `ftcluster train` runs on each format (sft for the rest): its config is the one that applies.
-_STAGES = {"preference": "dpo", "prompt": "grpo"}
-
-# What one example is, by format: a token sequence, a pair (its longer side counts, as in training) or an
-# RL prompt (which must leave room for stage.rl.max_new_tokens).
-_KINDS = {"alpaca": "sequences", "chat": "sequences", "text": "sequences", "preference": "pairs", "prompt": "prompts"}
+from ftcluster.stages.registry import for_format
+from ftcluster.train.bundled import resolve_model_path
+from ftcluster.train.model import load_tokenizer
+from ftcluster.util.atomic import replacing
 
 
 def training_config(fmt: str, model: str | None, max_seq_len: int | None, chat_template: str | None) -> DictConfig:
     """conf/train.yaml composed as for `ftcluster train data=custom` on `fmt` data (with the stage that trains
     on it, whose settings may differ), with the model (a conf/model/ name or a folder), max length and template."""
-    from ftcluster.config import compose, conf_dir
-
     named = model is not None and (conf_dir() / "model" / f"{model}.yaml").is_file()
-    cfg = compose(["data=custom", f"stage={_STAGES.get(fmt, 'sft')}"] + ([f"model={model}"] if named else []))
+    cfg = compose(["data=custom", f"stage={for_format(fmt).name}"] + ([f"model={model}"] if named else []))
     if model is not None and not named:
         if not model.startswith("bundled:") and not Path(model, "config.json").is_file():
             known = ", ".join(sorted(p.stem for p in (conf_dir() / "model").glob("*.yaml")))
@@ -54,9 +50,6 @@ def length_stats(splits: dict[str, str], fmt: str | None = None, model: str | No
                  max_seq_len: int | None = None, chat_template: str | None = None) -> dict:
     """Per split (name -> file): examples, token-length quantiles and the count over the length limit.
     The format is guessed from the training split's fields when not given; the rest defaults as in training."""
-    from ftcluster.train.bundled import resolve_model_path
-    from ftcluster.train.model import load_tokenizer
-
     records = {name: list(read_records(path)) for name, path in splits.items()}
     for name, path in splits.items():
         if not records[name]:
@@ -64,7 +57,9 @@ def length_stats(splits: dict[str, str], fmt: str | None = None, model: str | No
     if fmt is None:
         fmt = majority_format(splits["train"], records["train"])[0]
     cfg = training_config(fmt, model, max_seq_len, chat_template)
-    kind = _KINDS[fmt]
+    # A token sequence, a pair (its longer side counts, as in training) or an RL prompt (which must leave room
+    # for stage.rl.max_new_tokens), as the stage that trains on this format prepares it.
+    kind = for_format(fmt).data_kind
     model_dir = resolve_model_path(cfg.model.path)
     if not any(Path(model_dir, name).is_file() for name in ("tokenizer.json", "tokenizer_config.json")):
         # Some conf/model/ entries carry a model's shape only (for `ftcluster plan`), no tokenizer.
@@ -96,8 +91,6 @@ def summarize(lengths: list[int], limit: int) -> dict:
 
 def write_report(result: dict, out: Path) -> tuple[Path, Path]:
     """out/stats.json (without the per-example lengths) and out/lengths.png."""
-    from ftcluster.data.tools.histogram import plot_lengths
-
     out.mkdir(parents=True, exist_ok=True)
     summary = {**result, "splits": {name: {k: v for k, v in split.items() if k != "lengths"}
                                     for name, split in result["splits"].items()}}

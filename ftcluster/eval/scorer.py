@@ -14,17 +14,21 @@ import json
 import time
 from pathlib import Path
 
+import datasets
 import torch
 from omegaconf import DictConfig
 
+from ftcluster.config import apply_schema
+from ftcluster.data.template import apply_template_override
+from ftcluster.eval.generate import generate_answers
+from ftcluster.train.evaluation import mean_token_loss
+from ftcluster.train.model import load_model, load_tokenizer
 from ftcluster.util import dist
+from ftcluster.util.quiet import quiet_libraries
 
 
 def eval_worker(payload: dict) -> None:
     """The launcher's entry: plain data in (the resolved config, the models, the prepared data), files out."""
-    from ftcluster.config import apply_schema
-    from ftcluster.util.quiet import quiet_libraries
-
     quiet_libraries()
     cfg = apply_schema(payload["config"])
     work = Path(payload["output_dir"]) / "work"
@@ -39,9 +43,6 @@ def eval_worker(payload: dict) -> None:
 def eval_tokenizer(cfg: DictConfig, model_dir: str, adapter_dir: str | None):
     """The tokenizer saved with the adapter when there is one, else the model's; with data.chat_template
     applied as training applied it (so a base model renders prompts as its tuned version saw them)."""
-    from ftcluster.data.template import apply_template_override
-    from ftcluster.train.model import load_tokenizer
-
     source = adapter_dir if adapter_dir and Path(adapter_dir, "tokenizer_config.json").is_file() else model_dir
     tokenizer = load_tokenizer(source)
     if cfg.data.format != "text":
@@ -51,8 +52,6 @@ def eval_tokenizer(cfg: DictConfig, model_dir: str, adapter_dir: str | None):
 
 @torch.no_grad()
 def score_model(cfg: DictConfig, spec: dict) -> dict:
-    from ftcluster.eval.generate import generate_answers
-
     data_dir = Path(spec["data_dir"])
     tokenizer = eval_tokenizer(cfg, spec["model_dir"], spec["adapter_dir"])
     model = _load(cfg, spec["model_dir"], spec["adapter_dir"])
@@ -77,10 +76,6 @@ def _perplexity_loss(cfg: DictConfig, model, data_dir: Path, split: str) -> floa
     """Mean loss per scored token of a prepared split (eval, general), None when there is none."""
     if not (data_dir / split).is_dir():
         return None
-    import datasets
-
-    from ftcluster.stages.sft import mean_token_loss
-
     pad_id = json.loads((data_dir / "stats.json").read_text())["pad_id"]
     rows = datasets.load_from_disk(str(data_dir / split))
     return mean_token_loss(model, rows, cfg.trainer.micro_batch_per_device, dist.rank(), dist.world_size(), pad_id,
@@ -88,11 +83,9 @@ def _perplexity_loss(cfg: DictConfig, model, data_dir: Path, split: str) -> floa
 
 
 def _load(cfg: DictConfig, model_dir: str, adapter_dir: str | None) -> torch.nn.Module:
-    from ftcluster.train.model import load_model
-
     model = load_model(cfg, model_dir, trainable=False)
     if adapter_dir:
-        from peft import PeftModel
+        from peft import PeftModel  # not at the top: peft's import takes seconds, and whole models do without it
 
         model = PeftModel.from_pretrained(model, adapter_dir).eval()
     return model.to(dist.device())

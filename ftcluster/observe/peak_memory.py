@@ -19,6 +19,7 @@ from pathlib import Path
 
 import torch
 
+from ftcluster.observe.held_memory import held_storages
 from ftcluster.util import atomic, dist
 
 PEAK_FILE = "peak_memory.json"
@@ -51,8 +52,6 @@ def note_baseline(engine) -> None:
     the pages written)."""
     if torch.cuda.is_available():
         return
-    from ftcluster.observe.memory import held_storages
-
     tensors = sum(_resident_bytes(s) for s in held_storages(engine) if s.device.type == "cpu")
     _recorded["baseline_bytes"] = _status_bytes("VmRSS") - tensors
 

@@ -20,6 +20,8 @@ from pathlib import Path
 
 import torch
 
+from ftcluster.util import atomic, dist
+
 ROLES = ("param_bytes", "optimizer_bytes", "grad_bytes")
 
 
@@ -75,8 +77,6 @@ def _gradient_buffers(wrapper) -> list:
 
 def record(engine, output_dir: str | Path) -> None:
     """Collective: every rank's held_bytes, written by rank 0 to output_dir/memory.json."""
-    from ftcluster.util import atomic, dist
-
     per_rank = dist.all_gather_objects({"rank": dist.rank(), **held_bytes(engine)})
     if dist.rank() == 0:
         atomic.write_text(Path(output_dir) / "memory.json", json.dumps(per_rank, indent=2) + "\n")

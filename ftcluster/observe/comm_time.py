@@ -14,7 +14,7 @@ LOGGER_CONFIG = {"enabled": True, "prof_all": True, "verbose": False, "debug": F
 
 def seconds_so_far() -> float:
     """Seconds this rank has spent inside timed collectives since the engine was built."""
-    from deepspeed.comm import comm
+    from deepspeed.comm import comm  # not at the top: the driver imports this module and needs no DeepSpeed
 
     if not comm.comms_logger.enabled:
         return 0.0

@@ -17,27 +17,39 @@ its own share (ftcluster.rl.experience).
 from __future__ import annotations
 
 import copy
+import math
 from pathlib import Path
 
 import torch
+from transformers import AutoModelForSequenceClassification
 
-from ftcluster.train.engine import grad_norm, optimizer_step
-from ftcluster.launch.actors import DistributedActor
+from ftcluster.config import Derived, apply_schema, derive
+from ftcluster.eval.generate import generate_answers
+from ftcluster.objectives.logprobs import token_logps
+from ftcluster.objectives.losses import clipped_policy_loss, clipped_value_loss, kl_penalty
+from ftcluster.rl.experience import from_lists, pad_sequences, response_mask, to_lists
+from ftcluster.rl.sampling import sample_responses
+from ftcluster.train import checkpoint
+from ftcluster.train import engine as ds_engine
+from ftcluster.train.engine import deepspeed_config, full_state_dict, optimizer_step
+from ftcluster.train.export import write_final
+from ftcluster.train.model import DTYPES, load_model, load_tokenizer
+from ftcluster.util import dist
+from ftcluster.util.quiet import quiet_libraries
 
 
-class RoleWorker(DistributedActor):
-    """Shared set-up: config, process group, DeepSpeed, seeds; subclasses build their model in setup()."""
+class RoleWorker:
+    """Shared set-up: config, process group, DeepSpeed, seeds; subclasses build their model in setup().
+    Started by an actor group, which gives each actor its role, rank and world_size."""
 
-    def __init__(self, role: str, rank: int, world_size: int, payload: dict):
-        super().__init__(role, rank, world_size)
+    role: str
+    rank: int
+    world_size: int
+
+    def __init__(self, payload: dict):
         self.payload = payload
 
     def setup(self) -> None:
-        from ftcluster.util import dist
-        from ftcluster.config import apply_schema
-        from ftcluster.train.model import load_tokenizer
-        from ftcluster.util.quiet import quiet_libraries
-
         quiet_libraries()
         self.cfg = apply_schema(self.payload["config"])
         dist.setup(timeout_s=self.cfg.launcher.collective_timeout_s)
@@ -47,17 +59,11 @@ class RoleWorker(DistributedActor):
         self.pad_id = self.payload["pad_id"]
 
     def _ds_config(self, cfg=None) -> dict:
-        from ftcluster.config import derive
-        from ftcluster.train.engine import deepspeed_config
-
         cfg = cfg or self.cfg
         return deepspeed_config(cfg, derive(cfg))
 
     def _frozen_ds_config(self) -> dict:
         """For a group that only scores: DeepSpeed's batch arithmetic for one micro-batch per rank."""
-        from ftcluster.config import Derived
-        from ftcluster.train.engine import deepspeed_config
-
         cfg = _with_workers(self.cfg, self.world_size)
         cfg.trainer.global_batch = cfg.trainer.micro_batch_per_device * self.world_size
         return deepspeed_config(cfg, Derived(world_size=self.world_size, grad_accum_steps=1))
@@ -67,9 +73,6 @@ class RoleWorker(DistributedActor):
 
     @torch.no_grad()
     def _token_logps(self, model, samples: list[dict], temperature: float) -> list[list[float]]:
-        from ftcluster.objectives.logprobs import token_logps
-        from ftcluster.rl.experience import pad_sequences, response_mask, to_lists
-
         out = []
         for chunk in _chunks(samples, self.cfg.trainer.micro_batch_per_device):
             batch = _to_device(pad_sequences(chunk, self.pad_id))
@@ -82,8 +85,6 @@ class RoleWorker(DistributedActor):
 class PolicyWorker(RoleWorker):
     def setup(self) -> None:
         super().setup()
-        from ftcluster.train import engine as ds_engine
-        from ftcluster.train.model import load_model
 
         cfg, rl = self.cfg, self.cfg.stage.rl
         self.ds_config = self._ds_config()
@@ -98,13 +99,11 @@ class PolicyWorker(RoleWorker):
             self.frozen = ds_engine.initialize_frozen(frozen, self.ds_config)
         resume = self.payload.get("resume_from")
         if resume:
-            from ftcluster.train import checkpoint
 
             checkpoint.load_engine(self.engine, Path(resume) / "policy", exclude_frozen=cfg.peft.method != "none")
 
     def generate(self, prompt_ids: list[list[int]], seed: int, greedy: bool = False,
                  max_new_tokens: int | None = None) -> list[list[int]]:
-        from ftcluster.rl.generation import sample_responses
 
         rl = self.cfg.stage.rl
         return sample_responses(self.engine.module, prompt_ids, self.pad_id, self.tokenizer.eos_token_id,
@@ -131,9 +130,6 @@ class PolicyWorker(RoleWorker):
         """One optimizer step on this rank's share of a mini-batch: the clipped surrogate (and, with
         kl_mode=loss, kl_coef x the KL estimate), summed over tokens and divided by the mini-batch's
         response tokens on all ranks. Returns sums for the metrics."""
-        from ftcluster.objectives.logprobs import token_logps
-        from ftcluster.objectives.losses import clipped_policy_loss, kl_penalty
-        from ftcluster.rl.experience import from_lists, pad_sequences, response_mask
 
         rl, engine = self.cfg.stage.rl, self.engine
         sums = {"policy_loss": 0.0, "kl": 0.0, "clipped": 0.0, "tokens": 0.0, "entropy_proxy": 0.0}
@@ -166,16 +162,11 @@ class PolicyWorker(RoleWorker):
     def lr(self) -> float:
         return self.engine.get_lr()[0]
 
-    def grad_norm(self) -> float:
-        return grad_norm(self.engine)
-
     def trainable_weights(self, version: int):
         """Collective: the weights a rollout actor needs (the adapters with PEFT, else the whole model),
         put in Ray's object store by rank 0; the reference travels inside a list so the caller passes it on
         without fetching the tensors."""
-        import ray
-
-        from ftcluster.train.engine import full_state_dict
+        import ray  # not at the top: the driver imports this module, and launcher=processes runs without Ray
 
         state = full_state_dict(self.engine)
         if self.rank != 0:
@@ -187,15 +178,9 @@ class PolicyWorker(RoleWorker):
         return [ray.put({"version": version, "state": state})], checksum(state)
 
     def save(self, folder: str) -> None:
-        from ftcluster.train import checkpoint
-
         checkpoint.save_engine(self.engine, Path(folder) / "policy", exclude_frozen=self.cfg.peft.method != "none")
 
     def export_final(self, out_dir: str) -> str | None:
-        from ftcluster.util import dist
-        from ftcluster.train.engine import full_state_dict
-        from ftcluster.train.export import write_final
-
         state = full_state_dict(self.engine)
         written = None
         if self.rank == 0:
@@ -205,10 +190,6 @@ class PolicyWorker(RoleWorker):
 
     def eval_answers(self, prompts: list[list[dict]], max_new_tokens: int) -> list[str]:
         """Greedy answers to chat prompts, spread over this group's ranks; every rank returns them all."""
-        import math
-
-        from ftcluster.eval.generate import generate_answers
-
         return generate_answers(self.engine.module, self.tokenizer, prompts, max_new_tokens=max_new_tokens,
                                 batch_size=min(32, math.ceil(len(prompts) / self.world_size)), synced=self._sharded())
 
@@ -216,8 +197,6 @@ class PolicyWorker(RoleWorker):
 class ReferenceWorker(RoleWorker):
     def setup(self) -> None:
         super().setup()
-        from ftcluster.train import engine as ds_engine
-        from ftcluster.train.model import load_model
 
         ds_config = self._frozen_ds_config()
         with ds_engine.zero3_construction(ds_config):
@@ -231,11 +210,7 @@ class ReferenceWorker(RoleWorker):
 class RewardWorker(RoleWorker):
     def setup(self) -> None:
         super().setup()
-        from ftcluster.train import engine as ds_engine
-        from ftcluster.train.model import load_tokenizer
-        from transformers import AutoModelForSequenceClassification
 
-        from ftcluster.train.model import DTYPES
 
         folder = self.cfg.stage.rl.reward_model
         self.tokenizer = load_tokenizer(folder)
@@ -248,8 +223,6 @@ class RewardWorker(RoleWorker):
     @torch.no_grad()
     def score(self, samples: list[dict]) -> list[float]:
         """Rewards of (prompt turns, completion text) pairs, rendered with the reward model's own template."""
-        from ftcluster.util import dist
-
         texts = [self.tokenizer.apply_chat_template(s["prompt"] + [{"role": "assistant", "content": s["completion"]}],
                                                     tokenize=False) for s in samples]
         side = self.tokenizer.padding_side
@@ -268,8 +241,6 @@ class RewardWorker(RoleWorker):
 class CriticWorker(RoleWorker):
     def setup(self) -> None:
         super().setup()
-        from ftcluster.train import engine as ds_engine
-        from ftcluster.train.model import load_model
 
         # Its own learning rate, and a value head on the reward model's backbone when there is one (a
         # common initialisation: it already reads responses for quality), else on the policy's.
@@ -283,14 +254,11 @@ class CriticWorker(RoleWorker):
         self.engine = ds_engine.initialize(model, cfg, ds_config)
         resume = self.payload.get("resume_from")
         if resume:
-            from ftcluster.train import checkpoint
 
             checkpoint.load_engine(self.engine, Path(resume) / "critic", exclude_frozen=cfg.peft.method != "none")
 
     @torch.no_grad()
     def values(self, samples: list[dict]) -> list[list[float]]:
-        from ftcluster.rl.experience import pad_sequences, response_mask, to_lists
-
         out = []
         for chunk in _chunks(samples, self.cfg.trainer.micro_batch_per_device):
             batch = pad_sequences(chunk, self.pad_id)
@@ -304,9 +272,6 @@ class CriticWorker(RoleWorker):
         return out.squeeze(-1)[:, :-1].float()
 
     def train(self, samples: list[dict], global_tokens: int) -> dict:
-        from ftcluster.objectives.losses import clipped_value_loss
-        from ftcluster.rl.experience import from_lists, pad_sequences, response_mask
-
         rl, sums = self.cfg.stage.rl, {"value_loss": 0.0, "tokens": 0.0}
         for chunk in _chunks(samples, self.cfg.trainer.micro_batch_per_device):
             batch = pad_sequences(chunk, self.pad_id)
@@ -322,8 +287,6 @@ class CriticWorker(RoleWorker):
         return sums
 
     def save(self, folder: str) -> None:
-        from ftcluster.train import checkpoint
-
         checkpoint.save_engine(self.engine, Path(folder) / "critic", exclude_frozen=self.cfg.peft.method != "none")
 
 
@@ -332,14 +295,11 @@ class RolloutWorker(RoleWorker):
 
     def setup(self) -> None:
         super().setup()
-        from ftcluster.util import dist
-        from ftcluster.train.model import load_model
-
         self.model = load_model(self.cfg, self.model_dir).to(dist.device()).eval()
         self.version = -1
 
     def load_weights(self, box: list) -> int:
-        import ray
+        import ray  # see trainable_weights
 
         update = ray.get(box[0])
         missing = set(update["state"]) - set(dict(self.model.named_parameters())) - set(self.model.state_dict())
@@ -352,7 +312,6 @@ class RolloutWorker(RoleWorker):
 
     def generate(self, prompt_ids: list[list[int]], seed: int, version: int, greedy: bool = False,
                  max_new_tokens: int | None = None) -> list[list[int]]:
-        from ftcluster.rl.generation import sample_responses
 
         if version != self.version:
             raise RuntimeError(f"rollout weights are at version {self.version}, the policy at {version}: a weight "
@@ -380,6 +339,4 @@ def _chunks(items: list, size: int) -> list[list]:
 
 
 def _to_device(batch: dict) -> dict:
-    from ftcluster.util import dist
-
     return {k: v.to(dist.device()) for k, v in batch.items()}

@@ -1,0 +1,29 @@
+"""Next-token cross-entropy over label positions: SFT's loss, and every loss-per-token evaluation (the SPMD
+stages' eval_loss and `ftcluster eval`'s perplexity), so that all of them measure the same thing.
+
+Sums, never means: callers divide by label tokens counted over the whole global batch or eval set.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from ftcluster.data.template import IGNORE
+from ftcluster.util import dist
+
+
+def token_loss_sum(model, batch: dict) -> torch.Tensor:
+    """Summed next-token cross-entropy over label positions, in fp32."""
+    inputs = {k: v.to(dist.device()) for k, v in batch.items() if k in ("input_ids", "attention_mask", "position_ids")}
+    # use_cache=False is what makes transformers honour packed position_ids (no cross-example attention).
+    logits = model(**inputs, use_cache=False).logits
+    labels = batch["labels"].to(logits.device)
+    logits = logits[:, -labels.shape[1]:]  # prompt tuning prepends virtual tokens
+    return F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=IGNORE,
+                           reduction="sum")
+
+
+def label_tokens(batch: dict, rows: int | None = None) -> int:
+    """Positions token_loss_sum scores (labels after the next-token shift), over the first `rows` rows or all."""
+    return int((batch["labels"][:rows, 1:] != IGNORE).sum())

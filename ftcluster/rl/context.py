@@ -1,0 +1,282 @@
+"""What an RL stage (stages/ppo.py, stages/grpo.py) is handed: an RLContext whose methods are the phases
+of a step (rollout, score, log-probs, updates, weight sync, evaluation, checkpoints). The stage decides what
+to compute from them; the context knows which role group does it and splits every batch over that group's
+ranks. The groups are placed by whoever started the controller (ftcluster.launch.actors implements the
+two protocols below), so nothing here knows how or where they run.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Protocol
+
+import datasets
+
+from ftcluster.config.schema import TrainConfig
+from ftcluster.data.loader import GlobalBatchLoader
+from ftcluster.data.prompts import decode_row
+from ftcluster.eval.generate import exact_match_rate
+from ftcluster.observe.track import ROLLOUTS_FILE, make_tracker, truncate_metrics
+from ftcluster.rewards import load_reward_fn, score_samples
+from ftcluster.rl import roles
+from ftcluster.rl.experience import shares
+from ftcluster.train import checkpoint, stop
+from ftcluster.train.model import load_tokenizer
+from ftcluster.train.schedule import StepSchedule
+
+
+class PendingCalls(Protocol):
+    def get(self) -> list:
+        """The results in rank order, or the failure of the first rank that failed, died or stalled."""
+
+
+class RoleGroup(Protocol):
+    """One role's actors, forming one process group."""
+
+    def __len__(self) -> int: ...
+
+    def call(self, method: str, *args, per_rank: dict[str, list] | None = None, timeout_s: int | None = None,
+             **kwargs) -> list:
+        """method(*args, **kwargs) on every rank (rank i also gets {name: values[i]} from per_rank)."""
+
+    def call_async(self, method: str, *args, per_rank: dict[str, list] | None = None,
+                   timeout_s: int | None = None, **kwargs) -> PendingCalls: ...
+
+    def describe(self, rank: int) -> str:
+        """'role rank i (node, address, pid)', for messages."""
+
+
+class RolePlacement(Protocol):
+    def place(self, roles: dict[str, tuple[type, int, tuple]], colocate: bool, timeout_s: int) -> dict[str, RoleGroup]:
+        """roles: name -> (actor class, count, constructor args); the started groups by name."""
+
+
+@dataclass
+class RLContext:
+    cfg: TrainConfig  # a DictConfig merged onto the schema, as in StageContext
+    payload: dict
+    tracker: object
+    loader: GlobalBatchLoader
+    prompt_rows: datasets.Dataset
+    eval_rows: datasets.Dataset | None
+    groups: dict[str, RoleGroup]
+    start_step: int
+    tokenizer: object
+    reward_fn: Callable[..., float] | None = None
+    timings: dict = field(default_factory=dict)
+    schedule: StepSchedule = field(init=False)
+
+    def __post_init__(self):
+        # One process decides for the whole run, so a look at the request file is the whole stop check.
+        self.schedule = StepSchedule(self.cfg.trainer, lambda step: stop.seen(self.cfg.output_dir), generation=False)
+
+    @classmethod
+    def start(cls, cfg, payload: dict, placement: RolePlacement) -> "RLContext":
+        rl, data_dir = cfg.stage.rl, Path(payload["data_dir"])
+        stats = json.loads((data_dir / "stats.json").read_text())
+        rows = datasets.load_from_disk(str(data_dir / "train"))
+        eval_rows = datasets.load_from_disk(str(data_dir / "eval")) if (data_dir / "eval").is_dir() else None
+        loader = GlobalBatchLoader(rows, rl.prompts_per_step, rl.prompts_per_step, 0, 1, cfg.seed, cfg.data.shuffle,
+                                   stats["pad_id"], False)
+        start_step, resume = 0, payload.get("resume_from")
+        if resume:
+            state = checkpoint.read_state(Path(resume))
+            loader.check_state(state["data"])
+            start_step = state["step"]
+            truncate_metrics(cfg.output_dir, start_step)
+            truncate_metrics(cfg.output_dir, start_step, ROLLOUTS_FILE)
+        payload = {**payload, "pad_id": stats["pad_id"]}
+        kl = rl.kl_coef > 0
+        wanted = {
+            "policy": (roles.PolicyWorker, cfg.launcher.workers, (payload,)),
+            "reference": (roles.ReferenceWorker, rl.reference_workers if kl else 0, (payload,)),
+            "reward": (roles.RewardWorker, rl.reward_workers if rl.reward_model else 0, (payload,)),
+            "critic": (roles.CriticWorker, rl.critic_workers if cfg.stage.name == "ppo" else 0, (payload,)),
+            "rollout": (roles.RolloutWorker, rl.rollout_workers, (payload,)),
+        }
+        tracker = make_tracker(cfg, 0, start_step, cfg.trainer.max_steps)
+        groups = placement.place(wanted, rl.colocate, cfg.launcher.collective_timeout_s)
+        placed = ", ".join(f"{name} x{len(group)}" for name, group in groups.items())
+        tracker.message(f"{cfg.stage.name}: actor groups {placed} ({'colocated' if rl.colocate else 'separate'})")
+        for pending in [group.call_async("setup") for group in groups.values()]:
+            pending.get()
+        reward_fn = load_reward_fn(rl.reward_fn) if rl.reward_fn else None
+        ctx = cls(cfg, payload, tracker, loader, rows, eval_rows, groups, start_step,
+                  load_tokenizer(payload["model_dir"]), reward_fn)
+        ctx.sync(start_step)
+        if start_step:
+            tracker.message(f"resumed from {resume} at step {start_step}")
+        return ctx
+
+    # ---- phases ---------------------------------------------------------------------------------------
+
+    @contextmanager
+    def phase(self, name: str):
+        """Times a phase of the current step; logged as time_<name>_s."""
+        started = time.perf_counter()
+        yield
+        self.timings[f"time_{name}_s"] = self.timings.get(f"time_{name}_s", 0.0) + time.perf_counter() - started
+
+    def rollout(self, step: int) -> list[dict]:
+        """stage.rl.samples_per_prompt sampled responses to each of this step's prompts, as samples:
+        {prompt_ids, response_ids, prompt (turns), fields, completion (decoded), group (prompt index)}."""
+        rl = self.cfg.stage.rl
+        samples = []
+        for group, index in enumerate(self.loader.global_rows(step)):
+            row = self.prompt_rows[index]
+            prompt, fields = decode_row(row)
+            for _ in range(rl.samples_per_prompt):
+                samples.append({"prompt_ids": row["prompt_ids"], "prompt": prompt, "fields": fields, "group": group})
+        with self.phase("generate"):
+            responses = self._generate([s["prompt_ids"] for s in samples], step)
+        for sample, response in zip(samples, responses):
+            sample["response_ids"] = response
+            sample["completion"] = self.tokenizer.decode(response, skip_special_tokens=True)
+        return samples
+
+    def _generate(self, prompt_ids: list[list[int]], step: int) -> list[list[int]]:
+        generator = self.groups.get("rollout") or self.groups["policy"]
+        extra = {"version": step} if "rollout" in self.groups else {}
+        # Seeded by (seed, step, rank): a resumed run samples what the uninterrupted one did.
+        seeds = [self.cfg.seed * 1_000_003 + step * 1009 + rank for rank in range(len(generator))]
+        out = generator.call("generate", per_rank={"prompt_ids": shares(prompt_ids, len(generator)), "seed": seeds},
+                             **extra)
+        return [response for part in out for response in part]
+
+    def score(self, samples: list[dict], step: int) -> list[float]:
+        """One reward per sample: the reward function here, or the reward model group."""
+        with self.phase("score"):
+            return self._rewards(samples, step)
+
+    def _rewards(self, samples: list[dict], step: int) -> list[float]:
+        if self.reward_fn is not None:
+            return score_samples(self.reward_fn, self.cfg.stage.rl.reward_fn, samples, step)
+        group = self.groups["reward"]
+        plain = [{"prompt": s["prompt"], "completion": s["completion"]} for s in samples]
+        return [r for part in group.call("score", per_rank={"samples": shares(plain, len(group))}) for r in part]
+
+    def logprobs(self, samples: list[dict]) -> tuple[list, list | None]:
+        """Per-token log-probs of the responses under the policy before the update, and under the
+        reference (None with kl_coef=0)."""
+        with self.phase("logprobs"):
+            plain = _sequences(samples)
+            policy, want_ref = self.groups["policy"], self.cfg.stage.rl.kl_coef > 0
+            reference = self.groups.get("reference")
+            pending_ref = (reference.call_async("logprobs", per_rank={"samples": shares(plain, len(reference))})
+                           if reference else None)
+            out = policy.call("logprobs", reference=want_ref and reference is None,
+                              per_rank={"samples": shares(plain, len(policy))})
+            old = [lp for part in out for lp in part["policy"]]
+            if not want_ref:
+                return old, None
+            if pending_ref is not None:
+                return old, [lp for part in pending_ref.get() for lp in part]
+            return old, [lp for part in out for lp in part["reference"]]
+
+    def values(self, samples: list[dict]) -> list[list[float]]:
+        critic = self.groups["critic"]
+        with self.phase("values"):
+            parts = critic.call("values", per_rank={"samples": shares(_sequences(samples), len(critic))})
+            return [v for part in parts for v in part]
+
+    def update(self, role: str, samples: list[dict], keys: tuple[str, ...]) -> dict:
+        """stage.rl.updates_per_rollout passes over the rollout in mini-batches of trainer.global_batch
+        sequences, one optimizer step each on `role`; returns the summed statistics of the last pass."""
+        group, size = self.groups[role], self.cfg.trainer.global_batch
+        plain = [{"prompt_ids": s["prompt_ids"], "response_ids": s["response_ids"], **{k: s[k] for k in keys}}
+                 for s in samples]
+        with self.phase("train"):
+            for _ in range(self.cfg.stage.rl.updates_per_rollout):
+                totals: dict = {}
+                for start in range(0, len(plain), size):
+                    mini = plain[start:start + size]
+                    tokens = sum(len(s["response_ids"]) for s in mini)
+                    for part in group.call("train", global_tokens=tokens, per_rank={"samples": shares(mini, len(group))}):
+                        for key, value in part.items():
+                            totals[key] = totals.get(key, 0.0) + value
+        return totals
+
+    def sync(self, version: int) -> None:
+        """Rollout actors get the policy's weights (through Ray's object store) and confirm the version;
+        a lost or stalled actor fails the run within stage.rl.sync_timeout_s."""
+        rollout = self.groups.get("rollout")
+        if rollout is None:
+            return
+        with self.phase("sync"):
+            box, digest = self.groups["policy"].call("trainable_weights", version)[0]
+            confirmed = rollout.call("load_weights", box, timeout_s=self.cfg.stage.rl.sync_timeout_s)
+        # Each rollout actor reports the version and a checksum of the weights it now holds.
+        wrong = [rank for rank, (v, d) in enumerate(confirmed) if v != version or abs(d - digest) > 1e-6 * abs(digest)]
+        if wrong:
+            raise RuntimeError(f"weight sync to {', '.join(rollout.describe(r) for r in wrong)} failed: it holds "
+                               f"{[confirmed[r] for r in wrong]}, the policy (version {version}, checksum {digest})")
+
+    # ---- bookkeeping ----------------------------------------------------------------------------------
+
+    def policy_lr(self) -> float:
+        return self.groups["policy"].call("lr")[0]
+
+    def before_training(self) -> None:
+        """Evaluate the starting policy, when the schedule wants it (a fresh start)."""
+        if self.schedule.before_training(self.start_step).evaluate:
+            self.evaluate(0)
+
+    def end_step(self, step: int, metrics: dict, samples: list[dict], rewards: list[float]) -> bool:
+        """Log the step (metrics, and its samples in rollouts.jsonl), evaluate and checkpoint on schedule;
+        False when the run must stop here."""
+        due = self.schedule.due(step)
+        self.tracker.advance()
+        if due.log:
+            self.tracker.log(step, {**metrics, **self.timings})
+            self.tracker.log_rows(ROLLOUTS_FILE, [
+                {"step": step, "group": s["group"], "prompt": s["prompt"][-1]["content"], "completion": s["completion"],
+                 "reward": reward} for s, reward in zip(samples, rewards)])
+        self.timings = {}
+        if due.evaluate:
+            self.evaluate(step)
+        ending = self.schedule.ending(step)
+        if ending.save:
+            self.save_checkpoint(step)
+        if ending.stop:
+            self.tracker.message(ending.message(self.cfg.output_dir, say_why=False))
+            return False
+        return True
+
+    def evaluate(self, step: int) -> None:
+        """Greedy answers to the held-out prompts: their mean reward and, when the prompts carry a
+        reference answer, exact match."""
+        if self.eval_rows is None:
+            return
+        prompts, fields = zip(*(decode_row(row) for row in self.eval_rows))
+        answers = self.groups["policy"].call("eval_answers", list(prompts), self.cfg.trainer.eval_max_new_tokens)[0]
+        samples = [{"prompt": p, "completion": a, "fields": f} for p, a, f in zip(prompts, answers, fields)]
+        rewards = self._rewards(samples, step)  # not timed: the step's phases are the training ones
+        metrics = {"eval_reward_mean": sum(rewards) / len(rewards)}
+        if all("reference" in f for f in fields):
+            metrics["eval_exact_match"] = exact_match_rate(answers, [f["reference"] for f in fields])
+        self.tracker.log(step, metrics)
+        self.tracker.message(f"step {step}: held-out mean reward {metrics['eval_reward_mean']:.3f}; "
+                             f"e.g. {answers[0]!r}")
+
+    def save_checkpoint(self, step: int) -> None:
+        tmp = checkpoint.begin(self.cfg.output_dir, step)
+        for role in ("policy", "critic"):
+            if role in self.groups:
+                self.groups[role].call("save", str(tmp))
+        state = {"step": step, "data": self.loader.state_dict(step), "model_dir": self.payload["model_dir"],
+                 "world_size": self.cfg.launcher.workers, "launch_id": self.payload["launch_id"],
+                 "model_kind": "causal_lm", "roles": sorted(self.groups)}
+        path = checkpoint.commit(tmp, state, self.cfg.trainer.keep_last_checkpoints)
+        self.tracker.message(f"saved {path}")
+
+    def export_final(self) -> None:
+        written = self.groups["policy"].call("export_final", f"{self.cfg.output_dir}/final")[0]
+        self.tracker.message(f"exported {written}")
+
+
+def _sequences(samples: list[dict]) -> list[dict]:
+    return [{"prompt_ids": s["prompt_ids"], "response_ids": s["response_ids"]} for s in samples]

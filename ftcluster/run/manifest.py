@@ -1,0 +1,58 @@
+"""manifest.json: what produced a run (command, code version, packages, hardware, world size, data)."""
+
+from __future__ import annotations
+
+import importlib.metadata
+import os
+import platform
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+from omegaconf import DictConfig
+
+from ftcluster.config import Derived
+from ftcluster.util.hardware import cpu_model
+
+PACKAGES = ["ftcluster", "torch", "deepspeed", "transformers", "peft", "ray", "hydra-core", "wandb", "datasets",
+            "accelerate", "flash-attn"]
+
+
+def manifest(cfg: DictConfig, derived: Derived, argv: list[str], stats: dict) -> dict:
+    return {
+        "command": " ".join([Path(sys.argv[0]).name, *argv]),
+        "started_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "git_sha": _git_sha(),
+        "packages": {name: _version(name) for name in PACKAGES},
+        "python": platform.python_version(),
+        "hardware": _hardware(),
+        "world_size": derived.world_size,
+        "grad_accum_steps": derived.grad_accum_steps,
+        "data_fingerprint": stats.get("fingerprint"),
+    }
+
+
+def _git_sha() -> str | None:
+    source = Path(__file__).resolve().parents[2]
+    try:
+        sha = subprocess.run(["git", "-C", str(source), "rev-parse", "HEAD"], capture_output=True, text=True,
+                             timeout=5)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return sha.stdout.strip() or None
+
+
+def _version(name: str) -> str | None:
+    try:
+        return importlib.metadata.version(name)
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
+def _hardware() -> dict:
+    info = {"machine": platform.machine(), "cpu_model": cpu_model(), "cpus": os.cpu_count(), "cuda": torch.version.cuda}
+    if torch.cuda.is_available():
+        info["gpus"] = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
+    return info
