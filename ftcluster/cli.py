@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 from ftcluster.errors import StoppedOnRequest, UserError, WorkerFailed
+from ftcluster.train.stop import StoppedBeforeTraining, stop_early
 
 USAGE = """usage: ftcluster <command> [options] [key=value ...]
 
@@ -23,8 +24,9 @@ commands:
   eval   eval.model=RUN/final|ADAPTER|CHECKPOINT|MODEL [eval.baseline=auto|null|MODEL] [overrides]
                                      perplexity, generation metrics and forgetting, base vs tuned side by
                                      side: <eval.output_dir>/eval.json, outputs.jsonl, eval.md
-  export CHECKPOINT [--out DIR] [--merge|--no-merge]
-                                     a Hugging Face folder from any checkpoints/step-N of a run
+  export CHECKPOINT [--out DIR] [--merge|--no-merge] [--overwrite]
+                                     a Hugging Face folder from any checkpoints/step-N of a run (DIR new or
+                                     empty; --overwrite replaces an earlier export there, nothing else)
   config [--config FILE] [overrides] print the composed, validated config and exit
   sweep  sweep=NAME|sweep.params.KEY=DIST [overrides]
                                      trials of the config (Ray Tune: grid, random or Optuna TPE, ASHA or median
@@ -41,14 +43,16 @@ commands:
   data   validate FILE [--format F]   check every record; each bad one as file:line: message (exit 2 if any)
   data   stats FILE [--eval FILE] [--model tiny|smollm2|DIR] [--max-seq-len N] [--chat-template F] [--out DIR]
                                      token lengths per split as training sees them; histogram PNG + stats.json
-  data   dedup FILE --out OUT [--near-threshold 0.85]
+  data   dedup FILE --out OUT [--near-threshold 0.85] [--overwrite]
                                      drop exact and MinHash near duplicates (first kept); counts and pairs
-  data   scrub FILE --out OUT [--phone-region US]
+  data   scrub FILE --out OUT [--phone-region US] [--overwrite]
                                      e-mails, phone numbers, IPv4, API keys and tokens -> [EMAIL], [PHONE], ...
-  data   contamination TRAIN EVAL [--ngram 13] [--threshold 0.5] [--out FILE]
+  data   contamination TRAIN EVAL [--ngram 13] [--threshold 0.5] [--out FILE] [--overwrite]
                                      eval examples overlapping train (exact or n-gram share), with lines, rate
-  data   split FILE --eval-fraction 0.1 [--seed 0] --out DIR
+  data   split FILE --eval-fraction 0.1 [--seed 0] --out DIR [--overwrite]
                                      a seeded split into DIR/train.jsonl and DIR/eval.jsonl (lines kept as is)
+                                     every --out above: new, or the same command's earlier output with
+                                     --overwrite; never the input, a run or files of yours
 
 Config groups (conf/): model data stage peft strategy launcher tracking sweep; sections: trainer optim export eval.
 """
@@ -70,16 +74,18 @@ def main(argv: list[str] | None = None) -> int:
     if verb not in commands:
         print(f"ftcluster: unknown command {verb!r}\n\n{USAGE}", file=sys.stderr)
         return 2
-    if verb != "jobs":  # jobs only talks to a dashboard: no need to import torch (seconds)
-        from ftcluster.util.quiet import quiet_libraries
-
-        quiet_libraries()
     try:
+        if verb == "train":  # first, before the imports that take seconds: no stop signal is lost (exit 75)
+            stop_early()
+        if verb != "jobs":  # jobs only talks to a dashboard: no need to import torch (seconds)
+            from ftcluster.util.quiet import quiet_libraries
+
+            quiet_libraries()
         return commands[verb](rest) or 0
     except UserError as exc:
         print(f"ftcluster {verb}: error: {exc}", file=sys.stderr)
         return 2
-    except StoppedOnRequest as exc:
+    except (StoppedOnRequest, StoppedBeforeTraining) as exc:
         print(f"ftcluster {verb}: {exc}", file=sys.stderr)
         return StoppedOnRequest.EXIT_CODE
     except KeyboardInterrupt:
@@ -163,10 +169,12 @@ def cmd_export(args: list[str]) -> int:
     parser.add_argument("--out", default=None, help="destination (default: <run>/export-step-N)")
     parser.add_argument("--merge", action=argparse.BooleanOptionalAction, default=None,
                         help="merge LoRA/DoRA weights into the base (default: the run's export.merge)")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace an earlier `ftcluster export` in --out (never a folder of anything else)")
     ns = parser.parse_args(args)
     from ftcluster.train.export import export_checkpoint
 
-    out = export_checkpoint(ns.checkpoint, ns.out, ns.merge)
+    out = export_checkpoint(ns.checkpoint, ns.out, ns.merge, overwrite=ns.overwrite)
     print(f"[ftcluster] exported {out}")
     return 0
 

@@ -25,6 +25,10 @@ options:
 Any other --option (or everything after --) is passed to `ray start` unchanged; a second node on the
 same machine as another needs its own ports, e.g. --dashboard-agent-listen-port=N.
 
+The node needs the cluster's Ray token (token authentication is always on): $RAY_AUTH_TOKEN, else the file
+$RAY_AUTH_TOKEN_PATH, else ~/.ray/auth_token. On the head's machine it is found by itself; on another, copy
+the head's token file there (chmod 600) and set RAY_AUTH_TOKEN_PATH to it.
+
 Stop it with launch/stop.sh worker-<n> (the name is printed), or launch/stop.sh to stop every node.
 EOF
 }
@@ -57,6 +61,8 @@ if ! timeout 5 bash -c 'exec 3<>"/dev/tcp/$0/$1"' "$host" "$port" 2>/dev/null; t
   exit 1
 fi
 
+. "$(dirname "${BASH_SOURCE[0]}")/ray_auth.sh"
+ray_token_setup join_worker.sh 0
 mkdir -p "$state_dir"
 n=1
 # noclobber: creating the pid file claims the name, even with two joins running at once.

@@ -18,7 +18,7 @@ options:
   --port N                GCS port (default 6379)
   --dashboard-port N      dashboard / Ray Jobs API port (default 8265)
   --dashboard-host H      interface the dashboard listens on (default 127.0.0.1: jobs are submitted
-                          from this machine; 0.0.0.0 to submit from others, with Ray's token auth on)
+                          from this machine; 0.0.0.0 to submit from others)
   --no-dashboard          no dashboard (and no Ray Jobs submission)
   --num-cpus N            CPUs this node offers (default: all)
   --num-gpus N            GPUs this node offers (default: all)
@@ -31,6 +31,13 @@ Any other --option (or everything after --) is passed to `ray start` unchanged.
 
 Ray is the one installed for the `python` on PATH, and Ray Jobs (ftcluster train with an http:// address)
 run that `python` too: activate the environment you train with first.
+
+Ray's token authentication is always on (RAY_AUTH_MODE=token): every node, client and dashboard request
+needs the cluster's token. It is $RAY_AUTH_TOKEN, else the file $RAY_AUTH_TOKEN_PATH, else ~/.ray/auth_token
+(made here when missing; kept readable by its owner only). On this machine `ftcluster jobs`, ftcluster train
+and join_worker.sh find it by themselves; on another, copy the file there and set RAY_AUTH_TOKEN_PATH to it.
+Secrets the jobs need (HF_TOKEN, WANDB_API_KEY) go in this script's environment: every job inherits it,
+and nothing shows it on the dashboard (a job's runtime_env is shown there).
 Stop it with launch/stop.sh head (or launch/stop.sh to stop every node started from this state dir).
 EOF
 }
@@ -60,6 +67,8 @@ while (($#)); do
 done
 
 python=$(command -v python || command -v python3) || { echo "start_head.sh: no python on PATH" >&2; exit 1; }
+. "$(dirname "${BASH_SOURCE[0]}")/ray_auth.sh"
+ray_token_setup start_head.sh 1
 mkdir -p "$state_dir"
 pid_file="$state_dir/head.pid" log="$state_dir/head.log"
 if [[ -f "$pid_file" ]] && kill -0 "$(cat "$pid_file")" 2>/dev/null; then
@@ -106,6 +115,7 @@ ip=${ip:-${node_ip:-127.0.0.1}}
 dash_ip=$dashboard_host
 [[ $dash_ip == 0.0.0.0 ]] && dash_ip=$ip
 echo "Ray head is up: pid $pid, log $log"
+echo "  Ray token auth is on; token: $ray_token_shown (another machine: RAY_AUTH_TOKEN_PATH=<a copy of it>)"
 [[ $dashboard == true ]] &&
   echo "  submit a run as a Ray Job:  ftcluster train launcher=ray launcher.address=http://$dash_ip:$dashboard_port ..."
 echo "  join from the driver:       ftcluster train launcher=ray launcher.address=$ip:$port ..."

@@ -31,8 +31,8 @@ LAYERS = {
     "ftcluster.objectives": 2.5, "ftcluster.data": 2, "ftcluster.observe": 2,
     # the typed config and the declarations everything reads
     "ftcluster.config": 1, "ftcluster.rewards": 1, "ftcluster.stages.registry": 0.5, "ftcluster.eval.scores": 0.5,
-    # shared utilities
-    "ftcluster.errors": 0, "ftcluster.util": 0, "ftcluster": 0,
+    # shared utilities, on the user-error types (which import nothing): util/outputs.py refuses with a UserError
+    "ftcluster.util": 0, "ftcluster": 0, "ftcluster.errors": -1,
 }
 # Packages that may import only these, whatever the layers say: a launcher places processes and runs the
 # callable it is handed, so it knows no stage, RL role, model, data or entry.

@@ -51,7 +51,8 @@ def head(tmp_path_factory):
     state = tmp_path_factory.mktemp("ray-state")
     port, dash = free_port(), free_port()
     temp_dir = f"/tmp/ftc-ray-{os.getpid()}-{port}"  # Ray's socket paths must stay short
-    env = {**os.environ, "RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0", "FTCLUSTER_RAY_DIR": str(state),
+    # Token auth is always on (launch/ray_auth.sh); every client here uses the head's token, ~/.ray/auth_token.
+    env = {**os.environ, "RAY_AUTH_MODE": "token", "RAY_USAGE_STATS_ENABLED": "0", "FTCLUSTER_RAY_DIR": str(state),
            "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
     env.pop("RAY_ADDRESS", None)
     # Fixed default ports would collide with any other Ray node on this machine.
@@ -61,7 +62,10 @@ def head(tmp_path_factory):
     assert started.returncode == 0, started.stdout + started.stderr
     pid = int((state / "head.pid").read_text())
     patch = pytest.MonkeyPatch()  # for the in-process `ftcluster jobs` calls
-    patch.setenv("RAY_AUTH_MODE", "disabled")
+    patch.setenv("RAY_AUTH_MODE", "token")
+    from ftcluster.launch.cluster import use_token_auth
+
+    use_token_auth(start=False)  # this process's Ray clients too (Ray reads the mode once, at import)
     yield SimpleNamespace(port=port, dashboard=f"http://127.0.0.1:{dash}", env=env, state=state, pid=pid,
                           temp_dir=temp_dir, printed=started.stdout)
     patch.undo()

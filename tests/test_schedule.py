@@ -50,7 +50,7 @@ def test_stops_checkpoint_and_say_why():
 
     requested = StepSchedule(trainer(), lambda step: step == 4).ending(4)
     assert (requested.save, requested.stop) == (True, True)
-    assert "as a stop was requested (SIGUSR1);" in requested.message("/out")
+    assert "as a stop was requested (SIGUSR1 or SIGTERM);" in requested.message("/out")
     # At the last step the run ends anyway: a checkpoint, but no early stop.
     last = StepSchedule(trainer(stop_after_steps=6), lambda step: True).ending(6)
     assert (last.save, last.stop) == (True, False)

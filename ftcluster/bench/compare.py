@@ -24,7 +24,7 @@ def load_results(path: str) -> list[dict]:
     if not p.is_file():
         raise UserError(f"{path}: no such result file; give a suite's .jsonl or .md from benchmarks/results/")
     records = []
-    for line, text in enumerate(p.read_text().splitlines(), 1):
+    for line, text in enumerate(p.read_text(encoding="utf-8").split("\n"), 1):
         if not text.strip():
             continue
         try:

@@ -113,7 +113,7 @@ def _fingerprint(suite: Suite, overrides: list[str]) -> str:
 
 def _recorded(work_dir: Path, settings: str) -> dict:
     path = work_dir / CELLS_FILE
-    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.is_file() else []
+    rows = [json.loads(line) for line in path.read_text(encoding="utf-8").split("\n") if line.strip()] if path.is_file() else []
     return {r["cell"]: r for r in rows if r.get("settings") == settings}
 
 

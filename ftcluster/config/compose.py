@@ -18,6 +18,7 @@ from omegaconf.errors import OmegaConfBaseException
 
 from ftcluster.config.schema import TrainConfig
 from ftcluster.errors import ConfigError, DataError, UserError
+from ftcluster.util.secrets import redact
 
 ASSETS = Path(__file__).resolve().parents[1] / "assets"
 
@@ -169,7 +170,9 @@ def _hydra_message(exc: Exception) -> str:
 
 
 def to_yaml(cfg: DictConfig) -> str:
-    return OmegaConf.to_yaml(cfg, resolve=True)
+    """The resolved config as files and the console show it (config.yaml, `ftcluster config`): values under
+    secret-looking keys and token-shaped values masked as ***. The run itself keeps the real values."""
+    return OmegaConf.to_yaml(OmegaConf.create(redact(OmegaConf.to_container(cfg, resolve=True))))
 
 
 def load_run_config(path: str | Path) -> DictConfig:

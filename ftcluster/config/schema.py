@@ -246,6 +246,10 @@ class TrainerConfig:
     # the resident set follows the live tensors and peak_memory.json measures what the planner predicts;
     # steps get slower (page faults). For benchmarks (ftcluster bench sets it).
     exact_cpu_memory: bool = False
+    # A non-finite loss or gradient norm: "stop" ends the run naming the step, before that step's weights can
+    # be saved (the newest checkpoint stays the last good one). "skip" (drop that update) is refused by
+    # validate(): under ZeRO the norm is only known inside DeepSpeed's step, after the update is applied.
+    on_nonfinite: Annotated[str, Literal["stop", "skip"]] = "stop"
 
 
 @dataclass
@@ -362,3 +366,19 @@ def _choices(schema: type, prefix: str = "") -> dict[str, tuple]:
 
 
 CHOICES: dict[str, tuple] = _choices(TrainConfig)
+
+
+def _floats(schema: type, prefix: str = "") -> tuple[str, ...]:
+    """Dotted keys of every float field (a list of floats included), so that one check refuses NaN and inf."""
+    hints = typing.get_type_hints(schema)
+    found: list[str] = []
+    for f in dataclasses.fields(schema):
+        hint, key = hints[f.name], f"{prefix}{f.name}"
+        if dataclasses.is_dataclass(hint):
+            found.extend(_floats(hint, f"{key}."))
+        elif float in (hint, *typing.get_args(hint)) or List[float] == hint:
+            found.append(key)
+    return tuple(found)
+
+
+FLOAT_KEYS: tuple[str, ...] = _floats(TrainConfig)

@@ -6,6 +6,9 @@ stage trains on and how it runs.
 from __future__ import annotations
 
 import importlib.util
+import json
+import math
+import netrc
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -14,7 +17,7 @@ from typing import Any, Iterable
 from omegaconf import DictConfig, OmegaConf
 
 from ftcluster.config.compose import ASSETS
-from ftcluster.config.schema import CHOICES
+from ftcluster.config.schema import CHOICES, FLOAT_KEYS
 from ftcluster.errors import ConfigError
 from ftcluster.eval.scores import check_names
 from ftcluster.stages.registry import FORMAT_FIELDS, STAGES
@@ -53,6 +56,7 @@ def derive(cfg: DictConfig) -> Derived:
 def validate(cfg: DictConfig, check_paths: bool = True) -> Derived:
     """Every check that needs no process, no cluster and no model weights. Raises ConfigError."""
     _choices(cfg)
+    _finite(cfg)
     _trainer(cfg)
     _data(cfg)
     _optim(cfg)
@@ -61,6 +65,7 @@ def validate(cfg: DictConfig, check_paths: bool = True) -> Derived:
     _peft(cfg)
     _model(cfg)
     _launcher(cfg)
+    _tracking(cfg)
     if check_paths:
         _paths(cfg)
     return derive(cfg)
@@ -98,6 +103,18 @@ def _choices(cfg: DictConfig) -> None:
             raise ConfigError(key, f"got {value!r}; it must be {_listed(allowed)}")
 
 
+def _finite(cfg: DictConfig) -> None:
+    """NaN and inf in any float of the schema: a NaN never compares false in a range check, so each later
+    check would let it through."""
+    for key in FLOAT_KEYS:
+        value = _get(cfg, key)
+        for item in value if isinstance(value, Iterable) and not isinstance(value, str) else [value]:
+            if isinstance(item, float) and not math.isfinite(item):
+                raise ConfigError(key, f"got {value}; it must be a finite number")
+    if cfg.seed < 0:
+        raise ConfigError("seed", f"got {cfg.seed}; it must be 0 or more")
+
+
 def _trainer(cfg: DictConfig) -> None:
     _positive(cfg, "trainer.max_steps", "trainer.max_seq_len", "trainer.micro_batch_per_device",
               "trainer.global_batch", "trainer.log_every_steps", "trainer.keep_last_checkpoints",
@@ -107,6 +124,12 @@ def _trainer(cfg: DictConfig) -> None:
     if stop is not None and not 1 <= stop <= cfg.trainer.max_steps:
         raise ConfigError("trainer.stop_after_steps", f"got {stop}; it must be between 1 and trainer.max_steps")
     check_names(cfg.trainer.eval_metrics, "trainer.eval_metrics")
+    if cfg.trainer.on_nonfinite == "skip":
+        raise ConfigError("trainer.on_nonfinite",
+                          "skip is not available: dropping an update needs its gradient norm before the optimizer "
+                          "applies it, which DeepSpeed computes only inside its step under ZeRO 1-3 (and bf16/fp16); "
+                          "use trainer.on_nonfinite=stop and resume=auto from the last checkpoint with a lower "
+                          "optim.lr or stronger strategy.gradient_clipping")
 
 
 def _data(cfg: DictConfig) -> None:
@@ -115,7 +138,14 @@ def _data(cfg: DictConfig) -> None:
 
 
 def _optim(cfg: DictConfig) -> None:
-    _not_negative(cfg, "optim.warmup_steps", "optim.weight_decay")
+    _not_negative(cfg, "optim.warmup_steps", "optim.weight_decay", "optim.min_lr_ratio")
+    betas = list(cfg.optim.betas)
+    if len(betas) != 2 or not all(0 <= b < 1 for b in betas):
+        raise ConfigError("optim.betas", f"got {betas}; it must be two numbers in [0, 1), e.g. optim.betas=[0.9,0.999]")
+    if not cfg.optim.eps > 0:
+        raise ConfigError("optim.eps", f"got {cfg.optim.eps}; it must be a small positive number such as 1e-8")
+    if cfg.optim.min_lr_ratio > 1:
+        raise ConfigError("optim.min_lr_ratio", f"got {cfg.optim.min_lr_ratio}; it must be in [0, 1]")
     if not cfg.optim.lr > 0:
         raise ConfigError("optim.lr", f"got {cfg.optim.lr}; it must be a positive number such as 1e-4")
     if cfg.optim.warmup_steps > cfg.trainer.max_steps:
@@ -124,6 +154,7 @@ def _optim(cfg: DictConfig) -> None:
 
 
 def _strategy(cfg: DictConfig) -> None:
+    _not_negative(cfg, "strategy.gradient_clipping")
     if cfg.strategy.offload_params and cfg.strategy.zero_stage != 3:
         raise ConfigError("strategy.offload_params",
                           "parameter offload needs ZeRO-3: use strategy=zero3_offload or strategy.zero_stage=3")
@@ -203,8 +234,9 @@ def _rl(cfg: DictConfig) -> None:
 
 def _peft(cfg: DictConfig) -> None:
     method, stage = cfg.peft.method, cfg.stage.name
-    _positive(cfg, "peft.r")
-    _not_negative(cfg, "peft.dropout")
+    _positive(cfg, "peft.r", "peft.alpha")
+    if not 0 <= cfg.peft.dropout < 1:
+        raise ConfigError("peft.dropout", f"got {cfg.peft.dropout}; it must be in [0, 1)")
     if method == "qlora" and not _has_cuda():
         raise ConfigError("peft.method", "QLoRA quantizes with bitsandbytes, which needs a CUDA GPU; "
                                          "on CPU use peft=lora")
@@ -243,6 +275,24 @@ def _launcher(cfg: DictConfig) -> None:
         _inline(cfg)
     if launcher.name in ("local", "processes", "inline"):
         _local_capacity(cfg)
+
+
+def _tracking(cfg: DictConfig) -> None:
+    w = cfg.tracking.wandb
+    if w.enabled and w.mode == "online" and not _wandb_credentials():
+        raise ConfigError("tracking.wandb.mode", "online needs W&B credentials: export WANDB_API_KEY or run "
+                                                 "`wandb login` (a ~/.netrc entry for api.wandb.ai) first, "
+                                                 "or use tracking.wandb.mode=offline")
+
+
+def _wandb_credentials() -> bool:
+    if os.environ.get("WANDB_API_KEY"):
+        return True
+    host = os.environ.get("WANDB_BASE_URL", "https://api.wandb.ai").split("://")[-1].split("/")[0]
+    try:
+        return netrc.netrc(os.environ.get("NETRC") or None).authenticators(host) is not None
+    except (OSError, netrc.NetrcParseError):
+        return False
 
 
 def _without_ray(cfg: DictConfig) -> None:
@@ -327,3 +377,17 @@ def _paths(cfg: DictConfig) -> None:
     ds = cfg.strategy.deepspeed_config
     if ds is not None and not Path(ds).is_file():
         raise ConfigError("strategy.deepspeed_config", f"{ds} does not exist")
+    if ds is not None:
+        _deepspeed_json(ds)
+
+
+def _deepspeed_json(path: str) -> None:
+    try:
+        value = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        where = f"{path}:{exc.lineno}" if isinstance(exc, json.JSONDecodeError) else path
+        raise ConfigError("strategy.deepspeed_config", f"{where}: not valid JSON ({exc})") from None
+    if not isinstance(value, dict):
+        raise ConfigError("strategy.deepspeed_config", f"{path} holds a JSON {type(value).__name__}, not an object; "
+                                                       f"it must be a JSON object of DeepSpeed keys, e.g. "
+                                                       f'{{"zero_optimization": {{"reduce_bucket_size": 5e7}}}}')

@@ -11,6 +11,7 @@ record's other fields, handed to the reward function).
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
@@ -69,7 +70,7 @@ def _read_jsonl(path: str, on_error: Callable[[DataError], None] | None) -> Iter
                     continue
                 try:
                     # Without the newline, a record cut short is reported at its last column, not the next line.
-                    record = json.loads(text.rstrip("\r\n"))
+                    record = _loads(text.rstrip("\r\n"), path, line)
                 except json.JSONDecodeError as exc:
                     raise DataError(path, line, f"invalid JSON: {exc.msg} (column {exc.colno})") from None
                 record = _object(record, path, line)
@@ -86,10 +87,11 @@ def _read_json(path: str, on_error: Callable[[DataError], None] | None) -> Itera
     # Many datasets ship JSON Lines under a .json name; a document that does not open with '['
     # is read line by line so those files work and their errors still carry line numbers.
     if not text.lstrip().startswith("["):
+        _refuse_wrapper(text, path)
         yield from _read_jsonl(path, on_error)
         return
     try:
-        records = json.loads(text)
+        records = _loads(text, path, None)
     except json.JSONDecodeError as exc:
         raise DataError(path, exc.lineno, f"invalid JSON: {exc.msg} (column {exc.colno})") from None
     for index, record in enumerate(records, start=1):
@@ -101,6 +103,38 @@ def _read_json(path: str, on_error: Callable[[DataError], None] | None) -> Itera
             on_error(exc)
             continue
         yield index, record
+
+
+# Fields a record itself may hold as a list of objects; any other such field of a whole-file object is a wrapper.
+_TURN_FIELDS = ("messages", "conversations", "prompt", "chosen", "rejected")
+
+
+def _loads(text: str, path: str, line: int | None) -> Any:
+    """json.loads refusing a key given twice in one object (json keeps the last one silently)."""
+    def unique(pairs: list) -> dict:
+        keys = [key for key, _ in pairs]
+        repeated = sorted({key for key in keys if keys.count(key) > 1})
+        if repeated:
+            raise DataError(path, line, f"key {repeated[0]!r} appears twice in one JSON object; which one is meant is "
+                                        f"ambiguous, so remove one")
+        return dict(pairs)
+
+    return json.loads(text, object_pairs_hook=unique)
+
+
+def _refuse_wrapper(text: str, path: str) -> None:
+    """A .json file that is one object holding the records under a key ({"data": [...]}): say to give the list."""
+    try:
+        document = json.loads(text)
+    except json.JSONDecodeError:
+        return  # JSON Lines under a .json name: read line by line
+    if not isinstance(document, dict):
+        return
+    for key, value in document.items():
+        if key not in _TURN_FIELDS and isinstance(value, list) and value and all(isinstance(v, dict) for v in value):
+            raise DataError(path, 1, f"the file is one JSON object holding {len(value)} records under {key!r}; give "
+                                     f"the list itself: a .json file holding [{{...}}, ...] (the value of {key!r}), "
+                                     f"or JSON Lines with one record per line")
 
 
 def _decode(raw: bytes, path: str, line: int | None) -> str:
@@ -118,12 +152,26 @@ def _read_parquet(path: str) -> Iterator[tuple[int, dict]]:
     try:
         table = pq.ParquetFile(path)
     except Exception as exc:  # pyarrow raises several types for a damaged file; all mean "not Parquet".
-        raise DataError(path, None, f"cannot read as Parquet: {exc}") from None
+        raise DataError(path, None, f"cannot read as Parquet: {_one_line(exc)}") from None
     index = 0
-    for batch in table.iter_batches():
+    batches = table.iter_batches()
+    while True:
+        try:
+            batch = next(batches, None)
+        except Exception as exc:  # a damaged column chunk shows only when it is read
+            raise DataError(path, index + 1 if index else None,
+                            f"the Parquet file is damaged (record {index + 1} onwards cannot be read: {_one_line(exc)}); "
+                            f"write it again") from None
+        if batch is None:
+            return
         for record in batch.to_pylist():
             index += 1
             yield index, record
+
+
+def _one_line(exc: Exception) -> str:
+    # pyarrow's messages span lines and may carry control bytes from the damaged file.
+    return " ".join("".join(c if c.isprintable() else " " for c in line) for line in str(exc).splitlines()).strip()
 
 
 def _read_saved_dataset(path: str) -> Iterator[tuple[int, dict]]:
@@ -144,7 +192,25 @@ def _read_saved_dataset(path: str) -> Iterator[tuple[int, dict]]:
 def _object(record: Any, path: str, line: int) -> dict:
     if not isinstance(record, dict):
         raise DataError(path, line, f"a record must be a JSON object, got {_type_name(record)}")
+    _encodable(record, path, line, "")
     return record
+
+
+def _encodable(value: Any, path: str, line: int, where: str) -> None:
+    """A JSON escape such as \\ud800 decodes to a lone surrogate, which no tokenizer or UTF-8 file can hold."""
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError as exc:
+            raise DataError(path, line, f"field {where or 'record'!r} holds a lone surrogate "
+                                        f"({value[exc.start]!r}, character {exc.start}): an escaped half of a UTF-16 "
+                                        f"pair is not text; fix or remove it") from None
+    elif isinstance(value, dict):
+        for key, item in value.items():
+            _encodable(item, path, line, f"{where}.{key}" if where else str(key))
+    elif isinstance(value, list):
+        for i, item in enumerate(value):
+            _encodable(item, path, line, f"{where}[{i}]")
 
 
 def to_example(record: dict, fmt: str, path: str, line: int, system_prompt: str | None = None) -> dict:
@@ -160,6 +226,7 @@ def to_example(record: dict, fmt: str, path: str, line: int, system_prompt: str 
         return _preference(fields, system_prompt)
     if fmt == "prompt":
         prompt = _with_system(_turns_or_text(fields, "prompt", "user"), system_prompt)
+        _check_order(fields, "prompt", prompt)
         return {"prompt": prompt, "extra": {k: v for k, v in record.items() if k != "prompt"}}
     raise ValueError(f"format {fmt!r} has no converter")  # validate() admits only known formats.
 
@@ -197,7 +264,7 @@ def _check_string(value: Any, name: str, non_empty: bool, error) -> str:
 def _alpaca(fields: _Fields, system_prompt: str | None) -> list[dict]:
     instruction = fields.string("instruction", non_empty=True)
     extra = fields.string("input", optional=True)
-    output = fields.string("output")
+    output = fields.string("output", non_empty=True)
     system = fields.string("system", optional=True) or system_prompt
     user = f"{instruction}\n\n{extra}" if extra else instruction
     messages = [{"role": "system", "content": system}] if system else []
@@ -213,6 +280,7 @@ def _chat(fields: _Fields, system_prompt: str | None) -> list[dict]:
         raise fields.missing("messages")
     messages = _turns(fields, name)
     _require_assistant(fields, name, messages, "so there is nothing to train on")
+    _check_order(fields, name, messages)
     return _with_system(messages, system_prompt)
 
 
@@ -236,7 +304,9 @@ def _turns(fields: _Fields, name: str) -> list[dict]:
         speaker = _check_string(turn[role_key], f"{where}.{role_key}", True, fields.error)
         if speaker not in ROLES:
             raise fields.error(f"field '{where}.{role_key}' is {speaker!r}; known roles: {', '.join(ROLES)}")
-        content = _check_string(turn[content_key], f"{where}.{content_key}", False, fields.error)
+        # An empty answer would train the model to stop at once: refused, like an empty alpaca output.
+        content = _check_string(turn[content_key], f"{where}.{content_key}", ROLES[speaker] == "assistant",
+                                fields.error)
         messages.append({"role": ROLES[speaker], "content": content})
     return messages
 
@@ -248,13 +318,35 @@ def _turns_or_text(fields: _Fields, name: str, role: str) -> list[dict]:
         raise fields.missing(name)
     if isinstance(value, list):
         return _turns(fields, name)
-    return [{"role": role, "content": _check_string(value, name, role == "user", fields.error)}]
+    return [{"role": role, "content": _check_string(value, name, True, fields.error)}]
 
 
 def _require_assistant(fields: _Fields, name: str, messages: list[dict], why: str) -> None:
     if not any(m["role"] == "assistant" for m in messages):
         raise fields.error(f"{'chat in ' if name in ('messages', 'conversations') else 'field '}{name!r} has no "
                            f"assistant turn (role 'assistant' or from 'gpt'), {why}")
+
+
+# Which role may come right after which (None: the start, after an optional opening system turn).
+_FOLLOWS = {"user": (None, "assistant", "tool"), "assistant": ("user", "tool"), "tool": ("assistant", "tool")}
+
+
+def _check_order(fields: _Fields, name: str, messages: list[dict]) -> None:
+    """A system turn opens the conversation or not at all; then user and assistant alternate, starting with the
+    user; tool results follow an assistant turn. Chat templates assume it (many raise, some render nonsense)."""
+    previous = None
+    for i, message in enumerate(messages):
+        role = message["role"]
+        if role == "system":
+            if i:
+                raise fields.error(f"{name!r}: a system turn at position {i}; a system turn may only open the "
+                                   f"conversation (move it first or merge it into a user turn)")
+            continue
+        if previous not in _FOLLOWS[role]:
+            after = f"after a {previous} turn" if previous else "as the first turn"
+            raise fields.error(f"{name!r}: turn {i} is {role} {after}; turns must go (system,) user, assistant, "
+                               f"user, ... with tool turns only after an assistant turn")
+        previous = role
 
 
 def _with_system(messages: list[dict], system_prompt: str | None) -> list[dict]:
@@ -287,12 +379,15 @@ def _preference(fields: _Fields, system_prompt: str | None) -> dict:
                                "share their opening (prompt) turns; add a 'prompt' field")
     for side, turns in (("chosen", chosen), ("rejected", rejected)):
         _require_assistant(fields, side, turns, "so the pair has no response to compare")
+        _check_order(fields, side if fields.record.get("prompt") is None else f"prompt + {side}", prompt + turns)
     if chosen == rejected:
         raise fields.error("'chosen' and 'rejected' are the same response; a preference pair needs two different "
                            "responses (remove the record or fix one side)")
     margin = fields.record.get("margin")
     if margin is not None and (isinstance(margin, bool) or not isinstance(margin, (int, float))):
         raise fields.error(f"field 'margin' must be a number, got {_type_name(margin)}")
+    if margin is not None and not math.isfinite(margin):
+        raise fields.error(f"field 'margin' is {margin}; it must be a finite number")
     return {"prompt": _with_system(prompt, system_prompt), "chosen": chosen, "rejected": rejected,
             "margin": None if margin is None else float(margin)}
 

@@ -5,15 +5,21 @@ turn the conversation is rendered up to that turn with the generation prompt, an
 turn; the difference is exactly what the model must produce. That works for any template that renders
 prefixes consistently (checked, with an error naming the turn when it does not), and the text is
 tokenized once, so training sees the same tokens as `apply_chat_template(tokenize=True)`.
+
+Because the rendered text is tokenized as a whole, a control token's string typed inside a message (`<|im_end|>`)
+would become that control token and end the turn early; such content is refused (_check_plain), naming the
+turn and the token, rather than silently trained on as markup.
 """
 
 from __future__ import annotations
 
+import re
+import weakref
 from pathlib import Path
 
 import jinja2
 
-from ftcluster.errors import ConfigError
+from ftcluster.errors import ConfigError, UserError
 
 IGNORE = -100  # The label value Hugging Face losses skip.
 
@@ -79,6 +85,7 @@ def encode_chat(messages: list[dict], tokenizer, train_on: str = "assistant",
     """Token ids of the rendered chat and labels: assistant tokens (or every token) and IGNORE elsewhere.
     With `from_turn`, only assistant turns from that index on are labelled (a preference pair's response
     after its prompt)."""
+    _check_plain(messages, tokenizer)
     if train_on == "all":
         full = _render(tokenizer, messages, add_generation_prompt=False)
         ids = _tokenize(tokenizer, full)["input_ids"]
@@ -99,6 +106,7 @@ def encode_text(text: str, tokenizer) -> tuple[list[int], list[int]]:
     if tokenizer.eos_token_id is None:
         raise ConfigError("data.format", "format=text appends the end-of-sequence token so the model learns where "
                                          "a document ends, but this tokenizer has no eos_token")
+    _check_plain([{"role": "text", "content": text}], tokenizer)
     ids = tokenizer(text, add_special_tokens=True)["input_ids"] + [tokenizer.eos_token_id]
     return ids, _no_first_label(list(ids))
 
@@ -112,7 +120,35 @@ def prompt_and_reference(example: dict) -> tuple[list[dict], str]:
 
 def encode_prompt(messages: list[dict], tokenizer) -> list[int]:
     """Token ids of a prompt rendered with the generation prompt: what generation continues from."""
+    _check_plain(messages, tokenizer)
     return _tokenize(tokenizer, _render(tokenizer, messages, add_generation_prompt=True))["input_ids"]
+
+
+_SPECIAL_PATTERNS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def _special_pattern(tokenizer) -> re.Pattern | None:
+    """One regex over every special token string of the tokenizer (Llama 3 has hundreds), built once."""
+    if tokenizer not in _SPECIAL_PATTERNS:
+        specials = set(tokenizer.all_special_tokens)
+        specials.update(t.content for t in getattr(tokenizer, "added_tokens_decoder", {}).values() if t.special)
+        specials.discard("")
+        _SPECIAL_PATTERNS[tokenizer] = (re.compile("|".join(re.escape(t) for t in sorted(specials, key=len, reverse=True)))
+                                        if specials else None)
+    return _SPECIAL_PATTERNS[tokenizer]
+
+
+def _check_plain(messages: list[dict], tokenizer) -> None:
+    pattern = _special_pattern(tokenizer)
+    if pattern is None:
+        return
+    for i, message in enumerate(messages):
+        found = pattern.search(message["content"])
+        if found:
+            where = "the text" if message["role"] == "text" else f"turn {i} ({message['role']})"
+            raise UserError(f"{where} contains {found.group(0)!r}, a control token of this tokenizer; it would be "
+                            f"read as that token (ending the turn or opening a role), not as text. Remove or "
+                            f"rewrite it in the data")
 
 
 def _tokenize(tokenizer, text: str):

@@ -38,9 +38,13 @@ from ftcluster.eval.scores import check_names, check_references, compute
 from ftcluster.eval.targets import Target, default_baseline, from_model_section, materialize, resolve, run_config
 from ftcluster.launch import launcher_for, submitter_for
 from ftcluster.util.atomic import write_text
+from ftcluster.util.outputs import claim_folder, mark_folder
 
 ROLES = ("tuned", "base")  # eval.model, eval.baseline
 _FORMATS = ("alpaca", "chat", "text")
+COMMAND = "ftcluster eval"
+# Everything eval writes in its output_dir; a folder holding anything else is not eval's to write into.
+OUTPUT_NAMES = ("config.yaml", "eval.json", "outputs.jsonl", "eval.md", "data", "models", "work")
 
 
 def eval_command(overrides: list[str]) -> Path:
@@ -48,7 +52,7 @@ def eval_command(overrides: list[str]) -> Path:
     cfg = compose(overrides)
     targets = plan(cfg, overrides)
     out = Path(cfg.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    mark_folder(out, COMMAND, OUTPUT_NAMES)  # first: an eval cut short is still recognised as eval's own
     print("[ftcluster] eval: " + "; ".join(f"{role} = {t.spec} ({t.kind})" for role, t in targets.items())
           + f"; data {cfg.data.eval_path or cfg.data.path}; general text {cfg.eval.general}; output {out}")
     payload = {"config": OmegaConf.to_container(cfg, resolve=True), "output_dir": str(out),
@@ -92,6 +96,9 @@ def plan(cfg: DictConfig, overrides: list[str]) -> dict[str, Target]:
     if (out / "manifest.json").is_file():
         raise ConfigError("eval.output_dir", f"{out} holds a training run, whose config.yaml eval would overwrite; "
                                              f"use a folder of its own such as {out / 'eval'}")
+    # An earlier eval's output there is replaced, as it always was (no flag); anything else is refused.
+    claim_folder(out, COMMAND, option="eval.output_dir", overwrite=True,
+                 inputs=[t.path for t in targets.values() if Path(t.path).exists()])
     cfg.output_dir = str(out)
     return targets
 
@@ -236,7 +243,7 @@ def write_outputs(cfg: DictConfig, targets: dict[str, Target], payload: dict, re
 
 
 def _prompts(path: Path) -> list[dict]:
-    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").split("\n") if line.strip()]
 
 
 def _data_summary(cfg: DictConfig, payload: dict) -> dict:

@@ -44,7 +44,7 @@ def eval_tokenizer(cfg: DictConfig, model_dir: str, adapter_dir: str | None):
     """The tokenizer saved with the adapter when there is one, else the model's; with data.chat_template
     applied as training applied it (so a base model renders prompts as its tuned version saw them)."""
     source = adapter_dir if adapter_dir and Path(adapter_dir, "tokenizer_config.json").is_file() else model_dir
-    tokenizer = load_tokenizer(source)
+    tokenizer = load_tokenizer(source, cfg.model.trust_remote_code)
     if cfg.data.format != "text":
         apply_template_override(tokenizer, cfg.data.chat_template)
     return tokenizer
@@ -59,7 +59,7 @@ def score_model(cfg: DictConfig, spec: dict) -> dict:
     result = {"loss": _perplexity_loss(cfg, model, data_dir, "eval"),
               "general_loss": _perplexity_loss(cfg, model, data_dir, "general")}
     scored = time.perf_counter()
-    prompts = [json.loads(line)["prompt"] for line in (data_dir / "eval_generate.jsonl").read_text().splitlines()
+    prompts = [json.loads(line)["prompt"] for line in (data_dir / "eval_generate.jsonl").read_text(encoding="utf-8").split("\n")
                if line.strip()] if cfg.eval.metrics else []
     if dist.rank() == 0:  # decoding is the long part: say it has started
         print(f"[ftcluster] eval {spec['role']}: perplexity scored in {scored - started:.0f} s; generating "

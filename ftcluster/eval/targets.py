@@ -148,7 +148,9 @@ def materialize(target: Target, role: str, out: Path, seed: int) -> tuple[str, s
     if target.kind == "random":
         return materialize_random_init(target.path, out / "models" / f"{role}-init", seed), None
     if target.kind == "checkpoint":
-        exported = export_checkpoint(target.path, out / "models" / f"{role}-{Path(target.path).name}", merge=True)
+        # eval's own folder: an earlier eval's export there is replaced (overwrite), nothing else is
+        exported = export_checkpoint(target.path, out / "models" / f"{role}-{Path(target.path).name}", merge=True,
+                                     overwrite=True)
         if run_config(target).peft.method not in (*_MERGEABLE, "none"):
             return str(exported), str(exported / "adapter")  # prompt / prefix tuning cannot be merged
         return str(exported), None

@@ -1,10 +1,20 @@
 """Joining or starting the Ray cluster this process places work on: its address checked within seconds
-(Ray's own client retries for a minute or more), its worker environment, loopback on one machine."""
+(Ray's own client retries for a minute or more), its worker environment, loopback on one machine, and Ray's
+token authentication.
+
+Token auth: a cluster this process starts always has it, set explicitly (RAY_AUTH_MODE=token; Ray 2.60 would
+otherwise decide by itself, from whether a token file happens to exist). The token is Ray's own: RAY_AUTH_TOKEN,
+else the file RAY_AUTH_TOKEN_PATH names, else ~/.ray/auth_token, created here when missing and kept readable by
+its owner only. The same lookup serves every client (joining, `ftcluster jobs`, Ray Job submission)."""
 
 from __future__ import annotations
 
 import os
+import secrets
+import signal
 import socket
+import threading
+from pathlib import Path
 from urllib.parse import urlsplit
 
 from ftcluster.errors import UserError
@@ -32,16 +42,33 @@ def import_ray():
     return ray
 
 
-def connect(address: str | None) -> None:
-    """Start a Ray cluster in this process (address None) or join a running one."""
+_START_ONE = "Start a Ray head there (launch/start_head.sh), check the host and port, or use launcher=local"
+
+
+def connect(address: str | None, key: str = "launcher.address", fix: str = _START_ONE) -> None:
+    """Start a Ray cluster in this process (address None) or join a running one; `key` and `fix` say, in an
+    error, where the address came from and what to do."""
     ray = import_ray()
-    for key, value in WORKER_ENV.items():
-        if key != "FTCLUSTER_IN_RAY":
-            os.environ.setdefault(key, value)
+    for name, value in WORKER_ENV.items():
+        if name != "FTCLUSTER_IN_RAY":
+            os.environ.setdefault(name, value)
     if address not in (None, "auto"):
-        check_reachable(address, "launcher.address")
+        check_reachable(address, key, fix)
     if ray.is_initialized():
         return
+    # ray.init replaces this process's SIGTERM handler (with one that exits at once, or that kills the local
+    # cluster and exits 1): the command's own, a stop request with a checkpoint (ftcluster.train.stop), is put
+    # back. Ray's local processes still go when this one exits (atexit) or dies (they die with their parent).
+    handler = signal.getsignal(signal.SIGTERM)
+    try:
+        _init(ray, address)
+    finally:
+        if callable(handler) and threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGTERM, handler)
+
+
+def _init(ray, address: str | None) -> None:
+    use_token_auth(start=address is None)
     kwargs = dict(runtime_env={"env_vars": WORKER_ENV}, log_to_driver=True, configure_logging=False)
     if address is None:
         # Keeps the node, and gloo's master address, on loopback rather than the network card's address;
@@ -59,19 +86,76 @@ def connect(address: str | None) -> None:
         return
     try:
         ray.init(address=address, **kwargs)
-    except (ConnectionError, RuntimeError, ValueError) as exc:
+    except (ConnectionError, RuntimeError, ValueError, ray.exceptions.AuthenticationError) as exc:
+        # A wrong or missing token shows only as Ray's "InvalidAuthToken" log line and a failed connect.
         raise UserError(f"launcher.address={address}: cannot join a Ray cluster there ({exc}). Start one "
-                        f"with launch/start_head.sh, or use launcher=local") from None
+                        f"with launch/start_head.sh, or use launcher=local; if Ray logged InvalidAuthToken, set "
+                        f"RAY_AUTH_TOKEN_PATH to a copy of the cluster's token file") from None
 
 
-def check_reachable(address: str, key: str, timeout_s: float = 5.0) -> None:
+def use_token_auth(start: bool) -> None:
+    """Ray's token authentication for this process (and the Ray processes it starts). Starting a cluster: on,
+    with a token file only its owner can read. Joining one or talking to a dashboard: on when a token is at
+    hand, unless RAY_AUTH_MODE says otherwise (a cluster someone started without it)."""
+    if start:
+        ensure_token_file()
+        os.environ["RAY_AUTH_MODE"] = "token"
+    elif "RAY_AUTH_MODE" not in os.environ and (os.environ.get("RAY_AUTH_TOKEN") or token_file().is_file()):
+        os.environ["RAY_AUTH_MODE"] = "token"
+    # not at the top: Ray's import takes most of a second, which `ftcluster jobs --help` does without
+    from ray._raylet import AuthenticationMode, AuthenticationTokenLoader, Config, get_authentication_mode
+
+    wanted = os.environ.get("RAY_AUTH_MODE", "").lower() == "token"
+    if (get_authentication_mode() == AuthenticationMode.TOKEN) != wanted:
+        Config.initialize("")  # Ray reads RAY_AUTH_MODE when it is imported; a later change needs a re-read
+    AuthenticationTokenLoader.instance().reset_cache()  # it may have cached "no token" before the file existed
+
+
+def token_file() -> Path:
+    """Where Ray looks for the token when RAY_AUTH_TOKEN is not set."""
+    return Path(os.environ.get("RAY_AUTH_TOKEN_PATH") or Path.home() / ".ray" / "auth_token").expanduser()
+
+
+def ensure_token_file() -> Path | None:
+    """The token file, made when missing (at the default place only: a RAY_AUTH_TOKEN_PATH that names no
+    file is a mistake to report) and readable by its owner alone. None when RAY_AUTH_TOKEN gives the token."""
+    if os.environ.get("RAY_AUTH_TOKEN"):
+        return None
+    path = token_file()
+    if not path.is_file():
+        if os.environ.get("RAY_AUTH_TOKEN_PATH"):
+            raise UserError(f"RAY_AUTH_TOKEN_PATH={path}: no such file. Point it at the cluster's token file, or "
+                            f"unset it to use (and create) {Path.home() / '.ray' / 'auth_token'}")
+        path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        # Written whole under a private name, then linked into place: a second process starting a cluster at
+        # the same moment either wins the link or reads the complete token of the one that did.
+        tmp = path.with_name(f".{path.name}.{os.getpid()}")
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write(secrets.token_hex(32))  # 256 bits, Ray's own format
+        try:
+            os.link(tmp, path)
+        except FileExistsError:
+            pass
+        finally:
+            tmp.unlink()
+    if path.stat().st_mode & 0o077:
+        try:
+            os.chmod(path, 0o600)  # ray.init and `ray get-auth-token --generate` create it with the umask's mode
+        except OSError as exc:
+            raise UserError(f"the Ray token file {path} is readable by others and cannot be made private "
+                            f"({exc.strerror}): chmod 600 it, or set RAY_AUTH_TOKEN_PATH to a private copy") from None
+        print(f"[ftcluster] {path} was readable by other users; made it readable by its owner only (0600)", flush=True)
+    return path
+
+
+def check_reachable(address: str, key: str, fix: str = _START_ONE, timeout_s: float = 5.0) -> None:
     """A TCP connect first: ray.init on a dead address retries for a minute or more before failing."""
     host, port = _host_port(address)
     try:
         socket.create_connection((host, port), timeout=timeout_s).close()
     except OSError as exc:
-        raise UserError(f"{key}={address}: nothing answers at {host}:{port} ({exc.strerror or exc}). Start a Ray "
-                        f"head there (launch/start_head.sh), check the host and port, or use launcher=local") from None
+        raise UserError(f"{key}={address}: nothing answers at {host}:{port} ({exc.strerror or exc}). {fix}") from None
 
 
 def _host_port(address: str) -> tuple[str, int]:

@@ -5,15 +5,27 @@ a GPU box that cannot install packages. Each rank is a fresh interpreter (spawne
 state is inherited) that gets RANK, LOCAL_RANK, WORLD_SIZE and a master address on loopback, and runs the
 same worker entry as under Ray. The first rank to fail ends the run: the others are stopped rather than
 left waiting in a collective until launcher.collective_timeout_s.
+
+Signals (Linux): a rank ignores SIGTERM and SIGUSR1, so that one sent to the whole process group (systemd,
+`kill -- -PGID`) is left to the driver, whose stop request (ftcluster.train.stop) ends every rank after the
+same step, with a checkpoint. The ranks start with both blocked (the mask is inherited across spawn), so one
+that arrives while a rank's interpreter starts is not its death either. A rank never outlives the driver:
+it asks the kernel for SIGKILL when its parent dies (prctl PR_SET_PDEATHSIG), whatever killed the driver
+(SIGKILL, a second SIGTERM, a crash); elsewhere than Linux that guarantee is absent.
 """
 
 from __future__ import annotations
 
+import ctypes
 import multiprocessing
+import os
+import signal
+import sys
 import time
 import traceback
+from contextlib import contextmanager
 from multiprocessing.connection import wait
-from typing import Callable
+from typing import Callable, Iterator
 
 import torch
 from omegaconf import DictConfig
@@ -23,8 +35,11 @@ from ftcluster.util.dist import free_port
 from ftcluster.util.env import environment
 from ftcluster.util.text import tail
 
-# How long the other ranks get to exit on their own once one has failed, before they are terminated.
+# How long the other ranks get to exit on their own once one has failed, before they are killed.
 GRACE_S = 5.0
+# What the driver handles (a stop request) and the ranks ignore.
+STOP_SIGNALS = {signal.SIGTERM, signal.SIGUSR1}
+_PR_SET_PDEATHSIG = 1
 
 
 def launch(entry: Callable[[dict], None], payload: dict, cfg: DictConfig) -> None:
@@ -38,7 +53,7 @@ def launch(entry: Callable[[dict], None], payload: dict, cfg: DictConfig) -> Non
         # The rank's interpreter starts with its environment already set, as torchrun's do: it imports torch
         # while unpickling its entry, before any code of ours runs there, and torch reads OMP_NUM_THREADS at
         # that import only (set any later, every rank would start a thread per core of the machine).
-        with environment(env[rank]):
+        with environment(env[rank]), _blocked(STOP_SIGNALS):
             proc.start()
         send.close()  # the child holds its end; ours closing lets a dead child's pipe read as EOF
         pipes.append(receive)
@@ -68,7 +83,32 @@ def rank_environment(workers: int, cpus_per_worker: int, use_gpu: bool, port: in
     return [{**base, "RANK": str(rank), "LOCAL_RANK": str(rank)} for rank in range(workers)]
 
 
+@contextmanager
+def _blocked(signals: set) -> Iterator[None]:
+    """Blocks `signals` in this thread while a child is started: the child inherits the mask, and its own
+    handling (_ignore_stop_signals) is in place before they reach it. Here they are delivered on unblock."""
+    before = signal.pthread_sigmask(signal.SIG_BLOCK, signals)
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, before)
+
+
+def _ignore_stop_signals() -> None:
+    """First thing in a rank: the stop signals ignored, then unblocked (one pending is discarded); and death
+    with the driver."""
+    for sig in STOP_SIGNALS:
+        signal.signal(sig, signal.SIG_IGN)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
+    if sys.platform.startswith("linux"):
+        driver = multiprocessing.parent_process().pid
+        ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+        if os.getppid() != driver:  # the driver died before the request was in place: it will not fire
+            os._exit(1)
+
+
 def _run_rank(entry: Callable[[dict], None], payload: dict, report) -> None:
+    _ignore_stop_signals()
     try:
         entry(payload)
     except UserError as exc:  # said as the worker said it, like launcher=local does
@@ -105,7 +145,7 @@ def _stop(procs: list) -> None:
         proc.join(timeout=max(deadline - time.monotonic(), 0))
     for proc in procs:
         if proc.is_alive():
-            proc.terminate()
+            proc.kill()  # not terminate(): a rank ignores SIGTERM
             proc.join()
 
 

@@ -9,6 +9,13 @@ exit code: 0 only when Ray says the job SUCCEEDED.
 
 The job runs `ftcluster train` with the user's overrides unchanged plus `launcher.address=auto`, which
 joins the job's own cluster (ftcluster/launch/ray.py) and places the workers there.
+
+Secrets: the dashboard shows every job's entrypoint and runtime_env to anyone who can open it, so a config
+holding a secret (a secret-looking key such as launcher.runtime_env.env_vars.HF_TOKEN, or a token-shaped
+value) is refused, naming the key, and secret-looking variables are never forwarded. A job reads its secrets
+from the cluster's own environment: set them where `ray start` runs (launch/start_head.sh passes its
+environment on). Nor is a working_dir shipped that is the home folder or holds credentials. This client
+sends the cluster's Ray token (ftcluster/launch/cluster.py, use_token_auth).
 """
 
 from __future__ import annotations
@@ -28,8 +35,9 @@ from urllib.parse import urlsplit
 from omegaconf import DictConfig, OmegaConf
 
 from ftcluster.errors import ConfigError, UserError
-from ftcluster.launch.cluster import check_reachable
+from ftcluster.launch.cluster import check_reachable, token_file, use_token_auth
 from ftcluster.launch.submit import remote_overrides
+from ftcluster.util.secrets import find_secrets, is_secret_name
 from ftcluster.util.text import tail
 
 DEFAULT_ADDRESS = "http://127.0.0.1:8265"
@@ -46,6 +54,11 @@ JOB_ENV = {"RAY_USAGE_STATS_ENABLED": "0", "TOKENIZERS_PARALLELISM": "false", "P
 FORWARDED_ENV = ["WANDB_MODE", "WANDB_PROJECT", "WANDB_ENTITY", "HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE",
                  "HF_DATASETS_OFFLINE", "FTCLUSTER_TRACEBACK"]
 TAIL_LINES = 20
+# Never shipped in a working_dir: what holds credentials (relative paths, matched at any depth).
+CREDENTIALS = [".netrc", "_netrc", ".git-credentials", ".pypirc", ".ssh", ".aws/credentials",
+               ".cache/huggingface/token", ".cache/huggingface/stored_tokens", ".huggingface/token",
+               "huggingface/token", ".ray/auth_token", ".docker/config.json", ".kube/config",
+               ".config/gcloud/credentials.db", ".config/gcloud/application_default_credentials.json"]
 
 
 def submits(cfg: DictConfig) -> bool:
@@ -55,6 +68,7 @@ def submits(cfg: DictConfig) -> bool:
 
 def submit(cfg: DictConfig, overrides: list[str], dry_run: bool = False) -> int:
     address = cfg.launcher.address.rstrip("/")
+    refuse_secrets(cfg)
     entrypoint = shlex.join(["python", "-m", "ftcluster.cli", "train",
                              *remote_overrides(cfg, overrides, "launcher.address=auto")])
     runtime_env = job_runtime_env(cfg)
@@ -80,7 +94,7 @@ def submit(cfg: DictConfig, overrides: list[str], dry_run: bool = False) -> int:
 def job_runtime_env(cfg: DictConfig) -> dict:
     """launcher.working_dir (with EXCLUDES) and JOB_ENV, then launcher.runtime_env on top: its keys win,
     except env_vars, which are merged variable by variable."""
-    env = {**JOB_ENV, **{k: os.environ[k] for k in FORWARDED_ENV if k in os.environ}}
+    env = {**JOB_ENV, **{k: os.environ[k] for k in FORWARDED_ENV if k in os.environ and not is_secret_name(k)}}
     runtime_env: dict = {"env_vars": env}
     working_dir = cfg.launcher.working_dir
     if working_dir is not None and "://" in working_dir:
@@ -90,11 +104,48 @@ def job_runtime_env(cfg: DictConfig) -> dict:
         if not path.is_dir():
             raise ConfigError("launcher.working_dir", f"{path} is not a folder; give the folder to ship with "
                                                       f"the job, or null to ship none")
+        refuse_credentials(path)
         runtime_env["working_dir"] = str(path)
         runtime_env["excludes"] = [*EXCLUDES, *_inside(Path(cfg.output_dir), path)]
     user = OmegaConf.to_container(cfg.launcher.runtime_env, resolve=True) or {}
     user_env = {k: str(v) for k, v in (user.pop("env_vars", None) or {}).items()}  # Ray takes strings only
     return {**runtime_env, **user, "env_vars": {**env, **user_env}}
+
+
+def refuse_secrets(cfg: DictConfig) -> None:
+    """No secret may travel in the job's entrypoint (the overrides) or runtime_env: the dashboard shows both."""
+    found = find_secrets(OmegaConf.to_container(cfg, resolve=True))
+    if not found:
+        return
+    others = f" (and {', '.join(found[1:])})" if found[1:] else ""
+    name = found[0].rsplit(".", 1)[-1]
+    name = name if is_secret_name(name) else "HF_TOKEN"
+    raise ConfigError(found[0], f"holds a secret{others}, and a Ray Job's entrypoint and runtime_env are shown to "
+                                f"anyone who can open the cluster's dashboard. Give it to the cluster's own "
+                                f"environment instead: set it where `ray start` runs (e.g. `export {name}=...` "
+                                f"before launch/start_head.sh and launch/join_worker.sh, which pass their "
+                                f"environment on to every job), and leave it out of the config and overrides")
+
+
+def refuse_credentials(folder: Path) -> None:
+    """A working_dir is uploaded to the cluster, where every job can read it: never the home folder, never one
+    holding credentials (a .gitignore or .rayignore may leave them out, but this side cannot tell)."""
+    if folder in (Path.home().resolve(), Path("/")):
+        what = "the root folder" if folder == Path("/") else "your home folder"
+        raise ConfigError("launcher.working_dir", f"{folder} is {what}, where credentials live (.ssh, tokens, ...); "
+                                                  f"ship the project's folder instead (launcher.working_dir=PATH, or "
+                                                  f"null to ship none)")
+    skip = {name for name in EXCLUDES if "*" not in name and "/" not in name}
+    for root, dirs, files in os.walk(folder):
+        dirs[:] = [d for d in dirs if d not in skip and not d.endswith(".egg-info")]
+        here = Path(root)
+        for name in [*files, *dirs]:
+            relative = (here / name).relative_to(folder).as_posix()
+            if any(relative == c or relative.endswith("/" + c) for c in CREDENTIALS) or relative == "token":
+                raise ConfigError("launcher.working_dir", f"{folder} holds credentials ({here / name}), which "
+                                                          f"would be uploaded to the cluster with the job; ship a "
+                                                          f"folder without them (launcher.working_dir=PATH, or null "
+                                                          f"to ship none)")
 
 
 def _inside(path: Path, folder: Path) -> list[str]:
@@ -113,15 +164,29 @@ def _client(address: str, key: str):
     check_reachable(address, key)
     host_port = urlsplit(address).netloc
     # not at the top: Ray's import takes most of a second, which `ftcluster jobs --help` and --dry-run do without
+    from ray.exceptions import AuthenticationError
     from ray.job_submission import JobSubmissionClient
 
     logging.getLogger("ray.dashboard.modules.job.sdk").setLevel(logging.WARNING)  # "WebSocket closed" after each job
+    use_token_auth(start=False)
     try:
         return JobSubmissionClient(address)
-    except (ConnectionError, RuntimeError, ValueError) as exc:  # AuthenticationError is a RuntimeError too
+    except (AuthenticationError, ConnectionError, RuntimeError, ValueError) as exc:
+        if isinstance(exc, AuthenticationError):
+            raise UserError(f"{key}={address}: the dashboard refused this client: Ray's token authentication is "
+                            f"on there, and {_token_source()}. Set RAY_AUTH_TOKEN_PATH to a copy of the cluster's "
+                            f"token file (launch/start_head.sh prints where it is)") from None
         raise UserError(f"{key}={address}: {host_port} answers but not as a Ray dashboard ({exc}). Use the "
                         f"dashboard port (8265 by default); HOST:6379 without http:// joins from this process "
                         f"instead") from None
+
+
+def _token_source() -> str:
+    """Which token this client sent, or that it had none."""
+    if os.environ.get("RAY_AUTH_TOKEN"):
+        return "the token in RAY_AUTH_TOKEN is not the cluster's"
+    path = token_file()
+    return f"the token in {path} is not the cluster's" if path.is_file() else f"this client has no token (no {path})"
 
 
 def _follow(client, job_id: str, address: str) -> int:

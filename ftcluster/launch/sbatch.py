@@ -6,6 +6,11 @@ that cannot go on an #SBATCH line, a partition that does not exist, more nodes, 
 partition has. The overrides are shell-quoted into the script, so they reach the job byte for byte.
 Inside the allocation the same `ftcluster train` runs with FTCLUSTER_RAY_ADDRESS set, and
 ftcluster.launch.slurm places the workers.
+
+Secrets never go into the script (a file in output_dir, kept by slurmctld, shown by `scontrol write
+batch_script`): a config holding one (a secret-looking key, a token-shaped value) is refused, naming the key.
+The job gets secrets through its environment: sbatch passes the submitting shell's environment on
+(--export=ALL), so `export HF_TOKEN=...` before `ftcluster train launcher=slurm` is the way.
 """
 
 from __future__ import annotations
@@ -20,10 +25,11 @@ import time
 from importlib import resources
 from pathlib import Path
 
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from ftcluster.errors import ConfigError, UserError
 from ftcluster.launch.submit import remote_overrides
+from ftcluster.util.secrets import find_secrets, is_secret_name
 from ftcluster.util.text import tail
 
 TEMPLATE = "ftcluster.sbatch"
@@ -41,6 +47,7 @@ def submits(cfg: DictConfig) -> bool:
 
 
 def submit(cfg: DictConfig, overrides: list[str], dry_run: bool = False) -> int:
+    refuse_secrets(cfg)
     script = render(cfg, remote_overrides(cfg, overrides))
     if dry_run:
         print(script, end="")
@@ -60,6 +67,19 @@ def submit(cfg: DictConfig, overrides: list[str], dry_run: bool = False) -> int:
         print(f"\n[ftcluster] stopped following; SLURM job {job_id} keeps running (scancel {job_id} stops it)",
               file=sys.stderr)
         return 130
+
+
+def refuse_secrets(cfg: DictConfig) -> None:
+    found = find_secrets(OmegaConf.to_container(cfg, resolve=True))
+    if not found:
+        return
+    others = f" (and {', '.join(found[1:])})" if found[1:] else ""
+    name = found[0].rsplit(".", 1)[-1]
+    name = name if is_secret_name(name) else "HF_TOKEN"
+    raise ConfigError(found[0], f"holds a secret{others}, which would be written into the batch script. Give it to "
+                                f"the job through its environment instead: `export {name}=...` in the shell you "
+                                f"submit from (sbatch passes that environment to the job), and leave it out of the "
+                                f"config and overrides")
 
 
 def render(cfg: DictConfig, overrides: list[str]) -> str:
@@ -89,6 +109,8 @@ def directives(cfg: DictConfig) -> list[str]:
                "--partition": launcher.partition, "--time": launcher.time, "--account": launcher.account,
                "--qos": launcher.qos, "--constraint": launcher.constraint,
                "--output": f"{cfg.output_dir}/slurm-%j.log", "--open-mode": "append",
+               # The job's secrets (HF_TOKEN, WANDB_API_KEY) come from the submitting environment, never the script.
+               "--export": "ALL",
                "--signal": f"B:USR1@{launcher.signal_before_end_s}" if launcher.signal_before_end_s else None}
     # The config key behind each free-text value, for the error message.
     keys = {"--job-name": "launcher.job_name", "--partition": "launcher.partition", "--time": "launcher.time",

@@ -39,7 +39,8 @@ def _join_allocation(cfg: DictConfig) -> None:
     if not address:
         raise UserError("launcher=slurm places workers only inside a job started from slurm/ftcluster.sbatch "
                         "(FTCLUSTER_RAY_ADDRESS is not set); submit with `ftcluster train launcher=slurm ...`")
-    connect(address)
+    connect(address, "FTCLUSTER_RAY_ADDRESS", "The Ray head that slurm/ftcluster.sbatch starts on the job's first "
+                                              "node is not up: see the job log for why it failed to start")
     wait_for_nodes(cfg.launcher)
 
 

@@ -16,6 +16,7 @@ from omegaconf import DictConfig, OmegaConf
 from tqdm import tqdm
 
 from ftcluster.util import atomic
+from ftcluster.util.secrets import redact
 
 METRICS_FILE = "metrics.jsonl"
 # The RL stages' sampled prompts, completions and rewards, one row per sample of each logged step.
@@ -23,24 +24,41 @@ ROLLOUTS_FILE = "rollouts.jsonl"
 
 
 def truncate_metrics(output_dir: str | Path, after_step: int, name: str = METRICS_FILE) -> None:
-    """On resume: drop rows past the checkpoint, which the resumed run writes again."""
+    """On resume: drop rows past the checkpoint, which the resumed run writes again, and a last row cut short
+    by the crash (appended to, it would corrupt the next row too; one that an older version let through, in
+    the middle, goes too)."""
     path = Path(output_dir) / name
     if not path.is_file():
         return
-    rows = [line for line in path.read_text().splitlines() if line.strip()]
-    kept = [line for line in rows if json.loads(line)["step"] <= after_step]
+    rows = _rows(path.read_text(encoding="utf-8"), torn_anywhere=True)
+    kept = [line for line, row in rows if row["step"] <= after_step]
     atomic.write_text(path, "".join(line + "\n" for line in kept))
 
 
 def read_metrics(output_dir: str | Path, name: str = METRICS_FILE) -> list[dict]:
     path = Path(output_dir) / name
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.is_file() else []
+    return [row for _, row in _rows(path.read_text(encoding="utf-8"))] if path.is_file() else []
+
+
+def _rows(text: str, torn_anywhere: bool = False) -> list[tuple[str, dict]]:
+    """JSON Lines: split on "\n" only. (str.splitlines also splits on U+2028, U+0085 and other separators
+    that json.dumps(ensure_ascii=False) leaves as they are in model output.) A last line that does not parse
+    is a write cut short (a crash, or a row being written now) and is left out."""
+    lines = [line for line in text.split("\n") if line.strip()]
+    rows = []
+    for i, line in enumerate(lines):
+        try:
+            rows.append((line, json.loads(line)))
+        except json.JSONDecodeError:
+            if i < len(lines) - 1 and not torn_anywhere:
+                raise
+    return rows
 
 
 class Tracker:
     def __init__(self, cfg: DictConfig, start_step: int, total_steps: int):
         self.output_dir = Path(cfg.output_dir)
-        self._file = open(self.output_dir / METRICS_FILE, "a")
+        self._file = open(self.output_dir / METRICS_FILE, "a", encoding="utf-8")
         self._bar = _progress_bar(start_step, total_steps) if cfg.tracking.progress else None
         self._wandb = _start_wandb(cfg) if cfg.tracking.wandb.enabled else None
         self._tb = _start_tensorboard(self.output_dir) if cfg.tracking.tensorboard else None
@@ -59,7 +77,7 @@ class Tracker:
 
     def log_rows(self, name: str, rows: list[dict]) -> None:
         """Append rows (each with its step) to output_dir/<name>, e.g. the RL stages' rollouts."""
-        with open(self.output_dir / name, "a") as f:
+        with open(self.output_dir / name, "a", encoding="utf-8") as f:
             f.writelines(json.dumps({k: _plain(v) for k, v in row.items()}, ensure_ascii=False) + "\n" for row in rows)
 
     def advance(self) -> None:
@@ -130,7 +148,7 @@ def _start_wandb(cfg: DictConfig):
     id_file.write_text(run_id)
     return wandb.init(project=w.project, group=w.group, name=w.name or Path(cfg.output_dir).name, id=run_id,
                       resume="allow", mode=w.mode, dir=str(cfg.output_dir),
-                      config=OmegaConf.to_container(cfg, resolve=True))
+                      config=redact(OmegaConf.to_container(cfg, resolve=True)))
 
 
 def _start_tensorboard(output_dir: Path):

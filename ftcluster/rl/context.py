@@ -8,6 +8,7 @@ two protocols below), so nothing here knows how or where they run.
 from __future__ import annotations
 
 import json
+import math
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -19,6 +20,7 @@ import datasets
 from ftcluster.config.schema import TrainConfig
 from ftcluster.data.loader import GlobalBatchLoader
 from ftcluster.data.prompts import decode_row
+from ftcluster.errors import UserError
 from ftcluster.eval.generate import exact_match_rate
 from ftcluster.observe.track import ROLLOUTS_FILE, make_tracker, truncate_metrics
 from ftcluster.rewards import load_reward_fn, score_samples
@@ -106,7 +108,7 @@ class RLContext:
             pending.get()
         reward_fn = load_reward_fn(rl.reward_fn) if rl.reward_fn else None
         ctx = cls(cfg, payload, tracker, loader, rows, eval_rows, groups, start_step,
-                  load_tokenizer(payload["model_dir"]), reward_fn)
+                  load_tokenizer(payload["model_dir"], cfg.model.trust_remote_code), reward_fn)
         ctx.sync(start_step)
         if start_step:
             tracker.message(f"resumed from {resume} at step {start_step}")
@@ -228,6 +230,13 @@ class RLContext:
     def end_step(self, step: int, metrics: dict, samples: list[dict], rewards: list[float]) -> bool:
         """Log the step (metrics, and its samples in rollouts.jsonl), evaluate and checkpoint on schedule;
         False when the run must stop here."""
+        # trainer.on_nonfinite=stop, as in the SPMD loop: before this step's weights can be saved.
+        bad = ", ".join(f"{key}={metrics[key]}" for key in ("loss", "value_loss", "kl")
+                        if isinstance(metrics.get(key), float) and not math.isfinite(metrics[key]))
+        if bad:
+            raise UserError(f"step {step}: non-finite {bad}; the run stopped without saving this step "
+                            f"(trainer.on_nonfinite=stop). Lower optim.lr or stage.rl.critic_lr, check the rewards, "
+                            f"and continue from the newest checkpoint with resume=auto")
         due = self.schedule.due(step)
         self.tracker.advance()
         if due.log:

@@ -55,7 +55,7 @@ class RoleWorker:
         dist.setup(timeout_s=self.cfg.launcher.collective_timeout_s)
         torch.manual_seed(self.cfg.seed)
         self.model_dir = self.payload["model_dir"]
-        self.tokenizer = load_tokenizer(self.model_dir)
+        self.tokenizer = load_tokenizer(self.model_dir, self.cfg.model.trust_remote_code)
         self.pad_id = self.payload["pad_id"]
 
     def _ds_config(self, cfg=None) -> dict:
@@ -213,11 +213,12 @@ class RewardWorker(RoleWorker):
 
 
         folder = self.cfg.stage.rl.reward_model
-        self.tokenizer = load_tokenizer(folder)
+        self.tokenizer = load_tokenizer(folder, self.cfg.model.trust_remote_code)
         ds_config = self._frozen_ds_config()
         with ds_engine.zero3_construction(ds_config):
             model = AutoModelForSequenceClassification.from_pretrained(
-                folder, dtype=DTYPES[self.cfg.strategy.precision]).eval().requires_grad_(False)
+                folder, dtype=DTYPES[self.cfg.strategy.precision],
+                trust_remote_code=self.cfg.model.trust_remote_code).eval().requires_grad_(False)
         self.model = ds_engine.initialize_frozen(model, ds_config)
 
     @torch.no_grad()

@@ -21,8 +21,10 @@ from ftcluster.data.prepare import prepare
 from ftcluster.errors import StoppedOnRequest
 from ftcluster.launch import launcher_for, submitter_for
 from ftcluster.rl.controller import run_controller
+from ftcluster.run import lock as run_lock
 from ftcluster.run.manifest import manifest
-from ftcluster.run.preflight import already_finished, check_eval_references, check_rewards, resolve_resume
+from ftcluster.run.preflight import (already_finished, check_eval_references, check_model, check_rewards,
+                                     resolve_resume)
 from ftcluster.stages.registry import STAGES
 from ftcluster.train import checkpoint, stop
 from ftcluster.train.bundled import resolve_model_path
@@ -31,17 +33,27 @@ from ftcluster.train.worker import train_worker
 
 
 def train(cfg: DictConfig, argv: list[str]) -> Path:
+    """The run, holding output_dir's lock (ftcluster.run.lock) from prepare_run until it returns or raises."""
+    try:
+        return _train(cfg, argv)
+    finally:
+        run_lock.release(cfg.output_dir)
+
+
+def _train(cfg: DictConfig, argv: list[str]) -> Path:
     payload = prepare_run(cfg, argv)
     if payload is None:
         print(f"[ftcluster] {cfg.output_dir} is already complete at step {cfg.trainer.max_steps}; final/ is up to date")
         return Path(cfg.output_dir) / "final"
     started = time.time()
     launcher = launcher_for(cfg.launcher.name)
-    if STAGES[cfg.stage.name].runner == "rl":
-        launcher.control(run_controller, payload, cfg)
-    else:
-        launcher.launch(train_worker, payload, cfg)
-    return _check_outcome(cfg, started)
+    # From here SIGTERM/SIGUSR1 ask for a checkpoint and exit 75 (before: cli's stop.stop_early ends the command)
+    with stop.handling_signals(cfg.output_dir):
+        if STAGES[cfg.stage.name].runner == "rl":
+            launcher.control(run_controller, payload, cfg)
+        else:
+            launcher.launch(train_worker, payload, cfg)
+        return _check_outcome(cfg, started)
 
 
 def submit(cfg: DictConfig, overrides: list[str], dry_run: bool) -> int | None:
@@ -51,8 +63,11 @@ def submit(cfg: DictConfig, overrides: list[str], dry_run: bool) -> int | None:
     if submitter is None:
         return None
     derived = validate(cfg)
+    run_lock.check_output_dir(cfg.output_dir)
     cfg.output_dir = str(Path(cfg.output_dir).resolve())
     resolve_resume(cfg, derived)
+    # No lock here: the job's own `ftcluster train` takes it. sbatch writes its script and log into output_dir.
+    run_lock.check_submission(cfg.output_dir, mark=not dry_run and cfg.launcher.name == "slurm")
     return submitter.submit(cfg, overrides, dry_run=dry_run)
 
 
@@ -62,15 +77,18 @@ def prepare_run(cfg: DictConfig, argv: list[str]) -> dict | None:
     derived = validate(cfg)
     if STAGES[cfg.stage.name].runner == "rl":
         check_rewards(cfg)
+    check_model(cfg, resolve_model_path(cfg.model.path))
+    run_lock.check_output_dir(cfg.output_dir)  # set, and no live run in it: before anything touches it
     out = Path(cfg.output_dir).resolve()
     cfg.output_dir = str(out)
     if cfg.stage.dpo.reference_cache_dir:  # workers may run elsewhere than this working directory
         cfg.stage.dpo.reference_cache_dir = str(Path(cfg.stage.dpo.reference_cache_dir).resolve())
-    stop.install_signal_handler(out)  # first: a preemption notice may come at any moment
     resume_from = resolve_resume(cfg, derived)
     if resume_from is not None and already_finished(cfg, resume_from):
         return None
+    run_lock.claim(out)  # refuses a folder of other files; the lock is held until train() returns
     out.mkdir(parents=True, exist_ok=True)
+    checkpoint.start_history(out, resume_from)  # partial saves removed; later checkpoints than resume_from set aside
     if resume_from is None:
         (out / "metrics.jsonl").unlink(missing_ok=True)  # a run that died before its first checkpoint
 
@@ -78,7 +96,7 @@ def prepare_run(cfg: DictConfig, argv: list[str]) -> dict | None:
     payload = {"config": OmegaConf.to_container(cfg, resolve=True), "model_dir": model_dir,
                "data_dir": str(out / "data"), "resume_from": str(resume_from) if resume_from else None,
                "launch_id": uuid.uuid4().hex}
-    stats = prepare(cfg, load_tokenizer(model_dir), out / "data")
+    stats = prepare(cfg, load_tokenizer(model_dir, cfg.model.trust_remote_code), out / "data")
     _report_data(cfg, stats)
     if cfg.trainer.eval_generate:
         check_eval_references(cfg, out / "data" / "eval_generate.jsonl")
@@ -91,7 +109,7 @@ def resolve_model(cfg: DictConfig, out: Path) -> str:
     """A local folder every worker can load: bundled models converted, random init materialized."""
     model_dir = resolve_model_path(cfg.model.path)
     if cfg.model.init == "random":
-        model_dir = materialize_random_init(model_dir, out / "init_model", cfg.seed)
+        model_dir = materialize_random_init(model_dir, out / "init_model", cfg.seed, cfg.model.trust_remote_code)
     return model_dir
 
 

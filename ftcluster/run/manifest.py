@@ -1,4 +1,5 @@
-"""manifest.json: what produced a run (command, code version, packages, hardware, world size, data)."""
+"""manifest.json: what produced a run (command, code version, packages, hardware, world size, data), and
+config.yaml's text. Both with secrets masked (ftcluster.util.secrets): a run folder is shared and copied."""
 
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ from omegaconf import DictConfig
 
 from ftcluster.config import Derived
 from ftcluster.util.hardware import cpu_model
+from ftcluster.util.secrets import redact_args
 
 PACKAGES = ["ftcluster", "torch", "deepspeed", "transformers", "peft", "ray", "hydra-core", "wandb", "datasets",
             "accelerate", "flash-attn"]
@@ -22,7 +24,7 @@ PACKAGES = ["ftcluster", "torch", "deepspeed", "transformers", "peft", "ray", "h
 
 def manifest(cfg: DictConfig, derived: Derived, argv: list[str], stats: dict) -> dict:
     return {
-        "command": " ".join([Path(sys.argv[0]).name, *argv]),
+        "command": " ".join([Path(sys.argv[0]).name, *redact_args(argv)]),
         "started_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "git_sha": _git_sha(),
         "packages": {name: _version(name) for name in PACKAGES},

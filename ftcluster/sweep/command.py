@@ -18,6 +18,7 @@ from ftcluster.sweep import slurm_backend
 from ftcluster.sweep.plan import make_plan
 from ftcluster.sweep.summary import BEST_FILE, CSV_FILE, summarize
 from ftcluster.sweep.trial import TRIALS_DIR
+from ftcluster.util.secrets import redact
 
 SPEC_FILE = "sweep.yaml"
 _PARAM_PREFIXES = ("sweep.params.", "+sweep.params.")
@@ -109,4 +110,5 @@ def _flat(cfg) -> dict:
         else:
             yield prefix[:-1], node
 
-    return dict(walk(OmegaConf.to_container(cfg, resolve=True), ""))
+    # As the spec file holds it: secrets masked (ftcluster.config.to_yaml), so that a resumed sweep compares alike.
+    return dict(walk(redact(OmegaConf.to_container(cfg, resolve=True)), ""))

@@ -55,7 +55,7 @@ def metric_rows(output_dir: Path, metric: str) -> list[dict]:
     newest row wins). A line still being written is left for the next read."""
     rows = {}
     path = output_dir / METRICS_FILE
-    for line in path.read_text().splitlines() if path.is_file() else []:
+    for line in path.read_text(encoding="utf-8").split("\n") if path.is_file() else []:
         try:
             row = json.loads(line)
         except json.JSONDecodeError:

@@ -18,16 +18,24 @@ from ftcluster.errors import UserError
 from ftcluster.train import checkpoint as ckpt
 from ftcluster.train.model import DTYPES, MODEL_CLASSES, apply_peft, load_tokenizer
 from ftcluster.util.atomic import replacing
+from ftcluster.util.outputs import claim_folder, mark_folder
+
+EXPORT_COMMAND = "ftcluster export"
+from ftcluster.train.safe_load import load_weights, weights_only_loads
 
 
 def write_final(state_dict: dict, cfg: DictConfig, model_dir: str, out_dir: str | Path, tokenizer=None,
-                kind: str = "causal_lm") -> Path:
+                kind: str = "causal_lm", mark_as: str | None = None) -> Path:
     """`tokenizer` defaults to the base folder's with the run's data.chat_template applied. `kind` is the
     model the stage trained (ftcluster.train.model.MODEL_CLASSES): a reward model's final/ loads with
-    AutoModelForSequenceClassification."""
+    AutoModelForSequenceClassification. `mark_as`: the command whose output the folder is (util/outputs.py),
+    for a folder outside a run's own layout."""
     out_dir = Path(out_dir)
-    extra = {} if kind == "causal_lm" else {"num_labels": 1, "pad_token_id": load_tokenizer(model_dir).pad_token_id}
-    model = MODEL_CLASSES[kind].from_pretrained(model_dir, dtype=DTYPES[cfg.strategy.precision], **extra)
+    trust = cfg.model.trust_remote_code
+    extra = {} if kind == "causal_lm" else {"num_labels": 1,
+                                            "pad_token_id": load_tokenizer(model_dir, trust).pad_token_id}
+    model = MODEL_CLASSES[kind].from_pretrained(model_dir, dtype=DTYPES[cfg.strategy.precision],
+                                                trust_remote_code=trust, **extra)
     uses_peft = cfg.peft.method != "none"
     if uses_peft:
         model = apply_peft(model, _without_checkpointing(cfg), kind)
@@ -45,11 +53,13 @@ def write_final(state_dict: dict, cfg: DictConfig, model_dir: str, out_dir: str 
         model.config.use_cache = True
         model.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
+        if mark_as:
+            mark_folder(tmp, mark_as)
     return out_dir
 
 
 def _run_tokenizer(cfg: DictConfig, model_dir: str):
-    tokenizer = load_tokenizer(model_dir)
+    tokenizer = load_tokenizer(model_dir, cfg.model.trust_remote_code)
     if cfg.data.format != "text":
         apply_template_override(tokenizer, cfg.data.chat_template)
     return tokenizer
@@ -78,16 +88,19 @@ def checkpoint_state_dict(checkpoint: Path, zero_stage: int) -> dict:
     """Consolidated fp32 weights from a DeepSpeed checkpoint, on CPU, in one process."""
     tag_dir = checkpoint / ckpt.TAG
     if zero_stage == 0:
-        model_states = torch.load(tag_dir / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False)
-        return model_states["module"]
+        return load_weights(tag_dir / "mp_rank_00_model_states.pt", map_location="cpu")["module"]
     # not at the top: the driver imports this module and needs no DeepSpeed
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
-    return get_fp32_state_dict_from_zero_checkpoint(str(checkpoint), tag=ckpt.TAG)
+    # zero_to_fp32 calls torch.load(weights_only=False) itself: made weights_only here (ftcluster.train.safe_load).
+    with weights_only_loads():
+        return get_fp32_state_dict_from_zero_checkpoint(str(checkpoint), tag=ckpt.TAG)
 
 
-def export_checkpoint(checkpoint: str | Path, out_dir: str | Path | None, merge: bool | None) -> Path:
-    """`ftcluster export`: a final/-style folder from any complete checkpoint of a run."""
+def export_checkpoint(checkpoint: str | Path, out_dir: str | Path | None, merge: bool | None,
+                      overwrite: bool = False) -> Path:
+    """`ftcluster export`: a final/-style folder from any complete checkpoint of a run. `out_dir` must be new or
+    empty, or an earlier export (its marker) with `overwrite`: nothing else there is ever replaced."""
     checkpoint = Path(checkpoint)
     if (checkpoint / ckpt.STATE_FILE).is_file() is False:
         raise UserError(f"{checkpoint} is not a complete ftcluster checkpoint (no {ckpt.STATE_FILE}); "
@@ -96,7 +109,9 @@ def export_checkpoint(checkpoint: str | Path, out_dir: str | Path | None, merge:
     cfg = load_run_config(run_dir / "config.yaml")
     if merge is not None:
         cfg.export.merge = merge
+    out_dir = Path(out_dir or run_dir / f"export-{checkpoint.name}")
+    claim_folder(out_dir, EXPORT_COMMAND, option="--out", inputs=[checkpoint], overwrite=overwrite)
     state = ckpt.read_state(checkpoint)
     state_dict = checkpoint_state_dict(checkpoint, cfg.strategy.zero_stage)
-    return write_final(state_dict, cfg, state["model_dir"], out_dir or run_dir / f"export-{checkpoint.name}",
-                       kind=state.get("model_kind", "causal_lm"))
+    return write_final(state_dict, cfg, state["model_dir"], out_dir, kind=state.get("model_kind", "causal_lm"),
+                       mark_as=EXPORT_COMMAND)

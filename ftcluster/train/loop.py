@@ -9,11 +9,13 @@ then final/.
 
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass
 from typing import Callable, Iterator
 
 from ftcluster.observe import comm_time, held_memory, peak_memory
+from ftcluster.errors import UserError
 from ftcluster.train.engine import grad_norm
 from ftcluster.train.context import StageContext
 from ftcluster.train.schedule import StepSchedule
@@ -63,6 +65,8 @@ def steps(ctx: StageContext, evaluate_fn: Callable[[StageContext, int, bool], No
         if step.result is None:
             raise RuntimeError(f"the stage's loop body took no step {index} (it must set step.result)")
         result, elapsed, done = step.result, time.perf_counter() - started, index + 1
+        norm = grad_norm(ctx.engine)
+        _check_finite(ctx, done, result.metrics.get("loss"), norm)
         timings = {"step_time_s": elapsed}
         if t.profile_comms:
             timings["comm_time_s"] = comm_time.seconds_so_far() - comm_before
@@ -73,7 +77,7 @@ def steps(ctx: StageContext, evaluate_fn: Callable[[StageContext, int, bool], No
         due = schedule.due(done)
         if due.log:
             ctx.tracker.log(done, {
-                **result.metrics, "lr": lr, "grad_norm": grad_norm(ctx.engine),
+                **result.metrics, "lr": lr, "grad_norm": norm,
                 "tokens_per_s": result.tokens / elapsed, "trainable_tokens_per_s": result.trainable_tokens / elapsed,
                 "samples_per_s": result.examples / elapsed, "epoch": ctx.loader.epoch_of(index), **timings,
             })
@@ -87,3 +91,19 @@ def steps(ctx: StageContext, evaluate_fn: Callable[[StageContext, int, bool], No
             return
     peak_memory.record(ctx.cfg.output_dir, ctx.rank)  # of training: the export below gathers whole weights on rank 0
     ctx.export_final()
+
+
+def _check_finite(ctx: StageContext, done: int, loss: float | None, norm: float) -> None:
+    """trainer.on_nonfinite=stop: a NaN or infinite loss or gradient norm ends the run here, before the schedule
+    may save this step's weights, so the newest checkpoint stays the last good one. Both values are all-reduced
+    already, so every rank decides alike and none is left waiting in a collective. Under fp16 the gradient norm
+    is not checked: DeepSpeed's loss scaler skips an overflowing update itself and lowers the scale."""
+    values = {"loss": loss}
+    if ctx.cfg.strategy.precision != "fp16":
+        values["grad_norm"] = norm
+    bad = ", ".join(f"{name}={value}" for name, value in values.items()
+                    if value is not None and not math.isfinite(value))
+    if bad:
+        raise UserError(f"step {done}: non-finite {bad}; the run stopped without saving this step "
+                        f"(trainer.on_nonfinite=stop). Lower optim.lr or strengthen strategy.gradient_clipping, "
+                        f"check the data, and continue from the newest checkpoint with resume=auto")

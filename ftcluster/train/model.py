@@ -27,15 +27,17 @@ MODEL_CLASSES = {"causal_lm": AutoModelForCausalLM, "reward": AutoModelForSequen
 _PEFT_TASKS = {"causal_lm": "CAUSAL_LM", "reward": "SEQ_CLS", "value": "TOKEN_CLS"}
 
 
-def load_tokenizer(model_dir: str) -> PreTrainedTokenizerBase:
-    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+def load_tokenizer(model_dir: str, trust_remote_code: bool = False) -> PreTrainedTokenizerBase:
+    """`trust_remote_code`: model.trust_remote_code, passed by every caller that has the config; without it a
+    folder whose tokenizer is code of its own fails to load instead of running that code."""
+    tokenizer = AutoTokenizer.from_pretrained(model_dir, trust_remote_code=trust_remote_code)
     if tokenizer.pad_token_id is None:
         # Padding positions never reach the loss (labels are -100 there), so eos is a safe pad.
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
 
 
-def materialize_random_init(model_dir: str, out_dir: Path, seed: int) -> str:
+def materialize_random_init(model_dir: str, out_dir: Path, seed: int, trust_remote_code: bool = False) -> str:
     """Write seeded random weights for a config-only model folder (model.init=random).
 
     Done once in the driver so that every strategy and world size starts from the very same weights,
@@ -44,10 +46,11 @@ def materialize_random_init(model_dir: str, out_dir: Path, seed: int) -> str:
     if (out_dir / "config.json").is_file():
         return str(out_dir)
     torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(model_dir), dtype=torch.float32)
+    config = AutoConfig.from_pretrained(model_dir, trust_remote_code=trust_remote_code)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32, trust_remote_code=trust_remote_code)
     with replacing(out_dir) as tmp:
         model.save_pretrained(tmp)
-        load_tokenizer(model_dir).save_pretrained(tmp)
+        load_tokenizer(model_dir, trust_remote_code).save_pretrained(tmp)
     return str(out_dir)
 
 
@@ -61,7 +64,7 @@ def load_model(cfg: DictConfig, model_dir: str, kind: str = "causal_lm", peft: b
     if cfg.peft.method == "qlora":
         kwargs["quantization_config"] = _qlora_quantization(dtype)
     if kind != "causal_lm":
-        kwargs.update(num_labels=1, pad_token_id=_pad_token_id(model_dir))
+        kwargs.update(num_labels=1, pad_token_id=_pad_token_id(model_dir, cfg.model.trust_remote_code))
     model = MODEL_CLASSES[kind].from_pretrained(model_dir, **kwargs)
     # Needed for correctness, not only memory: with use_cache on, transformers skips detecting packed
     # sequences from position_ids and lets packed examples attend to each other.
@@ -78,10 +81,10 @@ def load_model(cfg: DictConfig, model_dir: str, kind: str = "causal_lm", peft: b
     return model
 
 
-def _pad_token_id(model_dir: str) -> int:
+def _pad_token_id(model_dir: str, trust_remote_code: bool) -> int:
     # A score head reads the last token that is not padding (transformers' rule); tokenizer and config
     # must agree on what padding is, in training and for whoever loads final/.
-    return load_tokenizer(model_dir).pad_token_id
+    return load_tokenizer(model_dir, trust_remote_code).pad_token_id
 
 
 def apply_peft(model: torch.nn.Module, cfg: DictConfig, kind: str = "causal_lm") -> torch.nn.Module:

@@ -5,7 +5,7 @@ the two cannot drift apart. Evaluation before training (a fresh start only), eve
 and at the last step; generation-based evaluation (trainer.eval_generate, where the loop has one of its own)
 before training, at the last step and every trainer.eval_generate_every_steps, decoding being far dearer;
 metrics every trainer.log_every_steps and at the last step; a checkpoint every trainer.save_every_steps, at
-the last step, and on an early stop: at trainer.stop_after_steps, or on request (SIGUSR1 to the driver).
+the last step, and on an early stop: at trainer.stop_after_steps, or on request (SIGUSR1 or SIGTERM to the driver).
 
 Whether a stop was requested is asked of a callable, once per step, after evaluation (a request made while
 evaluating still stops at this step): SPMD ranks must agree on it, so theirs is a collective; the single
@@ -17,7 +17,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Callable
 
-REQUESTED = "a stop was requested (SIGUSR1)"
+REQUESTED = "a stop was requested (SIGUSR1 or SIGTERM)"
 PLANNED = "trainer.stop_after_steps asks"
 
 

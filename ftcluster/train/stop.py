@@ -1,38 +1,107 @@
-"""Stop on request, with a checkpoint: how a run survives SLURM preemption and time limits.
+"""Stop on request, with a checkpoint: how a run survives preemption, time limits and service stops.
 
-The driver turns SIGUSR1 (SLURM's `--signal=B:USR1@T` before a time limit, or `kill -USR1` by hand)
-into a file in output_dir, which every rank can see on the shared file system. At each step boundary
-the ranks agree (one all-reduce of one number) on whether any of them saw it, so all stop after the
-same step, write one checkpoint and return; the driver exits with StoppedOnRequest.EXIT_CODE and resume=auto continues.
+SIGTERM (systemd, `timeout`, `scancel`, Kubernetes) and SIGUSR1 (SLURM's `--signal=B:USR1@T` before a time
+limit, or `kill -USR1` by hand) to the driver mean the same: checkpoint after the current step and exit
+StoppedOnRequest.EXIT_CODE (75), whatever the launcher. The driver turns the signal into a file in
+output_dir, which every rank can see on the shared file system. At each step boundary the ranks agree (one
+all-reduce of one number) on whether any of them saw it, so all stop after the same step, write one
+checkpoint and return; resume=auto continues. A second SIGTERM is not a request: it kills the driver
+(the default action), and with it every launcher=processes rank (they die with their parent).
+
+No signal is lost at start: `ftcluster train` calls stop_early() before it imports anything heavy; until
+the run's handler is in place (handling_signals, around the launch) a stop signal ends the command at once
+with exit 75 and nothing trained ("run me again"), instead of the default death (143) or being ignored.
+The one window left is the interpreter's own start, before any code of ours runs.
+
+This module imports no torch (the CLI imports it first thing); the collective check imports it lazily.
 """
 
 from __future__ import annotations
 
+import os
 import signal
 import threading
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Iterator
 
-from ftcluster.util import dist
+from ftcluster.errors import StoppedOnRequest
 
 REQUEST_FILE = ".stop-requested"
+# What asks a run to checkpoint and stop. The ranks of launcher=processes ignore both (the driver's request
+# stops them: ftcluster.launch.processes).
+SIGNALS = (signal.SIGUSR1, signal.SIGTERM)
+
+
+class StoppedBeforeTraining(BaseException):
+    """A stop signal that came before the workers were launched: nothing was trained, nothing to keep. A
+    BaseException, as KeyboardInterrupt is: raised wherever start-up happens to be, no `except Exception` on
+    the way (Hydra's, a library's) may take it for an error of its own."""
+
+    EXIT_CODE = StoppedOnRequest.EXIT_CODE
+
+    def __init__(self, signame: str):
+        super().__init__(f"stopped on request ({signame}) before training began; nothing was trained or "
+                         f"checkpointed. Run the same command (resume=auto) to start or continue the run")
 
 
 def request_file(output_dir: str | Path) -> Path:
     return Path(output_dir) / REQUEST_FILE
 
 
-def install_signal_handler(output_dir: str | Path) -> None:
-    """Driver side: SIGUSR1 asks the workers to checkpoint and stop."""
+def _main_thread() -> bool:  # Python takes signals in the main thread only
+    return threading.current_thread() is threading.main_thread()
+
+
+def stop_early() -> None:
+    """The first thing `ftcluster train` does: a stop signal from now until handling_signals ends the command
+    (StoppedBeforeTraining, raised where the main thread is: data preparation is atomic, so nothing is left
+    half-written). A second signal while that unwinds gets the default action."""
+    if not _main_thread():
+        return
+
+    def _stop(signum, frame):
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        signal.signal(signal.SIGUSR1, signal.SIG_IGN)
+        raise StoppedBeforeTraining(signal.Signals(signum).name)
+
+    _stop.early = True
+
+    for sig in SIGNALS:
+        signal.signal(sig, _stop)
+
+
+@contextmanager
+def handling_signals(output_dir: str | Path) -> Iterator[None]:
+    """Driver side, around the launch: SIGTERM and SIGUSR1 ask the workers to checkpoint and stop; a second
+    SIGTERM kills. The handlers in place before are restored afterwards (tests call the driver in-process)."""
     path = request_file(output_dir)
     path.unlink(missing_ok=True)  # left by an earlier, preempted attempt
+    if not _main_thread():
+        yield
+        return
+    terms = 0
 
     def _request(signum, frame):
+        nonlocal terms
+        if signum == signal.SIGTERM:
+            terms += 1
+            if terms > 1:  # the sender insists: die as if unhandled (launcher=processes ranks die with it)
+                signal.signal(signal.SIGTERM, signal.SIG_DFL)
+                os.kill(os.getpid(), signal.SIGTERM)
+                return
         path.parent.mkdir(parents=True, exist_ok=True)
         path.touch()
-        print("[ftcluster] SIGUSR1: the workers will checkpoint and stop after the current step", flush=True)
+        print(f"[ftcluster] {signal.Signals(signum).name}: the workers will checkpoint and stop after the current "
+              f"step (exit 75; resume=auto continues)", flush=True)
 
-    if threading.current_thread() is threading.main_thread():  # (Python takes signals there only)
-        signal.signal(signal.SIGUSR1, _request)
+    before = {sig: signal.signal(sig, _request) for sig in SIGNALS}
+    try:
+        yield
+    finally:
+        for sig, handler in before.items():  # (stop_early's is over: training began)
+            early = handler is None or getattr(handler, "early", False)
+            signal.signal(sig, signal.SIG_DFL if early else handler)
 
 
 def seen(output_dir: str | Path) -> bool:
@@ -42,4 +111,6 @@ def seen(output_dir: str | Path) -> bool:
 
 def requested(output_dir: str | Path) -> bool:
     """Collective: True on every rank when any rank sees the request."""
+    from ftcluster.util import dist  # not at the top: it imports torch, and the CLI imports this module first
+
     return dist.all_reduce_sum([float(seen(output_dir))])[0].item() > 0

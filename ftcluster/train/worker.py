@@ -46,7 +46,7 @@ def train_worker(payload: dict) -> None:
 
     model_dir, data_dir = payload["model_dir"], Path(payload["data_dir"])
     data_stats = json.loads((data_dir / "stats.json").read_text())
-    tokenizer = load_tokenizer(model_dir)
+    tokenizer = load_tokenizer(model_dir, cfg.model.trust_remote_code)
     if cfg.data.format != "text":
         apply_template_override(tokenizer, cfg.data.chat_template)  # evaluation and final/ use it too
     stage = STAGES[cfg.stage.name]
@@ -111,7 +111,7 @@ def _master() -> str:
 def _read_prompts(path: Path) -> list:
     if not path.is_file():
         return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").split("\n") if line.strip()]
 
 
 def _seed_everything(seed: int) -> None:

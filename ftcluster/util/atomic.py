@@ -4,6 +4,10 @@ Everything written for another process, a later run or a resume to read (checkpo
 stats, reports, rewritten metrics) is written under a hidden name beside its destination and renamed into
 place: a rename within a folder is atomic, so a reader, or a run resumed after a crash, sees the old
 content or the new, never half of either. Every such write in the package goes through here.
+
+A rename is atomic for readers, not against a power loss: the file system may persist the rename before the
+data. Checkpoints are therefore made durable (fsync of every file and folder before the rename, of the parent
+after: `durable_swap`); the other writes here are cheap to redo and skip the cost.
 """
 
 from __future__ import annotations
@@ -39,6 +43,34 @@ def swap_into_place(tmp: Path, final: Path) -> None:
         shutil.rmtree(old)
     else:
         tmp.replace(final)
+
+
+def fsync_tree(folder: Path) -> None:
+    """Every file under `folder`, then every folder (deepest first), forced to stable storage."""
+    folders = []
+    for root, _, files in os.walk(folder):
+        folders.append(root)
+        for name in files:
+            fsync_path(Path(root) / name)
+    for root in reversed(folders):
+        fsync_path(Path(root))
+
+
+def fsync_path(path: Path) -> None:
+    """A file's or a folder's content (a folder's: its entries, e.g. a completed rename) on stable storage."""
+    fd = os.open(path, os.O_RDONLY | (os.O_DIRECTORY if path.is_dir() else 0))
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def durable_swap(tmp: Path, final: Path) -> None:
+    """swap_into_place that survives a power loss: `tmp`'s files and folders synced before the rename, the
+    parent after it, so that after a crash `final` is either absent (or the old one) or complete."""
+    fsync_tree(tmp)
+    swap_into_place(tmp, final)
+    fsync_path(final.parent)
 
 
 def write_text(path: Path, text: str) -> None:

@@ -14,6 +14,7 @@ from typing import Sequence
 from ftcluster.data.formats import read_records
 from ftcluster.errors import UserError
 from ftcluster.util.atomic import replacing
+from ftcluster.util.outputs import claim_files
 
 
 def source_kind(path: str) -> str:
@@ -40,6 +41,20 @@ def check_output(source: str, out: Path, option: str) -> None:
                         f"{src.suffix} like {source}")
     if src.is_dir() and dest.exists() and not dest.is_dir():
         raise UserError(f"{option} {out} is a file; the input is a saved dataset folder, so the output is a folder")
+    if dest in src.parents:
+        raise UserError(f"{option} {out} would overwrite the input {source}, which it holds; write the result "
+                        f"somewhere else")
+
+
+def claim_output(source: str, out: Path, job: str, overwrite: bool, reports: Sequence[Path] = ()) -> None:
+    """check_output, then: `out` and its `reports` are new, or `ftcluster data <job>`'s earlier output and
+    `overwrite` is set (util/outputs.py; the sidecar <out>.ftcluster.json records them)."""
+    check_output(source, out, "--out")
+    claim_files([out, *reports], command(job), option="--out", inputs=[source], overwrite=overwrite)
+
+
+def command(job: str) -> str:
+    return f"ftcluster data {job}"
 
 
 def write_like(source: str, out: Path, lines: Sequence[int], replaced: dict[int, dict] | None = None) -> None:

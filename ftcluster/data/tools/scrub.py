@@ -16,21 +16,13 @@ from typing import Any
 import phonenumbers
 
 from ftcluster.errors import UserError
+from ftcluster.util.secrets import SECRET_PATTERNS
 
-# (kind, pattern). A pattern with a `secret` group replaces only that group, keeping what names it
-# ("Authorization: Bearer [BEARER_TOKEN]", "api_key=[API_KEY]"); otherwise the whole match is replaced.
-# Lookarounds instead of \b where tokens may end in '-' or '_'.
+# (kind, pattern): the secret detectors of ftcluster.util.secrets, then personal data. A pattern with a
+# `secret` group replaces only that group, keeping what names it ("Authorization: Bearer [BEARER_TOKEN]",
+# "api_key=[API_KEY]"); otherwise the whole match is replaced.
 _PATTERNS = [
-    ("jwt", r"\beyJ[A-Za-z0-9_-]{5,}\.eyJ[A-Za-z0-9_-]{5,}\.[A-Za-z0-9_-]{10,}"),
-    ("aws_access_key", r"\b(?:AKIA|ASIA)[0-9A-Z]{16}\b"),
-    ("github_token", r"\b(?:gh[pousr]_[A-Za-z0-9]{36,}|github_pat_[A-Za-z0-9_]{22,})(?![A-Za-z0-9_])"),
-    ("openai_key", r"(?<![A-Za-z0-9_-])sk-[A-Za-z0-9_-]{20,}(?![A-Za-z0-9_-])"),
-    ("slack_token", r"\bxox[abposr]-[A-Za-z0-9-]{10,}(?![A-Za-z0-9-])"),
-    ("hf_token", r"\bhf_[A-Za-z0-9]{30,}\b"),
-    ("bearer_token", r"\b[Bb]earer\s+(?P<secret>[A-Za-z0-9._~+/-]{16,}=*)"),
-    ("api_key", r"(?i)(?<![a-z0-9])(?:api[_-]?key|api[_-]?secret|access[_-]?token|auth[_-]?token|secret[_-]?key|"
-                r"client[_-]?secret|private[_-]?key)[\"']?\s*[:=]\s*[\"']?(?P<secret>[^\s\"',;\[\]]{8,})"),
-    ("password", r"(?i)(?<![a-z0-9])(?:password|passwd)[\"']?\s*[:=]\s*[\"']?(?P<secret>[^\s\"',;\[\]]{6,})"),
+    *SECRET_PATTERNS,
     ("email", r"\b[A-Za-z0-9._%+-]+@(?:[A-Za-z0-9-]+\.)+[A-Za-z]{2,}\b"),
     # Not one octet of a longer dotted run (a version number such as 1.2.3.4.5).
     ("ipv4", r"(?<![\d.])(?:(?:25[0-5]|2[0-4]\d|1\d\d|[1-9]?\d)\.){3}(?:25[0-5]|2[0-4]\d|1\d\d|[1-9]?\d)(?![\d.]*\d)"),

@@ -65,7 +65,7 @@ def length_stats(splits: dict[str, str], fmt: str | None = None, model: str | No
         # Some conf/model/ entries carry a model's shape only (for `ftcluster plan`), no tokenizer.
         raise UserError(f"{model_dir} holds no tokenizer (tokenizer.json or tokenizer_config.json); pass --model a "
                         f"model folder that has one")
-    tokenizer = load_tokenizer(model_dir)
+    tokenizer = load_tokenizer(model_dir, cfg.model.trust_remote_code)
     if fmt != "text":
         apply_template_override(tokenizer, cfg.data.chat_template)
     limit = cfg.trainer.max_seq_len - (cfg.stage.rl.max_new_tokens if kind == "prompts" else 0)
