@@ -16,7 +16,7 @@ import pytest
 from ftcluster.cli import main
 from ftcluster.errors import UserError
 from ftcluster.run import lock
-from ftcluster.util.outputs import MARKER, sidecar_of
+from ftcluster.util.outputs import MARKER, mark_folder, sidecar_of
 from helpers import INLINE, TINY, train
 
 BUNDLED = Path(__file__).parent.parent / "ftcluster" / "assets" / "data" / "json_extract"
@@ -241,9 +241,10 @@ def test_a_lock_from_another_host_is_taken_over_only_when_not_refreshed(tmp_path
 
 def test_the_submitting_side_takes_no_lock(tmp_path):
     out = tmp_path / "job"
-    lock.check_submission(out, mark=False)  # a dry run, or a Ray Job (which writes nothing here)
+    lock.check_submission(out)  # writes nothing: a refused request leaves no folder behind
     assert not out.exists()
-    lock.check_submission(out, mark=True)
+    out.mkdir()
+    mark_folder(out, "train", names=[])  # what the SLURM submitter does once the cluster accepts the request
     assert sorted(p.name for p in out.iterdir()) == [MARKER]  # a run folder now, unlocked for the job
     (out / "ftcluster.sbatch").write_text("#!/bin/bash\n")  # what the submitter writes next
     lock.claim(out)  # the job's own `ftcluster train`

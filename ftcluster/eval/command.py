@@ -168,7 +168,7 @@ def general_documents(path: str) -> list[str]:
 
 def prepare_model(cfg: DictConfig, role: str, target: Target, out: Path) -> dict:
     """The model made loadable and the data encoded with its tokenizer, under <out>/data/<role>/."""
-    model_dir, adapter_dir = materialize(target, role, out, cfg.seed)
+    model_dir, adapter_dir = materialize(target, role, out, cfg.seed, cfg.model.trust_remote_code)
     tokenizer = eval_tokenizer(cfg, model_dir, adapter_dir)
     data_dir = out / "data" / role
     stats = prepare(_preparation_config(cfg), tokenizer, str(data_dir))

@@ -140,13 +140,14 @@ def default_baseline(target: Target) -> str | None:
     return target.base if target.kind == "adapter" else None
 
 
-def materialize(target: Target, role: str, out: Path, seed: int) -> tuple[str, str | None]:
+def materialize(target: Target, role: str, out: Path, seed: int,
+                trust_remote_code: bool = False) -> tuple[str, str | None]:
     """(model folder, adapter folder or None) for a worker to load. May convert a bundled model, write
     seeded weights or export a checkpoint: run only after every check has passed."""
     if target.kind == "bundled":
         return resolve_model_path(target.path), None
     if target.kind == "random":
-        return materialize_random_init(target.path, out / "models" / f"{role}-init", seed), None
+        return materialize_random_init(target.path, out / "models" / f"{role}-init", seed, trust_remote_code), None
     if target.kind == "checkpoint":
         # eval's own folder: an earlier eval's export there is replaced (overwrite), nothing else is
         exported = export_checkpoint(target.path, out / "models" / f"{role}-{Path(target.path).name}", merge=True,

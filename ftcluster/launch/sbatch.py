@@ -30,6 +30,7 @@ from omegaconf import DictConfig, OmegaConf
 from ftcluster.errors import ConfigError, UserError
 from ftcluster.launch.submit import remote_overrides
 from ftcluster.util.secrets import find_secrets, is_secret_name
+from ftcluster.util.outputs import is_run, mark_folder
 from ftcluster.util.text import tail
 
 TEMPLATE = "ftcluster.sbatch"
@@ -56,6 +57,10 @@ def submit(cfg: DictConfig, overrides: list[str], dry_run: bool = False) -> int:
     check_against_cluster(cfg.launcher)
     out = Path(cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)
+    # Marked as a run before the script and the job's log land in it, so that they do not make the folder look
+    # like the user's own files to the job's `ftcluster train` (the driver checked it was new, empty or a run).
+    if not is_run(out):
+        mark_folder(out, "train", names=[])
     path = out / "ftcluster.sbatch"
     path.write_text(script)
     job_id = _sbatch(path)

@@ -66,8 +66,7 @@ def submit(cfg: DictConfig, overrides: list[str], dry_run: bool) -> int | None:
     run_lock.check_output_dir(cfg.output_dir)
     cfg.output_dir = str(Path(cfg.output_dir).resolve())
     resolve_resume(cfg, derived)
-    # No lock here: the job's own `ftcluster train` takes it. sbatch writes its script and log into output_dir.
-    run_lock.check_submission(cfg.output_dir, mark=not dry_run and cfg.launcher.name == "slurm")
+    run_lock.check_submission(cfg.output_dir)  # no lock here: the job's own `ftcluster train` takes it
     return submitter.submit(cfg, overrides, dry_run=dry_run)
 
 
@@ -120,8 +119,8 @@ def _report_data(cfg: DictConfig, stats: dict) -> None:
             continue
         packing = f", packing efficiency {s['packing_efficiency']:.1%}" if "packing_efficiency" in s else ""
         print(f"[ftcluster] data {split}: {s['examples']} {STAGES[cfg.stage.name].unit} -> {s['rows']} rows, "
-              f"{s['tokens']} tokens ({s['trainable_tokens']} trained on), truncated {s['truncated']}, dropped {s['dropped']}"
-              f"{packing}")
+              f"{s['tokens']} tokens ({s['trainable_tokens']} trained on), truncated {s['truncated']}, "
+              f"dropped {s['dropped']}{packing}")
 
 
 def _check_outcome(cfg: DictConfig, started: float) -> Path:

@@ -84,14 +84,12 @@ def _job_logs(folder: Path) -> list[str]:
     return [p.name for p in folder.iterdir() if p.is_file() and p.name.startswith("slurm") and p.suffix in (".log", ".out")]
 
 
-def check_submission(output_dir: str | Path, mark: bool) -> None:
-    """The submitting side of a SLURM or Ray job: the same refusals as claim(), but no lock (the job's own
-    `ftcluster train` takes it). With `mark` (a submitter that writes into output_dir itself: sbatch's script and
-    log) the folder is marked as a run first, so those files do not make it look foreign to the job."""
+def check_submission(output_dir: str | Path) -> None:
+    """The submitting side of a SLURM or Ray job: the same refusals as claim(), writing nothing and taking no lock
+    (the job's own `ftcluster train` takes it; the SLURM submitter marks the folder once the cluster has accepted
+    the request's shape, before it writes its script there)."""
     out = _check_folder(output_dir)
     check_free(out)
-    if mark and not is_run(out):
-        mark_folder(out, "train", names=[])
 
 
 class RunLock:
