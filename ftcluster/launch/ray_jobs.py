@@ -36,8 +36,8 @@ from omegaconf import DictConfig, OmegaConf
 
 from ftcluster.errors import ConfigError, UserError
 from ftcluster.launch.cluster import check_reachable, token_file, use_token_auth
-from ftcluster.launch.submit import remote_overrides
-from ftcluster.util.secrets import find_secrets, is_secret_name
+from ftcluster.launch.submit import refuse_secrets, remote_overrides
+from ftcluster.util.secrets import is_secret_name
 from ftcluster.util.text import tail
 
 DEFAULT_ADDRESS = "http://127.0.0.1:8265"
@@ -68,7 +68,10 @@ def submits(cfg: DictConfig) -> bool:
 
 def submit(cfg: DictConfig, overrides: list[str], dry_run: bool = False) -> int:
     address = cfg.launcher.address.rstrip("/")
-    refuse_secrets(cfg)
+    refuse_secrets(cfg, "and a Ray Job's entrypoint and runtime_env are shown to anyone who can open the cluster's "
+                        "dashboard", "Give it to the cluster's own environment instead: set it where `ray start` runs "
+                        "(e.g. `export {name}=...` before launch/start_head.sh and launch/join_worker.sh, which pass "
+                        "their environment on to every job)")
     entrypoint = shlex.join(["python", "-m", "ftcluster.cli", "train",
                              *remote_overrides(cfg, overrides, "launcher.address=auto")])
     runtime_env = job_runtime_env(cfg)
@@ -110,21 +113,6 @@ def job_runtime_env(cfg: DictConfig) -> dict:
     user = OmegaConf.to_container(cfg.launcher.runtime_env, resolve=True) or {}
     user_env = {k: str(v) for k, v in (user.pop("env_vars", None) or {}).items()}  # Ray takes strings only
     return {**runtime_env, **user, "env_vars": {**env, **user_env}}
-
-
-def refuse_secrets(cfg: DictConfig) -> None:
-    """No secret may travel in the job's entrypoint (the overrides) or runtime_env: the dashboard shows both."""
-    found = find_secrets(OmegaConf.to_container(cfg, resolve=True))
-    if not found:
-        return
-    others = f" (and {', '.join(found[1:])})" if found[1:] else ""
-    name = found[0].rsplit(".", 1)[-1]
-    name = name if is_secret_name(name) else "HF_TOKEN"
-    raise ConfigError(found[0], f"holds a secret{others}, and a Ray Job's entrypoint and runtime_env are shown to "
-                                f"anyone who can open the cluster's dashboard. Give it to the cluster's own "
-                                f"environment instead: set it where `ray start` runs (e.g. `export {name}=...` "
-                                f"before launch/start_head.sh and launch/join_worker.sh, which pass their "
-                                f"environment on to every job), and leave it out of the config and overrides")
 
 
 def refuse_credentials(folder: Path) -> None:

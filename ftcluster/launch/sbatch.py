@@ -25,11 +25,10 @@ import time
 from importlib import resources
 from pathlib import Path
 
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
 from ftcluster.errors import ConfigError, UserError
-from ftcluster.launch.submit import remote_overrides
-from ftcluster.util.secrets import find_secrets, is_secret_name
+from ftcluster.launch.submit import refuse_secrets, remote_overrides
 from ftcluster.util.outputs import is_run, mark_folder
 from ftcluster.util.text import tail
 
@@ -48,7 +47,8 @@ def submits(cfg: DictConfig) -> bool:
 
 
 def submit(cfg: DictConfig, overrides: list[str], dry_run: bool = False) -> int:
-    refuse_secrets(cfg)
+    refuse_secrets(cfg, "which would be written into the batch script", "Give it to the job through its environment "
+                   "instead: `export {name}=...` in the shell you submit from (sbatch passes that environment to the job)")
     script = render(cfg, remote_overrides(cfg, overrides))
     if dry_run:
         print(script, end="")
@@ -72,19 +72,6 @@ def submit(cfg: DictConfig, overrides: list[str], dry_run: bool = False) -> int:
         print(f"\n[ftcluster] stopped following; SLURM job {job_id} keeps running (scancel {job_id} stops it)",
               file=sys.stderr)
         return 130
-
-
-def refuse_secrets(cfg: DictConfig) -> None:
-    found = find_secrets(OmegaConf.to_container(cfg, resolve=True))
-    if not found:
-        return
-    others = f" (and {', '.join(found[1:])})" if found[1:] else ""
-    name = found[0].rsplit(".", 1)[-1]
-    name = name if is_secret_name(name) else "HF_TOKEN"
-    raise ConfigError(found[0], f"holds a secret{others}, which would be written into the batch script. Give it to "
-                                f"the job through its environment instead: `export {name}=...` in the shell you "
-                                f"submit from (sbatch passes that environment to the job), and leave it out of the "
-                                f"config and overrides")
 
 
 def render(cfg: DictConfig, overrides: list[str]) -> str:

@@ -7,7 +7,10 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
+
+from ftcluster.errors import ConfigError
+from ftcluster.util.secrets import find_secrets, is_secret_name
 
 _PLAIN = re.compile(r"^[A-Za-z0-9_./:-]*$")
 
@@ -25,3 +28,16 @@ def hydra_quote(value: str) -> str:
     # Hydra reads a backslash as an escape only in front of a quote (or the closing quote).
     escaped = re.sub(r"(\\*)('|$)", lambda m: m.group(1) * 2 + ("\\'" if m.group(2) else ""), value)
     return f"'{escaped}'"
+
+
+def refuse_secrets(cfg: DictConfig, shown: str, instead: str) -> None:
+    """No secret may travel in what a submitter ships (`shown` says where it would be seen); `instead` says how
+    to give it to the job through its environment, with {name} for the variable to set."""
+    found = find_secrets(OmegaConf.to_container(cfg, resolve=True))
+    if not found:
+        return
+    others = f" (and {', '.join(found[1:])})" if found[1:] else ""
+    name = found[0].rsplit(".", 1)[-1]
+    name = name if is_secret_name(name) else "HF_TOKEN"
+    raise ConfigError(found[0], f"holds a secret{others}, {shown}. {instead.format(name=name)}, and leave it out "
+                                f"of the config and overrides")
