@@ -20,8 +20,8 @@ from ftcluster.errors import WorkerFailed
 from launcher_entries import report_environment, wait_in_a_collective_or_fail
 from test_train_distributed import assert_matches_reference
 
-# Slow tier: several processes per test (the ranks, a fresh CLI without Ray).
-pytestmark = pytest.mark.slow
+# Most tests here are in the slow tier: several processes each (the ranks, a fresh CLI without Ray). The
+# rank-environment test is cheap (two ranks of a tiny entry) and keeps the launcher in the fast tier.
 
 # Makes `import ray` fail and importlib.util.find_spec("ray") answer None, as if Ray were not installed.
 NO_RAY = "import sys\nsys.modules['ray'] = None\n"
@@ -36,6 +36,7 @@ def without_ray(tmp_path) -> dict:
     return {"PYTHONPATH": str(blocker)}
 
 
+@pytest.mark.slow
 def test_trains_without_ray_and_matches_the_reference(tmp_path, without_ray):
     run = tmp_path / "run"
     result = cli("train", *TINY, "launcher=processes", "strategy=zero2", "trainer.max_steps=6",
@@ -45,6 +46,7 @@ def test_trains_without_ray_and_matches_the_reference(tmp_path, without_ray):
     assert (run / "final" / "model.safetensors").is_file()
 
 
+@pytest.mark.slow
 def test_a_ray_launcher_without_ray_says_so_and_names_the_alternative(tmp_path, without_ray):
     result = cli("train", *TINY, "trainer.max_steps=6", f"output_dir={tmp_path / 'run'}", env=without_ray)
     assert result.returncode == 2
@@ -56,6 +58,7 @@ def _cfg(workers=2):
     return OmegaConf.create({"launcher": {"workers": workers, "cpus_per_worker": 1, "use_gpu": False}})
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("fail_with, error, message", [
     ("bug", WorkerFailed, "worker rank 1 failed: ValueError: boom on rank 1"),
     ("user", UserError, "data.path: bad record on rank 1"),

@@ -123,3 +123,21 @@ def test_a_bad_reward_names_the_sample(name, message):
         score_samples(load_reward_fn(spec), spec, [sample("fine"), sample("the bad one")], step=3)
     assert f"stage.rl.reward_fn={spec} on sample 0 of step 3 (completion 'fine', prompt 'Extract it.')" in str(err.value)
     assert message in str(err.value)
+
+
+def test_experience_pads_splits_and_round_trips_per_token_values():
+    """What crosses between role actors: prompt + response ids padded into one batch (labels only on the
+    response), per-token values back to per-sample lists and in again, and a rollout split evenly by rank."""
+    import torch
+
+    from ftcluster.rl.experience import from_lists, pad_sequences, response_mask, shares, to_lists
+
+    samples = [{"prompt_ids": [5, 6], "response_ids": [7, 8, 9]}, {"prompt_ids": [5], "response_ids": [4]}]
+    batch = pad_sequences(samples, pad_id=0)
+    assert batch["input_ids"].tolist()[1][:2] == [5, 4] and batch["attention_mask"].sum(1).tolist() == [5, 2]
+    mask = response_mask(batch["labels"])
+    assert mask.sum(1).tolist() == [3, 1]  # one value per response token
+    values = [[0.5, -1.0, 2.0], [3.0]]
+    assert to_lists(from_lists(values, mask), mask) == values
+    assert from_lists(values, mask).dtype == torch.float32
+    assert shares(list(range(6)), 3) == [[0, 1], [2, 3], [4, 5]]
