@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import importlib
 from dataclasses import dataclass
-from typing import Callable, Literal
+from typing import Any, Literal, Protocol
 
 DataKind = Literal["sequences", "pairs", "prompts"]
 Runner = Literal["spmd", "rl"]
@@ -23,6 +23,16 @@ UNITS: dict[str, str] = {"sequences": "examples", "pairs": "preference pairs", "
 FORMAT_FIELDS = {"preference": "data.format=preference records with prompt, chosen and rejected",
                  "prompt": "data.format=prompt records with a prompt (or alpaca/chat records, whose last answer "
                            "becomes the reference)"}
+
+
+class Stage(Protocol):
+    """A stage's entry, `train(ctx)`: it runs the whole training of its stage on what it is handed and returns
+    when the run is done or stopped early (with a checkpoint). For an spmd stage `ctx` is a
+    ftcluster.train.context.StageContext (engine, loader, tracker... of this rank) and the function runs on every
+    rank; for an rl stage it is a ftcluster.rl.context.RLContext (the phases of an RL step on role groups) and it
+    runs once, in the launching process. A stage imports no launcher and no other stage."""
+
+    def __call__(self, ctx: Any) -> None: ...
 
 
 @dataclass(frozen=True)
@@ -45,7 +55,7 @@ class StageSpec:
         """What one record is called in logs."""
         return UNITS[self.data_kind]
 
-    def entry(self) -> Callable:
+    def entry(self) -> Stage:
         module, function = self.train.split(":")
         return getattr(importlib.import_module(module), function)
 
