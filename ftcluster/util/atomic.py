@@ -19,9 +19,14 @@ from pathlib import Path
 from typing import Iterator
 
 
+# Hidden names beside a destination: its pending version while written, and the version it replaces while swapped.
+PENDING_PREFIX = ".tmp-"
+OLD_PREFIX = ".old-"
+
+
 def pending(path: Path) -> Path:
     """Where `path` is written before it is complete: hidden beside it, so nothing ever reads it."""
-    return path.with_name(f".tmp-{path.name}")
+    return path.with_name(f"{PENDING_PREFIX}{path.name}")
 
 
 def begin_folder(path: Path) -> Path:
@@ -36,7 +41,7 @@ def begin_folder(path: Path) -> Path:
 def swap_into_place(tmp: Path, final: Path) -> None:
     """Rename a completed `tmp` folder to `final`; an existing `final` is removed only after the swap."""
     if final.exists():
-        old = final.with_name(f".old-{final.name}")
+        old = final.with_name(f"{OLD_PREFIX}{final.name}")
         shutil.rmtree(old, ignore_errors=True)
         final.replace(old)
         tmp.replace(final)
@@ -102,7 +107,7 @@ def publishing(folder: Path) -> Iterator[Path]:
     process published a complete one first, which is kept: for content that is the same whoever computes it
     (a cache entry), written by processes that take no lock."""
     folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = folder.parent / f".tmp-{folder.name}-{os.getpid()}"
+    tmp = folder.parent / f"{PENDING_PREFIX}{folder.name}-{os.getpid()}"
     _remove(tmp)
     tmp.mkdir()
     try:

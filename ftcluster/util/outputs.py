@@ -18,17 +18,17 @@ line naming the path and what to do.
 from __future__ import annotations
 
 import json
-import os
 import time
 from pathlib import Path
 from typing import Iterable
 
 from ftcluster.errors import ConfigError, UserError
+from ftcluster.util import atomic
 
 MARKER = ".ftcluster-output.json"
 SIDECAR = ".ftcluster.json"
-# Names the atomic writers (util/atomic.py) use beside a destination while it is being written.
-_PENDING = (".tmp-", ".old-")
+# Names the atomic writers use beside a destination while it is being written.
+_PENDING = (atomic.PENDING_PREFIX, atomic.OLD_PREFIX)
 _SHOWN = 3
 
 
@@ -171,9 +171,7 @@ def _read_json(path: Path) -> dict | None:
 
 
 def _write_json(path: Path, data: dict) -> None:
-    tmp = path.with_name(f".tmp-{path.name}")
-    tmp.write_text(json.dumps(data, indent=2) + "\n")
-    os.replace(tmp, path)
+    atomic.write_text(path, json.dumps(data, indent=2) + "\n")
 
 
 def _now() -> str:
