@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 
 from ftcluster.errors import StoppedOnRequest, UserError, WorkerFailed
-from ftcluster.train.stop import StoppedBeforeTraining, stop_early
+from ftcluster.train.stop import StoppedBeforeTraining, check_early, restore, stop_early
 
 USAGE = """usage: ftcluster <command> [options] [key=value ...]
 
@@ -32,14 +32,19 @@ commands:
                                      trials of the config (Ray Tune: grid, random or Optuna TPE, ASHA or median
                                      stopping; sweep.backend=slurm: one array job) in output_dir/trials/;
                                      sweep.csv, sweep_<param>.png and best.yaml there; resume=auto continues
-  bench  suite=NAME [overrides] [--results DIR] [--work DIR] [--cluster PROFILE] [--no-resume]
+  bench  suite=NAME [overrides] [--results DIR] [--work DIR] [--cluster PROFILE] [--no-resume] [--overwrite]
                                      run the matrix in conf/bench/NAME.yaml (each cell a short real run);
-                                     report in benchmarks/results/<suite>_<hardware>_<date>.md
+                                     report in benchmarks/results/<suite>_<hardware>_<date>.md (--overwrite
+                                     replaces that day's earlier report); --work: new, or an earlier bench's
+                                     work folder, which it continues
   bench  compare A B                 two suites' result files side by side, with ratios B/A
   plan   [overrides] [cluster=NAME] [cluster.KEY=VALUE] [--json] [--all]
                                      per-device memory and step time of ZeRO 0-3 x offload x checkpointing x
                                      micro-batch from the model's config.json alone, and the fastest that fits;
                                      e.g. ftcluster plan model=llama3_70b cluster=h100_sxm cluster.nodes=2
+  data   prepare [train overrides]     prepare once what `train` with the same overrides trains on (a
+                                     content-addressed set that train, eval and sweep trials reuse); workers:
+                                     data.prepare_workers (0: every core of the launcher's cluster)
   data   validate FILE [--format F]   check every record; each bad one as file:line: message (exit 2 if any)
   data   stats FILE [--eval FILE] [--model tiny|smollm2|DIR] [--max-seq-len N] [--chat-template F] [--out DIR]
                                      token lengths per split as training sees them; histogram PNG + stats.json
@@ -60,6 +65,16 @@ Config groups (conf/): model data stage peft strategy launcher tracking sweep; s
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    # The very first thing for train, before the imports that take seconds: a stop signal from here on is
+    # recorded and honoured (exit 75, or a checkpoint at the first step), not the default death (143).
+    early = stop_early() if argv[:1] == ["train"] else {}
+    try:
+        return _main(argv)
+    finally:
+        restore(early)
+
+
+def _main(argv: list[str]) -> int:
     if not argv or argv[0] in ("-h", "--help", "help"):
         print(USAGE)
         return 0
@@ -75,8 +90,6 @@ def main(argv: list[str] | None = None) -> int:
         print(f"ftcluster: unknown command {verb!r}\n\n{USAGE}", file=sys.stderr)
         return 2
     try:
-        if verb == "train":  # first, before the imports that take seconds: no stop signal is lost (exit 75)
-            stop_early()
         if verb != "jobs":  # jobs only talks to a dashboard: no need to import torch (seconds)
             from ftcluster.util.quiet import quiet_libraries
 
@@ -106,6 +119,7 @@ def cmd_train(overrides: list[str]) -> int:
     from ftcluster.run.driver import submit, train
 
     cfg = compose(overrides, config_file=config_file)
+    check_early()  # a stop signal while Hydra and the config loaded: nothing written yet
     # The job composes the same file (on storage it sees, like output_dir).
     remote = ["--config", str(Path(config_file).resolve())] if config_file else []
     code = submit(cfg, [*remote, *overrides], dry_run=dry_run)
@@ -193,6 +207,8 @@ def cmd_bench(args: list[str]) -> int:
     parser.add_argument("--cluster", default=None, help="hardware profile in conf/cluster/ (default: the suite's, "
                                                         "else this machine's)")
     parser.add_argument("--no-resume", action="store_true", help="run every cell again")
+    parser.add_argument("--overwrite", action="store_true", help="replace this suite's earlier report of today in "
+                                                                  "--results (never a file bench did not write)")
     ns, rest = parser.parse_known_args(args)
     suites = [a for a in rest if a.startswith("suite=")]
     if len(suites) != 1:
@@ -202,7 +218,8 @@ def cmd_bench(args: list[str]) -> int:
     overrides = [a for a in rest if not a.startswith("suite=")]
     from ftcluster.bench.main import bench
 
-    report = bench(suites[0].split("=", 1)[1], overrides, ns.results, ns.work, ns.cluster, resume=not ns.no_resume)
+    report = bench(suites[0].split("=", 1)[1], overrides, ns.results, ns.work, ns.cluster, resume=not ns.no_resume,
+                   overwrite=ns.overwrite)
     print(f"[ftcluster] bench report: {report}")
     return 0
 

@@ -30,6 +30,7 @@ def wait_in_a_collective_or_fail(payload):
 
 
 def report_environment(payload):
-    keys = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "OMP_NUM_THREADS", "CUDA_VISIBLE_DEVICES")
+    keys = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "OMP_NUM_THREADS", "CUDA_VISIBLE_DEVICES",
+            "FTCLUSTER_RUN_DIR")
     with open(f"{payload['dir']}/rank{os.environ['RANK']}.json", "w") as f:
         json.dump({**{k: os.environ.get(k) for k in keys}, "torch_threads": torch.get_num_threads()}, f)

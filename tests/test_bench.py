@@ -141,7 +141,7 @@ def test_unknown_suite_and_profile_list_the_known_ones(capsys, tmp_path):
 
 
 def test_cells_this_machine_cannot_run_are_skipped_with_the_reason(capsys, tmp_path):
-    text = "base: [model=tiny, data=json_extract, peft=none]\nmatrix: {model.attn_implementation: [flash_attention_2]}\n"
+    text = "base: [model=tiny, data=json_extract, peft=none, strategy.precision=bf16]\nmatrix: {model.attn_implementation: [flash_attention_2]}\n"
     code, _, err = bench(capsys, f"suite={suite_file(tmp_path, text)}", "--work", str(tmp_path / "work"),
                          "--results", str(tmp_path / "results"))
     assert code == 2 and "no cell of suite mine could be measured" in err and "flash-attn" in err

@@ -34,7 +34,8 @@ GOOD = {"instruction": "Say hi.", "output": "hi"}
     (["data.path=/nonexistent/train.jsonl"], "'data.path': /nonexistent/train.jsonl does not exist"),
     (["peft=qlora"], "'peft.method': QLoRA quantizes with bitsandbytes, which needs a CUDA GPU"),
     (["data.format=preference"], "'data.format': stage=sft trains on alpaca, chat, text data"),
-    (["model.attn_implementation=flash_attention_2"], "flash-attn"),
+    (["model.attn_implementation=flash_attention_2", "strategy.precision=bf16"], "flash-attn"),
+    (["model.attn_implementation=flash_attention_2"], "runs in bf16 or fp16, but strategy.precision=fp32"),
     (["launcher=processes", "stage=grpo"], "'launcher.name': stage=grpo places one Ray actor group per role"),
     (["launcher=processes", "launcher.max_failures=2"], "'launcher.max_failures': got 2; launcher=processes does not"),
 ])

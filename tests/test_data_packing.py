@@ -1,4 +1,5 @@
-"""Packing changes the layout, never the loss: checked with the real tiny model under sdpa and eager."""
+"""Packing changes the layout, never the loss: checked with the real tiny model under sdpa, eager and the
+per-example sdpa packed rows run under (ftcluster.train.attention)."""
 
 import json
 import random
@@ -9,8 +10,10 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 from ftcluster.config import ASSETS
 from ftcluster.data.formats import to_example
-from ftcluster.data.packing import collate, pack, packing_efficiency, unpacked
+from ftcluster.data.collate import collate, model_inputs
+from ftcluster.data.packing import pack, packing_efficiency, unpacked
 from ftcluster.data.template import IGNORE, encode_chat
+from ftcluster.train.attention import VARLEN_SDPA, register
 
 TINY = ASSETS / "models" / "tiny"
 DATA = ASSETS / "data" / "json_extract" / "train.jsonl"
@@ -55,12 +58,15 @@ def test_pack_refuses_an_example_longer_than_a_row():
         pack(synthetic([5, 9]), 8)
 
 
-def test_collate_packed_padding_is_its_own_block():
+def test_collate_packed_flattens_the_rows_without_padding():
     batch = collate(pack(synthetic([3, 2, 4]), 5), pad_id=0, packed=True)
-    assert set(batch) == {"input_ids", "labels", "position_ids", "num_examples", "num_tokens"}
-    assert batch["position_ids"].tolist() == [[0, 1, 2, 3, 0], [0, 1, 2, 0, 1]]
+    assert set(batch) == {"input_ids", "labels", "position_ids", "num_examples", "num_tokens", "cu_seq_lens_q",
+                          "cu_seq_lens_k", "max_length_q", "max_length_k"}
+    assert batch["input_ids"].tolist() == [[2000, 2001, 2002, 2003, 0, 1, 2, 1000, 1001]]
+    assert batch["position_ids"].tolist() == [[0, 1, 2, 3, 0, 1, 2, 0, 1]]
+    assert batch["labels"].tolist() == [[IGNORE, 2001, 2002, 2003, IGNORE, 1, 2, IGNORE, 1001]]
+    assert batch["cu_seq_lens_q"].tolist() == [0, 4, 7, 9] and batch["max_length_q"] == 4
     assert (int(batch["num_examples"]), int(batch["num_tokens"])) == (3, 9)
-    assert batch["labels"][0, -1] == IGNORE and batch["input_ids"][0, -1] == 0
 
 
 def test_collate_unpacked_has_attention_mask():
@@ -84,9 +90,8 @@ def chat_examples():
 
 def forward(model, batch):
     with torch.no_grad():
-        # use_cache=False: with a cache, transformers does not detect packed sequences (see packing.py).
-        inputs = {k: v for k, v in batch.items() if k in ("input_ids", "attention_mask", "position_ids")}
-        return model(**inputs, use_cache=False).logits
+        # use_cache=False: with a cache, transformers does not detect packed sequences (see collate.py).
+        return model(**model_inputs(batch, "cpu"), use_cache=False).logits
 
 
 def token_loss(logits, labels):
@@ -96,8 +101,9 @@ def token_loss(logits, labels):
     return loss, int((shifted != IGNORE).sum())
 
 
-@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+@pytest.mark.parametrize("attn", ["sdpa", "eager", VARLEN_SDPA])
 def test_packed_and_unpacked_give_the_same_loss_and_logits(chat_examples, attn):
+    register()
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(TINY), attn_implementation=attn).eval()
     packed_rows = pack(chat_examples, 384)
@@ -112,10 +118,10 @@ def test_packed_and_unpacked_give_the_same_loss_and_logits(chat_examples, attn):
     torch.testing.assert_close(packed_loss, plain_loss, rtol=1e-5, atol=0)
 
     by_tokens = {tuple(ids): i for i, (ids, _) in enumerate(chat_examples)}
-    for r, row in enumerate(packed_rows):
-        offset = 0
+    offset = 0  # the packed batch is the rows flattened end to end
+    for row in packed_rows:
         for ids, _, _ in segments(row):
             i = by_tokens[tuple(ids)]
-            torch.testing.assert_close(packed_logits[r, offset:offset + len(ids)], plain_logits[i, :len(ids)],
+            torch.testing.assert_close(packed_logits[0, offset:offset + len(ids)], plain_logits[i, :len(ids)],
                                        rtol=1e-5, atol=1e-5)
             offset += len(ids)

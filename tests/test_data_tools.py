@@ -221,7 +221,8 @@ def test_unknown_file_format_names_the_supported_ones(tmp_path, capsys, job):
     assert main(command) == 2
     err = capsys.readouterr().err.strip()
     assert err == (f"ftcluster data: error: {table}: unknown file type '.csv'; supported: .jsonl (JSON Lines), .json "
-                   f"(a list of objects), .parquet, or a folder written by datasets.Dataset.save_to_disk")
+                   f"(a list of objects), .parquet, compressed JSON Lines (.jsonl.gz, .jsonl.zst), or a folder written by "
+                   f"datasets.Dataset.save_to_disk")
     assert not (tmp_path / "x.csv").exists() and not (tmp_path / "split").exists()
 
 

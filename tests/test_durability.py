@@ -3,10 +3,12 @@
 Signals: SIGTERM to a running `ftcluster train` (launcher=processes, sent to its whole process group as
 systemd does) checkpoints and exits 75, and resume=auto ends where an uninterrupted run ends; SIGKILL of
 the driver leaves no rank alive; a signal while the command is still importing stops it cleanly (75), not
-with the default death (143). Durability: checkpoints synced before their rename; resume=auto skips an
-unusable newest checkpoint and says so; a torn metrics line and partial `.tmp-step-*` folders are dropped at
-start (only those); JSON Lines with U+2028 read back as written. Timelines: resuming from an older checkpoint
-sets the newer ones aside, byte for byte, where neither resume=auto nor pruning sees them.
+with the default death (143), and one recorded after the driver's last look is handed to the run's handler;
+SIGTERM under launcher=local checkpoints, exits 75 and resumes; the RL controller stops on a NaN loss.
+Durability: checkpoints synced before their rename; resume=auto skips an unusable newest checkpoint and says
+so; a torn metrics line and partial `.tmp-step-*` folders are dropped at start (only those); JSON Lines with
+U+2028 read back as written. Timelines: resuming from an older checkpoint sets the newer ones aside, byte for
+byte, where neither resume=auto nor pruning sees them.
 """
 
 import json
@@ -180,6 +182,78 @@ def test_a_signal_while_the_command_starts_stops_it_cleanly(tmp_path):
     assert proc.returncode == 75, err[-3000:]
     assert "before training began" in err and "Traceback" not in err
     assert checkpoint.latest_checkpoint(out) is None
+
+
+def test_sigusr1_while_the_command_starts_exits_75_with_output_dir_untouched(tmp_path):
+    """The handler records the signal as the command's first act; the driver acts on it between its phases, here
+    before anything is written: no run folder, no lock."""
+    out = tmp_path / "run"
+    proc = start(out, *TINY, "launcher=inline", "launcher.workers=1", "trainer.max_steps=2")
+    wait_for(proc, lambda: catches(proc.pid, signal.SIGUSR1), "the handler", timeout=60)
+    proc.send_signal(signal.SIGUSR1)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 75, err[-3000:]
+    assert "stopped on request (SIGUSR1) before training began" in err and "Traceback" not in err
+    assert not out.exists()
+
+
+def test_a_signal_recorded_at_start_is_handed_to_the_run_s_handler(tmp_path):
+    """A stop signal after the driver's last look (between preparation and the launch) is not lost: the run's
+    handler turns it into the request file the workers stop on at their first step boundary. Real signals, to
+    this process."""
+    from ftcluster.train import stop
+
+    replaced = stop.stop_early()
+    try:
+        os.kill(os.getpid(), signal.SIGUSR1)  # recorded, not acted on: this test goes on
+        with stop.handling_signals(tmp_path):
+            assert stop.seen(tmp_path)
+        stop.check_early()  # taken over by the handler: nothing left to end the command with
+        stop.stop_early()  # (the run's handler put the default actions back when it ended)
+        os.kill(os.getpid(), signal.SIGTERM)
+        with pytest.raises(stop.StoppedBeforeTraining, match=r"stopped on request \(SIGTERM\) before training"):
+            stop.check_early()
+    finally:
+        stop.restore(replaced)
+    assert signal.getsignal(signal.SIGTERM) == replaced[signal.SIGTERM]
+
+
+@pytest.mark.slow
+def test_sigterm_under_launcher_local_checkpoints_exits_75_and_resume_finishes(tmp_path):
+    """launcher=local (a Ray cluster the driver starts): SIGTERM to the driver checkpoints after the current step
+    and exits 75; resume=auto continues from that checkpoint to the end."""
+    out = tmp_path / "run"
+    local = [*TINY, "launcher=local", "launcher.workers=1", "strategy=zero2", f"trainer.max_steps={STEPS}"]
+    proc = start(out, *local)
+    wait_for(proc, lambda: last_step(out) >= 2, "two logged steps", timeout=600)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == 75, err[-3000:]
+    newest = checkpoint.latest_checkpoint(out)
+    assert newest is not None and checkpoint.unusable(newest) is None
+    stopped_at = checkpoint.read_state(newest)["step"]
+    assert 2 <= stopped_at < STEPS and not (out / "final").exists()
+    proc = start(out, *local, "resume=auto")
+    out_text, err = proc.communicate(timeout=900)
+    assert proc.returncode == 0, err[-3000:]
+    steps = sorted(r["step"] for r in track.read_metrics(out) if "loss" in r)
+    assert steps == list(range(1, STEPS + 1)) and (out / "final").is_dir()
+
+
+@pytest.mark.slow
+def test_the_rl_controller_stops_on_a_non_finite_loss_naming_the_step(tmp_path):
+    """GRPO: a reward too large for float32 (finite as Python reads it) makes the advantages, and so the loss,
+    NaN at step 1; the controller stops there, naming the step, and saves nothing of that step."""
+    rewards = tmp_path / "huge_rewards.py"
+    rewards.write_text("def huge(prompt, completion, **fields):\n    return 1e300 if len(completion) % 2 else 0.0\n")
+    out = tmp_path / "run"
+    proc = start(out, *TINY, "stage=grpo", "launcher.workers=1", f"stage.rl.reward_fn={rewards}:huge",
+                 "stage.rl.prompts_per_step=2", "stage.rl.samples_per_prompt=2", "trainer.global_batch=4",
+                 "stage.rl.max_new_tokens=8", "trainer.max_steps=3", "trainer.save_every_steps=1")
+    _, err = proc.communicate(timeout=900)
+    assert proc.returncode == 2, err[-3000:]
+    assert "step 1: non-finite loss=nan" in err and "trainer.on_nonfinite=stop" in err, err[-3000:]
+    assert checkpoint.latest_checkpoint(out) is None and not (out / "final").exists()
 
 
 # ==== Durability =========================================================================================

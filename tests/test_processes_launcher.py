@@ -7,16 +7,22 @@ name the rank, even while another rank waits in a collective that will never com
 """
 
 import json
+import sys
 import time
+import types
+from datetime import timedelta
 
 import psutil
 import pytest
+import torch
+import torch.distributed as torch_dist
 from omegaconf import OmegaConf
 
 from helpers import TINY, cli
 from ftcluster.errors import UserError
 from ftcluster.launch import processes
 from ftcluster.errors import WorkerFailed
+from ftcluster.util import dist
 from launcher_entries import report_environment, wait_in_a_collective_or_fail
 from test_train_distributed import assert_matches_reference
 
@@ -54,8 +60,10 @@ def test_a_ray_launcher_without_ray_says_so_and_names_the_alternative(tmp_path, 
     assert "use launcher=processes" in result.stderr and "Traceback" not in result.stderr
 
 
-def _cfg(workers=2):
-    return OmegaConf.create({"launcher": {"workers": workers, "cpus_per_worker": 1, "use_gpu": False}})
+def _cfg(workers=2, output_dir="."):
+    return OmegaConf.create({"output_dir": str(output_dir),
+                             "launcher": {"workers": workers, "cpus_per_worker": 1, "use_gpu": False,
+                                          "collective_timeout_s": 60}})
 
 
 @pytest.mark.slow
@@ -76,10 +84,70 @@ def test_a_failing_rank_ends_the_run_and_the_waiting_rank_is_stopped(tmp_path, f
 
 
 def test_each_rank_gets_its_rank_and_a_cpu_share(tmp_path):
-    processes.launch(report_environment, {"dir": str(tmp_path)}, _cfg(workers=2))
+    processes.launch(report_environment, {"dir": str(tmp_path)}, _cfg(workers=2, output_dir=tmp_path))
     seen = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
+    # The shared worker environment (launch/worker_env.py), as Ray's workers get it: where hang reports go.
+    assert {s["FTCLUSTER_RUN_DIR"] for s in seen} == {str(tmp_path.resolve())}
     assert [s["RANK"] for s in seen] == ["0", "1"] and [s["LOCAL_RANK"] for s in seen] == ["0", "1"]
     assert {s["WORLD_SIZE"] for s in seen} == {"2"} and {s["MASTER_ADDR"] for s in seen} == {"127.0.0.1"}
     assert {s["OMP_NUM_THREADS"] for s in seen} == {"1"} and {s["CUDA_VISIBLE_DEVICES"] for s in seen} == {""}
     # What torch computes with: it reads OMP_NUM_THREADS once, when imported (this entry's module imports it).
     assert [s["torch_threads"] for s in seen] == [1, 1]
+
+
+# ==== Each rank on its own GPU: what a CUDA machine would see, recorded on this one ========================
+
+class FakeCuda:
+    """torch.cuda as a rank's process sees it on an 8-GPU machine: a current device per process, set by
+    set_device, and the calls in order, beside those that create the process group."""
+
+    def __init__(self, monkeypatch, group_exists: bool):
+        self.calls, self.current = [], 0
+        monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+        monkeypatch.setattr(torch.cuda, "device_count", lambda: 8)
+        monkeypatch.setattr(torch.cuda, "set_device", self.set_device)
+        monkeypatch.setattr(torch.cuda, "current_device", lambda: self.current)
+        monkeypatch.setattr(torch_dist, "is_initialized", lambda: group_exists)
+        # DeepSpeed as setup() uses it: init_distributed is what creates (or reuses) the group.
+        ops = types.SimpleNamespace(__compatible_ops__={})
+        fake = types.SimpleNamespace(ops=ops, init_distributed=self.init_distributed)
+        monkeypatch.setitem(sys.modules, "deepspeed", fake)
+        monkeypatch.setitem(sys.modules, "deepspeed.ops", ops)
+        # setup() makes the collective timeout torch's default; put the real defaults back afterwards.
+        c10d = torch_dist.distributed_c10d
+        monkeypatch.setattr(c10d, "default_pg_timeout", c10d.default_pg_timeout)
+        monkeypatch.setattr(c10d, "default_pg_nccl_timeout", c10d.default_pg_nccl_timeout)
+
+    def set_device(self, index):
+        self.current = int(index)
+        self.calls.append(("set_device", self.current))
+
+    def init_distributed(self, dist_backend, timeout):
+        self.calls.append(("init_distributed", dist_backend, timeout))
+
+
+def _rank_environment(monkeypatch, rank: int) -> None:
+    env = processes.rank_environment(4, 1, use_gpu=True, port=29500)[rank]
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+
+
+def test_a_rank_of_launcher_processes_takes_its_gpu_before_it_joins_the_group(monkeypatch):
+    """Rank 3 of four: set_device(3) before the NCCL group exists (NCCL binds the group to the current device,
+    and the placement gather stages its tensors there), and dist.device() says cuda:3 from then on."""
+    cuda = FakeCuda(monkeypatch, group_exists=False)
+    _rank_environment(monkeypatch, rank=3)
+    dist.setup(timeout_s=60)
+    assert cuda.calls == [("set_device", 3), ("init_distributed", "nccl", timedelta(seconds=60))]
+    assert dist.device() == torch.device("cuda", 3)
+
+
+def test_a_launcher_that_made_the_group_keeps_the_device_it_chose(monkeypatch):
+    """Ray Train sets each worker's device itself (not always index LOCAL_RANK), and an RL actor sees one GPU
+    with LOCAL_RANK 0: setup() leaves the device alone there, and dist.device() follows the launcher's choice."""
+    cuda = FakeCuda(monkeypatch, group_exists=True)
+    _rank_environment(monkeypatch, rank=1)
+    cuda.current = 5  # what the launcher made current
+    dist.setup(timeout_s=60)
+    assert [call[0] for call in cuda.calls] == ["init_distributed"]
+    assert dist.device() == torch.device("cuda", 5)

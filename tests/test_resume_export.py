@@ -1,5 +1,7 @@
 """Exact resume (across an epoch boundary), atomic checkpoints, and the export round trip."""
 
+from pathlib import Path
+
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -96,3 +98,54 @@ def test_keep_last_prunes_oldest(tmp_path):
         checkpoint.save(WritingEngine(), tmp_path, step, {"data": {}}, keep_last=2, exclude_frozen=False)
     assert [p.name for p in checkpoint.complete_checkpoints(tmp_path)] == ["step-6", "step-8"]
     assert checkpoint.read_state(tmp_path / "checkpoints" / "step-8")["step"] == 8
+
+
+def _quantized_like(state_dict: dict, targets: list[str]) -> dict:
+    """A QLoRA training's state dict without bitsandbytes: each adapted layer's frozen base weight packed two
+    4-bit values per uint8 byte, plus the quantization state bitsandbytes serializes beside it."""
+    shaped = {}
+    for key, value in state_dict.items():
+        if key.endswith(".base_layer.weight") and key.split(".")[-3] in targets:
+            shaped[key] = torch.zeros(value.numel() // 2, 1, dtype=torch.uint8)
+            for extra in ("absmax", "quant_map", "nested_absmax", "nested_quant_map"):
+                shaped[f"{key}.{extra}"] = torch.ones(4)
+            shaped[f"{key}.quant_state.bitsandbytes__nf4"] = torch.zeros(16, dtype=torch.uint8)
+        else:
+            shaped[key] = value
+    return shaped
+
+
+def test_qlora_export_merges_the_adapter_into_a_plain_base(tmp_path):
+    """The final export of a QLoRA run: the 4-bit base's packed weights and quant state are not loaded; the base
+    is reloaded unquantized and the trained adapter merged into it, so final/ holds plain float weights."""
+    from peft import get_peft_model
+
+    from ftcluster.config import compose
+    from ftcluster.train.bundled import resolve_model_path
+    from ftcluster.train.export import write_final
+    from ftcluster.train.model import materialize_random_init, peft_config
+
+    cfg = compose(["model=tiny", "peft=qlora", "strategy.precision=fp32"])
+    model_dir = materialize_random_init(resolve_model_path(cfg.model.path), tmp_path / "base", seed=0)
+    base = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    trained = get_peft_model(base, peft_config(cfg, base))
+    torch.manual_seed(1)
+    for name, param in trained.named_parameters():
+        if "lora_B" in name:  # B starts at zero: a trained adapter has moved it
+            param.data.normal_(0, 0.1)
+    state = _quantized_like(trained.state_dict(), list(cfg.peft.target_modules))
+    assert any(k.endswith("quant_state.bitsandbytes__nf4") for k in state)
+
+    final = write_final(state, cfg, model_dir, tmp_path / "final")
+
+    merged = load_file(final / "model.safetensors")
+    assert all(v.is_floating_point() for v in merged.values())
+    assert not any("absmax" in k or "quant" in k or "lora" in k for k in merged)
+    reference = get_peft_model(AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32),
+                               peft_config(cfg, base))
+    reference.load_state_dict({k: v for k, v in trained.state_dict().items() if "lora" in k}, strict=False)
+    want = reference.merge_and_unload().state_dict()
+    q = "model.layers.0.self_attn.q_proj.weight"
+    assert torch.allclose(merged[q], want[q], atol=1e-6)
+    assert not torch.allclose(merged[q], load_file(next(Path(model_dir).glob("*.safetensors")))[q])
+    assert (final / "adapter" / "adapter_config.json").is_file()

@@ -298,3 +298,73 @@ def test_slurm_job_cluster_refuses_a_client_without_the_token(slurm, tmp_path):
     text = log.read_text()
     assert token not in text and HF not in text
     assert not _files_holding(run, HF, token)
+
+
+# ==== Credentials inside URLs ============================================================================
+
+@pytest.mark.parametrize("url, masked", [
+    (f"https://alice:{PLAIN}@hub.example.org/data.jsonl", f"https://alice:{MASK}@hub.example.org/data.jsonl"),
+    (f"redis://:{PLAIN}@cache.local:6379/0", f"redis://:{MASK}@cache.local:6379/0"),
+    ("postgresql://bob:s3cr%40t@db.local:5432/app", f"postgresql://bob:{MASK}@db.local:5432/app"),
+])
+def test_a_password_in_a_url_is_masked_keeping_the_host(url, masked):
+    assert redact_text(f"fetch {url} now") == f"fetch {masked} now"
+    config = {"data": {"path": url}, "launcher": {"runtime_env": {"env_vars": {"DATA_URL": url}}}}
+    assert redact(config) == {"data": {"path": masked}, "launcher": {"runtime_env": {"env_vars": {"DATA_URL": masked}}}}
+    assert sorted(find_secrets(config)) == ["data.path", "launcher.runtime_env.env_vars.DATA_URL"]
+
+
+@pytest.mark.parametrize("text", ["https://alice@hub.example.org/x", "http://host:8080/path@v2",
+                                  "git@github.com:o/r.git", "s3://bucket/key:with:colons"])
+def test_urls_without_a_password_are_left_alone(text):
+    assert redact_text(text) == text and not find_secrets({"path": text})
+
+
+def test_config_shows_a_url_password_masked(tmp_path, capsys):
+    url = f"https://alice:{PLAIN}@hub.example.org/data"
+    assert main(["config", *TINY, f"+launcher.runtime_env.env_vars.DATA_URL={url}", f"output_dir={tmp_path}"]) == 0
+    out = capsys.readouterr().out
+    assert PLAIN not in out and f"DATA_URL: https://alice:{MASK}@hub.example.org/data" in out
+
+
+@pytest.mark.parametrize("launcher", [["launcher=slurm"], RAY], ids=["slurm", "ray"])
+def test_a_submission_carrying_a_url_password_is_refused_naming_the_key(tmp_path, capsys, monkeypatch, launcher):
+    monkeypatch.chdir(tmp_path)
+    url = f"redis://:{PLAIN}@cache.local:6379/0"
+    code = main(["train", *TINY, *launcher, f"+launcher.runtime_env.env_vars.CACHE_URL='{url}'",
+                 f"output_dir={tmp_path / 'run'}", "--dry-run"])
+    out = capsys.readouterr()
+    assert code == 2, out.out + out.err
+    assert "config key 'launcher.runtime_env.env_vars.CACHE_URL'" in out.err and "environment" in out.err, out.err
+    assert PLAIN not in out.out + out.err
+    assert not (tmp_path / "run").exists()
+
+
+# ==== A sweep's best.yaml ================================================================================
+
+def test_best_yaml_leaves_secrets_out_and_names_them(tmp_path, capsys):
+    """The best trial's config.yaml holds *** where secrets were; best.yaml leaves those keys out (a *** kept
+    would be sent as the token itself), says which, and still composes as `ftcluster train --config` does."""
+    from ftcluster.config import compose, to_yaml
+    from ftcluster.sweep.summary import write_best
+
+    trial = tmp_path / "sweep" / "trials" / "trial_0"
+    trial.mkdir(parents=True)
+    url = f"https://alice:{PLAIN}@hub.example.org/x"
+    cfg = compose([*TINY, f"+launcher.runtime_env.env_vars.HF_TOKEN={PLAIN}", "+launcher.runtime_env.env_vars.SEED=7",
+                   f"+launcher.runtime_env.env_vars.MIRROR='{url}'", f"launcher.setup=['export HF_TOKEN={HF}', 'ls']",
+                   f"output_dir={trial}"])
+    (trial / "config.yaml").write_text(to_yaml(cfg))  # as the trial's run wrote it: masked
+    assert MASK in (trial / "config.yaml").read_text()
+    best = tmp_path / "sweep" / "best.yaml"
+    write_best(best, tmp_path / "sweep", {"trial": "trial_0", "output_dir": str(trial), "metric": 0.5, "step": 2,
+                                          "status": "completed", "params": {"optim.lr": 1e-3}}, "eval_loss")
+    text = best.read_text()
+    assert MASK not in text and PLAIN not in text and HF not in text
+    note = next(line for line in text.splitlines() if line.startswith("# Left out"))
+    for key in ("launcher.runtime_env.env_vars.HF_TOKEN", "launcher.runtime_env.env_vars.MIRROR", "launcher.setup[0]"):
+        assert key in note, note
+    assert main(["config", "--config", str(best)]) == 0
+    composed = capsys.readouterr().out
+    assert "SEED: 7" in composed and "HF_TOKEN" not in composed and "MIRROR" not in composed
+    assert "- ls" in composed

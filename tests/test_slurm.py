@@ -159,3 +159,60 @@ def test_override_hydra_cannot_parse_is_refused_before_submission(capsys, tmp_pa
     result = main_in_process(capsys, "train", *TINY, "launcher=slurm", "data.system_prompt=it's", f"output_dir={tmp_path / 'run'}")
     assert result.returncode == 2
     assert "data.system_prompt=it's" in result.stderr and "quote" in result.stderr, result.stderr
+
+
+def _rendered(capsys, tmp_path, *overrides) -> str:
+    result = main_in_process(capsys, "train", *TINY, "launcher=slurm", *overrides, f"output_dir={tmp_path / 'run'}",
+                             "--dry-run")
+    assert result.returncode == 0, result.stderr
+    return result.stdout
+
+
+def test_job_asks_for_all_of_each_nodes_memory_unless_told(capsys, tmp_path):
+    """ZeRO 0-2 ranks each load the whole model into host memory at start: SLURM's default share is too small."""
+    assert "\n#SBATCH --mem=0\n" in _rendered(capsys, tmp_path)
+    assert "\n#SBATCH --mem=256G\n" in _rendered(capsys, tmp_path, "launcher.mem=256G")
+    assert "--mem" not in _rendered(capsys, tmp_path, "launcher.mem=null")
+    refused = main_in_process(capsys, "train", *TINY, "launcher=slurm", "launcher.mem=lots",
+                              f"output_dir={tmp_path / 'run'}", "--dry-run")
+    assert refused.returncode == 2 and "launcher.mem" in refused.stderr, refused.stderr
+
+
+def _driver_command(script: str) -> list[str]:
+    """What the script runs the driver with, evaluated by bash from the rendered lines themselves."""
+    lines = script.splitlines()
+    setup = [line for line in lines if line.startswith(("SRUN_CONTAINER=", "EXEC="))]
+    start = next(i for i, line in enumerate(lines) if line.startswith("driver_cmd="))
+    end = next(i for i in range(start, len(lines)) if lines[i].startswith('"${driver_cmd[@]}"'))
+    program = "\n".join(["SRUN_CONTAINER=() EXEC=()", *setup, "head_node=node1", *lines[start:end],
+                         'for arg in "${driver_cmd[@]}"; do printf "%s\\0" "$arg"; done'])
+    return subprocess.run(["bash", "-c", program], capture_output=True, text=True, check=True).stdout.split("\0")[:-1]
+
+
+def test_with_pyxis_the_driver_runs_inside_the_container_too(capsys, tmp_path):
+    pyxis = _rendered(capsys, tmp_path, "launcher.container_image='nvcr.io#nvidia/pytorch:24.05-py3'",
+                      "launcher.container_mounts=['/data:/data']")
+    subprocess.run(["bash", "-n"], input=pyxis, text=True, check=True)
+    assert _driver_command(pyxis) == ["srun", "--overlap", "--nodes=1", "--ntasks=1", "-w", "node1",
+                                      "--container-image=nvcr.io#nvidia/pytorch:24.05-py3",
+                                      "--container-mounts=/data:/data"]
+    apptainer = _rendered(capsys, tmp_path, "launcher.container_image=/img/ft.sif", "launcher.container_runtime=apptainer")
+    assert _driver_command(apptainer) == ["apptainer", "exec", "--nv", "/img/ft.sif"]
+    assert _driver_command(_rendered(capsys, tmp_path)) == []  # no container: the job's own environment
+
+
+def test_login_node_submission_leaves_device_checks_to_the_allocation(capsys, monkeypatch, tmp_path):
+    """flash-attn is not installed here, as on a login node: the submission goes through, and the job's own
+    validate() (FTCLUSTER_RAY_ADDRESS set inside the allocation) checks it where the GPUs are."""
+    from ftcluster.config import compose, validate
+    from ftcluster.errors import ConfigError
+
+    flash = ["model.attn_implementation=flash_attention_2", "peft=qlora"]
+    script = _rendered(capsys, tmp_path, *flash)
+    assert "strategy.precision" not in script  # auto travels as auto: resolved in the allocation
+    cfg = compose([*TINY, "launcher=slurm", *flash])
+    validate(cfg, check_paths=False)
+    assert cfg.strategy.precision == "auto"
+    monkeypatch.setenv("FTCLUSTER_RAY_ADDRESS", "127.0.0.1:6379")
+    with pytest.raises(ConfigError, match="peft.method|model.attn_implementation"):
+        validate(compose([*TINY, "launcher=slurm", *flash]), check_paths=False)

@@ -32,3 +32,53 @@ def test_peft_methods_train_and_export(tmp_path, method, extra):
     changed = any(not torch.equal(a, b) for a, b in zip(model.state_dict().values(), base.state_dict().values()))
     # DoRA merges into the weights; prompt and prefix tuning leave the base weights as they were.
     assert changed == (method == "dora")
+
+
+# ---- NCCL and ftcluster's hang diagnosis: which fires first -------------------------------------------------
+
+def test_nccl_workers_wait_longer_than_the_hang_diagnosis(tmp_path):
+    """Ray's default (abort at the process-group timeout) would kill a hung rank before ftcluster names the
+    hang: the workers get NCCL settings that leave the diagnosis time to run first."""
+    from ftcluster.config import compose
+    from ftcluster.launch.worker_env import worker_env
+    from ftcluster.observe.watchdog import REPORT_DIR_ENV, nccl_timeout_s
+
+    cfg = compose(["model=tiny", "launcher.collective_timeout_s=600", f"output_dir={tmp_path}"])
+    env = worker_env(cfg, "nccl")
+    assert env["TORCH_NCCL_ASYNC_ERROR_HANDLING"] == "1"  # set by us, so Ray leaves it alone
+    assert env[REPORT_DIR_ENV] == str(tmp_path)
+    assert nccl_timeout_s(600) > 600 and int(env["TORCH_NCCL_HEARTBEAT_TIMEOUT_SEC"]) > nccl_timeout_s(600)
+    assert env["TORCH_NCCL_DUMP_ON_TIMEOUT"] == "1" and env["TORCH_FR_DUMP_TEMP_FILE"].startswith(str(tmp_path))
+    assert set(worker_env(cfg, "gloo")) == {REPORT_DIR_ENV}  # gloo raises in Python: the worker diagnoses itself
+
+
+def test_a_rank_without_progress_writes_its_hang_report_before_nccl_would_abort(tmp_path):
+    import time
+
+    from ftcluster.launch.ray import hang_reports
+    from ftcluster.observe.watchdog import Watchdog
+
+    placement = [{"rank": r, "node": f"node{r}", "ip": "10.0.0.1", "pid": 100 + r} for r in range(2)]
+    started = time.time()
+    watchdog = Watchdog(placement, timeout_s=1, report_dir=str(tmp_path))
+    try:
+        watchdog.beat(4)
+        deadline = time.time() + 10
+        while not (tmp_path / "hang-rank-0.txt").exists() and time.time() < deadline:
+            time.sleep(0.1)
+    finally:
+        watchdog.close()
+    report = (tmp_path / "hang-rank-0.txt").read_text()
+    assert "launcher.collective_timeout_s=1" in report and "step 5" in report, report
+    assert hang_reports(str(tmp_path), since=started) == [report.strip()]
+    assert hang_reports(str(tmp_path), since=time.time() + 60) == []  # an older launch's report is not this one's
+
+
+def test_zero3_generation_gathers_the_whole_model_once_only_when_it_fits():
+    from ftcluster.eval.generate import fits_whole, gathered_bytes
+
+    weight = torch.nn.Parameter(torch.empty(0, dtype=torch.bfloat16))
+    weight.ds_numel = 1_000_000  # a ZeRO-3 partitioned parameter: empty here, its full size in ds_numel
+    assert gathered_bytes([weight, torch.nn.Parameter(torch.zeros(10))]) == 2_000_000 + 40
+    assert fits_whole(2 * 2**30, free_bytes=80 * 2**30)  # a 1B model on an 80 GB GPU: gathered once
+    assert not fits_whole(140 * 2**30, free_bytes=80 * 2**30)  # 70B in bf16: per-layer gathering stays

@@ -39,10 +39,16 @@ def stem(suite_name: str, hardware: str, date: str | None = None) -> str:
     return f"{suite_name}_{hardware}_{date or time.strftime('%Y-%m-%d')}"
 
 
+def files(results_dir: Path, name: str) -> list[Path]:
+    """Every file write() may put in results_dir for the report `name`, the records first (its sidecar,
+    util/outputs.py, says they are bench's own)."""
+    return [results_dir / f"{name}{suffix}" for suffix in (".jsonl", ".csv", ".md", "_throughput.png", "_memory.png")]
+
+
 def write(records: list[dict], suite, overrides: list[str], hardware: str, cluster, results_dir: Path,
-          work_dir: Path) -> Path:
+          work_dir: Path, name: str | None = None) -> Path:
     results_dir.mkdir(parents=True, exist_ok=True)
-    name = stem(suite.name, hardware)
+    name = name or stem(suite.name, hardware)
     atomic.write_text(results_dir / f"{name}.jsonl", "".join(json.dumps(r) + "\n" for r in records))
     atomic.write_text(results_dir / f"{name}.csv", _csv(records, suite.axes))
     plots = _plots(records, suite.axes, results_dir, name)

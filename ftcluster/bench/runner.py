@@ -24,6 +24,7 @@ from ftcluster.errors import UserError
 from ftcluster.run.driver import train
 
 CELLS_FILE = "cells.jsonl"
+CELLS_DIR = "cells"  # one run folder per cell
 # A cell keeps its logs and metrics; its weights (checkpoint, final/) are only what a training run leaves.
 DROPPED_AFTER_MEASURING = ("checkpoints", "final", "init_model", "data")
 
@@ -91,7 +92,7 @@ def _cell_args(suite: Suite, cell: Cell, overrides: list[str], work_dir: Path) -
              "trainer.eval_every_steps=0", "trainer.eval_generate=false", "trainer.save_every_steps=0",
              "trainer.stop_after_steps=null", f"trainer.profile_comms={str(c.profile_comms).lower()}",
              "trainer.exact_cpu_memory=true",
-             "tracking.progress=false", "resume=never", f"output_dir={work_dir / 'cells' / cell.folder}"]
+             "tracking.progress=false", "resume=never", f"output_dir={work_dir / CELLS_DIR / cell.folder}"]
     return [*c.base, *overrides, *cell.overrides, *fixed]
 
 

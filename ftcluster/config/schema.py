@@ -32,9 +32,22 @@ class ModelConfig:
 
 
 @dataclass
+class DataSourceConfig:
+    """One data set of a mixture (data.sources)."""
+
+    path: Any = None  # a file, a list of files, a glob or a folder of shards
+    format: Optional[str] = None  # null: data.format
+    # Sampling weight: the source contributes round(weight x its examples) (2.0: every example twice, 0.5: half).
+    weight: float = 1.0
+
+
+@dataclass
 class DataConfig:
     name: str = "custom"
-    path: Optional[str] = None
+    # A file, a list of files, a glob or a folder of shards (.jsonl, .jsonl.gz, .jsonl.zst, .json, .parquet).
+    path: Any = None
+    # A mixture instead of data.path: [{path, format, weight}, ...]; the realised proportions are reported.
+    sources: List[DataSourceConfig] = field(default_factory=list)
     eval_path: Optional[str] = None
     format: Annotated[str, Literal["alpaca", "chat", "text", "preference", "prompt"]] = "chat"
     # Held out from `path` when there is no eval_path (a fraction, 0 disables).
@@ -48,6 +61,12 @@ class DataConfig:
     # What to do with an example longer than trainer.max_seq_len: truncate, drop or error.
     truncation: Annotated[str, Literal["truncate", "drop", "error"]] = "truncate"
     shuffle: bool = True
+    # Processes that encode the data: 0 = every core of the Ray cluster the launcher reaches (this machine
+    # under launcher=local); 1 = the launching process alone. The rows are the same for any number.
+    prepare_workers: int = 0
+    # The store of prepared sets, one folder per fingerprint (null: <FTCLUSTER_CACHE or ~/.cache/ftcluster>/
+    # prepared). On a cluster, a path every node reads.
+    prepared_dir: Optional[str] = None
 
 
 @dataclass
@@ -148,7 +167,10 @@ class StrategyConfig:
     zero_stage: Annotated[int, Literal[0, 1, 2, 3]] = 0
     offload_optimizer: bool = False
     offload_params: bool = False
-    precision: Annotated[str, Literal["fp32", "bf16", "fp16"]] = "fp32"
+    # auto: bf16 where the workers have a CUDA GPU that supports it (TF32 matmuls on too), fp32 on CPU;
+    # resolved by validate() where the run starts (inside the allocation for launcher=slurm) and written to
+    # config.yaml and manifest.json. Under bf16 gradients accumulate in fp32 (DeepSpeed data_types).
+    precision: Annotated[str, Literal["auto", "fp32", "bf16", "fp16"]] = "auto"
     gradient_clipping: float = 1.0
     # A DeepSpeed JSON file whose keys override the generated config.
     deepspeed_config: Optional[str] = None
@@ -187,6 +209,10 @@ class LauncherConfig:
     qos: Optional[str] = None
     constraint: Optional[str] = None
     exclusive: bool = False
+    # sbatch --mem per node: "0" asks for all of each node's memory (under ZeRO 0-2 every rank loads the whole
+    # model into host memory at once); "256G" or "500000" (MB) ask for that much; null leaves it to the
+    # cluster's default (often a small share per CPU).
+    mem: Optional[str] = "0"
     job_name: str = "ftcluster"
     # Extra sbatch arguments, one per item, e.g. ["--mail-type=END", "--reservation=r1"].
     sbatch_args: List[str] = field(default_factory=list)
@@ -250,6 +276,10 @@ class TrainerConfig:
     # be saved (the newest checkpoint stays the last good one). "skip" (drop that update) is refused by
     # validate(): under ZeRO the norm is only known inside DeepSpeed's step, after the update is applied.
     on_nonfinite: Annotated[str, Literal["stop", "skip"]] = "stop"
+    # Label tokens per chunk of the SFT loss: the head projects that many at a time, in fp32, recomputed in
+    # backward, so the full [tokens, vocab] logits never exist (Liger's fused kernel on CUDA where
+    # installed). 0: the full logits. ftcluster.objectives.chunked.
+    loss_chunk_tokens: int = 0
 
 
 @dataclass

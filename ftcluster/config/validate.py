@@ -10,6 +10,7 @@ import json
 import math
 import netrc
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable
@@ -17,10 +18,15 @@ from typing import Any, Iterable
 from omegaconf import DictConfig, OmegaConf
 
 from ftcluster.config.compose import ASSETS
+from ftcluster.config.data_inputs import check_data_inputs
+from ftcluster.config.precision import resolve_precision
 from ftcluster.config.schema import CHOICES, FLOAT_KEYS
 from ftcluster.errors import ConfigError
 from ftcluster.eval.scores import check_names
 from ftcluster.stages.registry import FORMAT_FIELDS, STAGES
+
+
+_SLURM_MEM = re.compile(r"^\d+[KMGT]?$")
 
 
 @dataclass
@@ -54,21 +60,33 @@ def derive(cfg: DictConfig) -> Derived:
 
 
 def validate(cfg: DictConfig, check_paths: bool = True) -> Derived:
-    """Every check that needs no process, no cluster and no model weights. Raises ConfigError."""
+    """Every check that needs no process, no cluster and no model weights. Raises ConfigError.
+    Resolves strategy.precision=auto in `cfg` where the run's devices are (ftcluster.config.precision)."""
     _choices(cfg)
+    devices_here = not submits_elsewhere(cfg)
+    if devices_here:
+        resolve_precision(cfg)
     _finite(cfg)
     _trainer(cfg)
     _data(cfg)
     _optim(cfg)
     _strategy(cfg)
     _stage(cfg)
-    _peft(cfg)
-    _model(cfg)
+    _peft(cfg, devices_here)
+    _model(cfg, devices_here)
     _launcher(cfg)
     _tracking(cfg)
     if check_paths:
         _paths(cfg)
     return derive(cfg)
+
+
+def submits_elsewhere(cfg: DictConfig) -> bool:
+    """This process only ships the run (sbatch from a login node, a Ray Job from a laptop): the devices are
+    elsewhere, so CUDA, flash-attn and precision=auto are checked and resolved by the job's own validate()."""
+    if cfg.launcher.name == "slurm":
+        return "FTCLUSTER_RAY_ADDRESS" not in os.environ  # set by slurm/ftcluster.sbatch inside the allocation
+    return cfg.launcher.name == "ray" and str(cfg.launcher.address or "").startswith(("http://", "https://"))
 
 
 def _get(cfg: DictConfig, dotted: str) -> Any:
@@ -119,7 +137,8 @@ def _trainer(cfg: DictConfig) -> None:
     _positive(cfg, "trainer.max_steps", "trainer.max_seq_len", "trainer.micro_batch_per_device",
               "trainer.global_batch", "trainer.log_every_steps", "trainer.keep_last_checkpoints",
               "trainer.eval_max_new_tokens")
-    _not_negative(cfg, "trainer.eval_every_steps", "trainer.save_every_steps", "trainer.eval_generate_every_steps")
+    _not_negative(cfg, "trainer.eval_every_steps", "trainer.save_every_steps", "trainer.eval_generate_every_steps",
+                  "trainer.loss_chunk_tokens")
     stop = cfg.trainer.stop_after_steps
     if stop is not None and not 1 <= stop <= cfg.trainer.max_steps:
         raise ConfigError("trainer.stop_after_steps", f"got {stop}; it must be between 1 and trainer.max_steps")
@@ -160,6 +179,16 @@ def _strategy(cfg: DictConfig) -> None:
                           "parameter offload needs ZeRO-3: use strategy=zero3_offload or strategy.zero_stage=3")
     if cfg.strategy.offload_optimizer and cfg.strategy.zero_stage == 0:
         raise ConfigError("strategy.offload_optimizer", "optimizer offload needs ZeRO 1, 2 or 3")
+    t = cfg.trainer
+    per_step = t.micro_batch_per_device * cfg.launcher.workers
+    accumulating = per_step > 0 and t.global_batch > per_step
+    if cfg.strategy.precision == "bf16" and cfg.strategy.zero_stage == 0 and accumulating:
+        # DeepSpeed 0.19 accumulates in fp32 under bf16 only with ZeRO 1-3 (data_types.grad_accum_dtype); without
+        # ZeRO it refuses that setting and would sum the micro-batches' gradients in bf16.
+        raise ConfigError("strategy.zero_stage", f"bf16 without ZeRO accumulates gradients in bf16 over the "
+                                                 f"{t.global_batch // per_step} micro-batches of a step; use "
+                                                 f"strategy=zero1 (fp32 accumulation, the same memory on one "
+                                                 f"device) or trainer.global_batch={per_step}")
 
 
 def _stage(cfg: DictConfig) -> None:
@@ -232,12 +261,12 @@ def _rl(cfg: DictConfig) -> None:
                           "sync); use stage.rl.generation_backend=hf")
 
 
-def _peft(cfg: DictConfig) -> None:
+def _peft(cfg: DictConfig, devices_here: bool = True) -> None:
     method, stage = cfg.peft.method, cfg.stage.name
     _positive(cfg, "peft.r", "peft.alpha")
     if not 0 <= cfg.peft.dropout < 1:
         raise ConfigError("peft.dropout", f"got {cfg.peft.dropout}; it must be in [0, 1)")
-    if method == "qlora" and not _has_cuda():
+    if method == "qlora" and devices_here and not _has_cuda():
         raise ConfigError("peft.method", "QLoRA quantizes with bitsandbytes, which needs a CUDA GPU; "
                                          "on CPU use peft=lora")
     if method in ("prompt", "prefix") and stage != "sft":
@@ -251,8 +280,15 @@ def _peft(cfg: DictConfig) -> None:
                                           f"cannot hold per example (peft drops position ids); set data.packing=false")
 
 
-def _model(cfg: DictConfig) -> None:
-    if cfg.model.attn_implementation == "flash_attention_2" and importlib.util.find_spec("flash_attn") is None:
+def _model(cfg: DictConfig, devices_here: bool = True) -> None:
+    if cfg.model.attn_implementation != "flash_attention_2":
+        return
+    if cfg.strategy.precision == "fp32":
+        # flash-attn's kernels take fp16/bf16 only: the first forward would fail after the model loaded.
+        raise ConfigError("model.attn_implementation", "flash_attention_2 runs in bf16 or fp16, but "
+                                                       "strategy.precision=fp32; set strategy.precision=bf16 (or auto "
+                                                       "on a GPU) or use model.attn_implementation=sdpa")
+    if devices_here and importlib.util.find_spec("flash_attn") is None:
         raise ConfigError("model.attn_implementation",
                           "flash_attention_2 needs the flash-attn package (pip install 'ftcluster[gpu]' "
                           "on a CUDA machine); use model.attn_implementation=sdpa")
@@ -322,6 +358,9 @@ def _slurm(launcher: DictConfig) -> None:
     if workers % nodes:
         raise ConfigError("launcher.workers", f"{workers} workers do not spread evenly over launcher.nodes={nodes}; "
                                               f"use a multiple of {nodes}")
+    if launcher.mem is not None and not _SLURM_MEM.match(str(launcher.mem)):
+        raise ConfigError("launcher.mem", f"got {launcher.mem!r}; it must be a size sbatch --mem reads: 0 (all of a "
+                                          f"node's memory), a number of MB, or a number with K, M, G or T (e.g. 256G)")
     needed = workers // nodes * launcher.cpus_per_worker
     if launcher.cpus_per_task is not None and launcher.cpus_per_task < needed:
         raise ConfigError("launcher.cpus_per_task", f"{launcher.cpus_per_task} CPUs per node cannot hold "
@@ -367,13 +406,7 @@ def _paths(cfg: DictConfig) -> None:
         raise ConfigError("model.path", f"model={cfg.model.name} is a shape only (a config.json, no weights and no "
                                         f"tokenizer) for `ftcluster plan`; to train it set model.path=DIR to a folder "
                                         f"holding its weights and tokenizer")
-    if cfg.data.path is None:
-        raise ConfigError("data.path", "no training data: set data.path=FILE (JSONL, JSON, Parquet or a saved "
-                                       "HF dataset folder)")
-    for key in ("data.path", "data.eval_path"):
-        value = _get(cfg, key)
-        if value is not None and not Path(value).exists():
-            raise ConfigError(key, f"{value} does not exist")
+    check_data_inputs(cfg)
     ds = cfg.strategy.deepspeed_config
     if ds is not None and not Path(ds).is_file():
         raise ConfigError("strategy.deepspeed_config", f"{ds} does not exist")

@@ -17,8 +17,11 @@ from typing import Any, Callable, Iterator
 
 from ftcluster.errors import DataError
 
-SUPPORTED = (".jsonl (JSON Lines), .json (a list of objects), .parquet, or a folder written by "
-             "datasets.Dataset.save_to_disk")
+SUPPORTED = (".jsonl (JSON Lines), .json (a list of objects), .parquet, compressed JSON Lines (.jsonl.gz, "
+             ".jsonl.zst), or a folder written by datasets.Dataset.save_to_disk")
+
+# Compressed JSON Lines: opened by these, then read line by line like any .jsonl file.
+COMPRESSED = (".jsonl.gz", ".jsonl.zst")
 
 EXPECTS = {
     "alpaca": "instruction, input (optional), output, system (optional)",
@@ -51,7 +54,7 @@ def read_records(path: str, on_error: Callable[[DataError], None] | None = None)
         raise DataError(path, None, "file does not exist")
     if p.is_dir():
         yield from _read_saved_dataset(path)
-    elif p.suffix == ".jsonl":
+    elif p.suffix == ".jsonl" or p.name.endswith(COMPRESSED):
         yield from _read_jsonl(path, on_error)
     elif p.suffix == ".json":
         yield from _read_json(path, on_error)
@@ -61,25 +64,54 @@ def read_records(path: str, on_error: Callable[[DataError], None] | None = None)
         raise DataError(path, None, f"unknown file type {p.suffix or '(no extension)'!r}; supported: {SUPPORTED}")
 
 
+def open_lines(path: str):
+    """A binary file object over the (decompressed) bytes of a JSON Lines file."""
+    if path.endswith(".gz"):
+        import gzip
+
+        return gzip.open(path, "rb")
+    if path.endswith(".zst"):
+        try:
+            import zstandard  # optional: only .zst files need it
+        except ImportError:
+            raise DataError(path, None, "reading .zst files needs the zstandard package (pip install zstandard)") from None
+        import io
+
+        return io.BufferedReader(zstandard.ZstdDecompressor().stream_reader(open(path, "rb"), closefd=True))
+    return open(path, "rb")
+
+
 def _read_jsonl(path: str, on_error: Callable[[DataError], None] | None) -> Iterator[tuple[int, dict]]:
-    with open(path, "rb") as f:
-        for line, raw in enumerate(f, start=1):
-            try:
-                text = _decode(raw, path, line)
-                if not text.strip():
-                    continue
-                try:
-                    # Without the newline, a record cut short is reported at its last column, not the next line.
-                    record = _loads(text.rstrip("\r\n"), path, line)
-                except json.JSONDecodeError as exc:
-                    raise DataError(path, line, f"invalid JSON: {exc.msg} (column {exc.colno})") from None
-                record = _object(record, path, line)
-            except DataError as exc:
-                if on_error is None:
-                    raise
-                on_error(exc)
-                continue
+    with open_lines(path) as f:
+        yield from read_lines(f, path, 1, on_error)
+
+
+def read_lines(lines, path: str, first_line: int,
+               on_error: Callable[[DataError], None] | None) -> Iterator[tuple[int, dict]]:
+    """`(line, record)` for each non-blank line of `lines` (raw bytes), numbered from `first_line`."""
+    for line, raw in enumerate(lines, start=first_line):
+        try:
+            record = parse_line(raw, path, line)
+        except DataError as exc:
+            if on_error is None:
+                raise
+            on_error(exc)
+            continue
+        if record is not None:
             yield line, record
+
+
+def parse_line(raw: bytes, path: str, line: int) -> dict | None:
+    """One JSON Lines record; None for a blank line."""
+    text = _decode(raw, path, line)
+    if not text.strip():
+        return None
+    try:
+        # Without the newline, a record cut short is reported at its last column, not the next line.
+        record = _loads(text.rstrip("\r\n"), path, line)
+    except json.JSONDecodeError as exc:
+        raise DataError(path, line, f"invalid JSON: {exc.msg} (column {exc.colno})") from None
+    return _object(record, path, line)
 
 
 def _read_json(path: str, on_error: Callable[[DataError], None] | None) -> Iterator[tuple[int, dict]]:

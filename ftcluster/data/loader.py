@@ -20,7 +20,7 @@ import numpy as np
 import pyarrow.compute as pc
 import torch
 
-from ftcluster.data.packing import collate
+from ftcluster.data.collate import collate
 from ftcluster.data.pairs import collate_pairs
 from ftcluster.data.template import IGNORE
 from ftcluster.errors import ConfigError, DataError, UserError

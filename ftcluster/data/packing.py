@@ -1,16 +1,12 @@
-"""Packing encoded examples into fixed-budget rows, and collating rows into model inputs.
+"""Packing encoded examples into fixed-budget rows.
 
-A packed row keeps its examples apart through `position_ids` alone: they restart at 0 for each example,
-and with `attention_mask=None` Hugging Face transformers (5.x) turns every restart into a block boundary
-of the causal mask (sdpa, eager) or into varlen boundaries (flash_attention_2). The model must run with
-`use_cache=False`: when it builds a cache it skips that detection and attends across examples.
+A packed row marks where each example starts by restarting its `position_ids` at 0. ftcluster.data.collate
+turns those restarts into the example boundaries attention needs (see there).
 """
 
 from __future__ import annotations
 
 from bisect import bisect_left, insort
-
-import torch
 
 from ftcluster.data.template import IGNORE
 
@@ -18,16 +14,24 @@ Example = tuple[list[int], list[int]]  # (input_ids, labels)
 
 
 def pack(examples: list[Example], max_seq_len: int) -> list[dict]:
-    """Best-fit decreasing: longest examples first, each into the fullest row it fits (ties: oldest row).
+    """Best-fit decreasing (see pack_order): the rows themselves."""
+    return [_row([examples[i] for i in row]) for row in pack_order([len(ids) for ids, _ in examples], max_seq_len)]
 
-    Deterministic for a given input order; no example is split or repeated.
+
+def pack_order(lengths, max_seq_len: int) -> list[list[int]]:
+    """Best-fit decreasing from token lengths alone: longest examples first, each into the fullest row it fits
+    (ties: oldest row). The examples' indices, row by row.
+
+    Deterministic for a given input order; no example is split or repeated. Needing only lengths, it runs in
+    the driver over any number of examples whose tokens stay in the prepare workers' shards.
     """
-    order = sorted(range(len(examples)), key=lambda i: (-len(examples[i][0]), i))
+    lengths = [int(n) for n in lengths]
+    order = sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))
     members: list[list[int]] = []
     # (room left, row index), sorted, so the best fit is one bisection away.
     room: list[tuple[int, int]] = []
     for i in order:
-        n = len(examples[i][0])
+        n = lengths[i]
         if not 0 < n <= max_seq_len:
             raise ValueError(f"example {i} has {n} tokens; packing needs 1..{max_seq_len} (truncate first)")
         k = bisect_left(room, (n, -1))
@@ -40,7 +44,7 @@ def pack(examples: list[Example], max_seq_len: int) -> list[dict]:
             left -= n
         if left > 0:
             insort(room, (left, row))
-    return [_row([examples[i] for i in row]) for row in members]
+    return members
 
 
 def unpacked(examples: list[Example]) -> list[dict]:
@@ -59,34 +63,11 @@ def _row(parts: list[Example]) -> dict:
     return {"input_ids": input_ids, "labels": labels, "position_ids": position_ids, "num_examples": len(parts)}
 
 
-def collate(rows: list[dict], pad_id: int, packed: bool) -> dict[str, torch.Tensor]:
-    """Right-pad rows to the longest one. Packed batches carry no attention_mask (see the module doc).
-
-    Besides the model inputs and `labels`, the batch counts its work for throughput metrics:
-    `num_examples` and `num_tokens` (real tokens, padding excluded), as 0-d tensors.
-    """
-    width = max(len(row["input_ids"]) for row in rows)
-    batch = {"input_ids": [], "labels": [], "position_ids": []}
-    if not packed:
-        batch["attention_mask"] = []
-    for row in rows:
-        n = len(row["input_ids"])
-        pad = width - n
-        batch["input_ids"].append(list(row["input_ids"]) + [pad_id] * pad)
-        batch["labels"].append(list(row["labels"]) + [IGNORE] * pad)
-        if packed:
-            # Padding restarts at 0, so it forms a block of its own and no real token attends to it.
-            batch["position_ids"].append(list(row["position_ids"]) + list(range(pad)))
-        else:
-            batch["position_ids"].append(list(range(width)))
-            batch["attention_mask"].append([1] * n + [0] * pad)
-    batch["num_examples"] = sum(row["num_examples"] for row in rows)
-    batch["num_tokens"] = sum(len(row["input_ids"]) for row in rows)
-    return {key: torch.tensor(value, dtype=torch.long) for key, value in batch.items()}
-
-
 def packing_efficiency(rows: list[dict], max_seq_len: int) -> float:
     """Real tokens over the token budget of the rows (1.0: no row has room left)."""
-    if not rows:
-        return 0.0
-    return sum(len(row["input_ids"]) for row in rows) / (len(rows) * max_seq_len)
+    return token_efficiency(sum(len(row["input_ids"]) for row in rows), len(rows), max_seq_len)
+
+
+def token_efficiency(tokens: int, rows: int, max_seq_len: int) -> float:
+    """packing_efficiency from the totals alone."""
+    return tokens / (rows * max_seq_len) if rows else 0.0

@@ -18,6 +18,7 @@ import weakref
 from pathlib import Path
 
 import jinja2
+import numpy as np
 
 from ftcluster.errors import ConfigError, UserError
 
@@ -85,20 +86,33 @@ def encode_chat(messages: list[dict], tokenizer, train_on: str = "assistant",
     """Token ids of the rendered chat and labels: assistant tokens (or every token) and IGNORE elsewhere.
     With `from_turn`, only assistant turns from that index on are labelled (a preference pair's response
     after its prompt)."""
+    full, spans = chat_text(messages, tokenizer, train_on, from_turn)
+    encoded = _tokenize(tokenizer, full)
+    ids = encoded["input_ids"]
+    labels = list(ids) if spans is None else span_labels(ids, encoded["offset_mapping"], spans).tolist()
+    return ids, _no_first_label(labels)
+
+
+def chat_text(messages: list[dict], tokenizer, train_on: str = "assistant",
+              from_turn: int = 0) -> tuple[str, list[tuple[int, int]] | None]:
+    """The rendered chat and the character spans that carry a loss (None: every token, train_on=all)."""
     _check_plain(messages, tokenizer)
     if train_on == "all":
-        full = _render(tokenizer, messages, add_generation_prompt=False)
-        ids = _tokenize(tokenizer, full)["input_ids"]
-        labels = list(ids)
-    else:
-        full, spans = _assistant_spans(messages, tokenizer, from_turn)
-        encoded = _tokenize(tokenizer, full)
-        ids = encoded["input_ids"]
-        # A token is trained when any of its characters lies in an assistant span, so no answer
-        # character is lost when a token straddles a span edge.
-        labels = [tok if any(a < end and start < b for start, end in spans) else IGNORE
-                  for tok, (a, b) in zip(ids, encoded["offset_mapping"])]
-    return ids, _no_first_label(labels)
+        return _render(tokenizer, messages, add_generation_prompt=False), None
+    return _assistant_spans(messages, tokenizer, from_turn)
+
+
+def span_labels(ids, offsets, spans: list[tuple[int, int]]) -> np.ndarray:
+    """Labels (int32) from token character offsets: a token is trained when any of its characters lies in a
+    span, so no answer character is lost when a token straddles a span edge. The first label is not yet
+    IGNORE'd."""
+    ids = np.asarray(ids, dtype=np.int32)
+    offsets = np.asarray(offsets, dtype=np.int64).reshape(-1, 2)
+    starts, ends = offsets[:, 0], offsets[:, 1]
+    trained = np.zeros(len(ids), dtype=bool)
+    for start, end in spans:
+        trained |= (starts < end) & (start < ends)
+    return np.where(trained, ids, np.int32(IGNORE)).astype(np.int32)
 
 
 def encode_text(text: str, tokenizer) -> tuple[list[int], list[int]]:
@@ -151,10 +165,14 @@ def _check_plain(messages: list[dict], tokenizer) -> None:
                             f"rewrite it in the data")
 
 
-def _tokenize(tokenizer, text: str):
+def check_fast(tokenizer) -> None:
     if not tokenizer.is_fast:
         raise ConfigError("model.path", "label masks need character offsets, which only fast (Rust `tokenizers`) "
                                         "tokenizers give; this model's tokenizer is a slow one")
+
+
+def _tokenize(tokenizer, text: str):
+    check_fast(tokenizer)
     # The template writes every special token itself (bos included), as apply_chat_template does.
     return tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
 

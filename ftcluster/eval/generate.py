@@ -3,11 +3,18 @@
 Prompts are spread over the ranks. Under ZeRO-3 every forward is a collective (parameters are
 gathered layer by layer), so every rank runs the same number of generate() calls with
 synced_gpus=True, padding its share with a repeated prompt whose answer is discarded.
+
+Gathering layer by layer for every generated token costs a whole-model all-gather per token. So when the
+whole model fits in a device's free memory (with room left for the KV cache), it is gathered once for the
+whole generation (whole_model_gathered) and released after; otherwise the per-layer gathering stays, and
+the log says so.
 """
 
 from __future__ import annotations
 
 import math
+from contextlib import contextmanager
+from typing import Callable, Iterator
 
 import torch
 
@@ -50,6 +57,50 @@ def generate_answers(model, tokenizer, prompts: list[list[dict]], max_new_tokens
     return [merged[i] for i in range(len(prompts))]
 
 
+# The gathered model may take this share of a device's free memory; generation's KV cache and activations
+# need the rest.
+FIT_FRACTION = 0.5
+
+
+def gathered_bytes(params: list[torch.nn.Parameter]) -> int:
+    """The bytes these parameters take gathered whole (a ZeRO-3 parameter's full size is ds_numel)."""
+    return sum(getattr(p, "ds_numel", p.numel()) * p.element_size() for p in params)
+
+
+def fits_whole(model_bytes: int, free_bytes: int) -> bool:
+    return model_bytes <= FIT_FRACTION * free_bytes
+
+
+def _free_bytes() -> int:
+    if torch.cuda.is_available():
+        return torch.cuda.mem_get_info()[0]
+    import psutil  # not at the top: only a CPU ZeRO-3 run asks, and Ray brings it
+
+    return psutil.virtual_memory().available
+
+
+@contextmanager
+def whole_model_gathered(model: torch.nn.Module, partitioned: bool, log: Callable[[str], None]) -> Iterator[bool]:
+    """Under ZeRO-3 (`partitioned`), the whole model gathered on every rank while inside, when it fits on every
+    rank's device; collective. Yields whether it did."""
+    if not partitioned:
+        yield False
+        return
+    params = list(model.parameters())
+    size = gathered_bytes(params)
+    # Every rank must take the same branch: GatheredParameters is a collective.
+    fits = all(dist.all_gather_objects(fits_whole(size, _free_bytes())))
+    if not fits:
+        log(f"generation keeps ZeRO-3's per-layer gathering (an all-gather of every layer per token): the model "
+            f"({size / 2**30:.1f} GiB) does not fit in {FIT_FRACTION:.0%} of a device's free memory")
+        yield False
+        return
+    import deepspeed  # not at the top: the driver imports eval modules and needs no DeepSpeed
+
+    with deepspeed.zero.GatheredParameters(params, modifier_rank=None):
+        yield True
+
+
 def exact_match_rate(predictions: list[str], references: list[str]) -> float:
     return sum(exact_match(p, r) for p, r in zip(predictions, references)) / max(1, len(references))
 
@@ -59,11 +110,14 @@ def eval_generation(ctx, step: int) -> dict:
     ftcluster.train.context.StageContext), scored against their references by exact match and the other
     trainer.eval_metrics; the eval_<name> metrics to log."""
     prompts = [p["prompt"] for p in ctx.eval_prompts]
-    predictions = generate_answers(
-        ctx.engine.module, ctx.tokenizer, prompts, max_new_tokens=ctx.cfg.trainer.eval_max_new_tokens,
-        # One generate() call per rank when the share is small: decoding is latency-bound.
-        batch_size=min(32, math.ceil(len(prompts) / ctx.world_size)),
-        synced=ctx.engine.zero_optimization_partition_weights() and ctx.world_size > 1)
+    partitioned = ctx.engine.zero_optimization_partition_weights()
+    with whole_model_gathered(ctx.engine.module, partitioned, ctx.tracker.message):
+        predictions = generate_answers(
+            ctx.engine.module, ctx.tokenizer, prompts, max_new_tokens=ctx.cfg.trainer.eval_max_new_tokens,
+            # One generate() call per rank when the share is small: decoding is latency-bound.
+            batch_size=min(32, math.ceil(len(prompts) / ctx.world_size)),
+            # Gathered or not, ranks stay in step: ZeRO-3's hooks still run on every forward.
+            synced=partitioned and ctx.world_size > 1)
     names = dict.fromkeys(["exact_match", *ctx.cfg.trainer.eval_metrics])
     scores = compute(names, predictions, [p["reference"] for p in ctx.eval_prompts])
     ctx.tracker.message(f"step {step}: held-out exact match {scores['exact_match']:.1%} ({len(predictions)} "

@@ -79,7 +79,7 @@ def _perplexity_loss(cfg: DictConfig, model, data_dir: Path, split: str) -> floa
     pad_id = json.loads((data_dir / "stats.json").read_text())["pad_id"]
     rows = datasets.load_from_disk(str(data_dir / split))
     return mean_token_loss(model, rows, cfg.trainer.micro_batch_per_device, dist.rank(), dist.world_size(), pad_id,
-                           cfg.data.packing)
+                           cfg.data.packing, cfg.trainer.loss_chunk_tokens)
 
 
 def _load(cfg: DictConfig, model_dir: str, adapter_dir: str | None) -> torch.nn.Module:

@@ -13,6 +13,7 @@ import os
 import secrets
 import signal
 import socket
+import sys
 import threading
 from pathlib import Path
 from urllib.parse import urlsplit
@@ -168,3 +169,10 @@ def _host_port(address: str) -> tuple[str, int]:
     if not parsed.hostname or port is None:
         raise UserError(f"launcher.address={address}: expected HOST:PORT, ray://HOST:PORT or http://HOST:PORT")
     return parsed.hostname, port
+
+
+def release_cluster() -> None:
+    """Disconnect from Ray (stopping it if this process started it), when Ray is imported and connected."""
+    ray = sys.modules.get("ray")
+    if ray is not None and ray.is_initialized():
+        ray.shutdown()

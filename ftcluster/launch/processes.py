@@ -31,6 +31,7 @@ import torch
 from omegaconf import DictConfig
 
 from ftcluster.errors import UserError, WorkerFailed
+from ftcluster.launch.worker_env import worker_env
 from ftcluster.util.dist import free_port
 from ftcluster.util.env import environment
 from ftcluster.util.text import tail
@@ -45,7 +46,10 @@ _PR_SET_PDEATHSIG = 1
 def launch(entry: Callable[[dict], None], payload: dict, cfg: DictConfig) -> None:
     context = multiprocessing.get_context("spawn")
     workers = cfg.launcher.workers
-    env = rank_environment(workers, cfg.launcher.cpus_per_worker, _use_gpu(cfg), free_port())
+    use_gpu = _use_gpu(cfg)
+    shared = worker_env(cfg, "nccl" if use_gpu else "gloo")
+    env = [{**shared, **rank} for rank in rank_environment(workers, cfg.launcher.cpus_per_worker, use_gpu,
+                                                          free_port())]
     pipes, procs = [], []
     for rank in range(workers):
         receive, send = context.Pipe(duplex=False)

@@ -19,7 +19,8 @@ from ray.exceptions import ActorDiedError, ActorUnavailableError, WorkerCrashedE
 from ftcluster.errors import CollectiveTimeout, UserError, WorkerFailed
 from ftcluster.launch.actors import Placement
 from ftcluster.launch.cluster import connect
-from ftcluster.observe.watchdog import describe_rank, read_placement
+from ftcluster.launch.worker_env import worker_env
+from ftcluster.observe.watchdog import HANG_REPORT, describe_rank, nccl_timeout_s, read_placement
 from ftcluster.util.text import tail
 
 
@@ -60,20 +61,25 @@ def run_workers(entry: Callable[[dict], None], payload: dict, cfg: DictConfig,
     use_gpu = launcher.use_gpu if launcher.use_gpu is not None else gpus > 0
     _check_capacity(launcher, use_gpu)
     resources = {"CPU": launcher.cpus_per_worker, **({"GPU": 1} if use_gpu else {})}
+    backend = "nccl" if use_gpu else "gloo"
+    # gloo raises in Python at the timeout and the worker names the hang itself; NCCL waits longer (worker_env).
+    timeout_s = nccl_timeout_s(launcher.collective_timeout_s) if backend == "nccl" else launcher.collective_timeout_s
+    started = time.time()
     trainer = TorchTrainer(
         entry,
         train_loop_config=payload,
-        torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo", timeout_s=launcher.collective_timeout_s),
+        torch_config=TorchConfig(backend=backend, timeout_s=timeout_s),
         scaling_config=ScalingConfig(num_workers=launcher.workers, use_gpu=use_gpu, resources_per_worker=resources,
                                      placement_strategy=launcher.placement_strategy, label_selector=label_selector),
         run_config=RunConfig(name=f"train-{time.strftime('%Y%m%d-%H%M%S')}",
                              storage_path=str(Path(cfg.output_dir, "ray").resolve()),
-                             failure_config=FailureConfig(max_failures=launcher.max_failures)),
+                             failure_config=FailureConfig(max_failures=launcher.max_failures),
+                             worker_runtime_env={"env_vars": worker_env(cfg, backend)}),
     )
     try:
         trainer.fit()
     except TrainingFailedError as exc:
-        raise _worker_error(exc, cfg.output_dir) from None
+        raise _worker_error(exc, cfg.output_dir, since=started) from None
 
 
 def _check_capacity(launcher: DictConfig, use_gpu: bool) -> None:
@@ -85,7 +91,13 @@ def _check_capacity(launcher: DictConfig, use_gpu: bool) -> None:
                             f"{total.get(resource, 0):g}; lower launcher.workers or add nodes")
 
 
-def _worker_error(exc: Exception, output_dir: str) -> Exception:
+def hang_reports(output_dir: str, since: float) -> list[str]:
+    """The stall diagnoses workers wrote during this launch (observe/watchdog.py), in rank order."""
+    found = sorted(Path(output_dir).glob(HANG_REPORT.format("*")), key=lambda p: int(p.stem.rsplit("-", 1)[-1]))
+    return [p.read_text().strip() for p in found if p.stat().st_mtime >= since]
+
+
+def _worker_error(exc: Exception, output_dir: str, since: float = 0.0) -> Exception:
     """One message for the run's failure: a worker's user error as it was raised there; else the ranks
     that died (named with their node from workers.json), a collective timeout's diagnosis, or the first
     failing rank's error."""
@@ -96,6 +108,9 @@ def _worker_error(exc: Exception, output_dir: str) -> Exception:
             return cause
     placement = read_placement(output_dir)
     died = [rank for rank in sorted(failures) if _is_death(failures[rank])]
+    reports = hang_reports(output_dir, since)
+    if died and reports:  # NCCL aborted hung ranks after ftcluster named the hang
+        return WorkerFailed(f"a collective hung and NCCL stopped the workers; {reports[0]}")
     if died:
         names = ", ".join(describe_rank(placement.get(r), r) for r in died)
         return WorkerFailed(f"worker process died: {names}: {_describe(failures[died[0]], lines=3)}")

@@ -3,7 +3,8 @@ submit it, then follow the job's state and log and exit with its result.
 
 Everything that can be refused is refused here, before the job waits in a queue: the config, values
 that cannot go on an #SBATCH line, a partition that does not exist, more nodes, CPUs or GPUs than the
-partition has. The overrides are shell-quoted into the script, so they reach the job byte for byte.
+partition has. Nothing about devices is checked here (a login node has no GPU): CUDA, flash-attn and
+strategy.precision=auto are checked and resolved by the job's own validate(), inside the allocation. The overrides are shell-quoted into the script, so they reach the job byte for byte.
 Inside the allocation the same `ftcluster train` runs with FTCLUSTER_RAY_ADDRESS set, and
 ftcluster.launch.slurm places the workers.
 
@@ -98,6 +99,9 @@ def directives(cfg: DictConfig) -> list[str]:
     cpus = launcher.cpus_per_task or per_node * launcher.cpus_per_worker
     options = {"--job-name": launcher.job_name, "--nodes": launcher.nodes, "--ntasks-per-node": 1,
                "--cpus-per-task": cpus, "--gpus-per-node": launcher.gpus_per_node or None,
+               # 0: all of the node's memory; without it SLURM grants its default (often per CPU), and ZeRO 0-2
+               # ranks each load the whole model into host memory at start.
+               "--mem": launcher.mem,
                "--partition": launcher.partition, "--time": launcher.time, "--account": launcher.account,
                "--qos": launcher.qos, "--constraint": launcher.constraint,
                "--output": f"{cfg.output_dir}/slurm-%j.log", "--open-mode": "append",
@@ -107,7 +111,7 @@ def directives(cfg: DictConfig) -> list[str]:
     # The config key behind each free-text value, for the error message.
     keys = {"--job-name": "launcher.job_name", "--partition": "launcher.partition", "--time": "launcher.time",
             "--account": "launcher.account", "--qos": "launcher.qos", "--constraint": "launcher.constraint",
-            "--output": "output_dir"}
+            "--output": "output_dir", "--mem": "launcher.mem"}
     lines = []
     for option, value in options.items():
         if value is None:

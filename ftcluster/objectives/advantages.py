@@ -54,8 +54,11 @@ def group_relative(rewards: torch.Tensor, group_size: int, scale: bool = True, e
 
 def sequence_rewards_to_tokens(rewards: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """A [batch, tokens] tensor holding each sequence's reward on its last real token, zero elsewhere."""
-    out = torch.zeros(mask.shape, dtype=rewards.dtype)
-    lengths = mask.sum(dim=1).long()
-    rows = torch.arange(mask.shape[0])[lengths > 0]
-    out[rows, lengths[lengths > 0] - 1] = rewards[lengths > 0]
-    return out
+    out = torch.zeros(mask.shape, dtype=rewards.dtype, device=rewards.device)
+    if mask.shape[1] == 0:
+        return out
+    lengths = mask.sum(dim=1).long().to(rewards.device)
+    # A scatter rather than boolean indexing: no data-dependent shapes, so no device sync. An empty response
+    # scatters a zero onto its first column.
+    last = (lengths - 1).clamp(min=0).unsqueeze(1)
+    return out.scatter(1, last, torch.where(lengths > 0, rewards, 0).unsqueeze(1).to(rewards.dtype))

@@ -10,15 +10,23 @@ import torch
 import torch.nn.functional as F
 
 from ftcluster.data.template import IGNORE
-from ftcluster.util import dist
+from ftcluster.objectives import chunked
 
 
-def token_loss_sum(model, batch: dict) -> torch.Tensor:
-    """Summed next-token cross-entropy over label positions, in fp32."""
-    inputs = {k: v.to(dist.device()) for k, v in batch.items() if k in ("input_ids", "attention_mask", "position_ids")}
+def token_loss_sum(model, batch: dict, chunk_tokens: int = 0) -> torch.Tensor:
+    """Summed next-token cross-entropy over label positions, in fp32.
+
+    chunk_tokens > 0: from the final hidden states, that many label tokens at a time, without the full
+    logits (ftcluster.objectives.chunked), for models it knows; others, and 0, take the full logits."""
+    inputs = chunked.model_inputs(batch)
+    labels = batch["labels"]
+    head = chunked.head_of(model) if chunk_tokens > 0 else None
+    if head is not None:
+        hidden = chunked.final_hidden(model, inputs, head)
+        return chunked.loss_sum(hidden[:, -labels.shape[1]:], labels, head, chunk_tokens)
     # use_cache=False is what makes transformers honour packed position_ids (no cross-example attention).
     logits = model(**inputs, use_cache=False).logits
-    labels = batch["labels"].to(logits.device)
+    labels = labels.to(logits.device)
     logits = logits[:, -labels.shape[1]:]  # prompt tuning prepends virtual tokens
     return F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=IGNORE,
                            reduction="sum")

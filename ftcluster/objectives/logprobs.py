@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import torch
 
-from ftcluster.util import dist
 from ftcluster.data.template import IGNORE
+from ftcluster.objectives import chunked
 from ftcluster.objectives.losses import SequenceLogps
 
 
@@ -20,20 +20,27 @@ def token_logps(logits: torch.Tensor, targets: torch.Tensor, temperature: float 
     return picked - torch.logsumexp(logits, dim=-1)
 
 
-def labelled_logps(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-token log-probs of the labelled positions (next-token shift applied) and their mask."""
-    targets = labels[:, 1:]
-    mask = targets != IGNORE
-    return token_logps(logits[:, :-1], targets) * mask, mask
+def model_labelled_logps(model, batch: dict, temperature: float = 1.0,
+                         chunk_tokens: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """One forward over `batch`: [batch, length - 1] log-probs of its labels (0 where unlabelled) and the
+    label mask. chunk_tokens > 0: without the full logits, as token_loss_sum does."""
+    inputs = chunked.model_inputs(batch)
+    labels = batch["labels"]
+    head = chunked.head_of(model) if chunk_tokens > 0 else None
+    if head is not None:
+        hidden = chunked.final_hidden(model, inputs, head)
+        return chunked.labelled_logps(hidden[:, -labels.shape[1]:], labels, head, chunk_tokens, temperature)
+    logits = model(**inputs, use_cache=False).logits
+    labels = labels.to(logits.device)
+    logits = logits[:, -labels.shape[1]:, :]  # prompt tuning prepends virtual tokens
+    mask = labels[:, 1:] != IGNORE
+    return token_logps(logits[:, :-1], labels[:, 1:], temperature) * mask, mask
 
 
-def pair_logps(model, batch: dict) -> SequenceLogps:
+def pair_logps(model, batch: dict, chunk_tokens: int = 0) -> SequenceLogps:
     """One forward over a pair batch (chosen rows first, then rejected; ftcluster.data.pairs) and each
     side's summed response log-probability and token count."""
-    inputs = {k: batch[k].to(dist.device()) for k in ("input_ids", "attention_mask")}
-    logits = model(**inputs, use_cache=False).logits
-    labels = batch["labels"].to(logits.device)
-    logps, mask = labelled_logps(logits[:, -labels.shape[1]:], labels)
+    logps, mask = model_labelled_logps(model, batch, chunk_tokens=chunk_tokens)
     sums, counts = logps.sum(dim=1), mask.sum(dim=1)
     pairs = sums.shape[0] // 2
     return SequenceLogps(sums[:pairs], sums[pairs:], counts[:pairs], counts[pairs:])

@@ -5,6 +5,12 @@ collective until launcher.collective_timeout_s runs out; gloo and NCCL then fail
 names no peer. So every rank publishes a heartbeat (time, step) to the process group's store from a
 daemon thread, and the rank whose collective timed out reads them all and names the ranks that went
 quiet, with their node and pid from the placement every rank shares at start (output_dir/workers.json).
+
+Under NCCL no collective raises in Python: a hung one blocks the next device sync, and NCCL's own watchdog
+aborts the process when its process-group timeout runs out. So a second daemon thread watches this rank's
+progress: when no step has finished for launcher.collective_timeout_s it writes the diagnosis to
+<report_dir>/hang-rank-<r>.txt and stderr. The launchers give NCCL a longer timeout (nccl_timeout_s), so the
+named diagnosis exists before the abort, and the launcher reports it instead of "worker died".
 """
 
 from __future__ import annotations
@@ -12,6 +18,7 @@ from __future__ import annotations
 import json
 import os
 import socket
+import sys
 import threading
 import time
 from datetime import timedelta
@@ -24,7 +31,16 @@ from ftcluster.util import dist
 from ftcluster.util.atomic import write_text
 
 PLACEMENT_FILE = "workers.json"
+HANG_REPORT = "hang-rank-{}.txt"
+# Where the launcher tells workers to write hang reports (the run's output_dir).
+REPORT_DIR_ENV = "FTCLUSTER_RUN_DIR"
 _KEY = "ftcluster/heartbeat/{}"
+
+
+def nccl_timeout_s(collective_timeout_s: int) -> int:
+    """NCCL's process-group timeout: later than ftcluster's stall diagnosis (collective_timeout_s) by enough for
+    it to read every rank's heartbeat and write its report."""
+    return collective_timeout_s + max(60, collective_timeout_s // 10)
 
 
 def gather_placement(output_dir: str) -> list[dict]:
@@ -77,20 +93,40 @@ def _node_ip() -> str:
 class Watchdog:
     """Heartbeats from a daemon thread, and the diagnosis of a collective that timed out."""
 
-    def __init__(self, placement: list[dict], timeout_s: int):
+    def __init__(self, placement: list[dict], timeout_s: int, report_dir: str | None = None):
         self.placement = placement
         self.timeout_s = timeout_s
         self.interval_s = max(0.5, min(10.0, timeout_s / 6))
         self.step = 0
+        self.report_dir = report_dir or os.environ.get(REPORT_DIR_ENV)
+        self._progress_at = time.monotonic()
         self._store = _default_store()
         self._stopped = threading.Event()
         self._thread = None
         if self._store is not None and len(placement) > 1:
             self._thread = threading.Thread(target=self._publish, name="ftcluster-heartbeat", daemon=True)
             self._thread.start()
+        if len(placement) > 1:
+            threading.Thread(target=self._watch_progress, name="ftcluster-stall", daemon=True).start()
 
     def beat(self, step: int) -> None:
         self.step = step
+        self._progress_at = time.monotonic()
+
+    def _watch_progress(self) -> None:
+        """Once per stall: the diagnosis when no step finished for timeout_s (see the module docstring)."""
+        reported_at = None
+        while not self._stopped.wait(self.interval_s):
+            if time.monotonic() - self._progress_at < self.timeout_s or reported_at == self._progress_at:
+                continue
+            reported_at = self._progress_at
+            report = str(self.diagnose(TimeoutError(f"no step finished for {self.timeout_s} s")))
+            print(f"[ftcluster] {report}", file=sys.stderr, flush=True)
+            if self.report_dir:
+                try:
+                    write_text(Path(self.report_dir) / HANG_REPORT.format(dist.rank()), report + "\n")
+                except OSError:  # the report in the log is what matters; a full disk must not hide it
+                    pass
 
     def close(self) -> None:
         self._stopped.set()
@@ -114,13 +150,28 @@ class Watchdog:
             return CollectiveTimeout(f"{head}, and the process group's store (hosted by rank 0) does not answer: "
                                      f"{describe_rank(self._entry(0), 0)} stalled or died. ({_first_line(error)})")
         if not quiet:
-            return CollectiveTimeout(f"{head}; every rank's heartbeat is recent, so a rank is stuck inside the "
-                                     f"step (a slow kernel or I/O). ({_first_line(error)})")
+            behind = self._ranks_behind()
+            where = (f"; ranks at an earlier step than this one: {behind}" if behind else
+                     ", so a rank is stuck inside the step (a slow kernel or I/O)")
+            return CollectiveTimeout(f"{head}; every rank's heartbeat is recent{where}. ({_first_line(error)})")
         named = "; ".join(f"{describe_rank(self._entry(r), r)} " + (
             f"silent for {age:.0f} s, last at step {step + 1}" if step >= 0 else "never sent a heartbeat")
             for r, age, step in quiet)
         return CollectiveTimeout(f"{head}. Ranks that stopped responding (stalled or died): {named}. "
                                  f"({_first_line(error)})")
+
+    def _ranks_behind(self) -> str:
+        """Live ranks whose last finished step is behind this rank's: under NCCL the one that did not reach
+        the collective this rank waits in."""
+        if self._store is None:
+            return ""
+        try:
+            steps = {r: json.loads(self._store.get(_KEY.format(r)))[1] for r in range(len(self.placement))
+                     if self._store.check([_KEY.format(r)])}
+        except Exception:
+            return ""
+        return "; ".join(f"{describe_rank(self._entry(r), r)} at step {s + 1}" for r, s in sorted(steps.items())
+                         if s < self.step)
 
     def _entry(self, rank: int) -> dict | None:
         return self.placement[rank] if rank < len(self.placement) else None

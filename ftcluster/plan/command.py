@@ -6,6 +6,7 @@ import argparse
 import copy
 
 from ftcluster.config import compose, validate
+from ftcluster.config.precision import precision_for
 from ftcluster.errors import ConfigError, UserError
 from ftcluster.plan.planner import plan
 from ftcluster.plan.profiles import load_profile
@@ -37,6 +38,8 @@ def plan_command(args: list[str]) -> int:
     checked.launcher.workers, checked.trainer.global_batch = 1, checked.trainer.micro_batch_per_device
     validate(checked, check_paths=False)
     profile = load_profile(clusters[-1] if clusters else "cpu", cluster_overrides, cfg.launcher.cpus_per_worker)
+    # strategy.precision=auto means what it would on the planned hardware, not on this machine.
+    cfg.strategy.precision = precision_for(cfg.strategy.precision, on_gpu=profile.device == "gpu")
     # A global batch given on the command line is kept; the recipe's default is for its own 2 workers.
     global_batch = cfg.trainer.global_batch if any(o.startswith("trainer.global_batch=") for o in overrides) else None
     result = plan(cfg, profile, global_batch=global_batch, max_micro_batch=ns.max_micro_batch)

@@ -10,7 +10,9 @@ per step:
   frozen weights too) and reduce-scatter of the gradients (T b): 3 Ψ b per micro-batch for full
   fine-tuning, the 3x of the ZeRO papers. Tensors ZeRO-3 keeps whole (persistent) are not gathered; their
   gradients are all-reduced.
-ftcluster's DeepSpeed config turns overlap_comm off, so this time adds to the compute time.
+On CUDA, ftcluster's DeepSpeed config turns overlap_comm on for ZeRO-2 and ZeRO-3, so the gradient
+reduce-scatter runs beside the backward and part of this time hides behind compute; the prediction still adds
+it in full (an upper bound). On CPU (gloo, no side streams) it is off, and the time adds to compute.
 """
 
 from __future__ import annotations

@@ -11,7 +11,8 @@ its model, sharded by DeepSpeed like any ftcluster model, and exposes what the c
   weights after every update.
 
 What crosses between actors is plain per-sample lists (token ids, per-token floats); each rank pads
-its own share (ftcluster.rl.experience).
+its own share (ftcluster.rl.experience). Masks and counts are computed from the padded batch on the host;
+what the models compute stays on the device until one dist.to_host per call.
 """
 
 from __future__ import annotations
@@ -24,8 +25,8 @@ import torch
 from transformers import AutoModelForSequenceClassification
 
 from ftcluster.config import Derived, apply_schema, derive
-from ftcluster.eval.generate import generate_answers
-from ftcluster.objectives.logprobs import token_logps
+from ftcluster.eval.generate import generate_answers, whole_model_gathered
+from ftcluster.objectives.logprobs import model_labelled_logps
 from ftcluster.objectives.losses import clipped_policy_loss, clipped_value_loss, kl_penalty
 from ftcluster.rl.experience import from_lists, pad_sequences, response_mask, to_lists
 from ftcluster.rl.sampling import sample_responses
@@ -73,13 +74,13 @@ class RoleWorker:
 
     @torch.no_grad()
     def _token_logps(self, model, samples: list[dict], temperature: float) -> list[list[float]]:
-        out = []
+        logps, masks = [], []
         for chunk in _chunks(samples, self.cfg.trainer.micro_batch_per_device):
-            batch = _to_device(pad_sequences(chunk, self.pad_id))
-            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False).logits
-            logps = token_logps(logits[:, :-1], batch["labels"][:, 1:], temperature)
-            out += to_lists(logps, response_mask(batch["labels"]))
-        return out
+            padded = pad_sequences(chunk, self.pad_id)
+            # The inputs go to the device inside; the labels stay here, where the mask is computed.
+            logps.append(model_labelled_logps(model, padded, temperature, self.cfg.trainer.loss_chunk_tokens)[0])
+            masks.append(response_mask(padded["labels"]))
+        return _unpadded(logps, masks)
 
 
 class PolicyWorker(RoleWorker):
@@ -106,9 +107,13 @@ class PolicyWorker(RoleWorker):
                  max_new_tokens: int | None = None) -> list[list[int]]:
 
         rl = self.cfg.stage.rl
-        return sample_responses(self.engine.module, prompt_ids, self.pad_id, self.tokenizer.eos_token_id,
-                                max_new_tokens or rl.max_new_tokens, rl.temperature, rl.top_p, seed, greedy,
-                                synced=self._sharded(), batch_size=len(prompt_ids))
+        # Without rollout workers the policy generates itself: under ZeRO-3 gathered once for the whole
+        # generation when it fits, not layer by layer for every token.
+        partitioned = self.engine.zero_optimization_partition_weights()
+        with whole_model_gathered(self.engine.module, partitioned, print):
+            return sample_responses(self.engine.module, prompt_ids, self.pad_id, self.tokenizer.eos_token_id,
+                                    max_new_tokens or rl.max_new_tokens, rl.temperature, rl.top_p, seed, greedy,
+                                    synced=self._sharded(), batch_size=len(prompt_ids))
 
     def logprobs(self, samples: list[dict], reference: bool) -> dict:
         """Per-token log-probs of the responses under the policy (at the sampling temperature) and, when
@@ -132,15 +137,15 @@ class PolicyWorker(RoleWorker):
         response tokens on all ranks. Returns sums for the metrics."""
 
         rl, engine = self.cfg.stage.rl, self.engine
-        sums = {"policy_loss": 0.0, "kl": 0.0, "clipped": 0.0, "tokens": 0.0, "entropy_proxy": 0.0}
+        names = ("policy_loss", "kl", "clipped", "entropy_proxy")
+        sums, tokens = torch.zeros(len(names), dtype=torch.float64, device=dist.device()), 0
         for chunk in _chunks(samples, self.cfg.trainer.micro_batch_per_device):
             batch = pad_sequences(chunk, self.pad_id)
             mask = response_mask(batch["labels"])
             old = from_lists([s["old_logps"] for s in chunk], mask)
             advantages = from_lists([s["advantages"] for s in chunk], mask)
-            batch = _to_device(batch)
-            logits = engine(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False).logits
-            logps = token_logps(logits[:, :-1], batch["labels"][:, 1:], rl.temperature)
+            logps = model_labelled_logps(engine, batch, rl.temperature,
+                                         self.cfg.trainer.loss_chunk_tokens)[0]
             mask_d = mask.to(logps.device)
             per_token, clipped = clipped_policy_loss(logps, old.to(logps.device), advantages.to(logps.device),
                                                      rl.clip_eps)
@@ -152,30 +157,36 @@ class PolicyWorker(RoleWorker):
             loss = (per_token * mask_d).sum() / global_tokens
             engine.backward(loss * self.world_size, scale_wrt_gas=False)
             optimizer_step(engine)
-            sums["policy_loss"] += float((per_token.detach() * mask_d).sum())
-            sums["kl"] += float((kl * mask_d).sum())
-            sums["clipped"] += float((clipped * mask_d).sum())
-            sums["tokens"] += float(mask.sum())
-            sums["entropy_proxy"] += float((-logps.detach() * mask_d).sum())
-        return sums
+            sums += torch.stack([(per_token.detach() * mask_d).sum(), (kl.detach() * mask_d).sum(),
+                                 (clipped * mask_d).sum(), (-logps.detach() * mask_d).sum()]).double()
+            tokens += int(mask.sum())
+        return {**dict(zip(names, dist.to_host(sums).tolist())), "tokens": float(tokens)}
 
     def lr(self) -> float:
         return self.engine.get_lr()[0]
 
     def trainable_weights(self, version: int):
-        """Collective: the weights a rollout actor needs (the adapters with PEFT, else the whole model),
-        put in Ray's object store by rank 0; the reference travels inside a list so the caller passes it on
-        without fetching the tensors."""
+        """Collective: the weights a rollout actor needs, put in Ray's object store by rank 0; the reference
+        travels inside a list so the caller passes it on without fetching the tensors. With PEFT only the
+        adapters are gathered and sent (megabytes, not the model); the checksum is taken on the device, before
+        the one copy to the host."""
         import ray  # not at the top: the driver imports this module, and launcher=processes runs without Ray
 
-        state = full_state_dict(self.engine)
+        state = self._adapter_state() if self.cfg.peft.method != "none" else full_state_dict(self.engine)
         if self.rank != 0:
             return None
-        if self.cfg.peft.method != "none":
-            trainable = {name for name, p in self.engine.module.named_parameters() if p.requires_grad}
-            state = {k: v for k, v in state.items() if k in trainable}
-        state = {k: v.detach().cpu() for k, v in state.items()}
-        return [ray.put({"version": version, "state": state})], checksum(state)
+        digest = checksum(state)
+        return [ray.put({"version": version, "state": {k: v.detach().cpu() for k, v in state.items()}})], digest
+
+    def _adapter_state(self) -> dict:
+        """The trainable tensors by name (rank 0; empty elsewhere), gathered from ZeRO-3's shards if need be."""
+        named = [(name, p) for name, p in self.engine.module.named_parameters() if p.requires_grad]
+        if not self.engine.zero_optimization_partition_weights():
+            return {name: p.detach() for name, p in named} if self.rank == 0 else {}
+        import deepspeed  # see initialize in train/engine.py
+
+        with deepspeed.zero.GatheredParameters([p for _, p in named], modifier_rank=None):
+            return {name: p.detach().clone() for name, p in named} if self.rank == 0 else {}
 
     def save(self, folder: str) -> None:
         checkpoint.save_engine(self.engine, Path(folder) / "policy", exclude_frozen=self.cfg.peft.method != "none")
@@ -233,10 +244,10 @@ class RewardWorker(RoleWorker):
             for chunk in _chunks(texts, self.cfg.trainer.micro_batch_per_device):
                 enc = self.tokenizer(chunk, return_tensors="pt", padding=True, add_special_tokens=False)
                 enc = {k: v.to(dist.device()) for k, v in enc.items() if k in ("input_ids", "attention_mask")}
-                rewards += self.model(**enc).logits.squeeze(-1).float().cpu().tolist()
+                rewards.append(self.model(**enc).logits.squeeze(-1).float())
         finally:
             self.tokenizer.padding_side = side
-        return rewards
+        return dist.to_host(torch.cat(rewards)).tolist()
 
 
 class CriticWorker(RoleWorker):
@@ -260,12 +271,12 @@ class CriticWorker(RoleWorker):
 
     @torch.no_grad()
     def values(self, samples: list[dict]) -> list[list[float]]:
-        out = []
+        values, masks = [], []
         for chunk in _chunks(samples, self.cfg.trainer.micro_batch_per_device):
             batch = pad_sequences(chunk, self.pad_id)
-            values = self._values(_to_device(batch))
-            out += to_lists(values, response_mask(batch["labels"]))
-        return out
+            values.append(self._values(_to_device(batch)))
+            masks.append(response_mask(batch["labels"]))
+        return _unpadded(values, masks)
 
     def _values(self, batch: dict) -> torch.Tensor:
         # The value of the state that predicts token t+1 sits at position t: the log-probs' alignment.
@@ -273,19 +284,20 @@ class CriticWorker(RoleWorker):
         return out.squeeze(-1)[:, :-1].float()
 
     def train(self, samples: list[dict], global_tokens: int) -> dict:
-        rl, sums = self.cfg.stage.rl, {"value_loss": 0.0, "tokens": 0.0}
+        rl = self.cfg.stage.rl
+        value_loss, tokens = torch.zeros((), dtype=torch.float64, device=dist.device()), 0
         for chunk in _chunks(samples, self.cfg.trainer.micro_batch_per_device):
             batch = pad_sequences(chunk, self.pad_id)
             mask = response_mask(batch["labels"])
             old, returns = (from_lists([s[key] for s in chunk], mask) for key in ("old_values", "returns"))
             values = self._values(_to_device(batch))
             per_token = clipped_value_loss(values, old.to(values.device), returns.to(values.device), rl.value_clip)
-            loss = (per_token * mask.to(values.device)).sum() / global_tokens
-            self.engine.backward(loss * self.world_size, scale_wrt_gas=False)
+            masked = per_token * mask.to(values.device)
+            self.engine.backward(masked.sum() / global_tokens * self.world_size, scale_wrt_gas=False)
             optimizer_step(self.engine)
-            sums["value_loss"] += float((per_token.detach() * mask.to(values.device)).sum())
-            sums["tokens"] += float(mask.sum())
-        return sums
+            value_loss += masked.detach().sum().double()
+            tokens += int(mask.sum())
+        return {"value_loss": dist.to_host(value_loss).item(), "tokens": float(tokens)}
 
     def save(self, folder: str) -> None:
         checkpoint.save_engine(self.engine, Path(folder) / "critic", exclude_frozen=self.cfg.peft.method != "none")
@@ -324,8 +336,11 @@ class RolloutWorker(RoleWorker):
 
 
 def checksum(state: dict) -> float:
-    """A cheap fingerprint of a set of weights (their sum of squares, in float64)."""
-    return float(sum(t.double().pow(2).sum() for t in state.values()))
+    """A cheap fingerprint of a set of weights: their sum of squares, accumulated in float64 where the tensors
+    are (on the device: one read-back, not a host copy of every tensor)."""
+    if not state:
+        return 0.0
+    return float(torch.stack([t.detach().float().square().sum(dtype=torch.float64) for t in state.values()]).sum())
 
 
 def _with_workers(cfg, workers: int):
@@ -341,3 +356,13 @@ def _chunks(items: list, size: int) -> list[list]:
 
 def _to_device(batch: dict) -> dict:
     return {k: v.to(dist.device()) for k, v in batch.items()}
+
+
+def _unpadded(values: list[torch.Tensor], masks: list[torch.Tensor]) -> list[list[float]]:
+    """Per-sample lists of the masked entries of each chunk's [batch, tokens - 1] device tensor, the masks
+    being on the host: one trip back from the device for all the chunks."""
+    if not values:
+        return []
+    host = dist.to_host(torch.cat([v.flatten() for v in values])).split([v.numel() for v in values])
+    return [row for part, mask in zip(host, masks) for row in to_lists(part.view(mask.shape), mask)]
+

@@ -20,6 +20,7 @@ from ftcluster.config import to_yaml, validate
 from ftcluster.data.prepare import prepare
 from ftcluster.errors import StoppedOnRequest
 from ftcluster.launch import launcher_for, submitter_for
+from ftcluster.launch.cluster import connect, release_cluster
 from ftcluster.rl.controller import run_controller
 from ftcluster.run import lock as run_lock
 from ftcluster.run.manifest import manifest
@@ -42,12 +43,14 @@ def train(cfg: DictConfig, argv: list[str]) -> Path:
 
 def _train(cfg: DictConfig, argv: list[str]) -> Path:
     payload = prepare_run(cfg, argv)
+    stop.check_early()  # a stop signal while the data was prepared: exit 75 before any cluster starts
     if payload is None:
         print(f"[ftcluster] {cfg.output_dir} is already complete at step {cfg.trainer.max_steps}; final/ is up to date")
         return Path(cfg.output_dir) / "final"
     started = time.time()
     launcher = launcher_for(cfg.launcher.name)
-    # From here SIGTERM/SIGUSR1 ask for a checkpoint and exit 75 (before: cli's stop.stop_early ends the command)
+    # From here SIGTERM/SIGUSR1 ask for a checkpoint and exit 75 (before: recorded by cli's stop.stop_early, and
+    # one that came after the check above is handed over here)
     with stop.handling_signals(cfg.output_dir):
         if STAGES[cfg.stage.name].runner == "rl":
             launcher.control(run_controller, payload, cfg)
@@ -67,7 +70,17 @@ def submit(cfg: DictConfig, overrides: list[str], dry_run: bool) -> int | None:
     cfg.output_dir = str(Path(cfg.output_dir).resolve())
     resolve_resume(cfg, derived)
     run_lock.check_submission(cfg.output_dir)  # no lock here: the job's own `ftcluster train` takes it
+    stop.check_early()  # the last moment a stop signal can keep the job from being submitted
     return submitter.submit(cfg, overrides, dry_run=dry_run)
+
+
+def prepare_cluster(cfg: DictConfig):
+    """Where data.prepare_workers run: on the launcher's Ray cluster (launcher=local starts the one its workers
+    will use), or in this process alone when the launcher has no Ray and one worker was asked for."""
+    if cfg.launcher.name in ("processes", "inline") and cfg.data.prepare_workers == 1:
+        return None
+    address = cfg.launcher.address if cfg.launcher.name in ("ray", "slurm") else None
+    return lambda: connect(address)
 
 
 def prepare_run(cfg: DictConfig, argv: list[str]) -> dict | None:
@@ -85,6 +98,7 @@ def prepare_run(cfg: DictConfig, argv: list[str]) -> dict | None:
     resume_from = resolve_resume(cfg, derived)
     if resume_from is not None and already_finished(cfg, resume_from):
         return None
+    stop.check_early()  # a stop signal during the checks: exit 75 with output_dir untouched
     run_lock.claim(out)  # refuses a folder of other files; the lock is held until train() returns
     out.mkdir(parents=True, exist_ok=True)
     checkpoint.start_history(out, resume_from)  # partial saves removed; later checkpoints than resume_from set aside
@@ -95,7 +109,10 @@ def prepare_run(cfg: DictConfig, argv: list[str]) -> dict | None:
     payload = {"config": OmegaConf.to_container(cfg, resolve=True), "model_dir": model_dir,
                "data_dir": str(out / "data"), "resume_from": str(resume_from) if resume_from else None,
                "launch_id": uuid.uuid4().hex}
-    stats = prepare(cfg, load_tokenizer(model_dir, cfg.model.trust_remote_code), out / "data")
+    stats = prepare(cfg, load_tokenizer(model_dir, cfg.model.trust_remote_code), out / "data",
+                    connect=prepare_cluster(cfg))
+    if cfg.launcher.name in ("processes", "inline"):
+        release_cluster()  # a Ray started here for the data alone would hold the ranks' cores
     _report_data(cfg, stats)
     if cfg.trainer.eval_generate:
         check_eval_references(cfg, out / "data" / "eval_generate.jsonl")

@@ -30,6 +30,9 @@ def manifest(cfg: DictConfig, derived: Derived, argv: list[str], stats: dict) ->
         "packages": {name: _version(name) for name in PACKAGES},
         "python": platform.python_version(),
         "hardware": _hardware(),
+        # strategy.precision after validate() resolved auto, and whether fp32 matmuls ran on TF32 (engine.enable_tf32).
+        "precision": cfg.strategy.precision,
+        "tf32": torch.cuda.is_available(),
         "world_size": derived.world_size,
         "grad_accum_steps": derived.grad_accum_steps,
         "data_fingerprint": stats.get("fingerprint"),

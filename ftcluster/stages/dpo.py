@@ -63,9 +63,9 @@ def train_step(ctx: StageContext, index: int, reference: ReferenceLogps | None) 
         sum(int(mb["num_examples"]) for mb in micro_batches),
         sum(_chosen_tokens(mb) for mb in micro_batches),
         sum(int(mb["num_tokens"]) for mb in micro_batches)]).tolist()
-    sums = torch.zeros(len(_SUMS), dtype=torch.float64)
+    sums = torch.zeros(len(_SUMS), dtype=torch.float64, device=dist.device())  # read back once, at the end
     for mb in micro_batches:
-        policy = pair_logps(engine, mb)
+        policy = pair_logps(engine, mb, ctx.cfg.trainer.loss_chunk_tokens)
         terms = preference_terms(d.loss, policy, reference.logps(mb) if reference else None, d.beta,
                                  d.label_smoothing, d.simpo_gamma, d.sft_weight)
         objective = terms.losses.sum() / pairs + terms.nll.sum() / chosen_tokens
@@ -81,10 +81,11 @@ def train_step(ctx: StageContext, index: int, reference: ReferenceLogps | None) 
 
 
 def _pair_sums(terms, policy, loss_sum: torch.Tensor) -> torch.Tensor:
+    """The _SUMS of one batch, on the device the log-probs are on."""
     margin = terms.chosen_rewards - terms.rejected_rewards
     return torch.stack([loss_sum.double(), terms.chosen_rewards.sum().double(), terms.rejected_rewards.sum().double(),
-                        margin.sum().double(), pair_wins(margin), policy.chosen.detach().sum().double(),
-                        policy.rejected.detach().sum().double()]).cpu()
+                        margin.sum().double(), pair_wins(margin).double(), policy.chosen.detach().sum().double(),
+                        policy.rejected.detach().sum().double()])
 
 
 def _chosen_tokens(batch: dict) -> int:
@@ -107,11 +108,11 @@ def eval_pairs(ctx: StageContext, reference: ReferenceLogps | None) -> dict:
     d = ctx.cfg.stage.dpo
 
     def score(batch: dict) -> dict:
-        policy = pair_logps(ctx.engine, batch)
+        policy = pair_logps(ctx.engine, batch, ctx.cfg.trainer.loss_chunk_tokens)
         ref = reference.logps(batch, "eval") if reference else None
         terms = preference_terms(d.loss, policy, ref, d.beta, d.label_smoothing, d.simpo_gamma, d.sft_weight)
-        return {**dict(zip(_SUMS, _pair_sums(terms, policy, terms.losses.sum()).tolist())),
-                "nll": terms.nll.sum().item(), "pairs": int(batch["num_examples"]),
+        return {**dict(zip(_SUMS, _pair_sums(terms, policy, terms.losses.sum()))),
+                "nll": terms.nll.sum(), "pairs": int(batch["num_examples"]),
                 "chosen_tokens": _chosen_tokens(batch)}
 
     totals = held_out(ctx, (*_SUMS, "nll", "pairs", "chosen_tokens"), score)

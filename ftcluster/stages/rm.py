@@ -37,10 +37,10 @@ def train_step(ctx: StageContext, index: int) -> loop.StepResult:
     micro_batches = ctx.loader.micro_batches(index)
     pairs, tokens = dist.all_reduce_sum([sum(int(mb["num_examples"]) for mb in micro_batches),
                                          sum(int(mb["num_tokens"]) for mb in micro_batches)]).tolist()
-    sums = torch.zeros(len(_SUMS), dtype=torch.float64)
+    sums = torch.zeros(len(_SUMS), dtype=torch.float64, device=dist.device())  # read back once, at the end
     for mb in micro_batches:
         chosen, rejected = scores(ctx.engine, mb)
-        losses = bradley_terry(chosen, rejected, mb["margin"].to(chosen.device) + ctx.cfg.stage.rm.margin)
+        losses = bradley_terry(chosen, rejected, _margins(ctx, mb, chosen.device))
         ctx.engine.backward(losses.sum() / pairs * ctx.world_size, scale_wrt_gas=False)
         optimizer_step(ctx.engine)
         sums += _pair_sums(losses, chosen, rejected)
@@ -56,10 +56,16 @@ def scores(model, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
     return rewards[:pairs], rewards[pairs:]
 
 
+def _margins(ctx: StageContext, batch: dict, device: torch.device) -> torch.Tensor:
+    """Each pair's margin m: the record's own (a column of the batch, on the host) plus stage.rm.margin."""
+    return batch["margin"].to(device, non_blocking=True) + ctx.cfg.stage.rm.margin
+
+
 def _pair_sums(losses: torch.Tensor, chosen: torch.Tensor, rejected: torch.Tensor) -> torch.Tensor:
+    """The _SUMS of one batch, on the device the rewards are on."""
     margin = (chosen - rejected).detach()
     return torch.stack([losses.detach().sum(), pair_wins(margin), margin.sum(), chosen.detach().sum(),
-                        rejected.detach().sum()]).double().cpu()
+                        rejected.detach().sum()]).double()
 
 
 @torch.no_grad()
@@ -69,8 +75,8 @@ def evaluate(ctx: StageContext, step: int, generate: bool) -> None:
 
     def score(batch: dict) -> dict:
         chosen, rejected = scores(ctx.engine, batch)
-        losses = bradley_terry(chosen, rejected, batch["margin"].to(chosen.device) + ctx.cfg.stage.rm.margin)
-        return {**dict(zip(_SUMS, _pair_sums(losses, chosen, rejected).tolist())), "pairs": int(batch["num_examples"])}
+        losses = bradley_terry(chosen, rejected, _margins(ctx, batch, chosen.device))
+        return {**dict(zip(_SUMS, _pair_sums(losses, chosen, rejected))), "pairs": int(batch["num_examples"])}
 
     totals = held_out(ctx, (*_SUMS, "pairs"), score)
     pairs = max(totals.pop("pairs"), 1)

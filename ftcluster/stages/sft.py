@@ -6,6 +6,11 @@ Features and their trade-offs:
   world_size / global_label_tokens before DeepSpeed's backward (which averages over ranks), so the
   gradient equals that of one big batch on one device, whatever the packing, padding, micro-batch size
   or world size. Costs one all-reduce of two numbers per step.
+- Chunked loss (trainer.loss_chunk_tokens > 0): the head projects only labelled tokens, that many at a
+  time, upcast to fp32 per chunk and recomputed in backward, so the [tokens, vocab] logits never exist
+  (the memory that dominates at a 128k vocabulary); costs one extra head matmul per chunk. Fused (Liger)
+  on CUDA where installed. Model families it does not know take the full logits
+  (ftcluster.objectives.chunked).
 - Packing: rows hold several examples with position ids restarting per example; attention never
   crosses examples (see ftcluster.data.packing).
 - Evaluation at step 0, every trainer.eval_every_steps and at the last step: eval_loss, eval_ppl. With
@@ -34,23 +39,25 @@ from ftcluster.util import dist
 
 def train(ctx: StageContext) -> None:
     for step in loop.steps(ctx, evaluate):
-        stats = train_step(ctx.engine, ctx.loader.micro_batches(step.index), ctx.world_size)
+        stats = train_step(ctx.engine, ctx.loader.micro_batches(step.index), ctx.world_size,
+                           ctx.cfg.trainer.loss_chunk_tokens)
         step.result = loop.StepResult({"loss": stats["loss"]}, stats["tokens"], stats["label_tokens"],
                                       stats["examples"])
 
 
-def train_step(engine, micro_batches: list[dict], world_size: int) -> dict:
-    """One optimizer step over this rank's accumulation micro-batches."""
+def train_step(engine, micro_batches: list[dict], world_size: int, loss_chunk_tokens: int = 0) -> dict:
+    """One optimizer step over this rank's accumulation micro-batches; loss_chunk_tokens > 0 computes the
+    loss that many label tokens at a time, never holding the full logits (token_loss_sum)."""
     local = [sum(label_tokens(mb) for mb in micro_batches), sum(int(mb["num_tokens"]) for mb in micro_batches),
              sum(int(mb["num_examples"]) for mb in micro_batches)]
     label_count, tokens, examples = dist.all_reduce_sum(local).tolist()
-    loss_sum = 0.0
+    loss_sum = torch.zeros((), dtype=torch.float64, device=dist.device())  # on the device: no sync per micro-batch
     for mb in micro_batches:
-        summed = token_loss_sum(engine, mb)
+        summed = token_loss_sum(engine, mb, loss_chunk_tokens)
         engine.backward(summed * (world_size / label_count), scale_wrt_gas=False)
         optimizer_step(engine)
-        loss_sum += summed.item()
-    loss = dist.all_reduce_sum([loss_sum])[0].item() / label_count
+        loss_sum += summed.detach().double()
+    loss = dist.all_reduce_sum(loss_sum).item() / label_count
     return {"loss": loss, "label_tokens": label_count, "tokens": tokens, "examples": examples}
 
 
@@ -68,5 +75,5 @@ def evaluate(ctx: StageContext, step: int, generate: bool) -> None:
 def eval_loss(ctx: StageContext) -> dict:
     with eval_mode(ctx.engine):
         loss = mean_token_loss(ctx.engine, ctx.eval_rows, ctx.cfg.trainer.micro_batch_per_device, ctx.rank,
-                               ctx.world_size, ctx.pad_id, ctx.cfg.data.packing)
+                               ctx.world_size, ctx.pad_id, ctx.cfg.data.packing, ctx.cfg.trainer.loss_chunk_tokens)
     return {"eval_loss": loss, "eval_ppl": math.exp(min(loss, 50.0))}

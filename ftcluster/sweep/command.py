@@ -17,10 +17,13 @@ from ftcluster.errors import ConfigError, UserError, WorkerFailed
 from ftcluster.sweep import slurm_backend
 from ftcluster.sweep.plan import make_plan
 from ftcluster.sweep.summary import BEST_FILE, CSV_FILE, summarize
-from ftcluster.sweep.trial import TRIALS_DIR
+from ftcluster.run import lock as run_lock
+from ftcluster.sweep.trial import TRIALS_DIR, TUNE_DIR
+from ftcluster.util.outputs import claim_folder, mark_folder, read_marker
 from ftcluster.util.secrets import redact
 
 SPEC_FILE = "sweep.yaml"
+COMMAND = "ftcluster sweep"
 _PARAM_PREFIXES = ("sweep.params.", "+sweep.params.")
 
 
@@ -32,7 +35,14 @@ def sweep(args: list[str]) -> Path:
     plan = make_plan(cfg)
     out = Path(cfg.output_dir).resolve()
     cfg.output_dir = str(out)
-    resume = claim(out, cfg)
+    resume = claim(out, cfg, plan.space)
+    try:
+        return _run(plan, cfg, out, overrides, resume)
+    finally:
+        run_lock.release(out)
+
+
+def _run(plan, cfg: DictConfig, out: Path, overrides: list[str], resume: bool) -> Path:
     print(f"[ftcluster] sweep in {out}: {plan.trials} trials, {cfg.sweep.search} search, scheduler "
           f"{cfg.sweep.scheduler}, {cfg.sweep.concurrency} at once, on {cfg.sweep.backend}", flush=True)
     if cfg.sweep.backend == "ray":
@@ -76,30 +86,55 @@ def split_params(args: list[str]) -> tuple[list[str], dict]:
     return overrides, params
 
 
-def claim(out: Path, cfg: DictConfig) -> bool:
-    """The sweep folder: a new one, or (resume=auto) the same sweep continued. Returns whether it continues."""
+def output_names(space) -> list[str]:
+    """Everything a sweep writes in its folder (util/outputs.py's marker lists them): a folder holding anything
+    else is not the sweep's to write into. `best` is where best.yaml trains; `tune`, `slurm` and multirun.yaml
+    are the backends' own records."""
+    return [SPEC_FILE, TRIALS_DIR, CSV_FILE, BEST_FILE, "best", TUNE_DIR, "slurm", "multirun.yaml", run_lock.LOCK_FILE,
+            *(f"sweep_{param.key}.png" for param in space)]
+
+
+def claim(out: Path, cfg: DictConfig, space=()) -> bool:
+    """The sweep folder: a new one, or (resume=auto) the same sweep continued; a folder of anything else is
+    refused untouched. Takes the folder's lock (run/lock.py), so that a second sweep into it is refused naming
+    this one; sweep() releases it. Returns whether it continues."""
     if (out / "config.yaml").exists():
         raise ConfigError("output_dir", f"{out} holds a training run, not a sweep; choose another output_dir")
     if cfg.resume not in ("never", "auto"):
         raise ConfigError("resume", f"got {cfg.resume!r}; a sweep continues with resume=auto (each trial from its "
                                     f"own newest checkpoint)")
+    # overwrite=True: an earlier sweep's folder passes here, and resume below decides whether it continues.
+    claim_folder(out, COMMAND, option="output_dir", overwrite=True)
+    run_lock.acquire(out)  # a live sweep there is named and its folder left untouched; sweep() releases it
+    try:
+        return _continues(out, cfg, space)
+    except BaseException:
+        run_lock.release(out)
+        raise
+
+
+def _continues(out: Path, cfg: DictConfig, space) -> bool:
     spec = out / SPEC_FILE
     # A sweep refused before its first trial (e.g. by a joined cluster's capacity) has claimed nothing yet.
     started = (out / TRIALS_DIR).is_dir() and any((out / TRIALS_DIR).iterdir())
-    if not spec.is_file() or not started:
-        out.mkdir(parents=True, exist_ok=True)
-        spec.write_text(to_yaml(cfg))
-        return False
-    if cfg.resume == "never":
-        raise ConfigError("resume", f"output_dir={out} already holds a sweep. Continue it with resume=auto (finished "
-                                    f"trials are not run again), or choose another output_dir")
-    before, now = _flat(OmegaConf.load(spec)), _flat(cfg)
-    changed = sorted(k for k in before.keys() | now.keys() if k != "resume" and before.get(k) != now.get(k))
-    if changed:
-        key = changed[0]
-        raise ConfigError(key, f"the sweep in {out} was started with {key}={before.get(key)!r}, now "
-                               f"{now.get(key)!r}; continue it with the settings in {spec}, or choose another output_dir")
-    return True
+    if spec.is_file() and started:
+        if cfg.resume == "never":
+            raise ConfigError("resume", f"output_dir={out} already holds a sweep. Continue it with resume=auto "
+                                        f"(finished trials are not run again), or choose another output_dir")
+        before, now = _flat(OmegaConf.load(spec)), _flat(cfg)
+        changed = sorted(k for k in before.keys() | now.keys() if k != "resume" and before.get(k) != now.get(k))
+        if changed:
+            key = changed[0]
+            raise ConfigError(key, f"the sweep in {out} was started with {key}={before.get(key)!r}, now "
+                                   f"{now.get(key)!r}; continue it with the settings in {spec}, or choose another "
+                                   f"output_dir")
+    # Before the spec: a sweep cut short is still recognised as the sweep's own (names of an earlier space kept).
+    earlier = read_marker(out) or {}
+    mark_folder(out, COMMAND, {*output_names(space), *earlier.get("names", [])})
+    if spec.is_file() and started:
+        return True
+    spec.write_text(to_yaml(cfg))
+    return False
 
 
 def _flat(cfg) -> dict:

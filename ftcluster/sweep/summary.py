@@ -20,6 +20,7 @@ from ftcluster.config import SweepConfig
 from ftcluster.sweep.space import Param
 from ftcluster.sweep.trial import TRIALS_DIR, metric_rows, read_record
 from ftcluster.util.atomic import replacing, write_text
+from ftcluster.util.secrets import without_secrets
 
 CSV_FILE = "sweep.csv"
 BEST_FILE = "best.yaml"
@@ -130,13 +131,25 @@ def plot(path: Path, rows: list[dict], param: Param, metric: str) -> None:
 
 
 def write_best(path: Path, sweep_dir: Path, best: dict, metric: str) -> None:
-    """The best trial's resolved config.yaml, made a new run: its own output_dir, resume=never, no sweep."""
+    """The best trial's resolved config.yaml, made a new run: its own output_dir, resume=never, no sweep.
+    Secrets (masked as *** in the trial's config.yaml) are left out and named in the header: a *** kept would
+    be run as the token itself."""
     cfg = OmegaConf.load(Path(best["output_dir"]) / "config.yaml")
     cfg.output_dir = str(sweep_dir / "best")
     cfg.resume = "never"
     cfg.sweep = asdict(SweepConfig())
     cfg.tracking.wandb.name = None
+    values, left_out = without_secrets(OmegaConf.to_container(cfg))
     header = (f"# The best trial of the sweep in {sweep_dir}: {best['trial']}, {metric}={best['metric']:.6g} at step "
               f"{best['step']} ({best['status']}), with {json.dumps(best['params'])}.\n"
               f"# Train it again, e.g. longer or on more data: ftcluster train --config {path} [key=value ...]\n")
-    write_text(path, header + OmegaConf.to_yaml(cfg))
+    write_text(path, header + secrets_note(left_out) + OmegaConf.to_yaml(OmegaConf.create(values)))
+
+
+def secrets_note(left_out: list[str]) -> str:
+    if not left_out:
+        return ""
+    return (f"# Left out because they held secrets (never written to a file): {', '.join(left_out)}. Supply each "
+            f"again when you train this:\n# an environment variable in the environment (export NAME=...; the "
+            f"launchers hand it to the job), any other key as an override (KEY=VALUE, or +KEY=VALUE for a key of "
+            f"your own).\n")

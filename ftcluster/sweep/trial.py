@@ -14,6 +14,7 @@ from ftcluster.util.atomic import write_text
 from ftcluster.observe.track import METRICS_FILE
 
 TRIALS_DIR = "trials"
+TUNE_DIR = "tune"  # where the Ray Tune backend keeps its experiment, beside TRIALS_DIR
 RECORD_FILE = "trial.json"
 
 

@@ -30,10 +30,10 @@ from ftcluster.config import apply_schema
 from ftcluster.errors import StoppedOnRequest
 from ftcluster.launch.cluster import connect
 from ftcluster.sweep.plan import Plan, check_concurrency
-from ftcluster.sweep.trial import TRIALS_DIR, metric_rows, read_record, trial_config, wandb_group, write_record
+from ftcluster.sweep.trial import (TRIALS_DIR, TUNE_DIR, metric_rows, read_record, trial_config, wandb_group,
+                                   write_record)
 from ftcluster.train import stop
 
-TUNE_DIR = "tune"
 TRIAL_ACTOR_MEMORY = 2**20  # bytes of Ray's logical memory resource
 POLL_S = 0.2
 

@@ -17,7 +17,8 @@ from ftcluster.util import dist
 if TYPE_CHECKING:
     from ftcluster.train.context import StageContext
 
-# What a batch scores: a number (or a one-element tensor) per name.
+# What a batch scores, per name: a number known on the host (a count), or a one-element tensor on the device
+# (a loss sum), which stays there until the whole pass is summed.
 Score = Callable[[dict], dict]
 
 
@@ -28,14 +29,20 @@ def summed(rows, names: Sequence[str], score: Score, micro_batch: int, rank: int
 
     Collective. Every rank scores as many batches (eval_batches pads a short share with fillers), because a
     ZeRO-3 forward, or any collective inside `score`, needs every rank; what a filler scores is dropped.
-    `names` fixes what is summed even on a rank whose share is fillers only."""
-    totals = torch.zeros(len(names), dtype=torch.float64)
+    `names` fixes what is summed even on a rank whose share is fillers only. The device's values come back to
+    the host once, after the last batch."""
+    on_host = torch.zeros(len(names), dtype=torch.float64)
+    on_device = torch.zeros(len(names), dtype=torch.float64, device=dist.device())
     for batch in eval_batches(rows, micro_batch, rank, world_size, pad_id, packed):
         scored = score(batch)
         if int(batch["num_examples"]) == 0:
             continue
-        totals += torch.tensor([float(scored[name]) for name in names], dtype=torch.float64)
-    return dict(zip(names, dist.all_reduce_sum(totals).tolist()))
+        for i, name in enumerate(names):
+            if torch.is_tensor(scored[name]):
+                on_device[i] += scored[name].detach().double().reshape(())
+            else:
+                on_host[i] += scored[name]
+    return dict(zip(names, dist.all_reduce_sum(on_host + dist.to_host(on_device)).tolist()))
 
 
 @contextmanager
@@ -53,11 +60,12 @@ def held_out(ctx: StageContext, names: Sequence[str], score: Score, packed: bool
                       ctx.world_size, ctx.pad_id, packed)
 
 
-def mean_token_loss(model, rows, micro_batch: int, rank: int, world_size: int, pad_id: int, packed: bool) -> float:
+def mean_token_loss(model, rows, micro_batch: int, rank: int, world_size: int, pad_id: int, packed: bool,
+                    chunk_tokens: int = 0) -> float:
     """Cross-entropy per label token over all of `rows`, this rank scoring its share (a stage's eval_loss and
-    `ftcluster eval`'s perplexity both, so they measure the same thing)."""
+    `ftcluster eval`'s perplexity both, so they measure the same thing); chunk_tokens as in token_loss_sum."""
     totals = summed(rows, ("loss", "tokens"),
-                    lambda batch: {"loss": token_loss_sum(model, batch).item(), "tokens": label_tokens(batch)},
+                    lambda batch: {"loss": token_loss_sum(model, batch, chunk_tokens), "tokens": label_tokens(batch)},
                     micro_batch, rank, world_size, pad_id, packed)
     return totals["loss"] / max(totals["tokens"], 1)
 

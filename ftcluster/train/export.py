@@ -3,6 +3,11 @@
 Both paths end in write_final(): a CPU model is built from the base folder, the consolidated weights
 are loaded into it strictly (so missing or unexpected keys fail loudly instead of saving empty
 weights), and the folder is written beside its destination and renamed into place.
+
+QLoRA trains adapters on a 4-bit base that never changes: its state dict holds packed uint8 base weights and
+bitsandbytes' quantization state, which no plain model can load. So the export reloads the base from the
+model folder in the run's precision (bf16 or fp32, never 4-bit), loads only the trained weights (the adapters,
+and a score head) into it, and merges there, as peft users do: final/ holds plain safetensors.
 """
 
 from __future__ import annotations
@@ -16,7 +21,7 @@ from ftcluster.config import load_run_config
 from ftcluster.data.template import apply_template_override
 from ftcluster.errors import UserError
 from ftcluster.train import checkpoint as ckpt
-from ftcluster.train.model import DTYPES, MODEL_CLASSES, apply_peft, load_tokenizer
+from ftcluster.train.model import DTYPES, MODEL_CLASSES, apply_peft, load_tokenizer, peft_config
 from ftcluster.util.atomic import replacing
 from ftcluster.util.outputs import claim_folder, mark_folder
 
@@ -37,7 +42,10 @@ def write_final(state_dict: dict, cfg: DictConfig, model_dir: str, out_dir: str 
     model = MODEL_CLASSES[kind].from_pretrained(model_dir, dtype=DTYPES[cfg.strategy.precision],
                                                 trust_remote_code=trust, **extra)
     uses_peft = cfg.peft.method != "none"
-    if uses_peft:
+    if cfg.peft.method == "qlora":
+        model = _with_adapter_unquantized(model, cfg, kind)
+        state_dict = trained_weights(state_dict, model)
+    elif uses_peft:
         model = apply_peft(model, _without_checkpointing(cfg), kind)
     _load_exactly(model, state_dict, partial=uses_peft)
     tokenizer = tokenizer if tokenizer is not None else _run_tokenizer(cfg, model_dir)
@@ -63,6 +71,26 @@ def _run_tokenizer(cfg: DictConfig, model_dir: str):
     if cfg.data.format != "text":
         apply_template_override(tokenizer, cfg.data.chat_template)
     return tokenizer
+
+
+def _with_adapter_unquantized(model: torch.nn.Module, cfg: DictConfig, kind: str) -> torch.nn.Module:
+    """The QLoRA adapter on a plain (unquantized) base: peft's LoRA without prepare_model_for_kbit_training,
+    which would upcast the whole base to fp32 for a training that does not happen here."""
+    from peft import get_peft_model  # not at the top: peft's import takes seconds
+
+    return get_peft_model(model, peft_config(cfg, model, kind))
+
+
+def trained_weights(state_dict: dict, model: torch.nn.Module) -> dict:
+    """The entries of `state_dict` that training changed: the model's trainable parameters. What QLoRA's frozen
+    4-bit base adds (packed weights, absmax, quant_map, quant_state...) is dropped: the base is reloaded unquantized."""
+    trainable = {name for name, p in model.named_parameters() if p.requires_grad}
+    kept = {k: v for k, v in state_dict.items() if k in trainable}
+    missing = sorted(trainable - kept.keys())
+    if missing:
+        raise RuntimeError(f"the QLoRA checkpoint lacks trained weights {missing[:5]}; it was not written by this "
+                           f"run's peft settings (peft.r, peft.target_modules)")
+    return kept
 
 
 def _without_checkpointing(cfg: DictConfig) -> DictConfig:

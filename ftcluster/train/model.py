@@ -1,5 +1,7 @@
 """Model and tokenizer loading: dtype, attention implementation, gradient checkpointing, PEFT.
 
+Packed rows under sdpa run ftcluster.train.attention's per-example sdpa instead of a block mask.
+
 Called in each worker with the model folder the driver resolved. Under ZeRO-3 the caller activates
 DeepSpeed's config first (engine.zero3_construction) so that from_pretrained builds the model
 already partitioned: no rank ever holds the whole model in memory.
@@ -16,6 +18,7 @@ from transformers import (AutoConfig, AutoModelForCausalLM, AutoModelForSequence
                           PreTrainedTokenizerBase)
 
 from ftcluster.errors import ConfigError
+from ftcluster.train.attention import attn_implementation
 from ftcluster.util.atomic import replacing
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -59,15 +62,17 @@ def load_model(cfg: DictConfig, model_dir: str, kind: str = "causal_lm", peft: b
     """The model of `kind` with PEFT applied (unless peft=False), in the strategy's precision.
     trainable=False: a frozen copy for inference (a reference model), without checkpointing or PEFT."""
     dtype = DTYPES[cfg.strategy.precision]
-    kwargs = dict(dtype=dtype, attn_implementation=cfg.model.attn_implementation,
-                  trust_remote_code=cfg.model.trust_remote_code)
+    config = AutoConfig.from_pretrained(model_dir, trust_remote_code=cfg.model.trust_remote_code)
+    kwargs = dict(dtype=dtype, trust_remote_code=cfg.model.trust_remote_code,
+                  attn_implementation=attn_implementation(cfg.model.attn_implementation, cfg.data.packing, config))
     if cfg.peft.method == "qlora":
         kwargs["quantization_config"] = _qlora_quantization(dtype)
     if kind != "causal_lm":
         kwargs.update(num_labels=1, pad_token_id=_pad_token_id(model_dir, cfg.model.trust_remote_code))
     model = MODEL_CLASSES[kind].from_pretrained(model_dir, **kwargs)
     # Needed for correctness, not only memory: with use_cache on, transformers skips detecting packed
-    # sequences from position_ids and lets packed examples attend to each other.
+    # sequences from position_ids (the fallback when a caller forwards no cu_seq_lens, ftcluster.data.collate)
+    # and lets packed examples attend to each other.
     model.config.use_cache = False
     if not trainable:
         return model.eval().requires_grad_(False)

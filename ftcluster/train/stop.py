@@ -8,10 +8,15 @@ all-reduce of one number) on whether any of them saw it, so all stop after the s
 checkpoint and return; resume=auto continues. A second SIGTERM is not a request: it kills the driver
 (the default action), and with it every launcher=processes rank (they die with their parent).
 
-No signal is lost at start: `ftcluster train` calls stop_early() before it imports anything heavy; until
-the run's handler is in place (handling_signals, around the launch) a stop signal ends the command at once
-with exit 75 and nothing trained ("run me again"), instead of the default death (143) or being ignored.
-The one window left is the interpreter's own start, before any code of ours runs.
+No signal is lost at start: `ftcluster train` calls stop_early() first thing, before it imports anything heavy.
+From then until the run's handler is in place (handling_signals, around the launch) a stop signal is only
+recorded, never acted on where the main thread happens to be (inside a library, half through a write). The
+driver looks at the record between its phases (check_early): before anything is written and again before
+the launch, it ends the command with exit 75 and nothing trained ("run me again"). A signal after the last
+look is handed over to handling_signals, which turns it into the request file at once: the run stops at its
+first step boundary with a checkpoint and exit 75. Either way not the default death (143), nor ignored. A
+second SIGTERM during start-up kills, as it does later. The one window left is the interpreter's own start,
+before any code of ours runs.
 
 This module imports no torch (the CLI imports it first thing); the collective check imports it lazily.
 """
@@ -53,22 +58,46 @@ def _main_thread() -> bool:  # Python takes signals in the main thread only
     return threading.current_thread() is threading.main_thread()
 
 
-def stop_early() -> None:
-    """The first thing `ftcluster train` does: a stop signal from now until handling_signals ends the command
-    (StoppedBeforeTraining, raised where the main thread is: data preparation is atomic, so nothing is left
-    half-written). A second signal while that unwinds gets the default action."""
+# The stop signal recorded by stop_early's handler (its name), until check_early or handling_signals takes it.
+_early: dict = {"signal": None, "terms": 0}
+
+
+def stop_early() -> dict:
+    """The first thing `ftcluster train` does: from now until handling_signals, a stop signal is recorded (and
+    acted on by check_early or handling_signals); a second SIGTERM gets the default action. Returns the
+    handlers it replaced, for restore()."""
+    _early.update(signal=None, terms=0)
     if not _main_thread():
-        return
+        return {}
 
-    def _stop(signum, frame):
-        signal.signal(signal.SIGTERM, signal.SIG_DFL)
-        signal.signal(signal.SIGUSR1, signal.SIG_IGN)
-        raise StoppedBeforeTraining(signal.Signals(signum).name)
+    def _record(signum, frame):
+        if signum == signal.SIGTERM:
+            _early["terms"] += 1
+            if _early["terms"] > 1:  # the sender insists: die as if unhandled
+                signal.signal(signal.SIGTERM, signal.SIG_DFL)
+                os.kill(os.getpid(), signal.SIGTERM)
+                return
+        _early["signal"] = _early["signal"] or signal.Signals(signum).name
 
-    _stop.early = True
+    _record.early = True
 
-    for sig in SIGNALS:
-        signal.signal(sig, _stop)
+    return {sig: signal.signal(sig, _record) for sig in SIGNALS}
+
+
+def check_early() -> None:
+    """Between the driver's phases before the launch: a stop signal recorded since stop_early ends the command
+    here (StoppedBeforeTraining, exit 75), at a point where nothing is half-written."""
+    if _early["signal"] is not None:
+        name, _early["signal"] = _early["signal"], None
+        raise StoppedBeforeTraining(name)
+
+
+def restore(handlers: dict) -> None:
+    """The handlers stop_early replaced, back (the CLI runs in-process in tests; a signal to that process must
+    not be taken for a stop request once the command is over)."""
+    if _main_thread():
+        for sig, handler in handlers.items():
+            signal.signal(sig, signal.SIG_DFL if handler is None else handler)
 
 
 @contextmanager
@@ -82,6 +111,12 @@ def handling_signals(output_dir: str | Path) -> Iterator[None]:
         return
     terms = 0
 
+    def _ask(name: str, when: str = "") -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.touch()
+        print(f"[ftcluster] {name}{when}: the workers will checkpoint and stop after the current step (exit 75; "
+              f"resume=auto continues)", flush=True)
+
     def _request(signum, frame):
         nonlocal terms
         if signum == signal.SIGTERM:
@@ -90,12 +125,13 @@ def handling_signals(output_dir: str | Path) -> Iterator[None]:
                 signal.signal(signal.SIGTERM, signal.SIG_DFL)
                 os.kill(os.getpid(), signal.SIGTERM)
                 return
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.touch()
-        print(f"[ftcluster] {signal.Signals(signum).name}: the workers will checkpoint and stop after the current "
-              f"step (exit 75; resume=auto continues)", flush=True)
+        _ask(signal.Signals(signum).name)
 
     before = {sig: signal.signal(sig, _request) for sig in SIGNALS}
+    early, _early["signal"] = _early["signal"], None
+    if early is not None:  # came after the driver's last check_early: handed over, the workers stop at step 1
+        terms = _early["terms"]
+        _ask(early, " (during start-up)")
     try:
         yield
     finally:

@@ -21,7 +21,7 @@ from ftcluster.data.loader import GlobalBatchLoader
 from ftcluster.data.template import apply_template_override
 from ftcluster.observe import peak_memory
 from ftcluster.observe.track import make_tracker, truncate_metrics
-from ftcluster.observe.watchdog import Watchdog, gather_placement, is_timeout, summary
+from ftcluster.observe.watchdog import Watchdog, gather_placement, is_timeout, nccl_timeout_s, summary
 from ftcluster.stages.registry import STAGES
 from ftcluster.train import checkpoint
 from ftcluster.train import engine as ds_engine
@@ -35,7 +35,10 @@ def train_worker(payload: dict) -> None:
     quiet_libraries()
     cfg = apply_schema(payload["config"])
     derived = derive(cfg)
-    dist.setup(timeout_s=cfg.launcher.collective_timeout_s)
+    # Under NCCL the process group waits longer than the watchdog below, so that ftcluster names a hang
+    # before NCCL aborts the ranks (observe/watchdog.py); gloo raises in Python and the worker names it.
+    collective_s = cfg.launcher.collective_timeout_s
+    dist.setup(timeout_s=nccl_timeout_s(collective_s) if torch.cuda.is_available() else collective_s)
     rank, world = dist.rank(), dist.world_size()
     if world != derived.world_size:
         raise RuntimeError(f"launcher started {world} processes but the config expects {derived.world_size}")
@@ -75,7 +78,7 @@ def train_worker(payload: dict) -> None:
     dist.barrier()
 
     tracker = make_tracker(cfg, rank, start_step, cfg.trainer.max_steps)
-    watchdog = Watchdog(placement, cfg.launcher.collective_timeout_s)
+    watchdog = Watchdog(placement, cfg.launcher.collective_timeout_s, report_dir=cfg.output_dir)
     ctx = StageContext(cfg=cfg, engine=engine, tokenizer=tokenizer, pad_id=data_stats["pad_id"], loader=loader,
                        eval_rows=eval_rows,
                        eval_prompts=_read_prompts(data_dir / "eval_generate.jsonl"), tracker=tracker,

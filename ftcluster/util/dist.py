@@ -2,6 +2,12 @@
 
 Launchers create the group (Ray Train does, with gloo on CPU and NCCL on GPU); a single process with
 no launcher gets a group of one, so the same code runs under pytest and in a debugger.
+
+Where tensors live: `device()` is the one source of the compute device (batches, cached tables, partial
+sums all go there), and `to_host()` the one way values come back from it. Stages keep their per-step sums
+on the device and bring them back once per step or evaluation, never per micro-batch: on a GPU each trip
+to the host waits for the queued kernels. tests/test_device_discipline.py replaces both to run every stage
+function on the `meta` device, where any tensor left on the CPU, or read back another way, fails.
 """
 
 from __future__ import annotations
@@ -24,6 +30,12 @@ def setup(timeout_s: int = 1800) -> None:
     if not dist.is_initialized() and "RANK" not in os.environ:
         os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
                           MASTER_PORT=str(free_port()))
+    if torch.cuda.is_available() and not dist.is_initialized():
+        # This process picks its GPU (launcher=processes and inline: LOCAL_RANK). Before the group exists,
+        # because NCCL binds the group to the current device and the first collectives (the placement gather)
+        # stage their tensors there: without it every rank of a machine would run on cuda:0. Where a launcher
+        # made the group it has chosen the device too (Ray Train sets it, an RL actor sees one GPU).
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
     backend = "nccl" if torch.cuda.is_available() else "gloo"
     # DeepSpeed builds groups of its own (ZeRO's data-parallel group...) without a timeout, so torch
     # gives them its default (30 min), not the launcher's: make the default ours, so that every
@@ -49,19 +61,26 @@ def world_size() -> int:
 
 
 def device() -> torch.device:
+    """The device this rank computes on: the GPU made current for it (by setup(), or by the launcher that
+    made the group), else the CPU."""
     if torch.cuda.is_available():
-        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+        return torch.device("cuda", torch.cuda.current_device())
     return torch.device("cpu")
 
 
+def to_host(tensor: torch.Tensor) -> torch.Tensor:
+    """A tensor's values on the host: the one place stage code waits for the device (see the module doc)."""
+    return tensor.detach().cpu()
+
+
 def all_reduce_sum(values: list[float] | torch.Tensor) -> torch.Tensor:
-    """Sums across ranks in float64, so token counts and loss sums stay exact enough to compare runs."""
-    tensor = torch.as_tensor(values, dtype=torch.float64).clone()
+    """Sums across ranks in float64, so token counts and loss sums stay exact enough to compare runs.
+    `values`: host numbers or a tensor on the device (a stage's partial sums); the result is on the host."""
+    tensor = torch.as_tensor(values, dtype=torch.float64).clone()  # the caller's tensor stays as it was
     if dist.is_initialized() and dist.get_world_size() > 1:
-        moved = tensor.to(device())
-        dist.all_reduce(moved)
-        tensor = moved.cpu()
-    return tensor
+        tensor = tensor.to(device())
+        dist.all_reduce(tensor)
+    return to_host(tensor)
 
 
 def all_gather_objects(obj) -> list:

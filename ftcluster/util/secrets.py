@@ -3,7 +3,7 @@
 Every file, log line, dashboard entry and --dry-run that shows a config, a command line or an environment
 goes through here first. A value is a secret when the key or variable that holds it has a secret-looking
 name part (HF_TOKEN, wandb.api_key, dbPassword, AUTHORIZATION...) or when it is shaped like a token an
-issuer hands out (AWS, GitHub, OpenAI, Slack, Hugging Face, JWT, Bearer ...). `ftcluster data scrub`
+issuer hands out (AWS, GitHub, OpenAI, Slack, Hugging Face, JWT, Bearer, a URL's password ...). `ftcluster data scrub`
 uses the same detectors.
 """
 
@@ -24,6 +24,9 @@ SECRET_PATTERNS = [
     ("openai_key", r"(?<![A-Za-z0-9_-])sk-[A-Za-z0-9_-]{20,}(?![A-Za-z0-9_-])"),
     ("slack_token", r"\bxox[abposr]-[A-Za-z0-9-]{10,}(?![A-Za-z0-9-])"),
     ("hf_token", r"\bhf_[A-Za-z0-9]{30,}\b"),
+    # A password inside a URL (https://user:PASSWORD@host/..., redis://:PASSWORD@host): only the password is
+    # masked, the scheme, user and host stay readable. A port (host:8080/...) has no '@' after it: not a match.
+    ("url_password", r"(?i)\b[a-z][a-z0-9+.-]*://[^\s/?#@:]*:(?P<secret>[^\s/?#@]+)@"),
     ("bearer_token", r"\b[Bb]earer\s+(?P<secret>[A-Za-z0-9._~+/-]{16,}=*)"),
     ("api_key", r"(?i)(?<![a-z0-9])(?:api[_-]?key|api[_-]?secret|access[_-]?token|auth[_-]?token|secret[_-]?key|"
                 r"client[_-]?secret|private[_-]?key)[\"']?\s*[:=]\s*[\"']?(?P<secret>[^\s\"',;\[\]]{8,})"),
@@ -114,6 +117,40 @@ def find_secrets(value: Any, where: str = "") -> list[str]:
     elif isinstance(value, str) and has_secret_shape(value):
         found.append(where)
     return found
+
+
+def without_secrets(value: Any, where: str = "") -> tuple[Any, list[str]]:
+    """A copy of a plain value with every secret left out, and the dotted keys (list items as key[i]) it left
+    out: values under a secret-looking name, token-shaped strings, and strings already masked (a `***` read
+    back from a config.yaml). For a file meant to be run again (a sweep's best.yaml): a *** kept there would
+    be used as the token itself, while a key left out is asked for again."""
+    removed: list[str] = []
+    if isinstance(value, dict):
+        kept = {}
+        for key, item in value.items():
+            path = f"{where}.{key}" if where else str(key)
+            if (is_secret_name(key) and _holds_value(item)) or _secret_text(item):
+                removed.append(path)
+                continue
+            kept[key], inner = without_secrets(item, path)
+            removed += inner
+        return kept, removed
+    if isinstance(value, (list, tuple)):
+        kept_items = []
+        for i, item in enumerate(value):
+            path = f"{where}[{i}]"
+            if _secret_text(item):
+                removed.append(path)
+                continue
+            item, inner = without_secrets(item, path)
+            kept_items.append(item)
+            removed += inner
+        return kept_items, removed
+    return value, removed
+
+
+def _secret_text(value: Any) -> bool:
+    return isinstance(value, str) and (MASK in value or has_secret_shape(value))
 
 
 def _holds_value(value: Any) -> bool:

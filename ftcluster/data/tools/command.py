@@ -1,4 +1,4 @@
-"""`ftcluster data validate|stats|dedup|scrub|contamination|split`: the argument parsing and the printed
+"""`ftcluster data prepare|validate|stats|dedup|scrub|contamination|split`: the argument parsing and the printed
 reports; each job lives in its own module."""
 
 from __future__ import annotations
@@ -24,13 +24,20 @@ SHOWN = 20
 
 
 def data_command(args: list[str]) -> int:
+    if args[:1] == ["prepare"]:
+        # Its arguments are train's overrides (key=value, group=option), which argparse cannot list.
+        from ftcluster.data.tools.prepare import prepare_command  # imports torch and transformers
+
+        return prepare_command(args[1:])
     ns = _parser().parse_args(args)
     return ns.run(ns)
 
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="ftcluster data", description=f"Data files: {SUPPORTED}.")
-    sub = parser.add_subparsers(dest="job", required=True, metavar="validate|stats|dedup|scrub|contamination|split")
+    sub = parser.add_subparsers(dest="job", required=True,
+                                metavar="prepare|validate|stats|dedup|scrub|contamination|split")
+    sub.add_parser("prepare", help="prepare, once, what `ftcluster train` with the same overrides trains on")
     formats = list(EXPECTS)
 
     p = sub.add_parser("validate", help="check every record; list every bad one as file:line: message")

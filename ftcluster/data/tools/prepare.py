@@ -1,0 +1,49 @@
+"""`ftcluster data prepare [train's overrides]`: the set `ftcluster train` with the same overrides would train
+on, prepared into the store now (on every core of this machine or of the launcher's Ray cluster), so the
+run itself, its evals and a sweep's trials start at once. Prints what was prepared and how fast."""
+
+from __future__ import annotations
+
+import time
+
+from ftcluster.config import compose
+from ftcluster.data.prepare import prepare
+from ftcluster.launch.cluster import connect
+from ftcluster.train.bundled import resolve_model_path
+from ftcluster.train.model import load_tokenizer
+
+
+def prepare_command(overrides: list[str]) -> int:
+    cfg = compose(overrides)
+    tokenizer = load_tokenizer(resolve_model_path(cfg.model.path), cfg.model.trust_remote_code)
+    # The launcher's cluster: launcher=ray/slurm name its address; otherwise a local Ray on this machine.
+    address = cfg.launcher.get("address") if cfg.launcher.name in ("ray", "slurm") else None
+    started = time.monotonic()
+    stats = prepare(cfg, tokenizer, None, connect=lambda: connect(address))
+    print(report(stats, time.monotonic() - started))
+    return 0
+
+
+def report(stats: dict, wall_s: float) -> str:
+    lines = []
+    for split in ("train", "eval"):
+        s = stats.get(split)
+        if not s:
+            continue
+        packing = f", packing efficiency {s['packing_efficiency']:.1%}" if "packing_efficiency" in s else ""
+        lines.append(f"{split}: {s['records']} records -> {s['examples']} examples, {s['tokens']} tokens "
+                     f"({s['trainable_tokens']} trained on) -> {s['rows']} rows{packing}; truncated "
+                     f"{s['truncated']}, dropped {s['dropped']}")
+        for source in s.get("sources", []):
+            lines.append(f"  {source['path']} (weight {source['weight']}): {source['examples']} examples, "
+                         f"{source['proportion']:.1%} of the mixture")
+    done = stats["prepare"]
+    tokens = sum(stats[s]["tokens"] for s in ("train", "eval") if s in stats)
+    if stats["reused"]:
+        lines.append(f"reused {stats['dir']} (prepared in {done['seconds']} s by {done['workers']} workers); "
+                     f"this call {wall_s:.1f} s")
+    else:
+        lines.append(f"prepared {stats['dir']} in {wall_s:.1f} s with {done['workers']} worker"
+                     f"{'s' * (done['workers'] > 1)}: {tokens / max(wall_s, 1e-9):,.0f} tokens/s")
+    lines.append(f"rows_digest {stats['rows_digest']}")
+    return "\n".join(lines)

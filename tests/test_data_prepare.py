@@ -1,0 +1,160 @@
+"""Preparing data at scale: the same rows for any number of prepare workers, the store that lets a second run
+skip tokenization, mixtures, compressed shards, and bad records reported at their lines."""
+
+import gzip
+import json
+import random
+from pathlib import Path
+
+import datasets
+import pytest
+from transformers import AutoTokenizer
+
+from ftcluster.config import ASSETS, apply_schema
+from ftcluster.data import store
+from ftcluster.data.prepare import prepare
+from ftcluster.errors import DataError
+from helpers import INLINE, TINY, losses, train
+
+TOKENIZER = ASSETS / "models" / "tiny"
+WORDS = "the of and to in is that for it as with was on be by at this have from or one had not but what".split()
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return AutoTokenizer.from_pretrained(TOKENIZER)
+
+
+def chats(n: int, seed: int = 0) -> list[dict]:
+    """Multi-turn chats of varied lengths (so packing has work to do)."""
+    r = random.Random(seed)
+    out = []
+    for _ in range(n):
+        messages = []
+        for _ in range(r.randint(1, 3)):
+            messages.append({"role": "user", "content": " ".join(r.choices(WORDS, k=r.randint(3, 30)))})
+            messages.append({"role": "assistant", "content": " ".join(r.choices(WORDS, k=r.randint(3, 60)))})
+        out.append({"messages": messages})
+    return out
+
+
+def write_jsonl(path: Path, records: list, opener=open) -> str:
+    with opener(path, "wt") as f:
+        f.writelines((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in records)
+    return str(path)
+
+
+def config(path, store_dir: Path, workers: int = 1, **data):
+    trainer = {"max_seq_len": data.pop("max_seq_len", 256), "global_batch": 1, "micro_batch_per_device": 1}
+    return apply_schema({"data": {"path": path, "format": "chat", "prepare_workers": workers,
+                                  "prepared_dir": str(store_dir), **data}, "trainer": trainer})
+
+
+def local_ray():
+    from ftcluster.launch.cluster import connect
+
+    connect(None)
+
+
+def rows(folder: Path) -> list[dict]:
+    return datasets.load_from_disk(str(folder / "train")).to_list()
+
+
+@pytest.mark.slow
+def test_two_workers_prepare_the_same_rows_and_train_the_same_losses(tmp_path):
+    data = write_jsonl(tmp_path / "chats.jsonl", chats(1500))  # 3 units of 512 lines
+    trainer = [*TINY, *INLINE, f"data.path={data}", "data.eval_path=null", "data.format=chat", "trainer.max_steps=3"]
+    one = train(tmp_path / "one", *trainer, f"data.prepared_dir={tmp_path / 'store1'}", "data.prepare_workers=1")
+
+    tok = AutoTokenizer.from_pretrained(TOKENIZER)
+    cfg = config(data, tmp_path / "store2", workers=2, max_seq_len=256)
+    cfg.trainer.global_batch = 8
+    two = prepare(cfg, tok, None, connect=local_ray)
+    assert two["prepare"]["workers"] == 2
+    first = json.loads((tmp_path / "one" / "data" / "stats.json").read_text())
+    assert first["prepare"]["workers"] == 1
+    assert two["rows_digest"] == first["rows_digest"]
+    assert rows(Path(two["dir"])) == rows(tmp_path / "one" / "data")
+
+    # The run over the 2-worker set reuses it (no tokenization) and trains the same losses.
+    train(tmp_path / "two", *trainer, f"data.prepared_dir={tmp_path / 'store2'}", "data.prepare_workers=2")
+    assert (tmp_path / "two" / "data").resolve() == Path(two["dir"]).resolve()
+    assert losses(one.parent) == losses(tmp_path / "two") and len(losses(tmp_path / "two")) == 3
+
+
+def test_second_train_reuses_the_set_without_tokenizing(tmp_path, capfd, monkeypatch):
+    data = write_jsonl(tmp_path / "chats.jsonl", chats(64))
+    run = [*TINY, *INLINE, f"data.path={data}", "data.eval_path=null", "data.format=chat", "trainer.max_steps=1",
+           f"data.prepared_dir={tmp_path / 'store'}"]
+    train(tmp_path / "first", *run)
+    assert "reusing the prepared set" not in capfd.readouterr().out
+
+    import ftcluster.data.shards as shards
+
+    def no_tokenizing(*args, **kwargs):
+        raise AssertionError("the second run tokenized")
+
+    monkeypatch.setattr(shards, "encode_records", no_tokenizing)
+    train(tmp_path / "second", *run)
+    assert "reusing the prepared set" in capfd.readouterr().out
+    assert (tmp_path / "first" / "data").resolve() == (tmp_path / "second" / "data").resolve()
+
+
+def test_mixture_realises_its_weights(tmp_path, tokenizer):
+    a = write_jsonl(tmp_path / "a.jsonl", chats(40, seed=1))
+    b = write_jsonl(tmp_path / "b.jsonl", chats(30, seed=2))
+    cfg = config(None, tmp_path / "store", sources=[{"path": a, "weight": 2.0}, {"path": b, "weight": 0.5}])
+    stats = prepare(cfg, tokenizer, None)
+    mixture = stats["train"]["sources"]
+    assert [(s["examples"], s["proportion"]) for s in mixture] == [(80, round(80 / 95, 4)), (15, round(15 / 95, 4))]
+    assert stats["train"]["examples"] == 95 and stats["train"]["records"] == 70
+    # The mixture is seeded: the same sample again, another with another seed.
+    again = prepare(config(None, tmp_path / "store2", sources=cfg.data.sources), tokenizer, None)
+    assert again["rows_digest"] == stats["rows_digest"]
+
+
+def test_gzip_shards_in_a_folder_prepare_like_one_plain_file(tmp_path, tokenizer):
+    records = chats(900, seed=3)
+    plain = write_jsonl(tmp_path / "all.jsonl", records)
+    shards = tmp_path / "shards"
+    shards.mkdir()
+    write_jsonl(shards / "part-0.jsonl", records[:600])
+    write_jsonl(shards / "part-1.jsonl.gz", records[600:], opener=gzip.open)
+    from_plain = prepare(config(plain, tmp_path / "s1"), tokenizer, None)
+    from_shards = prepare(config(str(shards), tmp_path / "s2"), tokenizer, None)
+    assert from_shards["train"]["records"] == 900
+    assert from_shards["rows_digest"] == from_plain["rows_digest"]
+    # A glob names the same files.
+    assert prepare(config(str(shards / "part-*"), tmp_path / "s3"), tokenizer, None)["rows_digest"] == \
+        from_plain["rows_digest"]
+
+
+@pytest.mark.slow
+def test_bad_records_among_thousands_are_reported_at_their_lines_with_two_workers(tmp_path, tokenizer):
+    records = chats(3000, seed=4)
+    records[2344] = "{not json"
+    records[2700] = {"messages": [{"role": "user", "content": "no answer"}]}
+    path = write_jsonl(tmp_path / "chats.jsonl", records)
+    with pytest.raises(DataError) as caught:
+        prepare(config(path, tmp_path / "store", workers=2), tokenizer, None, connect=local_ray)
+    message = str(caught.value)
+    assert message.startswith(f"{path}:2345: invalid JSON")
+    assert "2 bad records in all" in message and f"{path}:2701: chat in 'messages' has no assistant turn" in message
+    assert message.index(":2345:") < message.index(":2701:")
+    assert not any(store.root(str(tmp_path / "store")).glob("*/stats.json"))  # nothing prepared
+
+
+def test_an_interrupted_prepare_leaves_no_set(tmp_path, tokenizer, monkeypatch):
+    path = write_jsonl(tmp_path / "chats.jsonl", chats(50))
+    import ftcluster.data.prepare as preparing
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(preparing, "write_rows", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        prepare(config(path, tmp_path / "store"), tokenizer, str(tmp_path / "out"))
+    assert [p.name for p in (tmp_path / "store").iterdir() if not p.name.endswith(".lock")] == []
+    monkeypatch.undo()
+    stats = prepare(config(path, tmp_path / "store"), tokenizer, str(tmp_path / "out"))
+    assert json.loads((tmp_path / "out" / "stats.json").read_text()) == stats
