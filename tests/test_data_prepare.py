@@ -158,3 +158,80 @@ def test_an_interrupted_prepare_leaves_no_set(tmp_path, tokenizer, monkeypatch):
     monkeypatch.undo()
     stats = prepare(config(path, tmp_path / "store"), tokenizer, str(tmp_path / "out"))
     assert json.loads((tmp_path / "out" / "stats.json").read_text()) == stats
+
+
+@pytest.fixture()
+def two_nodes(tmp_path):
+    """A Ray cluster of two nodes on this machine, one CPU each, brought up as on a real cluster: a head by
+    launch/start_head.sh, a worker node by launch/join_worker.sh, Ray's token authentication on; stopped by
+    launch/stop.sh (by the pids they recorded, never `ray stop`)."""
+    import os
+    import socket
+    import subprocess
+    import sys
+
+    def free_port() -> int:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            return s.getsockname()[1]
+
+    def sh(*args):
+        return subprocess.run([str(a) for a in args], capture_output=True, text=True, env=env, timeout=180)
+
+    launch = Path(__file__).resolve().parent.parent / "launch"
+    temp_dir = f"/tmp/ftc-2n-{os.getpid()}-{free_port()}"  # Ray's socket paths must stay short
+    env = {**os.environ, "RAY_AUTH_MODE": "token", "RAY_USAGE_STATS_ENABLED": "0",
+           "FTCLUSTER_RAY_DIR": str(tmp_path / "ray-state"),
+           "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
+    env.pop("RAY_ADDRESS", None)
+    port = free_port()
+    started = sh(launch / "start_head.sh", "--port", port, "--num-cpus=1", f"--temp-dir={temp_dir}",
+                 "--dashboard-port", free_port(), f"--dashboard-agent-listen-port={free_port()}",
+                 f"--ray-client-server-port={free_port()}")
+    assert started.returncode == 0, started.stdout + started.stderr
+    try:
+        joined = sh(launch / "join_worker.sh", "--num-cpus=1", f"--temp-dir={temp_dir}-w",
+                    f"--dashboard-agent-listen-port={free_port()}", f"127.0.0.1:{port}")
+        assert joined.returncode == 0, joined.stdout + joined.stderr
+        yield f"127.0.0.1:{port}", env, (Path(temp_dir), Path(f"{temp_dir}-w"))
+    finally:
+        stopped = sh(launch / "stop.sh")
+        import shutil
+
+        for folder in (temp_dir, f"{temp_dir}-w"):
+            shutil.rmtree(folder, ignore_errors=True)
+        assert stopped.returncode == 0, stopped.stdout + stopped.stderr
+
+
+@pytest.mark.slow
+def test_two_nodes_prepare_the_rows_one_worker_prepares(tmp_path, two_nodes):
+    """`ftcluster data prepare` on a 2-node Ray cluster (launch/ scripts), one encoder per node, writes the
+    rows one worker writes. data.prepared_dir is a path both nodes read (here the same disk)."""
+    import subprocess
+    import sys
+
+    address, env, node_dirs = two_nodes
+    # 10 units of 512 lines: the driver encodes a few itself while it joins the cluster, and the 2 encoders
+    # (one per node) take the rest.
+    data = write_jsonl(tmp_path / "chats.jsonl", chats(5000, seed=5))
+
+    def data_prepare(store_dir: Path, *extra: str) -> dict:
+        args = ["model=tiny", "data=custom", f"data.path={data}", "data.format=chat", "data.eval_path=null",
+                "trainer.max_seq_len=256", "trainer.global_batch=8", f"data.prepared_dir={store_dir}", *extra]
+        done = subprocess.run([sys.executable, "-m", "ftcluster.cli", "data", "prepare", *args], capture_output=True,
+                              text=True, env=env, timeout=400)
+        assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+        (stats,) = [json.loads(p.read_text()) for p in store_dir.glob("*/stats.json")]
+        assert f"rows_digest {stats['rows_digest']}" in done.stdout
+        return stats
+
+    one = data_prepare(tmp_path / "one", "data.prepare_workers=1")
+    two = data_prepare(tmp_path / "two", "data.prepare_workers=2", "launcher=ray", f"launcher.address={address}")
+    assert (one["prepare"]["workers"], two["prepare"]["workers"]) == (1, 2)
+    assert two["rows_digest"] == one["rows_digest"] and two["train"]["rows"] == one["train"]["rows"]
+    assert rows(next((tmp_path / "two").glob("*/stats.json")).parent) == \
+        rows(next((tmp_path / "one").glob("*/stats.json")).parent)
+    # Both nodes encoded: each node's Ray logs hold an encoder actor's (Ray tags an actor's log with its name).
+    for node in node_dirs:
+        logs = (node / "session_latest" / "logs").glob("worker-*.out")
+        assert any("_UnitEncoder" in log.read_text(errors="replace") for log in logs), node

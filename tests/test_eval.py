@@ -179,6 +179,27 @@ def test_a_checkpoint_scores_like_final(tiny_run, tmp_path):
     assert "No answers were generated (eval.metrics=[])." in report
 
 
+def test_eval_reuses_the_runs_prepared_set_without_tokenizing(tiny_run, evaluated, tmp_path, capsys, monkeypatch):
+    """The run's own data (no data key given) with final/'s tokenizer is the run's prepared set: eval links it
+    and says so, and tokenizes nothing. The general text's rows stay in eval's own folder, out of the store."""
+    assert (evaluated / "data" / "tuned").resolve() == (tiny_run / "data").resolve()
+    assert (evaluated / "data" / "tuned-general" / "state.json").is_file()
+    assert not (tiny_run / "data" / "general").exists()  # nothing written into the set other runs share
+
+    import ftcluster.data.shards as shards
+
+    def no_tokenizing(*args, **kwargs):
+        raise AssertionError("eval tokenized the eval split again")
+
+    monkeypatch.setattr(shards, "encode_records", no_tokenizing)
+    assert main(["eval", f"eval.model={tiny_run}/final", "launcher.workers=1", "eval.metrics=[]",
+                 "eval.baseline=null", "eval.general=null", f"eval.output_dir={tmp_path}"]) == 0
+    out = capsys.readouterr().out
+    assert "reusing the prepared set" in out and "eval tuned: eval split of" in out
+    assert "(reused, no tokenization)" in out
+    assert (tmp_path / "data" / "tuned").resolve() == (tiny_run / "data").resolve()
+
+
 def test_what_a_spec_names(tmp_path):
     """From files alone: an unmerged final/ means its adapter on the base weights beside it; the baseline of
     a random-init run is its init_model/; an adapter's base comes from adapter_config.json."""

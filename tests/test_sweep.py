@@ -297,3 +297,104 @@ def test_optuna_proposes_points_inside_the_space(base_cfg):
     points = [searcher.suggest(f"t{i}") for i in range(6)]
     assert all(1e-5 <= p["optim.lr"] <= 1e-3 and p["peft.r"] in (4, 5, 6) for p in points)
     assert len({p["optim.lr"] for p in points}) == 6
+
+
+def _sweep_plan(tmp_path, search="grid", **params):
+    from ftcluster.config import compose
+    from ftcluster.sweep.plan import make_plan
+
+    trials = "null" if search == "grid" else "2"
+    cfg = compose([*ONE_WORKER, f"sweep.search={search}", f"sweep.trials={trials}", "sweep.scheduler=none",
+                   "trainer.max_steps=2",
+                   "data.prepare_workers=1", f"data.prepared_dir={tmp_path / 'store'}",
+                   f"output_dir={tmp_path / 'sweep'}"])
+    with open_dict(cfg.sweep.params):
+        cfg.sweep.params.update(params)
+    return make_plan(cfg)
+
+
+def test_a_sweep_prepares_each_distinct_data_set_once_before_its_trials(tmp_path, monkeypatch):
+    """Swept keys that leave the data alone: one set for every trial; trainer.max_seq_len: one set per value.
+    Each is tokenized once, and a trial's run over it then reuses it without tokenizing."""
+    import ftcluster.data.shards as shards
+    from ftcluster.data.prepare import prepare
+    from ftcluster.sweep.data import prepare_before_trials
+    from ftcluster.sweep.trial import trial_config
+    from ftcluster.train.model import load_tokenizer
+
+    encoded = []
+    real = shards.encode_records
+    monkeypatch.setattr(shards, "encode_records", lambda records, *a, **k: encoded.append(len(records)) or
+                        real(records, *a, **k))
+    said = []
+    by_lr = prepare_before_trials(_sweep_plan(tmp_path, **{"optim.lr": "grid(1e-3, 3e-3)"}), log=said.append)
+    assert len(by_lr) == 1 and not by_lr[0]["reused"]
+    assert "its 2 trials train on 1 prepared data set (the swept optim.lr leaves the data unchanged)" in said[0]
+    records = sum(by_lr[0][split]["records"] for split in ("train", "eval"))
+    assert sum(encoded) == records  # every record tokenized once, for both trials
+
+    # Each trial's run (as the driver prepares it) finds the set and tokenizes nothing.
+    encoded.clear()
+    plan = _sweep_plan(tmp_path, **{"optim.lr": "grid(1e-3, 3e-3)"})
+    for lr in (1e-3, 3e-3):
+        cfg = trial_config(plan.cfg, {"optim.lr": lr}, tmp_path / "sweep" / "trials" / str(lr), "g")
+        said.clear()
+        stats = prepare(cfg, load_tokenizer(cfg.model.path), str(tmp_path / str(lr) / "data"), log=said.append)
+        assert stats["rows_digest"] == by_lr[0]["rows_digest"] and "reusing the prepared set" in said[0]
+    assert encoded == []
+
+    said.clear()
+    by_length = prepare_before_trials(_sweep_plan(tmp_path, **{"trainer.max_seq_len": "grid(192, 256)",
+                                                               "optim.lr": "grid(1e-3, 3e-3)"}), log=said.append)
+    assert "its 4 trials train on 2 prepared data sets (trainer.max_seq_len shapes the data)" in said[0]
+    assert [s["max_seq_len"] for s in by_length] == [192, 256]
+    assert [s["reused"] for s in by_length] == [False, True]  # 256 is the set the optim.lr sweep prepared
+    assert sum(encoded) == records  # only the 192-token set was tokenized
+    assert len({s["dir"] for s in [*by_length, *by_lr]}) == 2
+
+    # Values drawn as the sweep goes, of a key that shapes the data: the trials prepare (the store's lock
+    # keeps two from preparing one set at once); of keys that do not: one set, prepared here.
+    said.clear()
+    drawn = _sweep_plan(tmp_path, "random", **{"trainer.max_seq_len": "choice(160, 224)"})
+    assert prepare_before_trials(drawn, log=said.append) == [] and "each trial prepares its set" in said[0]
+    drawn = _sweep_plan(tmp_path, "optuna", **{"optim.lr": "loguniform(1e-5, 1e-3)"})
+    (reused,) = prepare_before_trials(drawn, log=said.append)
+    assert reused["reused"] and reused["dir"] == by_lr[0]["dir"]
+
+
+def test_trials_that_may_run_on_other_nodes_share_a_store_in_the_sweep_folder(tmp_path, monkeypatch):
+    from ftcluster.sweep.slurm_backend import point_overrides
+    from ftcluster.sweep.trial import trial_store
+
+    monkeypatch.delenv("FTCLUSTER_CACHE", raising=False)
+    cfg = _sweep_plan(tmp_path, **{"optim.lr": "grid(1e-3, 3e-3)"}).cfg
+    assert trial_store(cfg) == str(tmp_path / "store")  # the user's
+    cfg.data.prepared_dir = None
+    assert trial_store(cfg) is None  # trials on this machine: the default store, shared with every run here
+    cfg.sweep.backend = "slurm"
+    assert trial_store(cfg) == str(tmp_path / "sweep" / "prepared")
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    overrides = OverridesParser.create().parse_overrides(point_overrides({"optim.lr": 1e-3}, "point_000",
+                                                                         tmp_path / "p", "g", trial_store(cfg)))
+    assert {o.key_or_group: o.value() for o in overrides}["data.prepared_dir"] == str(tmp_path / "sweep" / "prepared")
+    monkeypatch.setenv("FTCLUSTER_CACHE", str(tmp_path / "cache"))
+    assert trial_store(cfg) == str(tmp_path / "cache" / "prepared")
+
+
+@pytest.mark.slow
+def test_a_sweep_prepares_once_and_every_trial_says_it_reuses_the_set(tmp_path, capfd):
+    store, out = tmp_path / "store", tmp_path / "sweep"
+    assert main(["sweep", *ONE_WORKER, "sweep.params.optim.lr=grid(1e-3, 3e-3)", "sweep.search=grid",
+                 "sweep.scheduler=none", "sweep.concurrency=2", "trainer.max_steps=2", f"data.prepared_dir={store}",
+                 f"output_dir={out}"]) == 0
+    captured = capfd.readouterr()
+    log = captured.out + captured.err
+    assert "its 2 trials train on 1 prepared data set" in log
+    (prepared,) = [p for p in store.iterdir() if (p / "stats.json").is_file()]  # no trial prepared another
+    trials = list((out / "trials").iterdir())
+    assert len(trials) == 2
+    for trial in trials:
+        assert (trial / "data").resolve() == prepared.resolve()
+    # Each trial's run logs it (Ray may fold the two identical lines into one "[repeated 2x ...]").
+    assert "reusing the prepared set" in log

@@ -9,6 +9,7 @@ of the set. The rows, and their digest, depend only on the examples' order, neve
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -69,28 +70,43 @@ def generate_lines(examples: Examples, shards: Path) -> Iterator[str]:
 
 
 def _rows_table(chunk: list[list[int]], examples: Examples, shards: Path) -> pa.Table:
-    ids_parts, label_parts, position_parts, row_lengths = [], [], [], []
+    """The chunk's rows, its examples' tokens gathered shard by shard with array indexing (no Python step per
+    example: at a million examples that loop was most of the serial time)."""
+    sizes = np.fromiter((len(row) for row in chunk), dtype=np.int64, count=len(chunk))
+    order = np.fromiter(itertools.chain.from_iterable(chunk), dtype=np.int64, count=int(sizes.sum()))
+    part = examples.take(order)
+    lengths = part.lengths.astype(np.int64)
+    starts = np.zeros(len(order) + 1, dtype=np.int64)  # where each example begins in the chunk's tokens
+    np.cumsum(lengths, out=starts[1:])
+    ids = np.empty(int(starts[-1]), dtype=np.int32)
+    labels = np.empty_like(ids)
+    by_unit = np.argsort(part.units, kind="stable")
     with _Shards(shards) as open_shards:
-        for row in chunk:
-            length = 0
-            for i in row:
-                ids, labels = open_shards.example(int(examples.units[i]), int(examples.entries[i]))
-                labels = labels.copy()
-                # The first token of an example is never a target (packing._row): the previous example's last
-                # token would otherwise learn to predict it.
-                labels[0] = IGNORE
-                ids_parts.append(ids)
-                label_parts.append(labels)
-                position_parts.append(np.arange(len(ids), dtype=np.int32))
-                length += len(ids)
-            row_lengths.append(length)
-        offsets = np.zeros(len(chunk) + 1, dtype=np.int32)
-        np.cumsum(row_lengths, out=offsets[1:])
-        columns = {name: pa.ListArray.from_arrays(pa.array(offsets), pa.array(np.concatenate(parts), pa.int32()))
-                   for name, parts in (("input_ids", ids_parts), ("labels", label_parts),
-                                       ("position_ids", position_parts))}
-    columns["num_examples"] = pa.array([len(row) for row in chunk], pa.int32())
+        for group in np.split(by_unit, np.flatnonzero(np.diff(part.units[by_unit])) + 1):
+            if len(group):
+                unit = int(part.units[group[0]])
+                open_shards.gather(unit, part.entries[group], starts[group], ids, labels)
+                # Unmapped at once: packing takes a chunk's examples from every shard (longest first), and with
+                # an example or two per page, a chunk touches nearly every page of every shard. Kept mapped until
+                # the chunk ends, they would all count in this process's resident memory: the whole data set.
+                open_shards.release(unit)
+    # The first token of an example is never a target (packing._row): the previous example's last token would
+    # otherwise learn to predict it.
+    labels[starts[:-1]] = IGNORE
+    positions = np.arange(len(ids), dtype=np.int32) - np.repeat(starts[:-1].astype(np.int32), lengths)
+    bounds = np.zeros(len(chunk) + 1, dtype=np.int64)
+    np.cumsum(sizes, out=bounds[1:])
+    offsets = pa.array(starts[bounds].astype(np.int32))
+    columns = {name: pa.ListArray.from_arrays(offsets, pa.array(values, pa.int32()))
+               for name, values in (("input_ids", ids), ("labels", labels), ("position_ids", positions))}
+    columns["num_examples"] = pa.array(sizes.astype(np.int32), pa.int32())
     return pa.table(columns)
+
+
+def _ranges(begins: np.ndarray, lengths: np.ndarray) -> np.ndarray:
+    """The positions begins[k] .. begins[k] + lengths[k] - 1 of every k, one after the other."""
+    ends_before = np.cumsum(lengths) - lengths
+    return np.repeat(begins - ends_before, lengths) + np.arange(int(lengths.sum()), dtype=np.int64)
 
 
 class _Shards:
@@ -111,9 +127,26 @@ class _Shards:
             self.tables[unit] = pa.ipc.open_file(source).read_all()
         return self.tables[unit].column(name)
 
-    def example(self, unit: int, entry: int) -> tuple[np.ndarray, np.ndarray]:
-        return tuple(self.column(unit, name)[entry].values.to_numpy(zero_copy_only=False)
-                     for name in ("input_ids", "labels"))
+    def release(self, unit: int) -> None:
+        self.tables.pop(unit, None)
+
+    def gather(self, unit: int, entries: np.ndarray, out_starts: np.ndarray, ids: np.ndarray,
+               labels: np.ndarray) -> None:
+        """Copy the tokens and labels of the unit's `entries` into ids and labels, each at its out_starts. A shard
+        holds one record batch per batch of records encoded (shards.BATCH_RECORDS): entries are found batch by batch."""
+        ids_column, labels_column = self.column(unit, "input_ids"), self.column(unit, "labels")
+        ends = np.cumsum([len(c) for c in ids_column.chunks])
+        batch_of = np.searchsorted(ends, entries, side="right")
+        for batch in np.unique(batch_of).tolist():
+            mine = batch_of == batch
+            ids_list, labels_list = ids_column.chunk(batch), labels_column.chunk(batch)
+            local = entries[mine] - (ends[batch] - len(ids_list))
+            # Offsets index the batch's values; labels were written with the same lengths (shards._record_batch).
+            offsets = ids_list.offsets.to_numpy().astype(np.int64)
+            lengths = offsets[local + 1] - offsets[local]
+            take, put = _ranges(offsets[local], lengths), _ranges(out_starts[mine], lengths)
+            ids[put] = ids_list.values.to_numpy()[take]
+            labels[put] = labels_list.values.to_numpy()[take]
 
 
 class _Digest:

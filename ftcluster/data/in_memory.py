@@ -10,6 +10,7 @@ import random
 from ftcluster.data import pairs, prompts
 from ftcluster.data.formats import read_records, to_example
 from ftcluster.data.sources import resolve
+from ftcluster.data.splits import explain_drops
 from ftcluster.data.template import IGNORE
 from ftcluster.errors import DataError, UserError
 
@@ -80,7 +81,7 @@ def _at(path: str, line: int, encode, *args):
 def _require_some(name: str, items: list, rows: list, reasons: dict, max_len: int) -> None:
     if items and not rows:
         raise DataError(items[0][0], None, f"the {name} split is empty after filtering: all {len(items)} examples "
-                                           f"were dropped ({_explain(reasons, max_len)})")
+                                           f"were dropped ({explain_drops(reasons, max_len)})")
 
 
 def read_splits(cfg) -> tuple[list, list | None]:
@@ -124,14 +125,3 @@ def _over_length(path: str, line: int, length: int, max_len: int, policy: str, w
                                     f"(data.truncation=error). Raise trainer.max_seq_len, or set "
                                     f"data.truncation=truncate or data.truncation=drop")
     return length > max_len
-
-
-def _explain(reasons: dict, max_len: int) -> str:
-    parts = []
-    if reasons["too_long"]:
-        parts.append(f"{reasons['too_long']} longer than trainer.max_seq_len={max_len} with data.truncation=drop; "
-                     f"raise trainer.max_seq_len or use data.truncation=truncate")
-    if reasons["no_trainable_tokens"]:
-        parts.append(f"{reasons['no_trainable_tokens']} with no trainable token left (the prompt fills "
-                     f"trainer.max_seq_len={max_len}); raise trainer.max_seq_len")
-    return "; ".join(parts)

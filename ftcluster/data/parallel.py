@@ -5,6 +5,8 @@ each holding one tokenizer, one unit per call; every actor writes its shard to t
 returns the unit's summary. Nothing the driver does depends on which actor ran which unit, or when: the
 summaries are put back in unit order, so the prepared rows are the same for any number of workers or nodes.
 Units are small (UNIT_LINES records), so a long example holds up one small unit, never a worker's share.
+While Ray and its encoders start (seconds), this process encodes units from the front and the encoders take
+them from the back; either skips a unit whose shard is already written, so no start-up time is idle.
 
 The data layer starts no cluster itself (that is the launchers' job, with their token authentication): a
 caller that wants workers passes `connect`, which joins or starts one, or connects Ray before calling.
@@ -12,13 +14,16 @@ caller that wants workers passes `connect`, which joins or starts one, or connec
 
 from __future__ import annotations
 
+import logging
 import os
 import pickle
+import threading
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Callable, Iterator
 
 from ftcluster.data.encode import Settings
-from ftcluster.data.shards import Summary, encode_unit
+from ftcluster.data.shards import Summary, encode_unit, shard_path
 from ftcluster.data.sources import Unit
 
 
@@ -28,37 +33,84 @@ MIN_UNITS_FOR_WORKERS = 16
 
 
 def worker_count(requested: int, connect: Callable[[], None] | None, unit_count: int) -> int:
-    """data.prepare_workers: 0 means every core of the connected cluster (else of this machine), for a data
-    set large enough to repay starting them; an explicit number is taken as asked."""
+    """data.prepare_workers as encode_units takes it: an explicit number as asked; 0, every core of the cluster
+    (counted once it is connected), for a data set large enough to repay starting workers and with a cluster at
+    hand or one to start; else 1, this process alone."""
     if requested > 0:
         return requested
     if unit_count < MIN_UNITS_FOR_WORKERS:
         return 1
-    ray = _ray_if_connected()
-    if ray is None and connect is not None and (os.cpu_count() or 1) > 1:
-        connect()
-        ray = _ray_if_connected()
-    if ray is not None:
-        return max(1, int(ray.cluster_resources().get("CPU", 1)))
-    # No cluster at hand and no way to reach one: this process alone.
+    if _ray_if_connected() is not None or (connect is not None and (os.cpu_count() or 1) > 1):
+        return 0
     return 1
+
+
+def pool_size(workers: int) -> int:
+    """The number of encoders `workers` stands for (0: every core of the connected cluster)."""
+    ray = _ray_if_connected()
+    return workers or (max(1, int(ray.cluster_resources().get("CPU", 1))) if ray is not None else 1)
 
 
 def encode_units(units: list[Unit], settings: Settings, tokenizer, shards: Path, workers: int,
                  connect: Callable[[], None] | None) -> Iterator[Summary]:
-    """Each unit's summary, as units finish (any order); a unit's shard is complete before its summary."""
-    if workers <= 1 or len(units) <= 1:
+    """Each unit's summary, as units finish (any order); a unit's shard is complete before its summary.
+    `workers` as worker_count gives it."""
+    if workers == 1 or len(units) <= 1:
         for unit in units:
             yield encode_unit(unit, settings, tokenizer, shards)
         return
-    ray = _ray_if_connected()
-    if ray is None:
-        if connect is None:
-            raise RuntimeError("data.prepare_workers > 1 needs a Ray cluster: pass `connect` or call ray.init first")
-        connect()
-        ray = _ray_if_connected()
-    import logging
+    # Starting Ray takes seconds (most of ten on a small machine), and so does starting its encoders, each loading
+    # a tokenizer: a thread of this process encodes units from the front meanwhile, until the first encoder
+    # reports; the encoders take units from the back, and either skips a unit whose shard is written already.
+    # (Ray is started from the main thread: its processes die with the thread that started them.)
+    seen: set[int] = set()
+    with _encoding_meanwhile(units, settings, tokenizer, shards) as (done, encoders_running):
+        cluster(connect)
+        rest = [u for u in reversed(units) if not shard_path(shards, u.index).exists()]
+        for summary in _on_ray(rest, settings, tokenizer, shards, pool_size(workers)) if rest else ():
+            encoders_running.set()
+            if summary is not None and summary.unit not in seen:
+                seen.add(summary.unit)
+                yield summary
+    for summary in done:
+        if summary.unit not in seen:  # both may have encoded a unit, alike: the first summary counts
+            seen.add(summary.unit)
+            yield summary
+    missing = sorted({u.index for u in units} - seen)
+    if missing:
+        raise RuntimeError(f"units {missing[:5]} were encoded by no one; see the log above")
 
+
+@contextmanager
+def _encoding_meanwhile(units: list[Unit], settings: Settings, tokenizer, shards: Path):
+    """Encode units in order in a thread while the block runs, until the event it yields is set or a unit is
+    found done; leaving the block stops it after the unit at hand (raising what the thread raised). Yields
+    (the summaries so far, the event)."""
+    done: list[Summary] = []
+    stop, failed = threading.Event(), []
+
+    def encode():
+        try:
+            for unit in units:
+                if stop.is_set() or shard_path(shards, unit.index).exists():
+                    return
+                done.append(encode_unit(unit, settings, tokenizer, shards))
+        except BaseException as exc:
+            failed.append(exc)
+
+    thread = threading.Thread(target=encode, name="ftcluster-encode-while-ray-starts", daemon=True)
+    thread.start()
+    try:
+        yield done, stop
+    finally:
+        stop.set()
+        thread.join()
+    if failed:
+        raise failed[0]
+
+
+def _on_ray(units: list[Unit], settings: Settings, tokenizer, shards: Path, workers: int) -> Iterator[Summary]:
+    """The units encoded by a pool of `workers` actors on the connected cluster, with Ray Data."""
     import ray.data
 
     logging.getLogger("ray.data").setLevel(logging.WARNING)  # its per-run INFO lines would bury the launch log
@@ -76,6 +128,17 @@ def encode_units(units: list[Unit], settings: Settings, tokenizer, shards: Path,
             yield pickle.loads(blob)
 
 
+def cluster(connect: Callable[[], None] | None):
+    """The ray module, connected: to the cluster this process is on, else to the one `connect` joins or starts."""
+    ray = _ray_if_connected()
+    if ray is None:
+        if connect is None:
+            raise RuntimeError("data.prepare_workers > 1 needs a Ray cluster: pass `connect` or call ray.init first")
+        connect()
+        ray = _ray_if_connected()
+    return ray
+
+
 class _UnitEncoder:
     """A Ray Data actor: one tokenizer, loaded once, for every unit it is handed."""
 
@@ -84,8 +147,10 @@ class _UnitEncoder:
         self.settings, self.tokenizer, self.shards = settings, tokenizer, Path(shards)
 
     def __call__(self, batch: dict) -> dict:
-        summaries = [encode_unit(pickle.loads(blob), self.settings, self.tokenizer, self.shards)
-                     for blob in batch["unit"]]
+        units = [pickle.loads(blob) for blob in batch["unit"]]
+        # A unit whose shard is written was encoded by the driver while the encoders started (encode_units).
+        summaries = [None if shard_path(self.shards, unit.index).exists()
+                     else encode_unit(unit, self.settings, self.tokenizer, self.shards) for unit in units]
         return {"summary": [pickle.dumps(s) for s in summaries]}
 
 

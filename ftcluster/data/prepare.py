@@ -14,6 +14,7 @@ byte-identical for any number of workers: nothing depends on which worker encode
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import sys
@@ -30,7 +31,7 @@ from ftcluster.data.encode import Settings
 from ftcluster.data.in_memory import hold_out, read_splits, small_rows  # noqa: F401  (hold_out: tools/split.py)
 from ftcluster.data.loader import require_rows
 from ftcluster.data.packing import token_efficiency
-from ftcluster.data.parallel import encode_units, worker_count
+from ftcluster.data.parallel import encode_units, pool_size, worker_count
 from ftcluster.data.sources import split_sources, units
 from ftcluster.data import splits as splitting
 from ftcluster.data.template import apply_template_override, prompt_and_reference
@@ -55,14 +56,13 @@ def prepare(cfg, tokenizer, out_dir: str | None, connect: Callable[[], None] | N
 
     `connect` joins or starts the Ray cluster that data.prepare_workers other than 1 run on (the driver's
     launcher); without it, a Ray already connected in this process is used, else one worker."""
-    if _uses_template(cfg):
-        apply_template_override(tokenizer, cfg.data.chat_template)
-    key = fingerprint(cfg, tokenizer)
+    key = prepared_key(cfg, tokenizer)
     folder = store.entry(cfg.data.get("prepared_dir"), key)
     stats = store.complete(folder, key)
     reused = stats is not None
     if stats is None:
-        with store.locked(folder):
+        with store.locked(folder, on_wait=lambda: log(f"[ftcluster] data: another process is preparing the same set "
+                                                      f"in {folder}; waiting to reuse it")):
             stats = store.complete(folder, key)  # another process may have prepared it while we waited
             if stats is None:
                 with store.building(folder) as tmp:
@@ -102,7 +102,7 @@ def _build(cfg, tokenizer, out: Path, key: str, connect) -> dict:
     tokens = sum(stats[s]["tokens"] for s in ("train", "eval") if s in stats)
     stats["rows_digest"] = stats["train"]["rows_digest"]
     stats["prepare"] = {"workers": workers, "seconds": round(seconds, 2),
-                        "tokens_per_s": round(tokens / seconds) if seconds else 0}
+                        "tokens_per_s": round(tokens / seconds) if seconds else 0, **stats.get("prepare", {})}
     return stats
 
 
@@ -114,6 +114,7 @@ def _build_sequences(cfg, tokenizer, out: Path, stats: dict, connect) -> int:
     if eval_sources:
         work += units("eval", eval_sources, len(work), keep_generate=True)
     settings = Settings(data.train_on, data.system_prompt, cfg.trainer.max_seq_len, data.truncation)
+    started = time.monotonic()
     workers = worker_count(data.get("prepare_workers", 1), connect, len(work)) if len(work) > 1 else 1
     shards = out / "shards"
     shards.mkdir()
@@ -123,7 +124,9 @@ def _build_sequences(cfg, tokenizer, out: Path, stats: dict, connect) -> int:
             summaries[summary.unit] = summary
             bar.update(1)
             bar.set_postfix(records=sum(s.records for s in summaries.values()), refresh=False)
+    workers = pool_size(workers)
     splitting.raise_errors(summaries)
+    encoded = time.monotonic()
 
     train = splitting.gather("train", work, train_sources, summaries)
     evals = splitting.gather("eval", work, eval_sources, summaries) if eval_sources else None
@@ -147,6 +150,9 @@ def _build_sequences(cfg, tokenizer, out: Path, stats: dict, connect) -> int:
         if name == "eval":
             stats["eval_generate"] = _write_lines(generate_lines(split.examples, shards), out / "eval_generate.jsonl")
     _remove_tree(shards)  # the rows hold every token now
+    # Where the time went: the parallel part (reading and encoding; starting Ray and the encoders included, this
+    # process encoding meanwhile) and the serial part in this process (packing and writing the rows).
+    stats["prepare"] = {"encode_s": round(encoded - started, 2), "assemble_s": round(time.monotonic() - encoded, 2)}
     return workers
 
 
@@ -176,7 +182,8 @@ def _progress(total: int, workers: int):
     from tqdm import tqdm
 
     # On a terminal only: in a log file (a SLURM job's, a Ray job's) a bar is only noise.
-    with tqdm(total=total, unit="unit", desc=f"[ftcluster] preparing data ({workers} worker{'s' * (workers > 1)})",
+    shown = f"{workers} worker{'s' * (workers > 1)}" if workers else "every core of the cluster"
+    with tqdm(total=total, unit="unit", desc=f"[ftcluster] preparing data ({shown})",
               disable=not sys.stderr.isatty(), leave=False) as bar:
         yield bar
 
@@ -222,6 +229,14 @@ def _save_rows(rows: list[dict], where: Path, features: datasets.Features) -> No
         datasets.Dataset.from_dict(columns, features=features).save_to_disk(str(where))
 
 
+def prepared_key(cfg, tokenizer) -> str:
+    """The fingerprint prepare() keys cfg's set by: data.chat_template is applied to the tokenizer first (and
+    stays applied), as prepare() applies it before encoding."""
+    if _uses_template(cfg):
+        apply_template_override(tokenizer, cfg.data.chat_template)
+    return fingerprint(cfg, tokenizer)
+
+
 def fingerprint(cfg, tokenizer) -> str:
     """The store's key for cfg's prepared set: the data files' bytes, the tokenizer, and every setting that
     shapes the rows. Settings that do not (learning rate, steps, the launcher) leave it unchanged, so sweep
@@ -234,9 +249,7 @@ def fingerprint(cfg, tokenizer) -> str:
             h.update(json.dumps([source.format, source.weight]).encode())
             for file in source.files:
                 _hash_file(h, Path(file))
-    backend = getattr(tokenizer, "backend_tokenizer", None)
-    vocab = backend.to_str() if backend is not None else json.dumps(sorted(tokenizer.get_vocab().items()))
-    h.update(vocab.encode())
+    h.update(_tokenizer_identity(tokenizer).encode())
     kind = STAGES[cfg.stage.name].data_kind
     settings = {
         "layout": LAYOUT_VERSION,
@@ -259,11 +272,35 @@ def fingerprint(cfg, tokenizer) -> str:
     return h.hexdigest()
 
 
+def _tokenizer_identity(tokenizer) -> str:
+    """What makes the tokenizer's tokens: the fast tokenizer's whole definition, less its padding and truncation
+    state, which the encoder never uses (it tokenizes unpadded, untruncated) and which a saved tokenizer carries
+    from how it was last called (a run's final/ tokenizer pads left for generation), so that eval and a run
+    share a set."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is None:
+        return json.dumps(sorted(tokenizer.get_vocab().items()))
+    definition = json.loads(backend.to_str())
+    definition.pop("padding", None)
+    definition.pop("truncation", None)
+    return json.dumps(definition, sort_keys=True)
+
+
 def _hash_file(h, path: Path) -> None:
     h.update(path.name.encode() if path.is_dir() else b"file")
     files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
     for file in files:
         h.update(str(file.relative_to(path) if path.is_dir() else "").encode())
-        with open(file, "rb") as f:
-            for chunk in iter(lambda: f.read(1 << 20), b""):
-                h.update(chunk)
+        stat = file.stat()
+        h.update(_file_digest(str(file.resolve()), stat.st_size, stat.st_mtime_ns, stat.st_ino))
+
+
+@functools.lru_cache(maxsize=4096)
+def _file_digest(path: str, size: int, mtime_ns: int, inode: int) -> bytes:
+    """A data file's sha256, read once per process while the file is unchanged: a sweep fingerprints every
+    trial's config, and a multi-GB data set would otherwise be read again for each."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.digest()

@@ -9,6 +9,8 @@ examples (a few bytes each), not with their tokens.
 
 from __future__ import annotations
 
+import os
+import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -51,7 +53,8 @@ def encode_unit(unit: Unit, settings: Settings, tokenizer, shards: Path) -> Summ
     parts: list[Encoded] = []
     errors: list[DataError] = []
     final = shard_path(shards, unit.index)
-    tmp = final.with_name(f".tmp-{final.name}")
+    # Private to this writer: the driver and an encoder may both encode a unit (parallel.encode_units), alike.
+    tmp = final.with_name(f".tmp-{os.getpid()}-{threading.get_ident()}-{final.name}")
     batch: list[tuple[int, int, dict]] = []
     with pa.OSFile(str(tmp), "wb") as sink, pa.ipc.new_file(sink, SCHEMA) as writer:
         def flush():

@@ -20,7 +20,7 @@ from typing import Callable, Iterator
 
 import numpy as np
 
-from ftcluster.data.formats import COMPRESSED, open_lines, parse_line, read_records
+from ftcluster.data.formats import COMPRESSED, parse_line, read_records
 from ftcluster.errors import ConfigError, DataError
 
 # Records per unit of plain JSON Lines: small enough that two workers share a few thousand records evenly,

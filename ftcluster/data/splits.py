@@ -128,13 +128,19 @@ def proportions(split: Split, sources: list[Source]) -> list[dict]:
 
 def require_some(name: str, split: Split, max_len: int) -> None:
     if split.record_count and not len(split.records):
-        c = counts(split)["dropped_reasons"]
-        parts = []
-        if c["too_long"]:
-            parts.append(f"{c['too_long']} longer than trainer.max_seq_len={max_len} with data.truncation=drop; "
-                         f"raise trainer.max_seq_len or use data.truncation=truncate")
-        if c["no_trainable_tokens"]:
-            parts.append(f"{c['no_trainable_tokens']} with no trainable token left (the prompt fills "
-                         f"trainer.max_seq_len={max_len}); raise trainer.max_seq_len")
+        reasons = counts(split)["dropped_reasons"]
         raise DataError(split.first_path, None, f"the {name} split is empty after filtering: all "
-                                                f"{split.record_count} examples were dropped ({'; '.join(parts)})")
+                                                f"{split.record_count} examples were dropped "
+                                                f"({explain_drops(reasons, max_len)})")
+
+
+def explain_drops(reasons: dict, max_len: int) -> str:
+    """Why examples were dropped, with the fix for each reason (too_long, no_trainable_tokens counts)."""
+    parts = []
+    if reasons["too_long"]:
+        parts.append(f"{reasons['too_long']} longer than trainer.max_seq_len={max_len} with data.truncation=drop; "
+                     f"raise trainer.max_seq_len or use data.truncation=truncate")
+    if reasons["no_trainable_tokens"]:
+        parts.append(f"{reasons['no_trainable_tokens']} with no trainable token left (the prompt fills "
+                     f"trainer.max_seq_len={max_len}); raise trainer.max_seq_len")
+    return "; ".join(parts)

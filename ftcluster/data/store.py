@@ -14,7 +14,7 @@ For a caller (the driver, `ftcluster eval`, a sweep), the whole API is:
     entry = store.entry(data.prepared_dir, fingerprint)   # where the set lives
     store.complete(entry, fingerprint)                      # its stats when it is there and whole, else None
     prepare.prepare(cfg, tokenizer, out_dir)                # builds it if needed; out_dir links to it
-    prepare.fingerprint(cfg, tokenizer)                     # the key, without preparing anything
+    prepare.prepared_key(cfg, tokenizer)                    # the key, without preparing anything
 """
 
 from __future__ import annotations
@@ -24,9 +24,9 @@ import os
 import shutil
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
-from filelock import FileLock
+from filelock import FileLock, Timeout
 
 from ftcluster.util.atomic import PENDING_PREFIX
 
@@ -52,10 +52,21 @@ def complete(folder: Path, fingerprint: str) -> dict | None:
 
 
 @contextmanager
-def locked(folder: Path) -> Iterator[None]:
+def locked(folder: Path, on_wait: Callable[[], None] | None = None) -> Iterator[None]:
+    """Hold the set's lock; `on_wait` is called first when another process holds it (a sweep's trials, two
+    runs started together), so that a log says why nothing seems to happen."""
     folder.parent.mkdir(parents=True, exist_ok=True)
-    with FileLock(str(folder.with_name(f"{folder.name}.lock"))):
+    lock = FileLock(str(folder.with_name(f"{folder.name}.lock")))
+    try:
+        lock.acquire(timeout=0)
+    except Timeout:
+        if on_wait is not None:
+            on_wait()
+        lock.acquire()
+    try:
         yield
+    finally:
+        lock.release()
 
 
 @contextmanager

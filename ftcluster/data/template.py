@@ -20,6 +20,7 @@ from pathlib import Path
 import jinja2
 import numpy as np
 
+from ftcluster.data.render import prefix_renderer
 from ftcluster.errors import ConfigError, UserError
 
 IGNORE = -100  # The label value Hugging Face losses skip.
@@ -57,16 +58,33 @@ def _render(tokenizer, messages: list[dict], add_generation_prompt: bool) -> str
         raise ConfigError("data.chat_template", f"the chat template failed on this conversation: {exc}") from None
 
 
+def _prefixes(tokenizer, messages: list[dict]):
+    """`render(n, add_generation_prompt)`: messages[:n] as _render renders it, the messages converted for the
+    template once for all prefixes (ftcluster.data.render)."""
+    conversation = prefix_renderer(tokenizer)(messages)
+
+    def render(n: int, add_generation_prompt: bool) -> str:
+        if n == 0:  # apply_chat_template refuses an empty conversation: the same error as ever
+            return _render(tokenizer, [], add_generation_prompt)
+        try:
+            return conversation(n, add_generation_prompt)
+        except jinja2.TemplateError as exc:
+            raise ConfigError("data.chat_template", f"the chat template failed on this conversation: {exc}") from None
+    return render
+
+
 def _assistant_spans(messages: list[dict], tokenizer, from_turn: int = 0) -> tuple[str, list[tuple[int, int]]]:
     """The full render and the character span of each assistant turn from `from_turn` on (content + end
     of turn)."""
-    full = _render(tokenizer, messages, add_generation_prompt=False)
+    render = _prefixes(tokenizer, messages)
+    full = render(len(messages), False)
     spans = []
     for i, message in enumerate(messages):
         if message["role"] != "assistant" or i < from_turn:
             continue
-        before = _render(tokenizer, messages[:i], add_generation_prompt=True)
-        through = _render(tokenizer, messages[: i + 1], add_generation_prompt=False)
+        before = render(i, True)
+        # The last turn's prefix is the whole conversation, rendered already (rendering is most of encoding's time).
+        through = full if i == len(messages) - 1 else render(i + 1, False)
         if not (through.startswith(before) and full.startswith(through)):
             raise ConfigError("data.chat_template",
                               f"the chat template does not render conversation prefixes consistently at turn {i} "

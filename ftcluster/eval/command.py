@@ -27,6 +27,7 @@ import datasets
 from omegaconf import DictConfig, OmegaConf
 
 from ftcluster.config import compose, to_yaml, validate
+from ftcluster.data import store
 from ftcluster.data.formats import read_records, to_example
 from ftcluster.data.packing import pack, unpacked
 from ftcluster.data.prepare import FEATURES, prepare, quiet_datasets, read_splits
@@ -167,13 +168,21 @@ def general_documents(path: str) -> list[str]:
 
 
 def prepare_model(cfg: DictConfig, role: str, target: Target, out: Path) -> dict:
-    """The model made loadable and the data encoded with its tokenizer, under <out>/data/<role>/."""
+    """The model made loadable and the data encoded with its tokenizer: <out>/data/<role> links to the prepared
+    set in the store (the very set the run trained and evaluated on, reused, when eval.model is a run's and its
+    tokenizer and data settings are unchanged); the general text's rows go beside it, in <out>/data/<role>-general,
+    never into the store's set, which other runs and evals share."""
     model_dir, adapter_dir = materialize(target, role, out, cfg.seed, cfg.model.trust_remote_code)
     tokenizer = eval_tokenizer(cfg, model_dir, adapter_dir)
-    data_dir = out / "data" / role
-    stats = prepare(_preparation_config(cfg), tokenizer, str(data_dir))
-    general = write_general_rows(cfg, tokenizer, data_dir / "general") if cfg.eval.general else None
+    data_dir, general_dir = out / "data" / role, out / "data" / f"{role}-general"
+    stats = prepare(_preparation_config(cfg), tokenizer, None)
+    store.link(data_dir, Path(stats["dir"]))
+    how = "reused, no tokenization" if stats["reused"] else f"prepared in {stats['prepare']['seconds']} s"
+    print(f"[ftcluster] eval {role}: eval split of {stats['eval']['examples']} examples from the prepared set "
+          f"{stats['dir']} ({how})", flush=True)
+    general = write_general_rows(cfg, tokenizer, general_dir) if cfg.eval.general else None
     return {"role": role, "model_dir": model_dir, "adapter_dir": adapter_dir, "data_dir": str(data_dir),
+            "general_dir": str(general_dir) if general else None, "pad_id": stats["pad_id"],
             "eval_examples": stats["eval"]["examples"], "eval_tokens": stats["eval"]["trainable_tokens"],
             "prompts": stats["eval_generate"], "general": general}
 

@@ -56,8 +56,9 @@ def score_model(cfg: DictConfig, spec: dict) -> dict:
     tokenizer = eval_tokenizer(cfg, spec["model_dir"], spec["adapter_dir"])
     model = _load(cfg, spec["model_dir"], spec["adapter_dir"])
     started = time.perf_counter()
-    result = {"loss": _perplexity_loss(cfg, model, data_dir, "eval"),
-              "general_loss": _perplexity_loss(cfg, model, data_dir, "general")}
+    general = spec["general_dir"] and Path(spec["general_dir"])
+    result = {"loss": _perplexity_loss(cfg, model, data_dir / "eval", spec["pad_id"]),
+              "general_loss": _perplexity_loss(cfg, model, general, spec["pad_id"]) if general else None}
     scored = time.perf_counter()
     prompts = [json.loads(line)["prompt"] for line in (data_dir / "eval_generate.jsonl").read_text(encoding="utf-8").split("\n")
                if line.strip()] if cfg.eval.metrics else []
@@ -72,12 +73,11 @@ def score_model(cfg: DictConfig, spec: dict) -> dict:
     return result
 
 
-def _perplexity_loss(cfg: DictConfig, model, data_dir: Path, split: str) -> float | None:
+def _perplexity_loss(cfg: DictConfig, model, rows_dir: Path, pad_id: int) -> float | None:
     """Mean loss per scored token of a prepared split (eval, general), None when there is none."""
-    if not (data_dir / split).is_dir():
+    if not rows_dir.is_dir():
         return None
-    pad_id = json.loads((data_dir / "stats.json").read_text())["pad_id"]
-    rows = datasets.load_from_disk(str(data_dir / split))
+    rows = datasets.load_from_disk(str(rows_dir))
     return mean_token_loss(model, rows, cfg.trainer.micro_batch_per_device, dist.rank(), dist.world_size(), pad_id,
                            cfg.data.packing, cfg.trainer.loss_chunk_tokens)
 

@@ -10,6 +10,7 @@ placement for its actor groups.
 from __future__ import annotations
 
 import json
+import os
 import time
 import uuid
 from pathlib import Path
@@ -106,6 +107,10 @@ def prepare_run(cfg: DictConfig, argv: list[str]) -> dict | None:
         (out / "metrics.jsonl").unlink(missing_ok=True)  # a run that died before its first checkpoint
 
     model_dir = resolve_model(cfg, out)
+    if cfg.data.prepared_dir is None and cfg.launcher.name in ("ray", "slurm") and not os.environ.get("FTCLUSTER_CACHE"):
+        # Workers on other nodes read the prepared set, and this machine's ~/.cache is not theirs; output_dir is
+        # on storage every node reads. A shared data.prepared_dir (or FTCLUSTER_CACHE) also reuses sets across runs.
+        cfg.data.prepared_dir = str(out / "prepared")
     payload = {"config": OmegaConf.to_container(cfg, resolve=True), "model_dir": model_dir,
                "data_dir": str(out / "data"), "resume_from": str(resume_from) if resume_from else None,
                "launch_id": uuid.uuid4().hex}

@@ -18,7 +18,7 @@ from ftcluster.sweep import slurm_backend
 from ftcluster.sweep.plan import make_plan
 from ftcluster.sweep.summary import BEST_FILE, CSV_FILE, summarize
 from ftcluster.run import lock as run_lock
-from ftcluster.sweep.trial import TRIALS_DIR, TUNE_DIR
+from ftcluster.sweep.trial import STORE_DIR, TRIALS_DIR, TUNE_DIR, trial_store
 from ftcluster.util.outputs import claim_folder, mark_folder, read_marker
 from ftcluster.util.secrets import redact
 
@@ -36,6 +36,8 @@ def sweep(args: list[str]) -> Path:
     out = Path(cfg.output_dir).resolve()
     cfg.output_dir = str(out)
     resume = claim(out, cfg, plan.space)
+    # After the claim, which compares the settings as given with those of a sweep it continues.
+    cfg.data.prepared_dir = trial_store(cfg)
     try:
         return _run(plan, cfg, out, overrides, resume)
     finally:
@@ -89,9 +91,9 @@ def split_params(args: list[str]) -> tuple[list[str], dict]:
 def output_names(space) -> list[str]:
     """Everything a sweep writes in its folder (util/outputs.py's marker lists them): a folder holding anything
     else is not the sweep's to write into. `best` is where best.yaml trains; `tune`, `slurm` and multirun.yaml
-    are the backends' own records."""
+    are the backends' own records; `prepared` the trials' data store when they may run on other nodes."""
     return [SPEC_FILE, TRIALS_DIR, CSV_FILE, BEST_FILE, "best", TUNE_DIR, "slurm", "multirun.yaml", run_lock.LOCK_FILE,
-            *(f"sweep_{param.key}.png" for param in space)]
+            STORE_DIR, *(f"sweep_{param.key}.png" for param in space)]
 
 
 def claim(out: Path, cfg: DictConfig, space=()) -> bool:

@@ -62,7 +62,7 @@ def run(plan: Plan, overrides: list[str], resume: bool) -> None:
             continue
         write_record(out, trial=name, params=point, status="submitted")
         # A job composes the launcher's hydra.* overrides and its own only: the sweep's go in every job.
-        jobs.append([*overrides, *point_overrides(point, name, out, wandb_group(cfg))])
+        jobs.append([*overrides, *point_overrides(point, name, out, wandb_group(cfg), cfg.data.prepared_dir)])
     if not jobs:
         print(f"[ftcluster] every point of the sweep in {sweep_dir} has finished; nothing to submit", flush=True)
         return
@@ -83,10 +83,13 @@ def run(plan: Plan, overrides: list[str], resume: bool) -> None:
         watched(lambda: launcher.launch(jobs, initial_job_idx=0), job_name, folder)
 
 
-def point_overrides(point: dict, name: str, out: Path, group: str) -> list[str]:
+def point_overrides(point: dict, name: str, out: Path, group: str, store: str | None = None) -> list[str]:
+    """`store`: the data store every point shares (trial.trial_store): the first task to need a set prepares it
+    inside the allocation, and tasks needing the same set wait for it and reuse it."""
     return [*(f"{key}={hydra_value(value)}" for key, value in point.items()),
             f"output_dir={hydra_quote(str(out))}", "resume=auto", "launcher.name=local",
             f"tracking.wandb.group={hydra_quote(group)}", f"tracking.wandb.name={name}",
+            *([f"data.prepared_dir={hydra_quote(store)}"] if store else []),
             f"hydra.sweep.subdir={TRIALS_DIR}/{name}"]
 
 

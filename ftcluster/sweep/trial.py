@@ -1,11 +1,13 @@
 """What both backends do for one trial: its config (the sweep's, with the trial's values, its own output_dir
 under <sweep>/trials/, resume=auto so that an interrupted trial continues from its newest checkpoint, the sweep's
-wandb group), and its record trial.json, which the summary reads beside the run's own files."""
+wandb group, one data store for all trials), and its record trial.json, which the summary reads beside the run's
+own files."""
 
 from __future__ import annotations
 
 import copy
 import json
+import os
 from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
@@ -16,6 +18,23 @@ from ftcluster.observe.track import METRICS_FILE
 TRIALS_DIR = "trials"
 TUNE_DIR = "tune"  # where the Ray Tune backend keeps its experiment, beside TRIALS_DIR
 RECORD_FILE = "trial.json"
+
+# <sweep>/prepared: the trials' store when they may run on other nodes than the sweep's (trial_store).
+STORE_DIR = "prepared"
+
+
+def trial_store(cfg: DictConfig) -> str | None:
+    """data.prepared_dir for every trial: the user's; else FTCLUSTER_CACHE's store, named explicitly (a trial's
+    process on another node may not have the variable); else, when trials may run on other nodes (launcher=ray,
+    sweep.backend=slurm), <sweep>/prepared, which they all read (each run's own default there would be a folder
+    of its own, and every trial would prepare again); else None, the default store on this machine."""
+    if cfg.data.prepared_dir or os.environ.get("FTCLUSTER_CACHE"):
+        from ftcluster.data import store  # not at the top: the sweep's checks do without the data layer
+
+        return str(store.root(cfg.data.prepared_dir))  # absolute: a trial may start in another folder
+    if cfg.launcher.name == "ray" or cfg.sweep.backend == "slurm":
+        return str(Path(cfg.output_dir) / STORE_DIR)
+    return None
 
 
 def plain(value):

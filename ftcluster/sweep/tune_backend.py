@@ -8,6 +8,9 @@ stop through ftcluster.train.stop (the workers checkpoint after the current step
 could be continued. The trial actor reserves no CPU: the run's Ray Train workers hold the trial's resources,
 and sweep.concurrency bounds how many run at once (checked against the cluster before any trial starts).
 
+Data: every set the trials train on is prepared once before the first trial starts (ftcluster.sweep.data), so
+each trial's run reuses it and says so in its log.
+
 Resume: Tune's experiment state lives in <sweep>/tune; Tuner.restore runs the unfinished and failed trials again
 (each continues from its own newest checkpoint, resume=auto) and leaves finished ones alone.
 """
@@ -29,6 +32,7 @@ from ray.tune.search import BasicVariantGenerator
 from ftcluster.config import apply_schema
 from ftcluster.errors import StoppedOnRequest
 from ftcluster.launch.cluster import connect
+from ftcluster.sweep.data import prepare_before_trials
 from ftcluster.sweep.plan import Plan, check_concurrency
 from ftcluster.sweep.trial import (TRIALS_DIR, TUNE_DIR, metric_rows, read_record, trial_config, wandb_group,
                                    write_record)
@@ -54,7 +58,7 @@ class TrialRun(tune.Trainable):
         self.thread.start()
 
     def _train(self) -> None:
-        # not at the top: only trial actors train; the process driving the sweep does without transformers and datasets
+        # not at the top: only trial actors train (the sweep's process prepares data, and loads no model)
         from ftcluster.run.driver import train
 
         try:
@@ -146,6 +150,8 @@ def run(plan: Plan, resume: bool) -> None:
     if cfg.launcher.name == "ray":  # a joined cluster: its own resources, now that we can see them
         total = ray.cluster_resources()
         check_concurrency(cfg, total.get("CPU", 0), total.get("GPU", 0))
+    # Every set the trials will train on, prepared once now, on the cluster's cores, while no trial holds them.
+    prepare_before_trials(plan)
     # Trials resolve paths from where the sweep was started (Tune would run each in its own folder).
     os.environ["RAY_CHDIR_TO_TRIAL_DIR"] = "0"
     # No CPU for the trial actor, whose run's workers hold the trial's resources; Tune wants some resource in

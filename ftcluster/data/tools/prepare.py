@@ -43,7 +43,10 @@ def report(stats: dict, wall_s: float) -> str:
         lines.append(f"reused {stats['dir']} (prepared in {done['seconds']} s by {done['workers']} workers); "
                      f"this call {wall_s:.1f} s")
     else:
+        phases = (f" (reading and encoding {done['encode_s']} s, packing and writing the rows "
+                  f"{done['assemble_s']} s)") if "encode_s" in done else ""
         lines.append(f"prepared {stats['dir']} in {wall_s:.1f} s with {done['workers']} worker"
-                     f"{'s' * (done['workers'] > 1)}: {tokens / max(wall_s, 1e-9):,.0f} tokens/s")
+                     f"{'s' * (done['workers'] > 1)}: {stats['train']['records'] / max(wall_s, 1e-9):,.0f} records/s, "
+                     f"{tokens / max(wall_s, 1e-9):,.0f} tokens/s{phases}")
     lines.append(f"rows_digest {stats['rows_digest']}")
     return "\n".join(lines)
