@@ -7,6 +7,7 @@ import torch
 from transformers import Gemma2Config, GPT2Config, GPT2LMHeadModel, Gemma2ForCausalLM, LlamaConfig, LlamaForCausalLM
 
 from helpers import INLINE, losses, train
+from ftcluster.data.collate import model_inputs
 from ftcluster.data.template import IGNORE
 from ftcluster.objectives import chunked
 from ftcluster.objectives.cross_entropy import token_loss_sum
@@ -142,9 +143,9 @@ def test_model_families_with_unknown_logit_processing_take_the_full_logits():
 
 def test_every_model_input_reaches_the_model_and_bookkeeping_does_not():
     # Flattened packing adds flash-attention keys; the loss must not keep to a fixed list.
-    inputs = chunked.model_inputs({"input_ids": torch.ones(1, 3), "cu_seq_lens_q": torch.tensor([0, 3]),
+    inputs = model_inputs({"input_ids": torch.ones(1, 3), "cu_seq_lens_q": torch.tensor([0, 3]),
                                    "max_length_q": 3, "labels": torch.ones(1, 3), "num_tokens": 3,
-                                   "num_examples": 1, "margin": torch.zeros(1), "row_index": torch.zeros(1)})
+                                   "num_examples": 1, "margin": torch.zeros(1), "row_index": torch.zeros(1)}, "cpu")
     assert set(inputs) == {"input_ids", "cu_seq_lens_q", "max_length_q"}
 
 

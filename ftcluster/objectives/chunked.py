@@ -35,17 +35,6 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from ftcluster.data.template import IGNORE
-from ftcluster.util import dist
-
-# Batch keys that are bookkeeping, not model inputs; every other key (input_ids, attention_mask,
-# position_ids, flash-attention's cu_seq_lens_q/k and max_length_q/k, ...) goes to the model.
-NON_MODEL_KEYS = frozenset({"labels", "num_tokens", "num_examples", "margin", "row_index"})
-
-
-def model_inputs(batch: dict) -> dict:
-    """Every model input of a batch, tensors on this rank's device."""
-    return {k: v.to(dist.device()) if torch.is_tensor(v) else v for k, v in batch.items() if k not in NON_MODEL_KEYS}
-
 
 def _identity(logits: torch.Tensor) -> torch.Tensor:
     return logits

@@ -9,8 +9,10 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from ftcluster.data.collate import model_inputs
 from ftcluster.data.template import IGNORE
 from ftcluster.objectives import chunked
+from ftcluster.util import dist
 
 
 def token_loss_sum(model, batch: dict, chunk_tokens: int = 0) -> torch.Tensor:
@@ -18,7 +20,7 @@ def token_loss_sum(model, batch: dict, chunk_tokens: int = 0) -> torch.Tensor:
 
     chunk_tokens > 0: from the final hidden states, that many label tokens at a time, without the full
     logits (ftcluster.objectives.chunked), for models it knows; others, and 0, take the full logits."""
-    inputs = chunked.model_inputs(batch)
+    inputs = model_inputs(batch, dist.device())
     labels = batch["labels"]
     head = chunked.head_of(model) if chunk_tokens > 0 else None
     if head is not None:

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import torch
 
+from ftcluster.data.collate import model_inputs
 from ftcluster.data.template import IGNORE
 from ftcluster.objectives import chunked
 from ftcluster.objectives.losses import SequenceLogps
+from ftcluster.util import dist
 
 
 def token_logps(logits: torch.Tensor, targets: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
@@ -24,7 +26,7 @@ def model_labelled_logps(model, batch: dict, temperature: float = 1.0,
                          chunk_tokens: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     """One forward over `batch`: [batch, length - 1] log-probs of its labels (0 where unlabelled) and the
     label mask. chunk_tokens > 0: without the full logits, as token_loss_sum does."""
-    inputs = chunked.model_inputs(batch)
+    inputs = model_inputs(batch, dist.device())
     labels = batch["labels"]
     head = chunked.head_of(model) if chunk_tokens > 0 else None
     if head is not None:
