@@ -245,7 +245,9 @@ def test_the_rl_controller_stops_on_a_non_finite_loss_naming_the_step(tmp_path):
     """GRPO: a reward too large for float32 (finite as Python reads it) makes the advantages, and so the loss,
     NaN at step 1; the controller stops there, naming the step, and saves nothing of that step."""
     rewards = tmp_path / "huge_rewards.py"
-    rewards.write_text("def huge(prompt, completion, **fields):\n    return 1e300 if len(completion) % 2 else 0.0\n")
+    # Every sample: a group with one such reward already turns NaN, but which completions have odd length (the
+    # earlier condition) depends on sampling, and a step whose samples all scored 0 trained on finite numbers.
+    rewards.write_text("def huge(prompt, completion, **fields):\n    return 1e300\n")
     out = tmp_path / "run"
     proc = start(out, *TINY, "stage=grpo", "launcher.workers=1", f"stage.rl.reward_fn={rewards}:huge",
                  "stage.rl.prompts_per_step=2", "stage.rl.samples_per_prompt=2", "trainer.global_batch=4",
