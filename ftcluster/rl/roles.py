@@ -30,6 +30,7 @@ from ftcluster.objectives.logprobs import model_labelled_logps
 from ftcluster.objectives.losses import clipped_policy_loss, clipped_value_loss, kl_penalty
 from ftcluster.rl.experience import from_lists, pad_sequences, response_mask, to_lists
 from ftcluster.rl.sampling import sample_responses
+from ftcluster.rl.weights import checksum, lora_scalings, merged_lora_state, split_aliases, with_aliases
 from ftcluster.train import checkpoint
 from ftcluster.train import engine as ds_engine
 from ftcluster.train.engine import deepspeed_config, full_state_dict, optimizer_step
@@ -111,9 +112,10 @@ class PolicyWorker(RoleWorker):
         # generation when it fits, not layer by layer for every token.
         partitioned = self.engine.zero_optimization_partition_weights()
         with whole_model_gathered(self.engine.module, partitioned, print):
-            return sample_responses(self.engine.module, prompt_ids, self.pad_id, self.tokenizer.eos_token_id,
-                                    max_new_tokens or rl.max_new_tokens, rl.temperature, rl.top_p, seed, greedy,
-                                    synced=self._sharded(), batch_size=len(prompt_ids))
+            return {"responses": sample_responses(self.engine.module, prompt_ids, self.pad_id,
+                                                  self.tokenizer.eos_token_id, max_new_tokens or rl.max_new_tokens,
+                                                  rl.temperature, rl.top_p, seed, greedy, synced=self._sharded(),
+                                                  batch_size=len(prompt_ids))}
 
     def logprobs(self, samples: list[dict], reference: bool) -> dict:
         """Per-token log-probs of the responses under the policy (at the sampling temperature) and, when
@@ -149,6 +151,8 @@ class PolicyWorker(RoleWorker):
             mask_d = mask.to(logps.device)
             per_token, clipped = clipped_policy_loss(logps, old.to(logps.device), advantages.to(logps.device),
                                                      rl.clip_eps)
+            if "is_weights" in chunk[0]:  # stage.rl.tis_cap: the sampler's tokens reweighted to the trainer's policy
+                per_token = per_token * from_lists([s["is_weights"] for s in chunk], mask).to(logps.device)
             kl = torch.zeros_like(logps)
             if rl.kl_mode == "loss" and rl.kl_coef > 0:
                 ref = from_lists([s["ref_logps"] for s in chunk], mask).to(logps.device)
@@ -165,18 +169,26 @@ class PolicyWorker(RoleWorker):
     def lr(self) -> float:
         return self.engine.get_lr()[0]
 
-    def trainable_weights(self, version: int):
-        """Collective: the weights a rollout actor needs, put in Ray's object store by rank 0; the reference
-        travels inside a list so the caller passes it on without fetching the tensors. With PEFT only the
-        adapters are gathered and sent (megabytes, not the model); the checksum is taken on the device, before
-        the one copy to the host."""
+    def rollout_weights(self, version: int, whole: bool):
+        """Collective: the weights the rollout actors need, put in Ray's object store by rank 0; the reference
+        travels inside a list so the caller passes it on without fetching the tensors. whole=False (HF
+        rollouts with PEFT): only the adapters, gathered from ZeRO-3's shards if need be (megabytes, not the
+        model). whole=True (vLLM): the whole model under its plain names, LoRA folded in. The checksum is
+        taken on the device, before the one copy to the host."""
         import ray  # not at the top: the driver imports this module, and launcher=processes runs without Ray
 
-        state = self._adapter_state() if self.cfg.peft.method != "none" else full_state_dict(self.engine)
+        if whole:
+            state = full_state_dict(self.engine)
+            if self.rank == 0 and self.cfg.peft.method != "none":
+                state = merged_lora_state(state, lora_scalings(self.engine.module))
+        else:
+            state = self._adapter_state() if self.cfg.peft.method != "none" else full_state_dict(self.engine)
         if self.rank != 0:
             return None
+        state, aliases = split_aliases(state, self.engine.module)
         digest = checksum(state)
-        return [ray.put({"version": version, "state": {k: v.detach().cpu() for k, v in state.items()}})], digest
+        update = {"version": version, "state": {k: v.detach().cpu() for k, v in state.items()}, "aliases": aliases}
+        return [ray.put(update)], digest
 
     def _adapter_state(self) -> dict:
         """The trainable tensors by name (rank 0; empty elsewhere), gathered from ZeRO-3's shards if need be."""
@@ -304,43 +316,58 @@ class CriticWorker(RoleWorker):
 
 
 class RolloutWorker(RoleWorker):
-    """Generates only, from a whole copy of the policy; load_weights() brings it up to date."""
+    """Generates only, from a whole copy of the policy (Hugging Face, or a vLLM engine with
+    stage.rl.generation_backend=vllm); load_weights() brings it up to date."""
 
     def setup(self) -> None:
         super().setup()
-        self.model = load_model(self.cfg, self.model_dir).to(dist.device()).eval()
         self.version = -1
+        cfg = self.cfg
+        if cfg.stage.rl.generation_backend == "vllm":
+            from ftcluster.rl.vllm_engine import VLLMSampler  # see rollout_weights; vLLM is an optional extra
 
-    def load_weights(self, box: list) -> int:
-        import ray  # see trainable_weights
+            self.sampler = VLLMSampler(self.model_dir, DTYPES[cfg.strategy.precision], cfg.stage.rl.vllm,
+                                       cfg.stage.rl.vllm.max_model_len or cfg.trainer.max_seq_len, cfg.seed,
+                                       self.tokenizer.eos_token_id, cfg.stage.rl.colocate)
+        else:
+            self.sampler = None
+            self.model = load_model(cfg, self.model_dir).to(dist.device()).eval()
+
+    def load_weights(self, box: list) -> tuple[int, float]:
+        """The policy's update from the object store, loaded; returns its version and the checksum of what was
+        loaded (each shared tensor once), which the controller compares with the sender's."""
+        import ray  # see rollout_weights
 
         update = ray.get(box[0])
-        missing = set(update["state"]) - set(dict(self.model.named_parameters())) - set(self.model.state_dict())
-        if missing:
-            raise RuntimeError(f"rollout weights do not match the policy: unexpected {sorted(missing)[:5]}")
-        self.model.load_state_dict(update["state"], strict=False)
+        state = with_aliases(update["state"], update["aliases"])
+        if self.sampler is not None:
+            self.sampler.load(state)
+        else:
+            unexpected = set(state) - set(self.model.state_dict())
+            if unexpected:
+                raise RuntimeError(f"rollout weights do not match the policy: unexpected {sorted(unexpected)[:5]}")
+            self.model.load_state_dict(state, strict=False)
+        # vLLM keeps no summable copy of its linear weights on CPU (see vllm_engine.py): what it was handed.
+        held = update["state"] if self.sampler is not None else self.model.state_dict()
         self.version = update["version"]
-        held = self.model.state_dict()
         return self.version, checksum({name: held[name] for name in update["state"]})
 
     def generate(self, prompt_ids: list[list[int]], seed: int, version: int, greedy: bool = False,
-                 max_new_tokens: int | None = None) -> list[list[int]]:
-
+                 max_new_tokens: int | None = None) -> dict:
         if version != self.version:
             raise RuntimeError(f"rollout weights are at version {self.version}, the policy at {version}: a weight "
                                f"sync was lost")
         rl = self.cfg.stage.rl
-        return sample_responses(self.model, prompt_ids, self.pad_id, self.tokenizer.eos_token_id,
-                                max_new_tokens or rl.max_new_tokens, rl.temperature, rl.top_p, seed, greedy,
-                                synced=False, batch_size=len(prompt_ids))
-
-
-def checksum(state: dict) -> float:
-    """A cheap fingerprint of a set of weights: their sum of squares, accumulated in float64 where the tensors
-    are (on the device: one read-back, not a host copy of every tensor)."""
-    if not state:
-        return 0.0
-    return float(torch.stack([t.detach().float().square().sum(dtype=torch.float64) for t in state.values()]).sum())
+        max_new_tokens = max_new_tokens or rl.max_new_tokens
+        if self.sampler is not None:
+            # One seed per request, derived from this call's: the same prompts sample the same answers.
+            seeds = [(seed * 1_000_003 + i) % 2**63 for i in range(len(prompt_ids))]
+            responses, logps = self.sampler.generate(prompt_ids, seeds, rl.temperature, rl.top_p, max_new_tokens,
+                                                     greedy)
+            return {"responses": responses, "sampler_logps": logps}
+        return {"responses": sample_responses(self.model, prompt_ids, self.pad_id, self.tokenizer.eos_token_id,
+                                              max_new_tokens, rl.temperature, rl.top_p, seed, greedy, synced=False,
+                                              batch_size=len(prompt_ids))}
 
 
 def _with_workers(cfg, workers: int):
