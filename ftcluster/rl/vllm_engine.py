@@ -37,8 +37,8 @@ class VLLMSampler:
     """A vLLM engine over the policy's architecture, generating token ids from token ids (no tokenizer: the
     controller decodes), its weights replaced by load()."""
 
-    def __init__(self, model_dir: str, dtype: torch.dtype, settings, max_len: int, seed: int, eos_id: int,
-                 colocated: bool):
+    def __init__(self, model_dir: str, dtype: torch.dtype, settings, max_len: int, seed: int, eos_id: int | None,
+                 colocated: bool, engines_per_node: int = 1):
         os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
         on_gpu = torch.cuda.is_available()
         if not on_gpu:
@@ -46,7 +46,10 @@ class VLLMSampler:
             # vLLM's own binding pins one thread per physical core of a NUMA node and reserves one core; an
             # actor that shares its node with the policy's actors takes threads, not cores.
             os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", "nobind")
-            torch.set_num_threads(settings.cpu_threads or len(os.sched_getaffinity(0)))
+            # vLLM drops torch to one thread unless OMP_NUM_THREADS asks for more (and then forbids changes).
+            threads = settings.cpu_threads or max(1, len(os.sched_getaffinity(0)) // engines_per_node)
+            os.environ["OMP_NUM_THREADS"] = str(threads)
+            torch.set_num_threads(threads)
         from vllm import LLM  # not at the top: the extra is optional, and importing vLLM takes seconds
 
         if not on_gpu:
@@ -76,7 +79,10 @@ class VLLMSampler:
         if self.sleeps:
             self.llm.wake_up(tags=["kv_cache"])
         params = [SamplingParams(temperature=0.0 if greedy else temperature, top_p=1.0 if greedy else top_p,
-                                 max_tokens=max_new_tokens, seed=seed, logprobs=0, stop_token_ids=[self.eos_id],
+                                 max_tokens=max_new_tokens, seed=seed, logprobs=0,
+                                 # eos_id None: run every answer to max_new_tokens (benchmarks)
+                                 stop_token_ids=[self.eos_id] if self.eos_id is not None else None,
+                                 ignore_eos=self.eos_id is None,
                                  detokenize=False)
                   for seed in seeds]
         outputs = self.llm.generate([{"prompt_token_ids": list(p)} for p in prompt_ids], params, use_tqdm=False)
