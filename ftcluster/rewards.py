@@ -24,16 +24,21 @@ _OBJECT = re.compile(r"\{.*\}", re.DOTALL)
 
 
 def json_match(prompt: list, completion: str, reference: str, **fields) -> float:
-    """The bundled json_extract task: 1 for the exact compact JSON; 0.25 for valid JSON plus up to 0.5 for
-    the share of the reference's fields it gets right (so pretty-printed but correct scores 0.75); a
-    quarter of that share for an object found inside other text; 0 otherwise."""
+    """The bundled json_extract task: 1 for the exact compact JSON. Valid JSON otherwise scores 0.25, plus 0.5
+    for the share s of the reference's fields it gets right, plus 0.25 x s x its compactness (the length of
+    its compact form over its own), so a correct answer climbs from pretty-printed (about 0.93) through one
+    line with spaces (about 0.98) to compact. An object found inside other text gets a quarter of s; 0
+    otherwise. The prompt asks for compact JSON; the base model pretty-prints, and GRPO needs rewards that
+    tell those apart by degrees."""
     answer = completion.strip()
     if answer == reference.strip():
         return 1.0
     expected = json.loads(reference)
     parsed = json_object(answer)
     if parsed is not None:
-        return 0.25 + 0.5 * field_share(parsed, expected)
+        share = field_share(parsed, expected)
+        compactness = len(json.dumps(parsed, separators=(",", ":"), ensure_ascii=False)) / len(answer)
+        return 0.25 + 0.5 * share + 0.25 * share * min(1.0, compactness)
     found = _OBJECT.search(answer)
     inner = json_object(found.group(0)) if found else None
     return 0.25 * field_share(inner, expected) if inner is not None else 0.0

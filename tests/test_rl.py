@@ -99,15 +99,22 @@ def test_ppo_with_a_reward_model_a_critic_and_a_reference_group(tmp_path, reward
 REFERENCE = '{"name":"Irene","age":26,"city":"Sydney"}'
 
 
+PRETTY = '{\n  "name": "Irene",\n  "age": 26,\n  "city": "Sydney"\n}'
+SPACED = '{"name": "Irene", "age": 26, "city": "Sydney"}'
+
+
 @pytest.mark.parametrize("completion, reward", [
     (REFERENCE, 1.0),
-    ('{\n  "name": "Irene",\n  "age": 26,\n  "city": "Sydney"\n}', 0.75),  # valid, every field right, not compact
-    ('{"name":"Irene","age":27,"city":"Sydney"}', 0.25 + 0.5 * 2 / 3),
+    (PRETTY, 0.75 + 0.25 * len(REFERENCE) / len(PRETTY)),  # valid, every field right, not compact: about 0.93
+    (SPACED, 0.75 + 0.25 * len(REFERENCE) / len(SPACED)),  # closer to compact, higher: about 0.98
+    ('{"name":"Irene","age":27,"city":"Sydney"}', 0.25 + 0.5 * 2 / 3 + 0.25 * 2 / 3),
     ('Sure! {"name":"Irene","age":26,"city":"Sydney"}', 0.25),
     ("Irene is 26.", 0.0),
 ])
 def test_json_match(completion, reward):
     assert json_match(prompt=[], completion=completion, reference=REFERENCE) == pytest.approx(reward)
+    assert json_match(prompt=[], completion=PRETTY, reference=REFERENCE) < json_match(
+        prompt=[], completion=SPACED, reference=REFERENCE) < 1.0
 
 
 def sample(completion="x"):

@@ -30,7 +30,8 @@ from ftcluster.objectives.logprobs import model_labelled_logps
 from ftcluster.objectives.losses import clipped_policy_loss, clipped_value_loss, kl_penalty
 from ftcluster.rl.experience import from_lists, pad_sequences, response_mask, to_lists
 from ftcluster.rl.sampling import sample_responses
-from ftcluster.rl.weights import checksum, lora_scalings, merged_lora_state, split_aliases, with_aliases
+from ftcluster.rl.weights import (checksum, from_arrays, lora_scalings, merged_lora_state, split_aliases, to_arrays,
+                                  with_aliases)
 from ftcluster.train import checkpoint
 from ftcluster.train import engine as ds_engine
 from ftcluster.train.engine import deepspeed_config, full_state_dict, optimizer_step
@@ -187,7 +188,7 @@ class PolicyWorker(RoleWorker):
             return None
         state, aliases = split_aliases(state, self.engine.module)
         digest = checksum(state)
-        update = {"version": version, "state": {k: v.detach().cpu() for k, v in state.items()}, "aliases": aliases}
+        update = {"version": version, "state": to_arrays(state), "aliases": aliases}
         return [ray.put(update)], digest
 
     def _adapter_state(self) -> dict:
@@ -341,7 +342,8 @@ class RolloutWorker(RoleWorker):
         import ray  # see rollout_weights
 
         update = ray.get(box[0])
-        state = with_aliases(update["state"], update["aliases"])
+        received = from_arrays(update["state"])
+        state = with_aliases(received, update["aliases"])
         if self.sampler is not None:
             self.sampler.load(state)
         else:
@@ -350,9 +352,9 @@ class RolloutWorker(RoleWorker):
                 raise RuntimeError(f"rollout weights do not match the policy: unexpected {sorted(unexpected)[:5]}")
             self.model.load_state_dict(state, strict=False)
         # vLLM keeps no summable copy of its linear weights on CPU (see vllm_engine.py): what it was handed.
-        held = update["state"] if self.sampler is not None else self.model.state_dict()
+        held = received if self.sampler is not None else self.model.state_dict()
         self.version = update["version"]
-        return self.version, checksum({name: held[name] for name in update["state"]})
+        return self.version, checksum({name: held[name] for name in received})
 
     def generate(self, prompt_ids: list[list[int]], seed: int, version: int, greedy: bool = False,
                  max_new_tokens: int | None = None) -> dict:

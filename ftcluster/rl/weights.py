@@ -8,6 +8,9 @@ rounding error to the frozen base at every sync.
 
 from __future__ import annotations
 
+import warnings
+
+import numpy as np
 import torch
 
 PEFT_PREFIX = "base_model.model."
@@ -20,7 +23,30 @@ def checksum(state: dict) -> float:
     projections, so a receiver can compare its own with the sender's."""
     if not state:
         return 0.0
-    return float(torch.stack([t.detach().float().square().sum(dtype=torch.float64) for t in state.values()]).sum())
+    return float(sum(torch.linalg.vector_norm(t.detach().flatten(), dtype=torch.float64) ** 2 for t in state.values()))
+
+
+def to_arrays(state: dict[str, torch.Tensor]) -> dict[str, tuple[np.ndarray, str]]:
+    """Host tensors as numpy arrays (with their torch dtype), which Ray's object store hands to readers on the
+    same node without a copy; a pickled tensor is copied on the way in and again on the way out (1.2 s
+    against 0.002 s per read for SmolLM2's 540 MB). Dtypes numpy lacks (bf16) travel as same-width integers."""
+    out = {}
+    for name, tensor in state.items():
+        host = tensor.detach().cpu().contiguous()
+        if host.dtype in _AS_INTEGERS:
+            host = host.view(_AS_INTEGERS[host.dtype])
+        out[name] = (host.numpy(), str(tensor.dtype).removeprefix("torch."))
+    return out
+
+
+def from_arrays(arrays: dict[str, tuple[np.ndarray, str]]) -> dict[str, torch.Tensor]:
+    """The inverse of to_arrays; the tensors share the arrays' (read-only) memory, so load them by copying."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+        return {name: torch.from_numpy(array).view(getattr(torch, dtype)) for name, (array, dtype) in arrays.items()}
+
+
+_AS_INTEGERS = {torch.bfloat16: torch.int16, torch.float8_e4m3fn: torch.int8, torch.float8_e5m2: torch.int8}
 
 
 def lora_scalings(model: torch.nn.Module) -> dict[str, float]:
