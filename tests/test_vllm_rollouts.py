@@ -132,8 +132,9 @@ def model_folder(tmp_path_factory):
 @pytest.mark.slow
 def test_grpo_with_vllm_rollouts_learns_and_the_sampler_matches_the_trainer(model_folder, tmp_path):
     run = tmp_path / "run"
+    # LoRA: the engine gets the adapters folded in, and after the first sync the decoder layers alone.
     train(run, *RL, f"model.path={model_folder}", "trainer.max_steps=6", "trainer.eval_every_steps=6",
-          "stage.rl.tis_cap=2")
+          "stage.rl.tis_cap=2", "peft=lora", "optim.lr=2e-2")
     # The engine samples from the policy's weights after every sync: its log-probs are the trainer's.
     diffs = metric_rows(run, "sampler_logp_diff_max")
     assert [s for s, _ in diffs] == list(range(1, 7)) and all(d < 1e-3 for _, d in diffs)
@@ -201,3 +202,28 @@ def test_vllm_settings_are_checked_before_anything_starts():
                        (["stage.rl.tis_cap=-1"], "stage.rl.tis_cap")):
         with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
             validate(compose([*base, *extra]), check_paths=False)
+
+
+def test_a_sync_of_the_decoder_layers_alone_leaves_the_rest_as_loaded(engine):
+    """After the first sync of a LoRA run only the decoder layers travel (ftcluster.rl.weights.
+    decoder_layers_only): the engine must keep the embedding, tied head and final norm it was given before."""
+    from ftcluster.rl.weights import decoder_layers_only
+
+    folder, sampler = engine
+    first = random_model(folder, 4)
+    with torch.no_grad():
+        first.model.norm.weight.mul_(1.5)  # not the placeholder's ones: a norm left unloaded would show
+    state, aliases = split_aliases(dict(first.state_dict()), first)
+    sampler.load(with_aliases(state, aliases))
+    second = random_model(folder, 5)
+    with torch.no_grad():  # the first one's embedding (so tied head) and final norm, its own layers
+        second.model.embed_tokens.weight.copy_(first.model.embed_tokens.weight)
+        second.model.norm.weight.copy_(first.model.norm.weight)
+    scalings = {f"model.layers.{i}.self_attn.q_proj": 2.0 for i in range(2)}
+    layers = decoder_layers_only(dict(second.state_dict()), scalings)
+    assert not any(name.startswith(("model.embed_tokens", "model.norm", "lm_head")) for name in layers)
+    sampler.load(layers)
+    greedy, _ = sampler.generate(PROMPTS, list(range(8)), 1.0, 1.0, NEW_TOKENS, greedy=True)
+    assert greedy == [hf_greedy(second, p) for p in PROMPTS]
+    # A target outside the layers (here: the head) sends everything.
+    assert decoder_layers_only(dict(second.state_dict()), {"lm_head": 2.0}).keys() == second.state_dict().keys()

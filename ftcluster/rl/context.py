@@ -261,7 +261,8 @@ class RLContext:
             return
         whole = self.cfg.stage.rl.generation_backend == "vllm"
         with self.phase("sync"):
-            box, digest = self.groups["policy"].call("rollout_weights", version, whole)[0]
+            first = version == self.start_step  # the engines start from placeholder weights
+            box, digest = self.groups["policy"].call("rollout_weights", version, whole, first)[0]
             confirmed = rollout.call("load_weights", box, timeout_s=self.cfg.stage.rl.sync_timeout_s)
         wrong = [rank for rank, (v, d) in enumerate(confirmed) if v != version or abs(d - digest) > 1e-6 * abs(digest)]
         if wrong:
@@ -325,7 +326,7 @@ class RLContext:
 
     def _greedy_answers(self, prompts: list[list[dict]]) -> list[str]:
         """Greedy answers to the held-out prompts: from the vLLM engines when they hold the current policy
-        (they are many times faster), else from the policy group."""
+        (no ZeRO gathers, no LoRA layers unmerged), else from the policy group."""
         limit = self.cfg.trainer.eval_max_new_tokens
         if self.cfg.stage.rl.generation_backend != "vllm":
             return self.groups["policy"].call("eval_answers", prompts, limit)[0]

@@ -30,8 +30,8 @@ from ftcluster.objectives.logprobs import model_labelled_logps
 from ftcluster.objectives.losses import clipped_policy_loss, clipped_value_loss, kl_penalty
 from ftcluster.rl.experience import from_lists, pad_sequences, response_mask, to_lists
 from ftcluster.rl.sampling import sample_responses
-from ftcluster.rl.weights import (checksum, from_arrays, lora_scalings, merged_lora_state, split_aliases, to_arrays,
-                                  with_aliases)
+from ftcluster.rl.weights import (checksum, decoder_layers_only, from_arrays, lora_scalings, merged_lora_state,
+                                  split_aliases, to_arrays, with_aliases)
 from ftcluster.train import checkpoint
 from ftcluster.train import engine as ds_engine
 from ftcluster.train.engine import deepspeed_config, full_state_dict, optimizer_step
@@ -170,20 +170,24 @@ class PolicyWorker(RoleWorker):
     def lr(self) -> float:
         return self.engine.get_lr()[0]
 
-    def rollout_weights(self, version: int, whole: bool):
+    def rollout_weights(self, version: int, whole: bool, first: bool):
         """Collective: the weights the rollout actors need, put in Ray's object store by rank 0; the reference
         travels inside a list so the caller passes it on without fetching the tensors. whole=False (HF
         rollouts with PEFT): only the adapters, gathered from ZeRO-3's shards if need be (megabytes, not the
-        model). whole=True (vLLM): the whole model under its plain names, LoRA folded in. The checksum is
-        taken on the device, before the one copy to the host."""
+        model). whole=True (vLLM): the model under its plain names, LoRA folded in; after the first sync of a
+        LoRA run only the decoder layers, the rest being frozen. The checksum is taken before the copy to the
+        host (on the device, on GPUs)."""
         import ray  # not at the top: the driver imports this module, and launcher=processes runs without Ray
 
+        lora = self.cfg.peft.method != "none"
         if whole:
             state = full_state_dict(self.engine)
-            if self.rank == 0 and self.cfg.peft.method != "none":
-                state = merged_lora_state(state, lora_scalings(self.engine.module))
+            if self.rank == 0 and lora:
+                scalings = lora_scalings(self.engine.module)
+                state = merged_lora_state(state, scalings)
+                state = state if first else decoder_layers_only(state, scalings)
         else:
-            state = self._adapter_state() if self.cfg.peft.method != "none" else full_state_dict(self.engine)
+            state = self._adapter_state() if lora else full_state_dict(self.engine)
         if self.rank != 0:
             return None
         state, aliases = split_aliases(state, self.engine.module)

@@ -8,6 +8,7 @@ rounding error to the frozen base at every sync.
 
 from __future__ import annotations
 
+import re
 import warnings
 
 import numpy as np
@@ -65,10 +66,22 @@ def merged_lora_state(state: dict[str, torch.Tensor], scalings: dict[str, float]
         if name.endswith(".base_layer.weight"):
             module = name[:-len(".base_layer.weight")]
             a, b = state[f"{module}.lora_A.{ADAPTER}.weight"], state[f"{module}.lora_B.{ADAPTER}.weight"]
-            delta = (b.float() @ a.float()) * scalings[module]
-            tensor = (tensor.float() + delta.to(tensor.device)).to(tensor.dtype)
+            tensor = torch.addmm(tensor.float(), b.float(), a.float(), alpha=scalings[module]).to(tensor.dtype)
         merged[_plain_name(name)] = tensor
     return merged
+
+
+def decoder_layers_only(state: dict[str, torch.Tensor], scalings: dict[str, float]) -> dict[str, torch.Tensor]:
+    """The tensors inside the decoder layers (".layers.N."), where LoRA's targets usually sit: with the base
+    frozen, the embeddings, the output head and the final norm never change after the first sync. Whole
+    layers are kept, not only the adapted projections, so an engine that fuses q/k/v or gate/up gets every
+    part. The whole state when a LoRA target lies outside the layers (or the model names them otherwise)."""
+    kept = {name: tensor for name, tensor in state.items() if _IN_LAYER.search(name)}
+    adapted = {_plain_name(f"{module}.weight") for module in scalings}
+    return kept if adapted <= kept.keys() else state
+
+
+_IN_LAYER = re.compile(r"\.layers\.\d+\.")
 
 
 def split_aliases(state: dict[str, torch.Tensor], model: torch.nn.Module) -> tuple[dict, dict[str, str]]:
