@@ -141,8 +141,7 @@ class RLContext:
         while the previous step trained, and the next step's start now."""
         with self.phase("generate"):
             if self.ahead is not None and self.ahead[0] == step:
-                _, pending = self.ahead
-                samples = pending if isinstance(pending, list) else self._collect(*pending)
+                samples = self._ahead_samples()
             else:
                 samples = self._collect(*self._start_rollout(step))
         self.ahead = None
@@ -172,6 +171,13 @@ class RLContext:
             if sampler:
                 sample["sampler_logps"] = sampler[i]
         return samples
+
+    def _ahead_samples(self) -> list[dict]:
+        """The off-policy rollout of the next step, waited for (once) if still in flight."""
+        step, pending = self.ahead
+        if not isinstance(pending, list):
+            self.ahead = (step, self._collect(*pending))
+        return self.ahead[1]
 
     def _generate(self, prompt_ids: list[list[int]], step: int, greedy: bool = False,
                   max_new_tokens: int | None = None) -> PendingCalls:
@@ -342,10 +348,7 @@ class RLContext:
         if self.ahead is not None:
             # Off-policy: the next step's rollout came from weights this checkpoint no longer holds; a resumed
             # run reads it back instead of sampling it from newer ones.
-            ahead_step, pending = self.ahead
-            samples = pending if isinstance(pending, list) else self._collect(*pending)
-            self.ahead = (ahead_step, samples)
-            (tmp / AHEAD_FILE).write_text(json.dumps(samples))
+            (tmp / AHEAD_FILE).write_text(json.dumps(self._ahead_samples()))
         for role in ("policy", "critic"):
             if role in self.groups:
                 self.groups[role].call("save", str(tmp))

@@ -7,12 +7,13 @@ with it (the controller then names that actor), and one actor is one engine on o
 are data-parallel; tensor-parallel engines are not supported yet.
 
 The engine starts with placeholder weights (nothing is read from the model folder but its config): the
-policy's arrive by load() before the first rollout. Weights arrive as a state dict with Hugging Face names; vLLM's in-place reload maps them onto its own
-layout (fused qkv and gate/up projections, tied embeddings) and re-runs the post-load processing (CPU
-GEMM repacking), so a partial update never leaves a stale packed copy. The actor confirms the load with
-the checksum of the weights it handed to the engine (ftcluster/rl/roles.py): the engine's own parameters cannot be summed on CPU,
-where its linear layers keep only an opaque repacked copy. That vLLM then generates what Hugging Face
-generate does with the same weights is what tests/test_vllm_rollouts.py checks.
+policy's arrive by load() before the first rollout. Weights arrive as a state dict with Hugging Face
+names; vLLM's in-place reload maps them onto its own layout (fused qkv and gate/up projections, tied
+embeddings) and re-runs the post-load processing (CPU GEMM repacking) of every layer it is given, so an
+update never leaves a stale packed copy. The actor confirms the load with the checksum of the weights it
+handed to the engine (ftcluster/rl/roles.py): the engine's own parameters cannot be summed on CPU, where
+its linear layers keep only an opaque repacked copy. That vLLM then generates what Hugging Face generate
+does with the same weights is what tests/test_vllm_rollouts.py checks.
 
 Log-probs come back for the sampled tokens after temperature and top-p (logprobs_mode=processed_logprobs),
 the same quantity the trainer computes, so their difference measures the sampler/trainer mismatch.
@@ -32,6 +33,7 @@ import os
 import torch
 
 from ftcluster.errors import UserError
+
 
 class VLLMSampler:
     """A vLLM engine over the policy's architecture, generating token ids from token ids (no tokenizer: the
@@ -62,8 +64,9 @@ class VLLMSampler:
         self._sleep()
 
     def load(self, state: dict[str, torch.Tensor]) -> None:
-        """Replace every weight: a full state dict with Hugging Face names, a tied head under its own name too
-        (vLLM's reload leaves a layer it was given nothing for as it was)."""
+        """Replace the weights given, by Hugging Face name (a tied head under its own name too): the whole model
+        at the first sync, after that what changed (ftcluster/rl/weights.decoder_layers_only). A layer given
+        nothing keeps what it holds."""
         if self.sleeps:
             self.llm.wake_up(tags=["weights"])
         self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": list(state.items())})
