@@ -123,3 +123,68 @@ def test_template_refusing_a_conversation_names_file_and_line(tokenizer, tmp_pat
     with pytest.raises(DataError, match=re.escape(f"{path}:2: config key 'data.chat_template': the chat template "
                                                   f"failed on this conversation: no system turns")):
         prepare(cfg, tokenizer, str(tmp_path / "out"))
+
+
+def test_batch_encoding_labels_the_tokens_one_at_a_time_encoding_does(tokenizer, monkeypatch):
+    """encode_records finds each span's tokens from its edge characters (encode._token_ranges); encode_chat marks
+    every token whose offsets overlap a span. Multi-byte characters (several byte tokens for one character),
+    newlines and runs of spaces at the edges of turns must not change which tokens are trained."""
+    import random
+
+    import numpy as np
+
+    from ftcluster.data import encode
+    from ftcluster.data.encode import Settings, encode_records
+
+    r = random.Random(0)
+    alphabet = "aé 字😀\n\t  xyz,."
+    chats = [CHAT]
+    for _ in range(60):
+        chat = []
+        for _ in range(r.randint(1, 3)):
+            for role in ("user", "assistant"):
+                text = "".join(r.choice(alphabet) for _ in range(r.randint(0, 30)))
+                visible = r.choice("é字😀x")  # blank content is refused; spaces may still open or close a turn
+                chat.append({"role": role, "content": visible + text if r.random() < 0.5 else text + visible})
+        chats.append(chat)
+    settings = Settings("assistant", None, 4096, "error")
+    records = [(i, i + 1, {"messages": chat}) for i, chat in enumerate(chats)]
+    expected = [encode_chat(chat, tokenizer) for chat in chats]
+
+    def check(encoded):
+        assert encoded.errors == [] and encoded.kept == list(range(len(chats)))
+        for (ids, labels), got_ids, got_labels in zip(expected, encoded.ids, encoded.labels):
+            assert got_ids.tolist() == ids
+            assert got_labels.tolist() == labels
+        assert any((np.asarray(l) != IGNORE).sum() > 3 for l in encoded.labels)
+
+    check(encode_records(records, "chats.jsonl", "chat", settings, tokenizer, False))
+    # A span edge on a character no token holds (tokenizers that trim spaces from offsets): every token's
+    # offsets decide, with the same result.
+    monkeypatch.setattr(encode, "_token_ranges", lambda *a: None)
+    check(encode_records(records, "chats.jsonl", "chat", settings, tokenizer, False))
+
+
+def test_span_tokens_from_edge_characters_match_the_offsets_at_any_edge(tokenizer):
+    """The same check at span edges anywhere in a text, inside multi-byte characters' byte tokens included."""
+    import random
+
+    import numpy as np
+
+    from ftcluster.data.encode import _tokenize_chats
+    from ftcluster.data.template import span_labels
+
+    r = random.Random(1)
+    texts, spans = [], []
+    for _ in range(300):
+        text = "".join(r.choice("aé 字😀\n\t  xyz,.ñ🙂") for _ in range(r.randint(2, 40)))
+        cuts = sorted(r.sample(range(len(text) + 1), 2))
+        texts.append(text)
+        spans.append([tuple(cuts)])
+    encoded = tokenizer(texts, add_special_tokens=False, return_offsets_mapping=True)
+    expected = [span_labels(ids, offsets, s) for ids, offsets, s in zip(encoded["input_ids"], encoded["offset_mapping"], spans)]
+    got = _tokenize_chats(tokenizer, texts, spans)
+    for (ids, labels), want in zip(got, expected):
+        assert labels.tolist() == want.tolist()
+    # Spans that share a token with their neighbours happen here (the widening of encode._token_ranges).
+    assert sum(int((l != IGNORE).sum()) for _, l in got) > 0

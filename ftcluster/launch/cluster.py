@@ -46,9 +46,11 @@ def import_ray():
 _START_ONE = "Start a Ray head there (launch/start_head.sh), check the host and port, or use launcher=local"
 
 
-def connect(address: str | None, key: str = "launcher.address", fix: str = _START_ONE) -> None:
+def connect(address: str | None, key: str = "launcher.address", fix: str = _START_ONE, dashboard: bool = True) -> None:
     """Start a Ray cluster in this process (address None) or join a running one; `key` and `fix` say, in an
-    error, where the address came from and what to do."""
+    error, where the address came from and what to do. `dashboard=False` starts a cluster without the dashboard
+    and its agents (for work that needs neither Ray Train nor the state API: a core's worth of start-up on a
+    small machine)."""
     ray = import_ray()
     for name, value in WORKER_ENV.items():
         if name != "FTCLUSTER_IN_RAY":
@@ -62,13 +64,13 @@ def connect(address: str | None, key: str = "launcher.address", fix: str = _STAR
     # back. Ray's local processes still go when this one exits (atexit) or dies (they die with their parent).
     handler = signal.getsignal(signal.SIGTERM)
     try:
-        _init(ray, address)
+        _init(ray, address, dashboard)
     finally:
         if callable(handler) and threading.current_thread() is threading.main_thread():
             signal.signal(signal.SIGTERM, handler)
 
 
-def _init(ray, address: str | None) -> None:
+def _init(ray, address: str | None, dashboard: bool = True) -> None:
     use_token_auth(start=address is None)
     kwargs = dict(runtime_env={"env_vars": WORKER_ENV}, log_to_driver=True, configure_logging=False)
     if address is None:
@@ -80,7 +82,7 @@ def _init(ray, address: str | None) -> None:
         try:
             # "local": a new cluster even when `ray start` left one running on this machine. The dashboard
             # (on 8265, else a free port) serves the state API that Ray Train's placement-group cleaner polls.
-            ray.init(address="local", include_dashboard=True, _node_ip_address="127.0.0.1", **kwargs)
+            ray.init(address="local", include_dashboard=dashboard, _node_ip_address="127.0.0.1", **kwargs)
         finally:
             if before is None:
                 del os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"]
