@@ -47,12 +47,14 @@ def write_rows(examples: Examples, shards: Path, where: Path, features: datasets
                else [[i] for i in range(len(examples.lengths))])
     where.mkdir(parents=True)
     digest = _Digest()
+    buffers = _Buffers()
     with datasets.arrow_writer.ArrowWriter(features=features, path=str(where / ARROW_FILE)) as writer:
         for start in range(0, len(members), CHUNK_ROWS):
             chunk = members[start:start + CHUNK_ROWS]
-            table = _rows_table(chunk, examples, shards)
+            table = _rows_table(chunk, examples, shards, buffers)
             digest.update(table)
-            writer.write_table(table)
+            writer.write_table(table)  # written at once: the buffers are free for the next chunk
+            del table
         writer.finalize()
     _describe(where, features)
     return len(members), int(examples.lengths.sum()), digest.hexdigest()
@@ -69,17 +71,30 @@ def generate_lines(examples: Examples, shards: Path) -> Iterator[str]:
                     yield line
 
 
-def _rows_table(chunk: list[list[int]], examples: Examples, shards: Path) -> pa.Table:
+class _Buffers:
+    """The token columns of a chunk, allocated once for all chunks: memory first touched costs far more than
+    memory reused (on a virtual machine most of all), and a chunk's arrays are as large as its rows."""
+
+    def __init__(self):
+        self.ids = self.labels = self.positions = np.empty(0, dtype=np.int32)
+
+    def take(self, tokens: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        if tokens > len(self.ids):  # grown to the largest chunk so far
+            self.ids, self.labels, self.positions = (np.empty(tokens, dtype=np.int32) for _ in range(3))
+        return self.ids[:tokens], self.labels[:tokens], self.positions[:tokens]
+
+
+def _rows_table(chunk: list[list[int]], examples: Examples, shards: Path, buffers: _Buffers) -> pa.Table:
     """The chunk's rows, its examples' tokens gathered shard by shard with array indexing (no Python step per
-    example: at a million examples that loop was most of the serial time)."""
+    example: at a million examples that loop was most of the serial time), into `buffers` (the table shares
+    their memory)."""
     sizes = np.fromiter((len(row) for row in chunk), dtype=np.int64, count=len(chunk))
     order = np.fromiter(itertools.chain.from_iterable(chunk), dtype=np.int64, count=int(sizes.sum()))
     part = examples.take(order)
     lengths = part.lengths.astype(np.int64)
     starts = np.zeros(len(order) + 1, dtype=np.int64)  # where each example begins in the chunk's tokens
     np.cumsum(lengths, out=starts[1:])
-    ids = np.empty(int(starts[-1]), dtype=np.int32)
-    labels = np.empty_like(ids)
+    ids, labels, positions = buffers.take(int(starts[-1]))
     by_unit = np.argsort(part.units, kind="stable")
     with _Shards(shards) as open_shards:
         for group in np.split(by_unit, np.flatnonzero(np.diff(part.units[by_unit])) + 1):
@@ -93,7 +108,12 @@ def _rows_table(chunk: list[list[int]], examples: Examples, shards: Path) -> pa.
     # The first token of an example is never a target (packing._row): the previous example's last token would
     # otherwise learn to predict it.
     labels[starts[:-1]] = IGNORE
-    positions = np.arange(len(ids), dtype=np.int32) - np.repeat(starts[:-1].astype(np.int32), lengths)
+    # Positions restart at 0 with each example: ones, each example's first set back by the previous one's
+    # length, then summed in place (no temporaries as large as the chunk).
+    positions.fill(1)
+    positions[0] = 0
+    positions[starts[1:-1]] = 1 - lengths[:-1]
+    np.cumsum(positions, out=positions)
     bounds = np.zeros(len(chunk) + 1, dtype=np.int64)
     np.cumsum(sizes, out=bounds[1:])
     offsets = pa.array(starts[bounds].astype(np.int32))
@@ -157,15 +177,20 @@ class _Digest:
         self.parts = {name: hashlib.sha256() for name in ("lengths", "input_ids", "labels", "num_examples")}
 
     def update(self, table: pa.Table) -> None:
+        # The values are hashed where they lie (no copies as large as the chunk).
         ids = table.column("input_ids").combine_chunks()
         self.parts["lengths"].update(np.diff(ids.offsets.to_numpy()).astype(np.int64).tobytes())
-        self.parts["input_ids"].update(ids.values.to_numpy().astype(np.int32).tobytes())
+        self.parts["input_ids"].update(_int32(ids.values))
         labels = table.column("labels").combine_chunks()
-        self.parts["labels"].update(labels.values.to_numpy().astype(np.int32).tobytes())
+        self.parts["labels"].update(_int32(labels.values))
         self.parts["num_examples"].update(table.column("num_examples").to_numpy().astype(np.int32).tobytes())
 
     def hexdigest(self) -> str:
         return hashlib.sha256("".join(h.hexdigest() for h in self.parts.values()).encode()).hexdigest()
+
+
+def _int32(values: pa.Array) -> np.ndarray:
+    return np.ascontiguousarray(values.to_numpy(zero_copy_only=False).astype(np.int32, copy=False))
 
 
 def rows_digest(rows: list[dict]) -> str:
