@@ -154,7 +154,8 @@ def test_off_policy_rollouts_lag_one_update_and_resume_exactly(model_folder, tmp
     whole = tmp_path / "whole"
     train(whole, *common, "trainer.max_steps=4", "trainer.save_every_steps=2")
     assert metric_rows(whole, "policy_lag") == [(1, 0.0), (2, 1.0), (3, 1.0), (4, 1.0)]
-    # Lagged samples are scored by a policy one update on: the mismatch is no longer numerics alone.
+    # Lagged samples are scored by a policy one update on: the mismatch is no longer numerics alone. (Without
+    # tis_cap the trainer's log-probs come from the update's own forward pass, returned in sample order.)
     diffs = dict(metric_rows(whole, "sampler_logp_diff_max"))
     assert diffs[1] < 1e-3 < diffs[3]
     assert (whole / "checkpoints" / "step-2" / "rollout_ahead.json").is_file()

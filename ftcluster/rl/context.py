@@ -200,24 +200,40 @@ class RLContext:
         plain = [{"prompt": s["prompt"], "completion": s["completion"]} for s in samples]
         return [r for part in group.call("score", per_rank={"samples": shares(plain, len(group))}) for r in part]
 
-    def logprobs(self, samples: list[dict]) -> tuple[list, list | None]:
-        """Per-token log-probs of the responses under the policy before the update, and under the
-        reference (None with kl_coef=0)."""
+    def logprobs(self, samples: list[dict], policy: bool = True) -> tuple[list | None, list | None]:
+        """Per-token log-probs of the responses under the policy before the update (None with policy=False:
+        the update's own forward pass stands for them, see update_gives_old_logps), and under the reference
+        (None with kl_coef=0)."""
         with self.phase("logprobs"):
             plain = _sequences(samples)
-            policy, want_ref = self.groups["policy"], self.cfg.stage.rl.kl_coef > 0
+            group, want_ref = self.groups["policy"], self.cfg.stage.rl.kl_coef > 0
             reference = self.groups.get("reference")
             pending_ref = (reference.call_async("logprobs", per_rank={"samples": shares(plain, len(reference))})
                            if reference else None)
-            out = policy.call("logprobs", reference=want_ref and reference is None,
-                              per_rank={"samples": shares(plain, len(policy))})
-            old = [lp for part in out for lp in part["policy"]]
-            self.step_metrics.update(self._against_sampler(samples, old))
+            on_policy_group = want_ref and reference is None
+            out = (group.call("logprobs", reference=on_policy_group, policy=policy,
+                              per_rank={"samples": shares(plain, len(group))}) if policy or on_policy_group else [])
+            old = [lp for part in out for lp in part["policy"]] if policy else None
+            if old is not None:
+                self.old_logps_known(samples, old)
             if not want_ref:
                 return old, None
             if pending_ref is not None:
                 return old, [lp for part in pending_ref.get() for lp in part]
             return old, [lp for part in out for lp in part["reference"]]
+
+    def update_gives_old_logps(self) -> bool:
+        """Whether the policy's log-probs before the update can come from the update's own forward pass, saving
+        a pass over the rollout (as TRL does with one iteration per generation): one pass over one mini-batch
+        changes the weights only after its forward passes. Not with kl_mode=reward, whose rewards need the KL
+        before the advantages, nor with tis_cap, whose weights enter the loss."""
+        rl = self.cfg.stage.rl
+        return (rl.updates_per_rollout == 1 and rl.prompts_per_step * rl.samples_per_prompt <= self.cfg.trainer.global_batch
+                and rl.kl_mode != "reward" and not rl.tis_cap)
+
+    def old_logps_known(self, samples: list[dict], old: list[list[float]]) -> None:
+        """The step's metrics that compare the policy's log-probs before the update with the sampler's."""
+        self.step_metrics.update(self._against_sampler(samples, old))
 
     def _against_sampler(self, samples: list[dict], trainer: list[list[float]]) -> dict:
         """How far the sampler's log-probs are from the trainer's (numerics of another engine, and the policy
@@ -242,7 +258,8 @@ class RLContext:
 
     def update(self, role: str, samples: list[dict], keys: tuple[str, ...]) -> dict:
         """stage.rl.updates_per_rollout passes over the rollout in mini-batches of trainer.global_batch
-        sequences, one optimizer step each on `role`; returns the summed statistics of the last pass."""
+        sequences, one optimizer step each on `role`; returns the summed statistics of the last pass, and
+        under "logps" the log-probs of the samples that came without old_logps (roles.PolicyWorker.train)."""
         group, size = self.groups[role], self.cfg.trainer.global_batch
         if role == "policy" and "is_weights" in samples[0]:
             keys = (*keys, "is_weights")
@@ -255,6 +272,8 @@ class RLContext:
                     mini = plain[start:start + size]
                     tokens = sum(len(s["response_ids"]) for s in mini)
                     for part in group.call("train", global_tokens=tokens, per_rank={"samples": shares(mini, len(group))}):
+                        if "logps" in part:
+                            totals.setdefault("logps", []).extend(part.pop("logps"))
                         for key, value in part.items():
                             totals[key] = totals.get(key, 0.0) + value
         return totals

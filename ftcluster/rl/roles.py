@@ -118,11 +118,11 @@ class PolicyWorker(RoleWorker):
                                                   rl.temperature, rl.top_p, seed, greedy, synced=self._sharded(),
                                                   batch_size=len(prompt_ids))}
 
-    def logprobs(self, samples: list[dict], reference: bool) -> dict:
-        """Per-token log-probs of the responses under the policy (at the sampling temperature) and, when
-        asked, under the reference this rank stands in for."""
+    def logprobs(self, samples: list[dict], reference: bool, policy: bool = True) -> dict:
+        """Per-token log-probs of the responses under the policy (at the sampling temperature; unless
+        policy=False) and, when asked, under the reference this rank stands in for."""
         temperature = self.cfg.stage.rl.temperature
-        out = {"policy": self._token_logps(self.engine, samples, temperature)}
+        out = {"policy": self._token_logps(self.engine, samples, temperature)} if policy else {}
         if reference:
             out["reference"] = self.reference_logprobs(samples)
         return out
@@ -137,21 +137,25 @@ class PolicyWorker(RoleWorker):
     def train(self, samples: list[dict], global_tokens: int) -> dict:
         """One optimizer step on this rank's share of a mini-batch: the clipped surrogate (and, with
         kl_mode=loss, kl_coef x the KL estimate), summed over tokens and divided by the mini-batch's
-        response tokens on all ranks. Returns sums for the metrics."""
+        response tokens on all ranks. Returns sums for the metrics. Samples without old_logps take this
+        forward pass's own (detached: a ratio of 1), and their log-probs come back as "logps", in order."""
 
         rl, engine = self.cfg.stage.rl, self.engine
         names = ("policy_loss", "kl", "clipped", "entropy_proxy")
-        sums, tokens = torch.zeros(len(names), dtype=torch.float64, device=dist.device()), 0
+        sums, tokens, own = torch.zeros(len(names), dtype=torch.float64, device=dist.device()), 0, []
         for chunk in _chunks(samples, self.cfg.trainer.micro_batch_per_device):
             batch = pad_sequences(chunk, self.pad_id)
             mask = response_mask(batch["labels"])
-            old = from_lists([s["old_logps"] for s in chunk], mask)
             advantages = from_lists([s["advantages"] for s in chunk], mask)
             logps = model_labelled_logps(engine, batch, rl.temperature,
                                          self.cfg.trainer.loss_chunk_tokens)[0]
             mask_d = mask.to(logps.device)
-            per_token, clipped = clipped_policy_loss(logps, old.to(logps.device), advantages.to(logps.device),
-                                                     rl.clip_eps)
+            if "old_logps" in chunk[0]:
+                old = from_lists([s["old_logps"] for s in chunk], mask).to(logps.device)
+            else:
+                old = logps.detach()
+                own.append((old, mask))
+            per_token, clipped = clipped_policy_loss(logps, old, advantages.to(logps.device), rl.clip_eps)
             if "is_weights" in chunk[0]:  # stage.rl.tis_cap: the sampler's tokens reweighted to the trainer's policy
                 per_token = per_token * from_lists([s["is_weights"] for s in chunk], mask).to(logps.device)
             kl = torch.zeros_like(logps)
@@ -165,7 +169,10 @@ class PolicyWorker(RoleWorker):
             sums += torch.stack([(per_token.detach() * mask_d).sum(), (kl.detach() * mask_d).sum(),
                                  (clipped * mask_d).sum(), (-logps.detach() * mask_d).sum()]).double()
             tokens += int(mask.sum())
-        return {**dict(zip(names, dist.to_host(sums).tolist())), "tokens": float(tokens)}
+        out = {**dict(zip(names, dist.to_host(sums).tolist())), "tokens": float(tokens)}
+        if own:
+            out["logps"] = _unpadded(*zip(*own))
+        return out
 
     def lr(self) -> float:
         return self.engine.get_lr()[0]

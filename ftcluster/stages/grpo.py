@@ -38,18 +38,23 @@ def train(ctx: RLContext) -> None:
         started, lr = time.perf_counter(), ctx.policy_lr()
         samples = ctx.rollout(step)
         rewards = torch.tensor(ctx.score(samples, step), dtype=torch.float32)
-        old, ref = ctx.logprobs(samples)
-        kl_per_sample = [kl_penalty(torch.tensor(o), torch.tensor(r), rl.kl_estimator) for o, r in zip(old, ref)] \
-            if ref is not None else None
+        # With one pass over one mini-batch the update's forward pass gives the policy's log-probs (ratio 1).
+        old, ref = ctx.logprobs(samples, policy=not ctx.update_gives_old_logps())
         shaped = rewards
-        if kl_per_sample is not None and rl.kl_mode == "reward":
-            shaped = rewards - rl.kl_coef * torch.stack([kl.sum() for kl in kl_per_sample])
+        if rl.kl_mode == "reward" and ref is not None:
+            shaped = rewards - rl.kl_coef * torch.stack([kl.sum() for kl in _kl(old, ref, rl.kl_estimator)])
         advantages = group_relative(shaped, rl.samples_per_prompt, rl.scale_rewards)
         for i, sample in enumerate(samples):
-            sample["old_logps"] = old[i]
+            if old is not None:
+                sample["old_logps"] = old[i]
             sample["ref_logps"] = ref[i] if ref is not None else []
             sample["advantages"] = [float(advantages[i])] * len(sample["response_ids"])
-        stats = ctx.update("policy", samples, ("old_logps", "ref_logps", "advantages"))
+        keys = ("ref_logps", "advantages", *(("old_logps",) if old is not None else ()))
+        stats = ctx.update("policy", samples, keys)
+        if old is None:
+            old = stats.pop("logps")
+            ctx.old_logps_known(samples, old)
+        kl_per_sample = _kl(old, ref, rl.kl_estimator) if ref is not None else None
         ctx.sync(step + 1)
         metrics = rollout_metrics(samples, rewards, kl_per_sample, rl.samples_per_prompt)
         metrics.update(loss=stats["policy_loss"] / stats["tokens"], clip_fraction=stats["clipped"] / stats["tokens"],
@@ -59,3 +64,7 @@ def train(ctx: RLContext) -> None:
             return
     ctx.export_final()
 
+
+def _kl(old: list[list[float]], ref: list[list[float]], estimator: str) -> list[torch.Tensor]:
+    """Per-token KL estimates of each sample's policy log-probs against the reference's."""
+    return [kl_penalty(torch.tensor(o), torch.tensor(r), estimator) for o, r in zip(old, ref)]
