@@ -69,6 +69,22 @@ def test_grpo_resumes_exactly(grpo_run, tmp_path):
 
 
 @pytest.mark.slow
+def test_old_logprobs_from_the_update_match_a_separate_pass(grpo_run, tmp_path):
+    """One pass over one mini-batch: the policy's log-probs before the update come from the update's own forward
+    pass (RLContext.update_gives_old_logps). With tis_cap set (and HF rollouts, which have no sampler log-probs
+    to reweight, so nothing else changes) the policy computes them in a pass of their own first: the same
+    losses, KL and rewards."""
+    run = tmp_path / "run"
+    train(run, *GRPO, "trainer.max_steps=3", "stage.rl.tis_cap=2")
+    for key in ("loss", "kl", "reward_mean"):
+        separate, shortcut = rows(run, key), [r for r in rows(grpo_run, key) if r[0] <= 3]
+        assert [s for s, _ in separate] == [s for s, _ in shortcut] == [1, 2, 3], key
+        assert [v for _, v in separate] == pytest.approx([v for _, v in shortcut], rel=1e-4, abs=1e-7), key
+    last = [r for r in read_metrics(run) if "reward_mean" in r][-1]
+    assert last["time_logprobs_s"] > 0 and "tis_capped_fraction" not in last
+
+
+@pytest.mark.slow
 def test_ppo_with_a_reward_model_a_critic_and_a_reference_group(tmp_path, reward_model_run):
     """The reward model trained by stage=rm scores the decoded answers; the critic starts from its
     backbone; the reference is its own group. The logged rewards are what final/ of the reward model
