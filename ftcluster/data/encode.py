@@ -129,25 +129,24 @@ def _tokenize_chats(tokenizer, texts: list[str], spans: list) -> list[tuple[np.n
     backend = getattr(tokenizer, "backend_tokenizer", None)
     if backend is None or backend.truncation is not None or backend.padding is not None:
         batch = tokenizer(texts, add_special_tokens=False, return_offsets_mapping=True)
-        return [_labelled(np.asarray(ids, dtype=np.int32), offsets, s)
-                for ids, offsets, s in zip(batch["input_ids"], batch["offset_mapping"], spans)]
-    # The Rust tokenizer directly: the same encodings the wrapper makes, without its Python lists.
+        encoded = [(np.asarray(ids, dtype=np.int32), offsets, None)
+                   for ids, offsets in zip(batch["input_ids"], batch["offset_mapping"])]
+    else:  # the Rust tokenizer directly: the same encodings the wrapper makes, without its Python lists
+        encoded = [(np.asarray(e.ids, dtype=np.int32), None, e)
+                   for e in backend.encode_batch(texts, add_special_tokens=False)]
     out = []
-    for encoding, s in zip(backend.encode_batch(texts, add_special_tokens=False), spans):
-        ids = np.asarray(encoding.ids, dtype=np.int32)
-        ranges = None if s is None else _token_ranges(encoding, len(ids), s)
-        if ranges is None:  # train_on=all, or a span edge on a character no token holds: the offsets decide
-            out.append(_labelled(ids, encoding.offsets if s is not None else None, s))
+    for (ids, offsets, encoding), s in zip(encoded, spans):
+        ranges = None if s is None or encoding is None else _token_ranges(encoding, len(ids), s)
+        if s is None:  # train_on=all
+            out.append((ids, ids.copy()))
+        elif ranges is None:  # no Rust encoding, or a span edge on a character no token holds: the offsets decide
+            out.append((ids, span_labels(ids, offsets if encoding is None else encoding.offsets, s)))
         else:
             trained = np.zeros(len(ids), dtype=bool)
             for first, last in ranges:
                 trained[first:last + 1] = True
-            out.append((ids, np.where(trained, ids, np.int32(IGNORE)).astype(np.int32)))
+            out.append((ids, np.where(trained, ids, np.int32(IGNORE))))
     return out
-
-
-def _labelled(ids: np.ndarray, offsets, spans) -> tuple[np.ndarray, np.ndarray]:
-    return ids, (ids.copy() if spans is None else span_labels(ids, offsets, spans))
 
 
 def _token_ranges(encoding, count: int, spans: list[tuple[int, int]]) -> list[tuple[int, int]] | None:

@@ -215,7 +215,7 @@ class RLContext:
                               per_rank={"samples": shares(plain, len(group))}) if policy or on_policy_group else [])
             old = [lp for part in out for lp in part["policy"]] if policy else None
             if old is not None:
-                self.old_logps_known(samples, old)
+                self.against_sampler(samples, old)
             if not want_ref:
                 return old, None
             if pending_ref is not None:
@@ -231,13 +231,13 @@ class RLContext:
         return (rl.updates_per_rollout == 1 and rl.prompts_per_step * rl.samples_per_prompt <= self.cfg.trainer.global_batch
                 and rl.kl_mode != "reward" and not rl.tis_cap)
 
-    def old_logps_known(self, samples: list[dict], old: list[list[float]]) -> None:
-        """The step's metrics that compare the policy's log-probs before the update with the sampler's."""
-        self.step_metrics.update(self._against_sampler(samples, old))
+    def against_sampler(self, samples: list[dict], trainer: list[list[float]]) -> None:
+        """Into the step's metrics: how far the sampler's log-probs are from the trainer's before the update
+        (numerics of another engine, and the policy lag off-policy); with stage.rl.tis_cap, the truncated
+        importance weights that correct for it, on the samples."""
+        self.step_metrics.update(self._sampler_metrics(samples, trainer))
 
-    def _against_sampler(self, samples: list[dict], trainer: list[list[float]]) -> dict:
-        """How far the sampler's log-probs are from the trainer's (numerics of another engine, and the policy
-        lag off-policy), and with stage.rl.tis_cap the truncated importance weights that correct for it."""
+    def _sampler_metrics(self, samples: list[dict], trainer: list[list[float]]) -> dict:
         metrics = {"policy_lag": sum(s["policy_lag"] for s in samples) / len(samples)}
         if "sampler_logps" not in samples[0]:
             return metrics

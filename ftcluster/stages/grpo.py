@@ -53,7 +53,7 @@ def train(ctx: RLContext) -> None:
         stats = ctx.update("policy", samples, keys)
         if old is None:
             old = stats.pop("logps")
-            ctx.old_logps_known(samples, old)
+            ctx.against_sampler(samples, old)
         kl_per_sample = _kl(old, ref, rl.kl_estimator) if ref is not None else None
         ctx.sync(step + 1)
         metrics = rollout_metrics(samples, rewards, kl_per_sample, rl.samples_per_prompt)
