@@ -3,8 +3,12 @@ Fixtures and the environment set-up live in conftest.py."""
 
 import json
 import os
+import re
+import signal
 import subprocess
 import sys
+import time
+from contextlib import contextmanager, suppress
 from pathlib import Path
 
 # The tiny model on the bundled data, quiet, no generation: a few seconds per run.
@@ -43,6 +47,30 @@ def train(output_dir: Path, *overrides: str) -> Path:
     return driver_train(compose(args), ["train", *args])
 
 
+# A line Ray's log monitor forwards to this process: "(raylet) ..." or "(SomeActor pid=123) ...", maybe coloured.
+_RAY_FORWARDED = re.compile(r"^(\x1b\[[0-9;]*m)?\((raylet|[^)]*pid=\d+[^)]*)\)")
+
+
+def own_stderr(capsys) -> str:
+    """What a command run in this process wrote to stderr since the last read. Lines Ray forwards from a cluster
+    an earlier test left running in this process (the tests share one, for speed) are not the command's: on a
+    nearly full disk its raylet warns every 10 s."""
+    return "".join(line for line in capsys.readouterr().err.splitlines(keepends=True)
+                   if not _RAY_FORWARDED.match(line))
+
+
+def refused(capsys, *args: str) -> str:
+    """The CLI run in this process on `args` must refuse them (exit 2) with one line on stderr and no traceback;
+    returns that line."""
+    from ftcluster.cli import main
+
+    capsys.readouterr()  # what came before (progress bars of a dataset written by the test)
+    assert main(list(args)) == 2
+    err = own_stderr(capsys)
+    assert err.count("\n") == 1 and "Traceback" not in err, err  # one line, no traceback
+    return err
+
+
 def losses(output_dir: Path) -> dict[int, float]:
     from ftcluster.observe.track import read_metrics
 
@@ -59,6 +87,29 @@ def last_step(output_dir: Path) -> int:
         except json.JSONDecodeError:
             break
     return max(steps)
+
+
+@contextmanager
+def ranks_held(output_dir: Path, timeout: float = 120):
+    """The run's ranks (workers.json) stopped with SIGSTOP for the block, and continued after it once the driver
+    has turned a stop signal sent inside the block into its request file. A tiny model's step takes 50 ms: unheld,
+    a short run can reach its last step before the request reaches the ranks (it did on a fast CI machine); held,
+    they stop at their next step boundary whatever the machine's speed."""
+    pids = [w["pid"] for w in json.loads((Path(output_dir) / "workers.json").read_text())]
+    for pid in pids:
+        with suppress(ProcessLookupError):  # (a rank of an attempt that has ended)
+            os.kill(pid, signal.SIGSTOP)
+    try:
+        yield pids
+        request = Path(output_dir) / ".stop-requested"  # ftcluster.train.stop.REQUEST_FILE
+        deadline = time.time() + timeout
+        while not request.exists():
+            assert time.time() < deadline, f"the driver wrote no {request} within {timeout:.0f} s of the signal"
+            time.sleep(0.05)
+    finally:
+        for pid in pids:
+            with suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGCONT)
 
 
 def assert_same_weights(a: Path, b: Path) -> None:

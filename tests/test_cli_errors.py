@@ -6,14 +6,13 @@ from pathlib import Path
 
 import pytest
 
-from helpers import TINY, cli
+from helpers import TINY, cli, own_stderr
 from ftcluster.cli import main
 
 
 def run_cli(capsys, *overrides):
     code = main(["train", *TINY, *overrides])
-    captured = capsys.readouterr()
-    return code, captured.err
+    return code, own_stderr(capsys)
 
 
 def write_jsonl(path: Path, records) -> str:

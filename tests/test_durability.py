@@ -24,7 +24,7 @@ import psutil
 import pytest
 from omegaconf import OmegaConf
 
-from helpers import TINY, last_step
+from helpers import TINY, last_step, ranks_held
 from ftcluster.observe import track
 from ftcluster.run.preflight import resolve_resume
 from ftcluster.train import checkpoint
@@ -106,8 +106,8 @@ def test_sigterm_checkpoints_exits_75_and_resume_reaches_the_uninterrupted_resul
     out = tmp_path / "run"
     proc = start(out, *PROCESSES)
     wait_for(proc, lambda: last_step(out) >= 2, "two logged steps")
-    ranks = rank_pids(out)
-    os.killpg(proc.pid, signal.SIGTERM)  # driver and ranks alike, as systemd or `kill -- -PGID` would
+    with ranks_held(out) as ranks:
+        os.killpg(proc.pid, signal.SIGTERM)  # driver and ranks alike, as systemd or `kill -- -PGID` would
     _, err = proc.communicate(timeout=300)
     assert proc.returncode == 75, err[-3000:]
     assert "resume=auto continues" in err
@@ -226,7 +226,8 @@ def test_sigterm_under_launcher_local_checkpoints_exits_75_and_resume_finishes(t
     local = [*TINY, "launcher=local", "launcher.workers=1", "strategy=zero2", f"trainer.max_steps={STEPS}"]
     proc = start(out, *local)
     wait_for(proc, lambda: last_step(out) >= 2, "two logged steps", timeout=600)
-    proc.send_signal(signal.SIGTERM)
+    with ranks_held(out):
+        proc.send_signal(signal.SIGTERM)
     _, err = proc.communicate(timeout=300)
     assert proc.returncode == 75, err[-3000:]
     newest = checkpoint.latest_checkpoint(out)

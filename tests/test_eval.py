@@ -15,7 +15,7 @@ import pytest
 import sacrebleu
 from rouge_score import rouge_scorer
 
-from helpers import INLINE, train
+from helpers import INLINE, refused, train
 from ftcluster.cli import main
 from ftcluster.eval.scores import METRICS, compute
 from ftcluster.observe.track import read_metrics
@@ -226,26 +226,19 @@ def test_what_a_spec_names(tmp_path):
 
 # ---- bad input: one message naming the key, nothing loaded ------------------------------------------------
 
-def _refused(capsys, *args: str) -> str:
-    assert main(list(args)) == 2
-    err = capsys.readouterr().err
-    assert err.count("\n") == 1 and "Traceback" not in err
-    return err
-
-
-def test_a_folder_that_is_not_a_model_is_refused(tmp_path, capsys):
+def test_a_folder_that_is_not_a_model_isrefused(tmp_path, capsys):
     (tmp_path / "notes.txt").write_text("not a model")
-    err = _refused(capsys, "eval", f"eval.model={tmp_path}", f"eval.output_dir={tmp_path / 'out'}")
+    err = refused(capsys, "eval", f"eval.model={tmp_path}", f"eval.output_dir={tmp_path / 'out'}")
     assert "'eval.model'" in err and "is not a model folder" in err and "config.json" in err
-    assert "'eval.model'" in _refused(capsys, "eval", f"eval.model={tmp_path / 'missing'}")
+    assert "'eval.model'" in refused(capsys, "eval", f"eval.model={tmp_path / 'missing'}")
     assert not (tmp_path / "out").exists()
 
 
-def test_generation_metrics_on_text_data_are_refused(tmp_path, capsys):
+def test_generation_metrics_on_text_data_arerefused(tmp_path, capsys):
     text = tmp_path / "notes.jsonl"
     text.write_text('{"text": "Plain prose without any answer."}\n' * 3)
     data = ["data=custom", f"data.path={text}", f"data.eval_path={text}", "data.format=text"]
-    err = _refused(capsys, "eval", "eval.model=tiny", *data, f"eval.output_dir={tmp_path / 'out'}")
+    err = refused(capsys, "eval", "eval.model=tiny", *data, f"eval.output_dir={tmp_path / 'out'}")
     assert "'eval.metrics'" in err and str(text) in err and "eval.metrics=[]" in err
     assert not (tmp_path / "out").exists()
 
@@ -254,18 +247,18 @@ def test_json_field_accuracy_needs_json_references(tmp_path, capsys):
     records = tmp_path / "qa.jsonl"
     records.write_text("".join(json.dumps({"instruction": f"Say {w}", "output": w}) + "\n" for w in ("hi", "yo")))
     data = ["data=custom", f"data.path={records}", f"data.eval_path={records}", "data.format=alpaca"]
-    err = _refused(capsys, "eval", "eval.model=tiny", *data, f"eval.output_dir={tmp_path / 'out'}")
+    err = refused(capsys, "eval", "eval.model=tiny", *data, f"eval.output_dir={tmp_path / 'out'}")
     assert "'eval.metrics'" in err and "json_field_accuracy" in err and "'hi'" in err
     assert not (tmp_path / "out").exists()
 
 
-def test_a_reward_model_is_refused(tmp_path, capsys):
+def test_a_reward_model_isrefused(tmp_path, capsys):
     config = json.loads((Path(__file__).resolve().parents[1] / "ftcluster/assets/models/tiny/config.json").read_text())
     (tmp_path / "config.json").write_text(json.dumps({**config, "architectures": ["LlamaForSequenceClassification"]}))
-    err = _refused(capsys, "eval", f"eval.model={tmp_path}")
+    err = refused(capsys, "eval", f"eval.model={tmp_path}")
     assert "'eval.model'" in err and "LlamaForSequenceClassification" in err
 
 
-def test_unknown_metric_names_are_refused(capsys):
-    assert "unknown metric" in _refused(capsys, "eval", "eval.model=tiny", "eval.metrics=[exact_match,meteor]")
-    assert "'trainer.eval_metrics'" in _refused(capsys, "config", "model=tiny", "trainer.eval_metrics=[blue]")
+def test_unknown_metric_names_arerefused(capsys):
+    assert "unknown metric" in refused(capsys, "eval", "eval.model=tiny", "eval.metrics=[exact_match,meteor]")
+    assert "'trainer.eval_metrics'" in refused(capsys, "config", "model=tiny", "trainer.eval_metrics=[blue]")

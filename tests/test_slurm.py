@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from helpers import LONG, TINY, assert_same_weights, cli, last_step, losses
+from helpers import LONG, TINY, assert_same_weights, cli, last_step, losses, ranks_held
 from reference import reference_run
 from ftcluster.launch.submit import hydra_quote
 
@@ -84,7 +84,8 @@ def test_preempted_job_requeues_and_resumes_to_the_uninterrupted_result(slurm, u
         subprocess.run(["scontrol", "requeue", job], check=True)
         wait_until(lambda: "attempt 1" in log.read_text(), "attempt 1 to start")
         wait_until(lambda: "resumed from" in log.read_text() and last_step(run) >= 9, "attempt 1 to train")
-        subprocess.run(["scancel", "--batch", "--signal=USR1", job], check=True)
+        with ranks_held(run):
+            subprocess.run(["scancel", "--batch", "--signal=USR1", job], check=True)
         wait_until(lambda: job_field(job, "JobState") in ("COMPLETED", "FAILED", "CANCELLED"), "the job to end", 600)
     finally:
         subprocess.run(["scancel", job], capture_output=True)

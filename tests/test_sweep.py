@@ -10,7 +10,7 @@ import os
 import pytest
 from omegaconf import OmegaConf, open_dict
 
-from helpers import TINY, cli
+from helpers import TINY, cli, refused
 from ftcluster.cli import main
 from ftcluster.sweep.space import grid_points, parse, random_points
 from ftcluster.observe.track import read_metrics
@@ -147,8 +147,8 @@ def test_two_point_multirun_on_slurm(slurm, tmp_path, capsys):
      "runs its trials as Ray Tune trials"),
 ])
 def test_bad_search_spaces_are_refused_through_the_cli(capsys, tmp_path, extra, key, says):
-    code, _, err = sweep(capsys, *ONE_WORKER, *extra, "sweep.trials=2", f"output_dir={tmp_path / 'sweep'}")
-    assert code == 2 and err.count("\n") == 1 and f"config key '{key}'" in err and says in err, err
+    err = refused(capsys, "sweep", *ONE_WORKER, *extra, "sweep.trials=2", f"output_dir={tmp_path / 'sweep'}")
+    assert f"config key '{key}'" in err and says in err, err
     assert not (tmp_path / "sweep").exists()
 
 

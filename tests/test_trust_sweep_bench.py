@@ -22,7 +22,7 @@ from ftcluster.run import lock
 from ftcluster.sweep import command as sweep_command
 from ftcluster.sweep.plan import make_plan
 from ftcluster.util.outputs import MARKER, mark_files, mark_folder, read_marker
-from helpers import TINY
+from helpers import TINY, refused
 
 SWEEP = [*TINY, "launcher.workers=1", "sweep.params.optim.lr=grid(1e-3, 1e-2)", "sweep.search=grid"]
 # One cell on launcher=inline: seconds, no Ray.
@@ -34,14 +34,6 @@ SUITE = ("base: [model=tiny, data=json_extract, peft=none, tracking=none, launch
 def snapshot(folder: Path) -> dict[str, str]:
     return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
             for p in sorted(folder.rglob("*")) if p.is_file()}
-
-
-def refused(capsys, *args) -> str:
-    capsys.readouterr()
-    assert main(list(args)) == 2
-    err = capsys.readouterr().err
-    assert err.count("\n") == 1 and "Traceback" not in err, err
-    return err
 
 
 @pytest.fixture
@@ -137,7 +129,7 @@ def test_bench_work_folder_of_the_user_s_files_is_refused_untouched(tmp_path, ca
     assert not results.exists()
 
 
-def test_bench_report_over_a_file_it_did_not_write_is_refused(tmp_path, capsys):
+def test_bench_report_over_a_file_it_did_not_write_isrefused(tmp_path, capsys):
     work, results = tmp_path / "work", tmp_path / "results"
     results.mkdir()
     md = report_files(results)[2]
