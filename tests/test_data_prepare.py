@@ -60,8 +60,16 @@ def rows(folder: Path) -> list[dict]:
     return datasets.load_from_disk(str(folder / "train")).to_list()
 
 
+def arrow_files(folder: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted((folder / "train").glob("*.arrow"))}
+
+
 @pytest.mark.slow
-def test_two_workers_prepare_the_same_rows_and_train_the_same_losses(tmp_path):
+def test_two_workers_prepare_the_same_rows_and_train_the_same_losses(tmp_path, monkeypatch):
+    import ftcluster.data.assemble
+
+    # Chunks of 64 rows: several, so the 2-worker set's are written by Ray tasks (the 1-worker set's in-process)
+    monkeypatch.setattr(ftcluster.data.assemble, "CHUNK_ROWS", 64)
     data = write_jsonl(tmp_path / "chats.jsonl", chats(1500))  # 3 units of 512 lines
     trainer = [*TINY, *INLINE, f"data.path={data}", "data.eval_path=null", "data.format=chat", "trainer.max_steps=3"]
     one = train(tmp_path / "one", *trainer, f"data.prepared_dir={tmp_path / 'store1'}", "data.prepare_workers=1")
@@ -75,6 +83,11 @@ def test_two_workers_prepare_the_same_rows_and_train_the_same_losses(tmp_path):
     assert first["prepare"]["workers"] == 1
     assert two["rows_digest"] == first["rows_digest"]
     assert rows(Path(two["dir"])) == rows(tmp_path / "one" / "data")
+    from ray.util.state import list_tasks
+
+    assert list_tasks(filters=[("name", "=", "write_chunk")]), "the 2-worker set's chunks were not written on Ray"
+    written = arrow_files(Path(two["dir"]))
+    assert len(written) == -(-first["train"]["rows"] // 64) > 2 and written == arrow_files(tmp_path / "one" / "data")
 
     # The run over the 2-worker set reuses it (no tokenization) and trains the same losses.
     train(tmp_path / "two", *trainer, f"data.prepared_dir={tmp_path / 'store2'}", "data.prepare_workers=2")

@@ -1,9 +1,13 @@
-"""Packed (or one-example) rows from the shards, written as a saved Hugging Face dataset in one streaming pass.
+"""Packed (or one-example) rows from the shards, written as a saved Hugging Face dataset, a file per chunk.
 
 Packing runs on the driver from token lengths alone (packing.pack_order, the best-fit decreasing `pack`
-uses). The rows are then built a chunk at a time: the chunk's examples are read from the memory-mapped
-shards, concatenated, written, and the maps released, so memory holds one chunk's tokens, whatever the size
-of the set. The rows, and their digest, depend only on the examples' order, never on how the shards were cut.
+uses). The rows are then cut into chunks of CHUNK_ROWS, and each chunk is built and written on its own: its
+examples read from the memory-mapped shards, concatenated, written as one Arrow file of the dataset, and the
+maps released, so a process holds one chunk's tokens, whatever the size of the set. With a Ray cluster
+connected the chunks are written by Ray tasks in parallel (the shards and the set are on storage every node
+reads, as the encoders' are); else one after the other in this process. Either way the files, and the rows'
+digest (one per chunk, combined in chunk order), depend only on the examples' order: never on how the shards
+were cut, nor on how many processes wrote the chunks.
 """
 
 from __future__ import annotations
@@ -23,8 +27,7 @@ from ftcluster.data.packing import pack_order
 from ftcluster.data.shards import shard_path
 from ftcluster.data.template import IGNORE
 
-ARROW_FILE = "data-00000-of-00001.arrow"
-# Rows built per pass over the shards: bounds the tokens in memory (2048 rows of 2048 tokens: 48 MB).
+# Rows per chunk, and so per file: bounds the tokens a process holds (2048 rows of 2048 tokens: 48 MB).
 CHUNK_ROWS = 2048
 
 
@@ -41,23 +44,40 @@ class Examples:
 
 
 def write_rows(examples: Examples, shards: Path, where: Path, features: datasets.Features, max_seq_len: int,
-               packed: bool) -> tuple[int, int, str]:
-    """Write the split's rows to `where` (a datasets.load_from_disk folder); (rows, tokens, rows_digest)."""
+               packed: bool, parallel: bool = False) -> tuple[int, int, str]:
+    """Write the split's rows to `where` (a datasets.load_from_disk folder); (rows, tokens, rows_digest).
+    `parallel`: write the chunks as tasks on the connected Ray cluster."""
     members = (pack_order(examples.lengths, max_seq_len) if packed
                else [[i] for i in range(len(examples.lengths))])
     where.mkdir(parents=True)
-    digest = _Digest()
-    buffers = _Buffers()
-    with datasets.arrow_writer.ArrowWriter(features=features, path=str(where / ARROW_FILE)) as writer:
-        for start in range(0, len(members), CHUNK_ROWS):
-            chunk = members[start:start + CHUNK_ROWS]
-            table = _rows_table(chunk, examples, shards, buffers)
-            digest.update(table)
-            writer.write_table(table)  # written at once: the buffers are free for the next chunk
-            del table
-        writer.finalize()
-    _describe(where, features)
-    return len(members), int(examples.lengths.sum()), digest.hexdigest()
+    count = max(1, -(-len(members) // CHUNK_ROWS))
+    names = [f"data-{k:05d}-of-{count:05d}.arrow" for k in range(count)]
+    # Each chunk's examples, in row order (a few numbers each: what a task is sent), and their count per row.
+    chunks = []
+    for k in range(count):
+        rows = members[k * CHUNK_ROWS:(k + 1) * CHUNK_ROWS]
+        sizes = np.fromiter((len(row) for row in rows), dtype=np.int32, count=len(rows))
+        order = np.fromiter(itertools.chain.from_iterable(rows), dtype=np.int64, count=int(sizes.sum()))
+        chunks.append((examples.take(order), sizes, str(shards), str(where / names[k]), features.arrow_schema))
+    if parallel and count > 1:
+        import ray  # not at the top: the workers and a one-process prepare run without Ray
+
+        write = ray.remote(num_cpus=1)(write_chunk)
+        digests = ray.get([write.remote(*chunk) for chunk in chunks])
+    else:
+        digests = [write_chunk(*chunk) for chunk in chunks]
+        _BUFFERS.release()
+    _describe(where, features, names)
+    return len(members), int(examples.lengths.sum()), _combined(digests)
+
+
+def write_chunk(part: Examples, sizes: np.ndarray, shards: str, path: str, schema: pa.Schema) -> str:
+    """Build one chunk's rows (`sizes`: the examples of each row, `part`: those examples in order) and write them
+    to `path` as an Arrow stream, the layout datasets.load_from_disk maps; the chunk's digest. A task on Ray."""
+    table = _rows_table(sizes, part, Path(shards), _BUFFERS, schema)
+    with pa.OSFile(path, "wb") as sink, pa.ipc.new_stream(sink, schema) as writer:
+        writer.write_table(table)
+    return _Digest(table).hexdigest()
 
 
 def generate_lines(examples: Examples, shards: Path) -> Iterator[str]:
@@ -72,27 +92,32 @@ def generate_lines(examples: Examples, shards: Path) -> Iterator[str]:
 
 
 class _Buffers:
-    """The token columns of a chunk, allocated once for all chunks: memory first touched costs far more than
-    memory reused (on a virtual machine most of all), and a chunk's arrays are as large as its rows."""
+    """The token columns of a chunk, allocated once for all the chunks a process writes: memory first touched
+    costs far more than memory reused (on a virtual machine most of all), and a chunk's arrays are as large as
+    its rows."""
 
     def __init__(self):
-        self.ids = self.labels = self.positions = np.empty(0, dtype=np.int32)
+        self.release()
 
     def take(self, tokens: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         if tokens > len(self.ids):  # grown to the largest chunk so far
             self.ids, self.labels, self.positions = (np.empty(tokens, dtype=np.int32) for _ in range(3))
         return self.ids[:tokens], self.labels[:tokens], self.positions[:tokens]
 
+    def release(self) -> None:
+        self.ids = self.labels = self.positions = np.empty(0, dtype=np.int32)
 
-def _rows_table(chunk: list[list[int]], examples: Examples, shards: Path, buffers: _Buffers) -> pa.Table:
+
+# This process's: the driver's are released after each split; a Ray worker's last while the worker does.
+_BUFFERS = _Buffers()
+
+
+def _rows_table(sizes: np.ndarray, part: Examples, shards: Path, buffers: _Buffers, schema: pa.Schema) -> pa.Table:
     """The chunk's rows, its examples' tokens gathered shard by shard with array indexing (no Python step per
     example: at a million examples that loop was most of the serial time), into `buffers` (the table shares
     their memory)."""
-    sizes = np.fromiter((len(row) for row in chunk), dtype=np.int64, count=len(chunk))
-    order = np.fromiter(itertools.chain.from_iterable(chunk), dtype=np.int64, count=int(sizes.sum()))
-    part = examples.take(order)
     lengths = part.lengths.astype(np.int64)
-    starts = np.zeros(len(order) + 1, dtype=np.int64)  # where each example begins in the chunk's tokens
+    starts = np.zeros(len(lengths) + 1, dtype=np.int64)  # where each example begins in the chunk's tokens
     np.cumsum(lengths, out=starts[1:])
     ids, labels, positions = buffers.take(int(starts[-1]))
     by_unit = np.argsort(part.units, kind="stable")
@@ -111,16 +136,16 @@ def _rows_table(chunk: list[list[int]], examples: Examples, shards: Path, buffer
     # Positions restart at 0 with each example: ones, each example's first set back by the previous one's
     # length, then summed in place (no temporaries as large as the chunk).
     positions.fill(1)
-    positions[0] = 0
+    positions[:1] = 0
     positions[starts[1:-1]] = 1 - lengths[:-1]
     np.cumsum(positions, out=positions)
-    bounds = np.zeros(len(chunk) + 1, dtype=np.int64)
+    bounds = np.zeros(len(sizes) + 1, dtype=np.int64)
     np.cumsum(sizes, out=bounds[1:])
     offsets = pa.array(starts[bounds].astype(np.int32))
     columns = {name: pa.ListArray.from_arrays(offsets, pa.array(values, pa.int32()))
                for name, values in (("input_ids", ids), ("labels", labels), ("position_ids", positions))}
     columns["num_examples"] = pa.array(sizes.astype(np.int32), pa.int32())
-    return pa.table(columns)
+    return pa.Table.from_pydict(columns, schema=schema)
 
 
 def _ranges(begins: np.ndarray, lengths: np.ndarray) -> np.ndarray:
@@ -170,13 +195,10 @@ class _Shards:
 
 
 class _Digest:
-    """sha256 of the rows in order: lengths, tokens, labels and example counts, each its own stream, so the
-    digest is the same however the rows were cut into chunks."""
+    """sha256 of one chunk's rows: lengths, tokens, labels and example counts, each its own stream."""
 
-    def __init__(self):
+    def __init__(self, table: pa.Table):
         self.parts = {name: hashlib.sha256() for name in ("lengths", "input_ids", "labels", "num_examples")}
-
-    def update(self, table: pa.Table) -> None:
         # The values are hashed where they lie (no copies as large as the chunk).
         ids = table.column("input_ids").combine_chunks()
         self.parts["lengths"].update(np.diff(ids.offsets.to_numpy()).astype(np.int64).tobytes())
@@ -189,30 +211,34 @@ class _Digest:
         return hashlib.sha256("".join(h.hexdigest() for h in self.parts.values()).encode()).hexdigest()
 
 
+def _combined(chunk_digests: list[str]) -> str:
+    """rows_digest: the chunks' digests in order (chunks of CHUNK_ROWS rows, however many processes wrote them)."""
+    return hashlib.sha256("".join(chunk_digests).encode()).hexdigest()
+
+
 def _int32(values: pa.Array) -> np.ndarray:
     return np.ascontiguousarray(values.to_numpy(zero_copy_only=False).astype(np.int32, copy=False))
 
 
 def rows_digest(rows: list[dict]) -> str:
     """The same digest, of rows held in memory (the small preference and prompt sets)."""
-    digest = _Digest()
-    if rows and "input_ids" in rows[0]:
-        digest.update(pa.table({key: [row[key] for row in rows] for key in
-                                ("input_ids", "labels", "num_examples")},
-                               schema=pa.schema([("input_ids", pa.list_(pa.int32())), ("labels", pa.list_(pa.int32())),
-                                                 ("num_examples", pa.int32())])))
-    else:
+    if not rows or "input_ids" not in rows[0]:
         h = hashlib.sha256()
         for row in rows:
             h.update(json.dumps(row, sort_keys=True).encode())
         return h.hexdigest()
-    return digest.hexdigest()
+    schema = pa.schema([("input_ids", pa.list_(pa.int32())), ("labels", pa.list_(pa.int32())),
+                        ("num_examples", pa.int32())])
+    return _combined([_Digest(pa.table({key: [row[key] for row in rows[start:start + CHUNK_ROWS]]
+                                        for key in schema.names}, schema=schema)).hexdigest()
+                      for start in range(0, len(rows), CHUNK_ROWS)])
 
 
-def _describe(where: Path, features: datasets.Features) -> None:
-    """The two files datasets.save_to_disk writes beside its Arrow file, so load_from_disk reads ours."""
+def _describe(where: Path, features: datasets.Features, files: list[str]) -> None:
+    """The two files datasets.save_to_disk writes beside its Arrow files, so load_from_disk reads ours."""
     datasets.DatasetInfo(features=features).write_to_directory(str(where))
-    state = {"_data_files": [{"filename": ARROW_FILE}], "_fingerprint": hashlib.sha256(str(where).encode()).hexdigest()[:16],
+    state = {"_data_files": [{"filename": name} for name in files],
+             "_fingerprint": hashlib.sha256(str(where).encode()).hexdigest()[:16],
              "_format_columns": None, "_format_kwargs": {}, "_format_type": None, "_output_all_columns": False,
              "_split": None}
     (where / "state.json").write_text(json.dumps(state, indent=2))

@@ -128,6 +128,12 @@ def _on_ray(units: list[Unit], settings: Settings, tokenizer, shards: Path, work
             yield pickle.loads(blob)
 
 
+def on_cluster(workers: int) -> bool:
+    """Whether work for `workers` (as pool_size counts them) goes to the connected Ray cluster: more than one,
+    and a cluster to run them."""
+    return workers > 1 and _ray_if_connected() is not None
+
+
 def cluster(connect: Callable[[], None] | None):
     """The ray module, connected: to the cluster this process is on, else to the one `connect` joins or starts."""
     ray = _ray_if_connected()

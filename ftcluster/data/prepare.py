@@ -8,8 +8,9 @@ The set is keyed by a fingerprint of everything that shapes it and kept in the s
 unchanged relaunch, a resume, `ftcluster eval`, a sweep trial or `ftcluster data prepare` beforehand all
 reuse one preparation. Sequence sets (SFT) stream: records are read and encoded unit by unit, in this
 process or in parallel on Ray (data.prepare_workers), each unit into a shard; packing then works from
-token lengths on the driver, and the rows are assembled from the shards in one pass. The rows are
-byte-identical for any number of workers: nothing depends on which worker encoded what.
+token lengths on the driver, and the rows are assembled from the shards a chunk at a time (on Ray too, when
+the encoders ran there). The rows are byte-identical for any number of workers: nothing depends on which
+worker encoded or wrote what.
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ from ftcluster.data.encode import Settings
 from ftcluster.data.in_memory import hold_out, read_splits, small_rows  # noqa: F401  (hold_out: tools/split.py)
 from ftcluster.data.loader import require_rows
 from ftcluster.data.packing import token_efficiency
-from ftcluster.data.parallel import encode_units, pool_size, worker_count
+from ftcluster.data.parallel import encode_units, on_cluster, pool_size, worker_count
 from ftcluster.data.sources import split_sources, units
 from ftcluster.data import splits as splitting
 from ftcluster.data.template import apply_template_override, prompt_and_reference
@@ -139,7 +140,7 @@ def _build_sequences(cfg, tokenizer, out: Path, stats: dict, connect) -> int:
         splitting.require_some(name, split, cfg.trainer.max_seq_len)
         counts = splitting.counts(split)
         rows, tokens, digest = write_rows(split.examples, shards, out / name, FEATURES, cfg.trainer.max_seq_len,
-                                          bool(data.packing))
+                                          bool(data.packing), parallel=on_cluster(workers))
         if name == "train":
             require_rows(rows, _rows_per_step(cfg), split.first_path)  # before any worker starts
             if data.get("sources"):
@@ -150,8 +151,8 @@ def _build_sequences(cfg, tokenizer, out: Path, stats: dict, connect) -> int:
         if name == "eval":
             stats["eval_generate"] = _write_lines(generate_lines(split.examples, shards), out / "eval_generate.jsonl")
     _remove_tree(shards)  # the rows hold every token now
-    # Where the time went: the parallel part (reading and encoding; starting Ray and the encoders included, this
-    # process encoding meanwhile) and the serial part in this process (packing and writing the rows).
+    # Where the time went: reading and encoding (starting Ray and the encoders included, this process encoding
+    # meanwhile), then packing (in this process) and writing the rows (in parallel on Ray with the encoders).
     stats["prepare"] = {"encode_s": round(encoded - started, 2), "assemble_s": round(time.monotonic() - encoded, 2)}
     return workers
 
