@@ -40,7 +40,7 @@ from ftcluster.errors import ConfigError
 from ftcluster.stages.registry import STAGES
 
 # Bump when the encoding or the layout on disk changes, so older prepared sets are not reused.
-LAYOUT_VERSION = 2
+LAYOUT_VERSION = 3
 
 FEATURES = datasets.Features({
     "input_ids": datasets.List(datasets.Value("int32")),
