@@ -35,13 +35,13 @@ def test_generator_reproduces_committed_files(tmp_path):
     # Run the real script from a copy, so it writes next to the copy and the committed files stay untouched.
     shutil.copy(DATA / "generate.py", tmp_path / "generate.py")
     subprocess.run([sys.executable, str(tmp_path / "generate.py")], check=True, capture_output=True)
-    for name in ("train.jsonl", "eval.jsonl"):
+    for name in ("train.jsonl", "eval.jsonl", "pairs_train.jsonl", "pairs_eval.jsonl"):
         assert (tmp_path / name).read_bytes() == (DATA / name).read_bytes(), name
 
 
 def test_split_sizes_and_held_out_values():
     train, evals = _rows("train.jsonl"), _rows("eval.jsonl")
-    assert (len(train), len(evals)) == (200, 50)
+    assert (len(train), len(evals)) == (400, 50)
     unseen_names = _values(evals, "name") - _values(train, "name")
     unseen_cities = _values(evals, "city") - _values(train, "city")
     assert len(unseen_names) == 10 and len(unseen_cities) == 5

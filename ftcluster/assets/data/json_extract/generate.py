@@ -2,13 +2,17 @@
 
     python ftcluster/assets/data/json_extract/generate.py
 
-writes train.jsonl (200) and eval.jsonl (50) next to this file, and the same examples as preference pairs
-for the reward-model and DPO stages (pairs_train.jsonl, pairs_eval.jsonl): the correct compact JSON is
+writes train.jsonl (400) and eval.jsonl (50) next to this file, and the first 200 training examples and the
+eval ones as preference pairs for the reward-model and DPO stages (pairs_train.jsonl, pairs_eval.jsonl): the
+correct compact JSON is
 chosen; the rejected answer is one of the mistakes a model makes on this task (pretty-printed JSON, a wrong
 age or city, a missing key, JSON wrapped in prose), picked with its own fixed seed. The output is byte-for-byte the same on
 every run (fixed seed, no set/dict-order or locale dependence), so the committed files can be checked
 against it. The eval split mixes seen values with 10 names and 5 cities that never occur in training,
-so exact match on it measures extraction rather than memorisation.
+so exact match on it measures extraction rather than memorisation. The second 200 training examples draw on
+a larger pool of names and cities (70 and 30), so that copying, not a short list, is what the model learns:
+with the first 200 alone the default run reached 0.82 held-out exact match, with all 400 0.92 at the same
+step count (2026-12-05).
 """
 
 from __future__ import annotations
@@ -48,6 +52,25 @@ EVAL_NAMES = ["Bruno", "Leila", "Viktor", "Amara", "Felix", "Noor", "Stefan", "M
 EVAL_CITIES = ["Nairobi", "Lima", "Santiago", "Hanoi", "Reykjavik"]
 
 AGES = range(18, 81)
+
+# A second, larger pool for the second half of train.jsonl: with only the 24 names above, the model learns
+# those names rather than copying the one in the sentence, and respells unseen ones (Diego -> Dígio). None of
+# these is a held-out name or city.
+MORE_NAMES = [
+    "Adele", "Ahmed", "Alejandro", "Alice", "Anders", "Anika", "Arjun", "Beatriz", "Benedikt", "Camille",
+    "Carlos", "Chiara", "Darius", "Dmitri", "Ebony", "Emeka", "Esther", "Farah", "Filip", "Gabriela",
+    "Gustav", "Haruto", "Hugo", "Imani", "Isabel", "Ivan", "Jamal", "Javier", "Jin", "Joanna",
+    "Kai", "Karim", "Katarina", "Kenji", "Laila", "Lars", "Lucia", "Magnus", "Malik", "Mariam",
+    "Mikael", "Min-jun", "Nikolai", "Nina", "Oscar", "Paulo", "Rosa", "Rustam", "Saanvi", "Samuel",
+    "Sanjay", "Selin", "Siobhan", "Tariq", "Thabo", "Theo", "Ulla", "Valentina", "Wei", "Ximena",
+    "Yara", "Yosef", "Zainab", "Zoltan", "Agnes", "Bilal", "Cyrus", "Dagny", "Eitan", "Femi",
+]
+MORE_CITIES = [
+    "Melbourne", "Hamburg", "Vancouver", "Accra", "Kyoto", "Porto", "Denver", "Chennai", "Bergen", "Rosario",
+    "Durban", "Busan", "Cork", "Guadalajara", "Salzburg", "Marseille", "Krakow", "Istanbul", "Cairo", "Manila",
+    "Jakarta", "Bogota", "Quito", "Helsinki", "Prague", "Montreal", "Auckland", "Tbilisi", "Casablanca", "Tunis",
+]
+N_MORE = 200
 
 
 def example(name: str, age: int, city: str, template: str) -> dict:
@@ -91,6 +114,23 @@ def build() -> tuple[list[dict], list[dict]]:
     return train, evals
 
 
+def more_train(taken: set[str]) -> list[dict]:
+    """The second half of train.jsonl, from the larger pool, with its own random stream (the first half, the
+    eval split and the preference pairs stay as they were)."""
+    rng = random.Random(SEED + 2)
+    templates = TEMPLATES * (N_MORE // len(TEMPLATES))
+    rng.shuffle(templates)
+    out = []
+    for template in templates:
+        while True:
+            ex = example(rng.choice(MORE_NAMES), rng.choice(AGES), rng.choice(MORE_CITIES), template)
+            if ex["input"] not in taken:
+                break
+        taken.add(ex["input"])
+        out.append(ex)
+    return out
+
+
 def rejected_answer(ex: dict, rng: random.Random) -> str:
     person = json.loads(ex["output"])
     mistake = rng.randrange(5)
@@ -121,12 +161,12 @@ def write_jsonl(path: Path, rows: list[dict]) -> None:
 def main() -> None:
     here = Path(__file__).resolve().parent
     train, evals = build()
-    write_jsonl(here / "train.jsonl", train)
+    write_jsonl(here / "train.jsonl", train + more_train({ex["input"] for ex in train + evals}))
     write_jsonl(here / "eval.jsonl", evals)
     rng = random.Random(SEED + 1)  # its own stream: the SFT files above stay as they were
     write_jsonl(here / "pairs_train.jsonl", preference_pairs(train, rng))
     write_jsonl(here / "pairs_eval.jsonl", preference_pairs(evals, rng))
-    print(f"wrote {len(train)} train and {len(evals)} eval examples (and as preference pairs) to {here}")
+    print(f"wrote {len(train) + N_MORE} train and {len(evals)} eval examples (and preference pairs) to {here}")
 
 
 if __name__ == "__main__":
