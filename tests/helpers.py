@@ -24,9 +24,9 @@ INLINE = ["launcher=inline", "launcher.workers=1"]
 LONG_STEPS = 40
 LONG = ["strategy=zero2", f"trainer.max_steps={LONG_STEPS}", "trainer.save_every_steps=3"]
 
-# ZeRO-3 across an epoch boundary: 16-row global batches make an epoch a few steps long, so 8 steps cross
-# at least one. Evaluation every 4 steps.
-RESUMABLE = ["strategy=zero3", "trainer.max_steps=8", "trainer.global_batch=16", "trainer.micro_batch_per_device=4",
+# ZeRO-3 across an epoch boundary: 32-row global batches make an epoch of the bundled data (200 packed rows)
+# 6.25 steps long, so 8 steps cross one, after the resume test's stop at step 5. Evaluation every 4 steps.
+RESUMABLE = ["strategy=zero3", "trainer.max_steps=8", "trainer.global_batch=32", "trainer.micro_batch_per_device=8",
              "trainer.eval_every_steps=4"]
 
 # The bundled preference pairs at the tiny model's scale.
