@@ -78,19 +78,26 @@ def example(name: str, age: int, city: str, template: str) -> dict:
     return {"instruction": INSTRUCTION, "input": template.format(name=name, age=age, city=city), "output": answer}
 
 
-def build() -> tuple[list[dict], list[dict]]:
-    rng = random.Random(SEED)
-    train, seen_inputs = [], set()
-    # Every template appears equally often in training (25 each), in shuffled order.
-    templates = TEMPLATES * (N_TRAIN // len(TEMPLATES))
+def draw(rng: random.Random, count: int, names: list[str], cities: list[str], taken: set[str]) -> list[dict]:
+    """`count` examples, every template equally often in shuffled order, none with a sentence in `taken`
+    (which gains theirs)."""
+    templates = TEMPLATES * (count // len(TEMPLATES))
     rng.shuffle(templates)
+    out = []
     for template in templates:
         while True:
-            ex = example(rng.choice(TRAIN_NAMES), rng.choice(AGES), rng.choice(TRAIN_CITIES), template)
-            if ex["input"] not in seen_inputs:
+            ex = example(rng.choice(names), rng.choice(AGES), rng.choice(cities), template)
+            if ex["input"] not in taken:
                 break
-        seen_inputs.add(ex["input"])
-        train.append(ex)
+        taken.add(ex["input"])
+        out.append(ex)
+    return out
+
+
+def build() -> tuple[list[dict], list[dict]]:
+    rng = random.Random(SEED)
+    seen_inputs: set[str] = set()
+    train = draw(rng, N_TRAIN, TRAIN_NAMES, TRAIN_CITIES, seen_inputs)  # 25 of each template
 
     evals, unseen_names, unseen_cities = [], 0, 0
     for i in range(N_EVAL):
@@ -117,18 +124,7 @@ def build() -> tuple[list[dict], list[dict]]:
 def more_train(taken: set[str]) -> list[dict]:
     """The second half of train.jsonl, from the larger pool, with its own random stream (the first half, the
     eval split and the preference pairs stay as they were)."""
-    rng = random.Random(SEED + 2)
-    templates = TEMPLATES * (N_MORE // len(TEMPLATES))
-    rng.shuffle(templates)
-    out = []
-    for template in templates:
-        while True:
-            ex = example(rng.choice(MORE_NAMES), rng.choice(AGES), rng.choice(MORE_CITIES), template)
-            if ex["input"] not in taken:
-                break
-        taken.add(ex["input"])
-        out.append(ex)
-    return out
+    return draw(random.Random(SEED + 2), N_MORE, MORE_NAMES, MORE_CITIES, taken)
 
 
 def rejected_answer(ex: dict, rng: random.Random) -> str:
