@@ -20,6 +20,7 @@ import argparse
 import json
 import os
 import random
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -108,7 +109,14 @@ def main() -> None:
     measurements = a.out.with_suffix(".jsonl")
     if a.fresh:
         measurements.unlink(missing_ok=True)
-    work = Path(tempfile.mkdtemp(prefix="data_prepare_bench_"))
+    # Its own folder, removed at the end (a 160k run writes some 4 GB: data, caches and prepared sets); the
+    # measurements and the report are what stays.
+    with tempfile.TemporaryDirectory(prefix="data_prepare_bench_") as folder:
+        run_all(a, Path(folder), tok, cores, measurements)
+    write_report(a.out, [json.loads(line) for line in measurements.read_text().splitlines() if line.strip()], cores)
+
+
+def run_all(a: argparse.Namespace, work: Path, tok: str, cores: int, measurements: Path) -> None:
     for n in a.records:
         data = work / f"chats_{n}.jsonl"
         write_chats(data, n)
@@ -132,7 +140,7 @@ def main() -> None:
                                   "prepare_s": done["seconds"], "encode_s": done.get("encode_s"),
                                   "assemble_s": done.get("assemble_s"),
                                   "rows_digest": stats["rows_digest"][:16], "printed": text.strip().splitlines()[-3:]})
-    write_report(a.out, [json.loads(line) for line in measurements.read_text().splitlines() if line.strip()], cores)
+            shutil.rmtree(work / f"store_{n}_{w}")  # measured: the disk is needed for the next one
 
 
 def record(path: Path, result: dict) -> None:
