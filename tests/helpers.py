@@ -95,13 +95,15 @@ def ranks_held(output_dir: Path, timeout: float = 120):
     has turned a stop signal sent inside the block into its request file. A tiny model's step takes 50 ms: unheld,
     a short run can reach its last step before the request reaches the ranks (it did on a fast CI machine); held,
     they stop at their next step boundary whatever the machine's speed."""
+    from ftcluster.train.stop import request_file
+
     pids = [w["pid"] for w in json.loads((Path(output_dir) / "workers.json").read_text())]
     for pid in pids:
         with suppress(ProcessLookupError):  # (a rank of an attempt that has ended)
             os.kill(pid, signal.SIGSTOP)
     try:
         yield pids
-        request = Path(output_dir) / ".stop-requested"  # ftcluster.train.stop.REQUEST_FILE
+        request = request_file(output_dir)
         deadline = time.time() + timeout
         while not request.exists():
             assert time.time() < deadline, f"the driver wrote no {request} within {timeout:.0f} s of the signal"
