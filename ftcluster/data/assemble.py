@@ -53,12 +53,12 @@ def write_rows(examples: Examples, shards: Path, where: Path, features: datasets
     count = max(1, -(-len(members) // CHUNK_ROWS))
     names = [f"data-{k:05d}-of-{count:05d}.arrow" for k in range(count)]
     # Each chunk's examples, in row order (a few numbers each: what a task is sent), and their count per row.
-    chunks = []
+    schema, chunks = features.arrow_schema, []
     for k in range(count):
         rows = members[k * CHUNK_ROWS:(k + 1) * CHUNK_ROWS]
         sizes = np.fromiter((len(row) for row in rows), dtype=np.int32, count=len(rows))
         order = np.fromiter(itertools.chain.from_iterable(rows), dtype=np.int64, count=int(sizes.sum()))
-        chunks.append((examples.take(order), sizes, str(shards), str(where / names[k]), features.arrow_schema))
+        chunks.append((examples.take(order), sizes, str(shards), str(where / names[k]), schema))
     if parallel and count > 1:
         import ray  # not at the top: the workers and a one-process prepare run without Ray
 
@@ -74,7 +74,7 @@ def write_rows(examples: Examples, shards: Path, where: Path, features: datasets
 def write_chunk(part: Examples, sizes: np.ndarray, shards: str, path: str, schema: pa.Schema) -> str:
     """Build one chunk's rows (`sizes`: the examples of each row, `part`: those examples in order) and write them
     to `path` as an Arrow stream, the layout datasets.load_from_disk maps; the chunk's digest. A task on Ray."""
-    table = _rows_table(sizes, part, Path(shards), _BUFFERS, schema)
+    table = _rows_table(sizes, part, Path(shards), schema)
     with pa.OSFile(path, "wb") as sink, pa.ipc.new_stream(sink, schema) as writer:
         writer.write_table(table)
     return _Digest(table).hexdigest()
@@ -112,14 +112,14 @@ class _Buffers:
 _BUFFERS = _Buffers()
 
 
-def _rows_table(sizes: np.ndarray, part: Examples, shards: Path, buffers: _Buffers, schema: pa.Schema) -> pa.Table:
+def _rows_table(sizes: np.ndarray, part: Examples, shards: Path, schema: pa.Schema) -> pa.Table:
     """The chunk's rows, its examples' tokens gathered shard by shard with array indexing (no Python step per
-    example: at a million examples that loop was most of the serial time), into `buffers` (the table shares
-    their memory)."""
+    example: at a million examples that loop was most of the serial time), into this process's buffers (the
+    table shares their memory)."""
     lengths = part.lengths.astype(np.int64)
     starts = np.zeros(len(lengths) + 1, dtype=np.int64)  # where each example begins in the chunk's tokens
     np.cumsum(lengths, out=starts[1:])
-    ids, labels, positions = buffers.take(int(starts[-1]))
+    ids, labels, positions = _BUFFERS.take(int(starts[-1]))
     by_unit = np.argsort(part.units, kind="stable")
     with _Shards(shards) as open_shards:
         for group in np.split(by_unit, np.flatnonzero(np.diff(part.units[by_unit])) + 1):
