@@ -226,7 +226,7 @@ def test_what_a_spec_names(tmp_path):
 
 # ---- bad input: one message naming the key, nothing loaded ------------------------------------------------
 
-def test_a_folder_that_is_not_a_model_isrefused(tmp_path, capsys):
+def test_a_folder_that_is_not_a_model_is_refused(tmp_path, capsys):
     (tmp_path / "notes.txt").write_text("not a model")
     err = refused(capsys, "eval", f"eval.model={tmp_path}", f"eval.output_dir={tmp_path / 'out'}")
     assert "'eval.model'" in err and "is not a model folder" in err and "config.json" in err
@@ -234,7 +234,7 @@ def test_a_folder_that_is_not_a_model_isrefused(tmp_path, capsys):
     assert not (tmp_path / "out").exists()
 
 
-def test_generation_metrics_on_text_data_arerefused(tmp_path, capsys):
+def test_generation_metrics_on_text_data_are_refused(tmp_path, capsys):
     text = tmp_path / "notes.jsonl"
     text.write_text('{"text": "Plain prose without any answer."}\n' * 3)
     data = ["data=custom", f"data.path={text}", f"data.eval_path={text}", "data.format=text"]
@@ -252,13 +252,13 @@ def test_json_field_accuracy_needs_json_references(tmp_path, capsys):
     assert not (tmp_path / "out").exists()
 
 
-def test_a_reward_model_isrefused(tmp_path, capsys):
+def test_a_reward_model_is_refused(tmp_path, capsys):
     config = json.loads((Path(__file__).resolve().parents[1] / "ftcluster/assets/models/tiny/config.json").read_text())
     (tmp_path / "config.json").write_text(json.dumps({**config, "architectures": ["LlamaForSequenceClassification"]}))
     err = refused(capsys, "eval", f"eval.model={tmp_path}")
     assert "'eval.model'" in err and "LlamaForSequenceClassification" in err
 
 
-def test_unknown_metric_names_arerefused(capsys):
+def test_unknown_metric_names_are_refused(capsys):
     assert "unknown metric" in refused(capsys, "eval", "eval.model=tiny", "eval.metrics=[exact_match,meteor]")
     assert "'trainer.eval_metrics'" in refused(capsys, "config", "model=tiny", "trainer.eval_metrics=[blue]")

@@ -63,7 +63,7 @@ def test_a_finished_run_leaves_no_lock_and_is_marked_as_a_run(run):
     assert json.loads((run / MARKER).read_text())["command"] == "train"
 
 
-def test_export_into_a_folder_with_notes_isrefused(run_files, tmp_path, capsys):
+def test_export_into_a_folder_with_notes_is_refused(run_files, tmp_path, capsys):
     mine = tmp_path / "mine"
     mine.mkdir()
     (mine / "notes.txt").write_bytes(b"my notes\n")
@@ -73,7 +73,7 @@ def test_export_into_a_folder_with_notes_isrefused(run_files, tmp_path, capsys):
     assert snapshot(mine) == {"notes.txt": hashlib.sha256(b"my notes\n").hexdigest()}
 
 
-def test_export_into_its_own_run_folder_isrefused(run_files, capsys):
+def test_export_into_its_own_run_folder_is_refused(run_files, capsys):
     run = run_files
     before = snapshot(run)
     for out in (run, run.parent, run / "final", run / "checkpoints" / "step-2" / "x"):
@@ -99,7 +99,7 @@ def test_export_twice_needs_overwrite_and_replaces_only_its_own_output(run, tmp_
 
 # ==== data tools ========================================================================================
 
-def test_dedup_into_the_parent_of_a_saved_split_isrefused(tmp_path, capsys):
+def test_dedup_into_the_parent_of_a_saved_split_is_refused(tmp_path, capsys):
     import datasets
 
     ds = tmp_path / "DS"
@@ -112,7 +112,7 @@ def test_dedup_into_the_parent_of_a_saved_split_isrefused(tmp_path, capsys):
     assert snapshot(ds) == before
 
 
-def test_contamination_out_onto_the_training_file_isrefused(tmp_path, capsys):
+def test_contamination_out_onto_the_training_file_is_refused(tmp_path, capsys):
     train_file = tmp_path / "train.jsonl"
     train_file.write_bytes((BUNDLED / "train.jsonl").read_bytes())
     before = train_file.read_bytes()
@@ -150,7 +150,7 @@ def test_data_outputs_are_replaced_only_when_marked_and_asked(tmp_path, capsys):
     assert sorted(p.name for p in mine.iterdir()) == ["notes.txt"]
 
 
-def test_eval_into_a_folder_of_other_files_isrefused(tmp_path, capsys):
+def test_eval_into_a_folder_of_other_files_is_refused(tmp_path, capsys):
     (tmp_path / "notes.txt").write_text("x")
     err = refused(capsys, "eval", "eval.model=tiny", "eval.baseline=null", f"eval.output_dir={tmp_path}")
     assert "eval.output_dir" in err and "notes.txt" in err
@@ -163,14 +163,14 @@ def launch(capsys, out, *extra) -> str:
     return refused(capsys, "train", *TINY, *INLINE, "trainer.max_steps=1", *extra, f"output_dir={out}")
 
 
-def test_an_empty_output_dir_isrefused(tmp_path, capsys, monkeypatch):
+def test_an_empty_output_dir_is_refused(tmp_path, capsys, monkeypatch):
     monkeypatch.chdir(tmp_path)
     err = refused(capsys, "train", *TINY, *INLINE, "output_dir=")
     assert "output_dir" in err and "empty" in err
     assert list(tmp_path.iterdir()) == []
 
 
-def test_an_output_dir_with_a_foreign_file_isrefused(tmp_path, capsys):
+def test_an_output_dir_with_a_foreign_file_is_refused(tmp_path, capsys):
     (tmp_path / "notes.txt").write_bytes(b"keep me")
     for resume in ("never", "auto"):
         err = launch(capsys, tmp_path, f"resume={resume}")
@@ -183,7 +183,7 @@ def _lock_record(pid: int, host: str | None = None) -> dict:
             "boot_id": lock._boot_id(), "started_at": "2026-01-01T00:00:00Z", "id": "holder"}
 
 
-def test_a_second_launch_while_the_lock_is_held_isrefused(run_files, capsys):
+def test_a_second_launch_while_the_lock_is_held_is_refused(run_files, capsys):
     run = run_files
     holder = subprocess.Popen(["sleep", "60"])
     try:

@@ -129,7 +129,7 @@ def test_bench_work_folder_of_the_user_s_files_is_refused_untouched(tmp_path, ca
     assert not results.exists()
 
 
-def test_bench_report_over_a_file_it_did_not_write_isrefused(tmp_path, capsys):
+def test_bench_report_over_a_file_it_did_not_write_is_refused(tmp_path, capsys):
     work, results = tmp_path / "work", tmp_path / "results"
     results.mkdir()
     md = report_files(results)[2]
