@@ -188,3 +188,54 @@ def test_span_tokens_from_edge_characters_match_the_offsets_at_any_edge(tokenize
         assert labels.tolist() == want.tolist()
     # Spans that share a token with their neighbours happen here (the widening of encode._token_ranges).
     assert sum(int((l != IGNORE).sum()) for _, l in got) > 0
+
+
+SPAN_TEMPLATES = {
+    # name: (template, None for the tokenizer's own; of the 200 conversations, how many at least the one marked
+    # render answers: those with two answers or more, about 160, where it holds; 0 where it must not)
+    "ChatML with a default system prompt": (None, 150),
+    "brackets": ("{% for m in messages %}[{{ m.role }}]{{ m.content }}[/{{ m.role }}]{% endfor %}"
+                 "{% if add_generation_prompt %}[assistant]{% endif %}", 150),
+    "no end-of-turn marker": ("{% for m in messages %}{{ m.role }}: {{ m.content }}\n\n{% endfor %}"
+                              "{% if add_generation_prompt %}assistant: {% endif %}", 150),
+    # Trimming changes an answer with whitespace at an edge, markers or not: those fall back.
+    "trimmed content": ("{% for m in messages %}<{{ m.role }}>{{ m.content | trim }}</s>\n{% endfor %}"
+                        "{% if add_generation_prompt %}<assistant>{% endif %}", 30),
+    # Consistent prefixes, but what precedes the content inside the span differs from answer to answer.
+    "numbered answers": ("{% for m in messages %}<{{ m.role }}>{% if m.role == 'assistant' %}({{ loop.index }}) "
+                         "{% endif %}{{ m.content }}</s>{% endfor %}{% if add_generation_prompt %}<assistant>"
+                         "{% endif %}", 0),
+}
+
+
+@pytest.mark.parametrize("name", SPAN_TEMPLATES)
+def test_spans_from_one_marked_render_are_the_prefix_renders_spans(tokenizer, name):
+    """template._framed_spans must give exactly the spans of the prefix renders (the definition), for any
+    conversation it answers; the rest fall back. Whitespace at the answers' edges, multi-byte characters, answers
+    that repeat the framing's text, and preference pairs' from_turn."""
+    import random
+
+    from ftcluster.data import template as t
+
+    source, at_least = SPAN_TEMPLATES[name]
+    if source is not None:
+        apply_template_override(tokenizer, source)
+    r = random.Random(2)
+    pieces = ["a", "é", "字", "😀", " ", "  ", "\n", "\t", "</s>", "[/assistant]", "assistant: ", "(3) ", "x y"]
+    answered = 0
+    for case in range(200):
+        chat = [{"role": "system", "content": "Be brief."}] if r.random() < 0.5 else []
+        for _ in range(r.randint(1, 5)):
+            for role in ("user", "assistant"):
+                text = "".join(r.choice(pieces) for _ in range(r.randint(0, 8)))
+                chat.append({"role": role, "content": "x" + text if r.random() < 0.5 else text + "y"})
+        from_turn = r.choice([0, 0, 2, 3])
+        render = t._prefixes(tokenizer, chat)
+        full = render(len(chat), False)
+        expected = t._prefix_spans(chat, render, full, from_turn)
+        got = t._framed_spans(chat, tokenizer, render, full, from_turn)
+        if got is not None:
+            answered += 1
+            assert got == expected, (case, chat, full)
+        assert t._assistant_spans(chat, tokenizer, from_turn) == (full, expected)
+    assert answered >= at_least if at_least else answered == 0

@@ -10,33 +10,50 @@ of a prefix is the prefix of the conversion: here a conversation is converted on
 It relies on transformers' own conversion functions and compiled template, not public API; it checks itself
 against `apply_chat_template` on a probe conversation once per template, and falls back to `apply_chat_template`
 (same text, slower) when they are missing or disagree.
+
+A render can also wrap every assistant turn's content in two marker characters (`marked=True`): where those land
+in the text is where the template put each answer, found from one render (template._framed_spans).
 """
 
 from __future__ import annotations
 
 from typing import Callable
 
+# Private-use characters: no tokenizer gives them meaning, and a conversation holding one is not marked.
+MARK_OPEN, MARK_CLOSE = "\ue000", "\ue001"
 _PROBE = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hello"},
           {"role": "assistant", "content": "Hi"}, {"role": "user", "content": "Again"},
           {"role": "assistant", "content": "Hi again", "tool_calls": None}]
+Render = Callable[..., str]  # (n, add_generation_prompt, marked=False) -> text
 # (tokenizer id, template, special tokens) -> the renderer: a few tokenizers per process at most.
-_RENDERERS: dict[tuple, Callable[[list[dict]], Callable[[int, bool], str]]] = {}
+_RENDERERS: dict[tuple, Callable[[list[dict]], Render]] = {}
 
 
-def prefix_renderer(tokenizer) -> Callable[[list[dict]], Callable[[int, bool], str]]:
+def prefix_renderer(tokenizer) -> Callable[[list[dict]], Render]:
     """`prefix_renderer(tokenizer)(messages)(n, add_generation_prompt)` renders messages[:n] as
-    `tokenizer.apply_chat_template(messages[:n], tokenize=False, add_generation_prompt=...)` does."""
-    key = (id(tokenizer), str(tokenizer.chat_template), repr(tokenizer.special_tokens_map))
+    `tokenizer.apply_chat_template(messages[:n], tokenize=False, add_generation_prompt=...)` does; with
+    `marked=True`, every assistant message's content (a string) is wrapped in MARK_OPEN and MARK_CLOSE first."""
+    key = template_key(tokenizer)
     if key not in _RENDERERS:
         _RENDERERS[key] = _fast(tokenizer) or _slow(tokenizer)
     return _RENDERERS[key]
 
 
+def template_key(tokenizer) -> tuple:
+    """What a render depends on besides the messages: tests and data.chat_template change a tokenizer's template."""
+    return id(tokenizer), str(tokenizer.chat_template), repr(tokenizer.special_tokens_map)
+
+
 def _slow(tokenizer):
     def conversation(messages):
-        return lambda n, generate: tokenizer.apply_chat_template(messages[:n], tokenize=False,
-                                                                 add_generation_prompt=generate)
+        return lambda n, generate, marked=False: tokenizer.apply_chat_template(
+            (_marked(messages) if marked else messages)[:n], tokenize=False, add_generation_prompt=generate)
     return conversation
+
+
+def _marked(messages: list[dict]) -> list[dict]:
+    return [{**m, "content": MARK_OPEN + m["content"] + MARK_CLOSE}
+            if m.get("role") == "assistant" and isinstance(m.get("content"), str) else m for m in messages]
 
 
 def _fast(tokenizer):
@@ -51,12 +68,16 @@ def _fast(tokenizer):
 
     def conversation(messages):
         converted = _alias_reasoning_fields(_plain_template_data(_normalize_chat_messages(messages)))
-        return lambda n, generate: template.render(messages=converted[:n], tools=None, documents=None,
-                                                   add_generation_prompt=generate, **seen)
+
+        def render(n: int, generate: bool, marked: bool = False) -> str:
+            return template.render(messages=(_marked(converted) if marked else converted)[:n], tools=None,
+                                   documents=None, add_generation_prompt=generate, **seen)
+        return render
 
     fast, slow = conversation(_PROBE), _slow(tokenizer)(_PROBE)
     try:
-        same = all(fast(n, g) == slow(n, g) for n in range(1, len(_PROBE) + 1) for g in (False, True))
+        same = all(fast(n, g, m) == slow(n, g, m) for n in range(1, len(_PROBE) + 1) for g in (False, True)
+                   for m in (False, True))
     except Exception:  # a template that fails on the probe: the slow path reports it, per conversation, as before
         return None
     return conversation if same else None

@@ -6,6 +6,13 @@ turn; the difference is exactly what the model must produce. That works for any 
 prefixes consistently (checked, with an error naming the turn when it does not), and the text is
 tokenized once, so training sees the same tokens as `apply_chat_template(tokenize=True)`.
 
+Those prefix renders are most of the rendering time of a long conversation (quadratic in its turns), so they are
+made once per template, on a probe, to learn what the template writes around an answer inside its span (ChatML:
+nothing before it, `<|im_end|>` after). A conversation is then rendered twice, as is and with every answer
+wrapped in marker characters (render.py); where the markers land, framed as learned, are the same spans. A
+conversation on which that does not hold exactly (the markers change the text, the framing is not there) takes
+the prefix renders, and so does every conversation of a template whose framing differs between turns.
+
 Because the rendered text is tokenized as a whole, a control token's string typed inside a message (`<|im_end|>`)
 would become that control token and end the turn early; such content is refused (_check_plain), naming the
 turn and the token, rather than silently trained on as markup.
@@ -20,7 +27,7 @@ from pathlib import Path
 import jinja2
 import numpy as np
 
-from ftcluster.data.render import prefix_renderer
+from ftcluster.data.render import MARK_CLOSE, MARK_OPEN, prefix_renderer, template_key
 from ftcluster.errors import ConfigError, UserError
 
 IGNORE = -100  # The label value Hugging Face losses skip.
@@ -59,15 +66,15 @@ def _render(tokenizer, messages: list[dict], add_generation_prompt: bool) -> str
 
 
 def _prefixes(tokenizer, messages: list[dict]):
-    """`render(n, add_generation_prompt)`: messages[:n] as _render renders it, the messages converted for the
-    template once for all prefixes (ftcluster.data.render)."""
+    """`render(n, add_generation_prompt, marked=False)`: messages[:n] as _render renders it, the messages
+    converted for the template once for all prefixes (ftcluster.data.render)."""
     conversation = prefix_renderer(tokenizer)(messages)
 
-    def render(n: int, add_generation_prompt: bool) -> str:
+    def render(n: int, add_generation_prompt: bool, marked: bool = False) -> str:
         if n == 0:  # apply_chat_template refuses an empty conversation: the same error as ever
             return _render(tokenizer, [], add_generation_prompt)
         try:
-            return conversation(n, add_generation_prompt)
+            return conversation(n, add_generation_prompt, marked)
         except jinja2.TemplateError as exc:
             raise ConfigError("data.chat_template", f"the chat template failed on this conversation: {exc}") from None
     return render
@@ -78,6 +85,13 @@ def _assistant_spans(messages: list[dict], tokenizer, from_turn: int = 0) -> tup
     of turn)."""
     render = _prefixes(tokenizer, messages)
     full = render(len(messages), False)
+    spans = _framed_spans(messages, tokenizer, render, full, from_turn)
+    return full, spans if spans is not None else _prefix_spans(messages, render, full, from_turn)
+
+
+def _prefix_spans(messages: list[dict], render, full: str, from_turn: int) -> list[tuple[int, int]]:
+    """The spans from renders of the prefixes before and through each assistant turn: for any template that
+    renders prefixes consistently (refused with a ConfigError where it does not)."""
     spans = []
     for i, message in enumerate(messages):
         if message["role"] != "assistant" or i < from_turn:
@@ -96,7 +110,77 @@ def _assistant_spans(messages: list[dict], tokenizer, from_turn: int = 0) -> tup
         # the model should learn to stop at the marker, not to emit what follows it.
         turn = through[len(before):].rstrip()
         spans.append((len(before), len(before) + len(turn)))
-    return full, spans
+    return spans
+
+
+# What the framing is learned on: plain turns, an answer before the last one and the last one.
+_FRAMING_PROBE = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hello"},
+                  {"role": "assistant", "content": "Hi"}, {"role": "user", "content": "Again"},
+                  {"role": "assistant", "content": "Hi again"}]
+_MARKS = re.compile(f"[{MARK_OPEN}{MARK_CLOSE}]")
+# template_key -> (text between a span's start and its content, text between the content and its end) or None
+_FRAMINGS: dict[tuple, tuple[str, str] | None] = {}
+
+
+def _framed_spans(messages: list[dict], tokenizer, render, full: str, from_turn: int) -> list[tuple[int, int]] | None:
+    """The spans _prefix_spans gives, from one marked render and the template's framing; None where that cannot be
+    shown for this conversation (the caller then renders the prefixes)."""
+    key = template_key(tokenizer)
+    if key not in _FRAMINGS:
+        _FRAMINGS[key] = _learn_framing(tokenizer)
+    framing = _FRAMINGS[key]
+    answers = [i for i, m in enumerate(messages) if m["role"] == "assistant"]
+    # One answer takes two renders either way, one of them shorter without markers. An assistant turn first has
+    # no prefix to render: _prefix_spans reports that as apply_chat_template does.
+    if framing is None or len(answers) < 2 or answers[0] == 0 or _MARKS.search(full):
+        return None
+    contents = _marked_contents(render(len(messages), False, True), full)
+    if contents is None or len(contents) != len(answers):
+        return None
+    head, foot = framing
+    spans = []
+    for i, (content_start, content_end) in zip(answers, contents):
+        start = content_start - len(head)
+        if start < 0 or not (full.startswith(head, start) and full.startswith(foot, content_end)):
+            return None
+        if i >= from_turn:
+            # As _prefix_spans strips the turn: the whitespace after its last character belongs to what follows.
+            spans.append((start, start + len((full[start:content_end] + foot).rstrip())))
+    return spans
+
+
+def _learn_framing(tokenizer) -> tuple[str, str] | None:
+    """What the template writes inside an answer's span around its content, the same for every answer of the
+    probe; None when it is not (or the probe cannot be rendered), so every conversation renders its prefixes."""
+    render = _prefixes(tokenizer, _FRAMING_PROBE)
+    try:
+        full = render(len(_FRAMING_PROBE), False)
+        spans = _prefix_spans(_FRAMING_PROBE, render, full, 0)
+        contents = _marked_contents(render(len(_FRAMING_PROBE), False, True), full)
+    except (UserError, jinja2.TemplateError):
+        return None
+    if contents is None or len(contents) != 2 or len(spans) != 2:
+        return None
+    pairs = list(zip(spans, contents))
+    if not all(start <= content_start <= content_end <= end for (start, end), (content_start, content_end) in pairs):
+        return None
+    framings = {(full[start:content_start], full[content_end:end])
+                for (start, end), (content_start, content_end) in pairs}
+    return framings.pop() if len(framings) == 1 else None
+
+
+def _marked_contents(marked: str, full: str) -> list[tuple[int, int]] | None:
+    """Where each marked content lies in `full`, in order; None unless `marked` is exactly `full` with pairs of
+    markers added."""
+    edges, expected = [], MARK_OPEN
+    for removed, mark in enumerate(_MARKS.finditer(marked)):
+        if mark.group() != expected:
+            return None
+        edges.append(mark.start() - removed)
+        expected = MARK_CLOSE if expected == MARK_OPEN else MARK_OPEN
+    if expected != MARK_OPEN or _MARKS.sub("", marked) != full:
+        return None
+    return list(zip(edges[::2], edges[1::2]))
 
 
 def encode_chat(messages: list[dict], tokenizer, train_on: str = "assistant",
