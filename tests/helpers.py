@@ -24,9 +24,9 @@ INLINE = ["launcher=inline", "launcher.workers=1"]
 LONG_STEPS = 40
 LONG = ["strategy=zero2", f"trainer.max_steps={LONG_STEPS}", "trainer.save_every_steps=3"]
 
-# ZeRO-3 across an epoch boundary: 32-row global batches make an epoch of the bundled data (200 packed rows)
-# 6.25 steps long, so 8 steps cross one, after the resume test's stop at step 5. Evaluation every 4 steps.
-RESUMABLE = ["strategy=zero3", "trainer.max_steps=8", "trainer.global_batch=32", "trainer.micro_batch_per_device=8",
+# ZeRO-3 across an epoch boundary: 40-row global batches make an epoch of the bundled data (300 packed rows)
+# 7.5 steps long, so 8 steps cross one, after the resume test's stop at step 5. Evaluation every 4 steps.
+RESUMABLE = ["strategy=zero3", "trainer.max_steps=8", "trainer.global_batch=40", "trainer.micro_batch_per_device=10",
              "trainer.eval_every_steps=4"]
 
 # The bundled preference pairs at the tiny model's scale.

@@ -41,7 +41,7 @@ def test_generator_reproduces_committed_files(tmp_path):
 
 def test_split_sizes_and_held_out_values():
     train, evals = _rows("train.jsonl"), _rows("eval.jsonl")
-    assert (len(train), len(evals)) == (400, 50)
+    assert (len(train), len(evals)) == (600, 50)
     unseen_names = _values(evals, "name") - _values(train, "name")
     unseen_cities = _values(evals, "city") - _values(train, "city")
     assert len(unseen_names) == 10 and len(unseen_cities) == 5

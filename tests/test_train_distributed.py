@@ -66,7 +66,7 @@ def test_zero_stage_matches_single_process_reference(tmp_path, stage, extra):
 
 
 def test_zero3_matches_single_process_reference(zero3_run):
-    """The resume test's uninterrupted run (test_resume_export.py): 8 steps of 32 rows, across an epoch."""
+    """The resume test's uninterrupted run (test_resume_export.py): 8 steps of 40 rows, across an epoch."""
     assert_matches_reference(zero3_run, steps=8)
     assert_planner_predicts_what_each_rank_holds(zero3_run)
 

@@ -2,7 +2,7 @@
 
     python ftcluster/assets/data/json_extract/generate.py
 
-writes train.jsonl (400) and eval.jsonl (50) next to this file, and the first 200 training examples and the
+writes train.jsonl (600) and eval.jsonl (50) next to this file, and the first 200 training examples and the
 eval ones as preference pairs for the reward-model and DPO stages (pairs_train.jsonl, pairs_eval.jsonl): the
 correct compact JSON is
 chosen; the rejected answer is one of the mistakes a model makes on this task (pretty-printed JSON, a wrong
@@ -11,8 +11,11 @@ every run (fixed seed, no set/dict-order or locale dependence), so the committed
 against it. The eval split mixes seen values with 10 names and 5 cities that never occur in training,
 so exact match on it measures extraction rather than memorisation. The second 200 training examples draw on
 a larger pool of names and cities (70 and 30), so that copying, not a short list, is what the model learns:
-with the first 200 alone the default run reached 0.82 held-out exact match, with all 400 0.92 at the same
-step count (2026-12-05).
+with the first 200 alone the default run reached 0.82 held-out exact match, with the next 200 0.92 at the same
+step count. The last 200 use names made up from syllables, which the model has no spelling of its own for:
+the unseen names it still missed were respelled towards common ones (Mei -> Mia, Diego -> Dígio), and with
+these the default run (32 steps) reached 0.96; 200 more examples with real names had brought it down to 0.80
+(2026-12-05).
 """
 
 from __future__ import annotations
@@ -71,6 +74,10 @@ MORE_CITIES = [
     "Jakarta", "Bogota", "Quito", "Helsinki", "Prague", "Montreal", "Auckland", "Tbilisi", "Casablanca", "Tunis",
 ]
 N_MORE = 200
+# The third part: names made of these syllables (2 or 3 each), 100 of them, none a held-out name.
+ONSETS = ["b", "d", "f", "g", "k", "l", "m", "n", "p", "r", "s", "t", "v", "z", "sh", "ch", "th", ""]
+VOWELS = ["a", "e", "i", "o", "u", "ei", "ia", "ou", "ie", "ai"]
+N_INVENTED = 200
 
 
 def example(name: str, age: int, city: str, template: str) -> dict:
@@ -127,6 +134,15 @@ def more_train(taken: set[str]) -> list[dict]:
     return draw(random.Random(SEED + 2), N_MORE, MORE_NAMES, MORE_CITIES, taken)
 
 
+def invented_train(taken: set[str]) -> list[dict]:
+    """The last part of train.jsonl: made-up names (so only copying gets them right), its own random stream."""
+    rng = random.Random(SEED + 3)
+    made = {"".join(rng.choice(ONSETS) + rng.choice(VOWELS) for _ in range(rng.randint(2, 3))).capitalize()
+            for _ in range(120)}
+    names = sorted(made - set(EVAL_NAMES))[:100]
+    return draw(rng, N_INVENTED, names, MORE_CITIES, taken)
+
+
 def rejected_answer(ex: dict, rng: random.Random) -> str:
     person = json.loads(ex["output"])
     mistake = rng.randrange(5)
@@ -157,12 +173,14 @@ def write_jsonl(path: Path, rows: list[dict]) -> None:
 def main() -> None:
     here = Path(__file__).resolve().parent
     train, evals = build()
-    write_jsonl(here / "train.jsonl", train + more_train({ex["input"] for ex in train + evals}))
+    taken = {ex["input"] for ex in train + evals}
+    more = more_train(taken)  # taken gains their sentences: the made-up names' examples repeat none of them
+    write_jsonl(here / "train.jsonl", train + more + invented_train(taken))
     write_jsonl(here / "eval.jsonl", evals)
     rng = random.Random(SEED + 1)  # its own stream: the SFT files above stay as they were
     write_jsonl(here / "pairs_train.jsonl", preference_pairs(train, rng))
     write_jsonl(here / "pairs_eval.jsonl", preference_pairs(evals, rng))
-    print(f"wrote {len(train) + N_MORE} train and {len(evals)} eval examples (and preference pairs) to {here}")
+    print(f"wrote {len(train) + N_MORE + N_INVENTED} train and {len(evals)} eval examples (and preference pairs) to {here}")
 
 
 if __name__ == "__main__":
