@@ -221,7 +221,9 @@ def test_a_signal_recorded_at_start_is_handed_to_the_run_s_handler(tmp_path):
 @pytest.mark.slow
 def test_sigterm_under_launcher_local_checkpoints_exits_75_and_resume_finishes(tmp_path):
     """launcher=local (a Ray cluster the driver starts): SIGTERM to the driver checkpoints after the current step
-    and exits 75; resume=auto continues from that checkpoint to the end."""
+    and exits 75; resume=auto continues from that checkpoint to the end. The resume runs under
+    launcher=processes: a checkpoint does not depend on the launcher that wrote it, resuming under launcher=local
+    is test_resume_export's, and a second Ray start here cost the suite some 15 s."""
     out = tmp_path / "run"
     local = [*TINY, "launcher=local", "launcher.workers=1", "strategy=zero2", f"trainer.max_steps={STEPS}"]
     proc = start(out, *local)
@@ -234,7 +236,7 @@ def test_sigterm_under_launcher_local_checkpoints_exits_75_and_resume_finishes(t
     assert newest is not None and checkpoint.unusable(newest) is None
     stopped_at = checkpoint.read_state(newest)["step"]
     assert 2 <= stopped_at < STEPS and not (out / "final").exists()
-    proc = start(out, *local, "resume=auto")
+    proc = start(out, *local, "launcher=processes", "resume=auto")
     out_text, err = proc.communicate(timeout=900)
     assert proc.returncode == 0, err[-3000:]
     steps = sorted(r["step"] for r in track.read_metrics(out) if "loss" in r)
