@@ -148,8 +148,9 @@ def report(results: list[dict], env: dict, quiet: dict, args) -> str:
              f"Machine: {env['cpu_model']}, {env['cores']} cores; {env['platform']}; git {env['git']['sha']} "
              f"({env['git']['dirty_files']} files changed in the working tree). Quiet before the run: {quiet}.", "",
              "Versions: " + ", ".join(f"{k} {v}" for k, v in env["versions"].items()), "",
-             f"Trees: `before` = `git archive {args.before}` on PYTHONPATH; `after` = the working tree. Runs "
-             f"alternate before/after, cell by cell; {args.repeats} runs a cell, median shown with every run.", "",
+             (f"Trees: `before` = `git archive {args.before}` on PYTHONPATH; `after` = the working tree. Runs "
+              f"alternate before/after, cell by cell; " if len(trees) == 2 else "Tree: the working tree only (`after`); ")
+             + f"{args.repeats} runs a cell, median shown with every run.", "",
              "Overrides: tests/helpers.py TINY (the tiny model, bundled json_extract data, no evaluation) + "
              "`launcher=L launcher.workers=N trainer.max_steps=2`; `issue:2` is the issue's command as given "
              "(`model=tiny peft=none launcher.workers=2`, its defaults: evaluation with generation before step 1) "
