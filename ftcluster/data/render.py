@@ -21,9 +21,13 @@ from typing import Callable
 
 # Private-use characters: no tokenizer gives them meaning, and a conversation holding one is not marked.
 MARK_OPEN, MARK_CLOSE = "\ue000", "\ue001"
-_PROBE = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hello"},
-          {"role": "assistant", "content": "Hi"}, {"role": "user", "content": "Again"},
-          {"role": "assistant", "content": "Hi again", "tool_calls": None}]
+# A conversation of plain turns, with an answer before the last turn and one as the last turn: what renders
+# are checked on here, and what template.py learns an answer's framing from.
+PROBE = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hello"},
+         {"role": "assistant", "content": "Hi"}, {"role": "user", "content": "Again"},
+         {"role": "assistant", "content": "Hi again"}]
+# The check also covers a None field, which apply_chat_template's conversion drops.
+_CHECKED = [*PROBE[:-1], {**PROBE[-1], "tool_calls": None}]
 Render = Callable[..., str]  # (n, add_generation_prompt, marked=False) -> text
 # (tokenizer id, template, special tokens) -> the renderer: a few tokenizers per process at most.
 _RENDERERS: dict[tuple, Callable[[list[dict]], Render]] = {}
@@ -74,9 +78,9 @@ def _fast(tokenizer):
                                    documents=None, add_generation_prompt=generate, **seen)
         return render
 
-    fast, slow = conversation(_PROBE), _slow(tokenizer)(_PROBE)
+    fast, slow = conversation(_CHECKED), _slow(tokenizer)(_CHECKED)
     try:
-        same = all(fast(n, g, m) == slow(n, g, m) for n in range(1, len(_PROBE) + 1) for g in (False, True)
+        same = all(fast(n, g, m) == slow(n, g, m) for n in range(1, len(_CHECKED) + 1) for g in (False, True)
                    for m in (False, True))
     except Exception:  # a template that fails on the probe: the slow path reports it, per conversation, as before
         return None

@@ -27,12 +27,12 @@ from pathlib import Path
 import jinja2
 import numpy as np
 
-from ftcluster.data.render import MARK_CLOSE, MARK_OPEN, prefix_renderer, template_key
+from ftcluster.data.render import MARK_CLOSE, MARK_OPEN, PROBE, prefix_renderer, template_key
 from ftcluster.errors import ConfigError, UserError
 
 IGNORE = -100  # The label value Hugging Face losses skip.
 
-_PROBE = [{"role": "user", "content": "Hello"}, {"role": "assistant", "content": "Hi"}]
+_OVERRIDE_PROBE = [{"role": "user", "content": "Hello"}, {"role": "assistant", "content": "Hi"}]
 
 
 def apply_template_override(tokenizer, chat_template: str | None) -> None:
@@ -45,7 +45,7 @@ def apply_template_override(tokenizer, chat_template: str | None) -> None:
                           "data.chat_template to inline Jinja or a .jinja file (for example ChatML), or use "
                           "data.format=text")
     # Render once now so a broken template fails here, before any data is read or worker started.
-    _render(tokenizer, _PROBE, add_generation_prompt=False)
+    _render(tokenizer, _OVERRIDE_PROBE, add_generation_prompt=False)
 
 
 def _template_text(value: str) -> str:
@@ -113,10 +113,6 @@ def _prefix_spans(messages: list[dict], render, full: str, from_turn: int) -> li
     return spans
 
 
-# What the framing is learned on: plain turns, an answer before the last one and the last one.
-_FRAMING_PROBE = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hello"},
-                  {"role": "assistant", "content": "Hi"}, {"role": "user", "content": "Again"},
-                  {"role": "assistant", "content": "Hi again"}]
 _MARKS = re.compile(f"[{MARK_OPEN}{MARK_CLOSE}]")
 # template_key -> (text between a span's start and its content, text between the content and its end) or None
 _FRAMINGS: dict[tuple, tuple[str, str] | None] = {}
@@ -152,11 +148,11 @@ def _framed_spans(messages: list[dict], tokenizer, render, full: str, from_turn:
 def _learn_framing(tokenizer) -> tuple[str, str] | None:
     """What the template writes inside an answer's span around its content, the same for every answer of the
     probe; None when it is not (or the probe cannot be rendered), so every conversation renders its prefixes."""
-    render = _prefixes(tokenizer, _FRAMING_PROBE)
+    render = _prefixes(tokenizer, PROBE)
     try:
-        full = render(len(_FRAMING_PROBE), False)
-        spans = _prefix_spans(_FRAMING_PROBE, render, full, 0)
-        contents = _marked_contents(render(len(_FRAMING_PROBE), False, True), full)
+        full = render(len(PROBE), False)
+        spans = _prefix_spans(PROBE, render, full, 0)
+        contents = _marked_contents(render(len(PROBE), False, True), full)
     except (UserError, jinja2.TemplateError):
         return None
     if contents is None or len(contents) != 2 or len(spans) != 2:

@@ -175,12 +175,13 @@ def main() -> None:
     train, evals = build()
     taken = {ex["input"] for ex in train + evals}
     more = more_train(taken)  # taken gains their sentences: the made-up names' examples repeat none of them
-    write_jsonl(here / "train.jsonl", train + more + invented_train(taken))
+    everything = train + more + invented_train(taken)
+    write_jsonl(here / "train.jsonl", everything)
     write_jsonl(here / "eval.jsonl", evals)
     rng = random.Random(SEED + 1)  # its own stream: the SFT files above stay as they were
     write_jsonl(here / "pairs_train.jsonl", preference_pairs(train, rng))
     write_jsonl(here / "pairs_eval.jsonl", preference_pairs(evals, rng))
-    print(f"wrote {len(train) + N_MORE + N_INVENTED} train and {len(evals)} eval examples (and preference pairs) to {here}")
+    print(f"wrote {len(everything)} train and {len(evals)} eval examples (and preference pairs) to {here}")
 
 
 if __name__ == "__main__":
