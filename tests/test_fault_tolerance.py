@@ -1,7 +1,7 @@
 """Failures mid-run, caused for real: a worker SIGKILLed, a worker stalled (SIGSTOP). (A stop request,
 SIGUSR1, is tested through SLURM in test_slurm.py.)
 
-Each run is a real `ftcluster train` (Ray Train workers, DeepSpeed, gloo); the test finds its worker
+Each run is a real `ftcluster train` (Ray rank actors, DeepSpeed, gloo); the test finds its worker
 processes from output_dir/workers.json and signals one of them.
 """
 

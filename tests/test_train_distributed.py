@@ -1,4 +1,4 @@
-"""Real runs: Ray Train workers, a gloo process group, DeepSpeed ZeRO, on the tiny model.
+"""Real runs: Ray rank actors, a gloo process group, DeepSpeed ZeRO, on the tiny model.
 
 Each compares with tests/reference.py, a single-process plain-torch loop over the same global batches.
 """

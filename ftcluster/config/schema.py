@@ -217,7 +217,7 @@ class LauncherConfig:
     use_gpu: Optional[bool] = None
     cpus_per_worker: int = 1
     placement_strategy: Annotated[str, Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"]] = "PACK"
-    # Ray Train restarts the whole worker group from the newest checkpoint up to this many times.
+    # The whole worker group is started again, from the newest checkpoint, up to this many times.
     max_failures: int = 0
     # A collective that waits longer than this fails the run, naming the ranks that did not arrive.
     collective_timeout_s: int = 1800

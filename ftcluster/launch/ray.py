@@ -1,7 +1,9 @@
 """launcher=local and launcher=ray: a Ray cluster started in this process (local) or the running one at
-launcher.address (ray), and the workers placed there with Ray Train: one TorchTrainer worker per GPU (or per cpus_per_worker CPUs), a torch process group among them
-(NCCL on GPU, gloo on CPU), and the worker entry run in each. A controller entry (RL) runs in this process
-with a Placement for its actor groups instead.
+launcher.address (ray), and the workers placed there: one worker per GPU (or per cpus_per_worker CPUs), a torch
+process group among them (NCCL on GPU, gloo on CPU), and the worker entry run in each. On launcher=local's one
+node the workers are plain Ray actors (launch/ray_workers.py: seconds sooner to the first step); across nodes
+(ray, slurm) Ray Train's TorchTrainer places them. A controller entry (RL) runs in this process with a
+Placement for its actor groups instead.
 
 Nothing here knows about stages or models: it gets a callable and a plain-data payload.
 """
@@ -17,6 +19,7 @@ from omegaconf import DictConfig
 from ray.exceptions import ActorDiedError, ActorUnavailableError, WorkerCrashedError
 
 from ftcluster.errors import CollectiveTimeout, UserError, WorkerFailed
+from ftcluster.launch import ray_workers
 from ftcluster.launch.actors import Placement
 from ftcluster.launch.cluster import connect
 from ftcluster.launch.worker_env import worker_env
@@ -50,12 +53,9 @@ def run_controller(entry: Callable[[dict, Placement], None], payload: dict, cfg:
 
 def run_workers(entry: Callable[[dict], None], payload: dict, cfg: DictConfig,
                 label_selector: list[dict] | None = None) -> None:
-    """Run `entry(payload)` on launcher.workers Ray Train workers; raise when any of them failed.
-    label_selector: one node-label selector per rank, to pin ranks to nodes."""
-    # not at the top: Ray Train's imports take seconds, and a controller (run_controller) does without them
-    from ray.train import FailureConfig, RunConfig, ScalingConfig, TrainingFailedError
-    from ray.train.torch import TorchConfig, TorchTrainer
-
+    """Run `entry(payload)` on launcher.workers workers; raise when any of them failed, after
+    launcher.max_failures restarts of the whole group. label_selector: one node-label selector per rank, to pin
+    ranks to nodes (launcher=slurm)."""
     launcher = cfg.launcher
     gpus = ray.cluster_resources().get("GPU", 0)
     use_gpu = launcher.use_gpu if launcher.use_gpu is not None else gpus > 0
@@ -65,6 +65,18 @@ def run_workers(entry: Callable[[dict], None], payload: dict, cfg: DictConfig,
     # gloo raises in Python at the timeout and the worker names the hang itself; NCCL waits longer (worker_env).
     timeout_s = nccl_timeout_s(launcher.collective_timeout_s) if backend == "nccl" else launcher.collective_timeout_s
     started = time.time()
+    if launcher.name == "local":
+        env = {**worker_env(cfg, backend), "OMP_NUM_THREADS": str(launcher.cpus_per_worker)}
+        ray_workers.run(entry, payload, workers=launcher.workers, resources=resources,
+                        strategy=launcher.placement_strategy, env=env, backend=backend, timeout_s=timeout_s,
+                        ready_timeout_s=launcher.ready_timeout_s, max_failures=launcher.max_failures,
+                        on_failure=lambda failed: _worker_error(failed, cfg.output_dir, since=failed.since))
+        return
+    # not at the top: Ray Train's imports take seconds, which a controller (run_controller) and launcher=local
+    # do without
+    from ray.train import FailureConfig, RunConfig, ScalingConfig, TrainingFailedError
+    from ray.train.torch import TorchConfig, TorchTrainer
+
     trainer = TorchTrainer(
         entry,
         train_loop_config=payload,

@@ -1,11 +1,11 @@
 """sweep.backend=ray: Ray Tune chooses the trials (grid, seeded random, or Optuna TPE) and stops the weak ones
 (ASHA, median stopping); every trial is `ftcluster.run.driver.train` on the trial's config, run in a thread of the
-trial's Tune actor, so Ray Train places its workers on the cluster exactly as `ftcluster train` does.
+trial's Tune actor, so its workers are placed on the cluster exactly as `ftcluster train` does.
 
 Tune learns a trial's progress from the run's own metrics.jsonl, read while the run goes: each row carrying
 `sweep.metric` is one result, with the training step as Tune's time. A trial the scheduler stops is asked to
 stop through ftcluster.train.stop (the workers checkpoint after the current step and return), so it ends cleanly and
-could be continued. The trial actor reserves no CPU: the run's Ray Train workers hold the trial's resources,
+could be continued. The trial actor reserves no CPU: the run's workers hold the trial's resources,
 and sweep.concurrency bounds how many run at once (checked against the cluster before any trial starts).
 
 Data: every set the trials train on is prepared once before the first trial starts (ftcluster.sweep.data), so

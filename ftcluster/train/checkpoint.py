@@ -11,7 +11,7 @@ Which checkpoint a resume takes (latest_checkpoint): the newest whose state read
 there at their recorded size; an unreadable one is skipped with a message. One timeline: a run resumed from
 a checkpoint older than the newest (resume=PATH, or an unreadable newest) moves the newer ones out of the
 way, into checkpoints/abandoned-<UTC time>/ (abandon_after), where nothing looks for a checkpoint: resume=auto,
-Ray Train's restarts (the newest of the same launch) and keep-last-K (pruning) only ever see the checkpoints
+The launcher's restarts of the workers (the newest of the same launch) and keep-last-K (pruning) only ever see the checkpoints
 of the run's current history. Nothing is deleted; resume=PATH to an abandoned one switches back.
 """
 

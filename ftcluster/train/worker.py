@@ -2,7 +2,7 @@
 engine, restore a checkpoint when resuming, and hand them to the stage.
 
 `payload` is plain data (the resolved config and the paths the driver prepared), so any launcher
-can ship it: Ray Train, a SLURM task, or a plain function call in tests.
+can ship it: a Ray rank actor, Ray Train, a SLURM task, or a plain function call in tests.
 """
 
 from __future__ import annotations
@@ -99,7 +99,7 @@ def train_worker(payload: dict) -> None:
 
 
 def _resume_point(payload: dict, output_dir: str) -> str | None:
-    """The driver's choice, unless an earlier attempt of this same launch (Ray Train restarts the workers
+    """The driver's choice, unless an earlier attempt of this same launch (the launcher restarts the workers
     after a failure, up to launcher.max_failures) has written a newer checkpoint since."""
     newest = checkpoint.latest_checkpoint(output_dir)
     if newest is not None and checkpoint.read_state(newest).get("launch_id") == payload["launch_id"]:

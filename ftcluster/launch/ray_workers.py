@@ -1,0 +1,164 @@
+"""SPMD workers as plain Ray actors on one node (launcher=local): what Ray Train's TorchTrainer does for us
+there, without its controller actor, its worker-group polling and its storage bookkeeping.
+
+Each rank is one actor on its bundle of one placement group, started with the run's worker environment. One call
+per rank joins the torch process group (env:// rendezvous at rank 0's address, as Ray Train's TorchConfig does:
+RANK, LOCAL_RANK, WORLD_SIZE, LOCAL_WORLD_SIZE, NODE_RANK, MASTER_ADDR, MASTER_PORT; on GPUs every rank of a
+node sees the node's GPUs, so that NCCL can use peer-to-peer) and runs the entry. The first rank to fail ends the
+attempt: the others get a moment to fail too (a rank that died takes its peers' collectives with it, and the
+dead one is the one to name), then every actor is killed. Up to launcher.max_failures times the whole group is
+started again, as Ray Train's FailureConfig does; the entry resumes from the newest checkpoint of its launch.
+
+Saves, on 2 CPU cores: the controller actor's process (~3-6 s of Ray Train imports), the worker group's status
+polls and per-rank set-up round trips. Ray Train stays for multi-node placement (launcher=ray, slurm), where
+ranks are pinned to nodes by label.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from datetime import timedelta
+from typing import Callable
+
+import ray
+from ray.util.placement_group import placement_group, remove_placement_group
+from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+from ftcluster.errors import CollectiveTimeout, UserError
+from ftcluster.launch.cluster import WORKER_ENV
+
+# After a rank fails, how long the others get to fail or finish before the group is killed: long enough for a
+# peer's broken collective to raise, so that the failure named is the rank that died, not its peers' errors.
+GRACE_S = 2.0
+# How often the driver looks up from waiting: signal handlers (a stop request) run between looks.
+POLL_S = 0.5
+
+
+class Failed(Exception):
+    """One attempt's failure; worker_failures maps rank -> the exception it raised or died with, as
+    ray.train.TrainingFailedError's does."""
+
+    def __init__(self, worker_failures: dict[int, BaseException], since: float = 0.0):
+        super().__init__("; ".join(f"rank {r}: {type(e).__name__}" for r, e in sorted(worker_failures.items())))
+        self.worker_failures, self.since = worker_failures, since
+
+
+class Rank:
+    """One rank's process. Imports nothing of torch until it runs: OMP_NUM_THREADS is read at torch's import."""
+
+    def where(self) -> dict:
+        import socket
+
+        with socket.socket() as s:  # a free port; rank 0's becomes the group's master port
+            s.bind(("", 0))
+            port = s.getsockname()[1]
+        return {"node_id": ray.get_runtime_context().get_node_id(), "ip": ray.util.get_node_ip_address(),
+                "port": port, "pid": os.getpid(), "gpus": [str(g) for g in ray.get_gpu_ids()]}
+
+    def run(self, entry: Callable[[dict], None], payload: dict, env: dict, backend: str, timeout_s: int,
+            visible_gpus: list[str] | None, gpu: str | None) -> None:
+        os.environ.update(env)
+        if visible_gpus:  # before torch first touches CUDA, which reads the variable once
+            os.environ["CUDA_VISIBLE_DEVICES"] = ",".join(visible_gpus)
+        import torch
+        import torch.distributed as dist
+
+        if gpu is not None:
+            device = visible_gpus.index(gpu)
+            torch.cuda.set_device(device)
+            os.environ["ACCELERATE_TORCH_DEVICE"] = f"cuda:{device}"
+        dist.init_process_group(backend, init_method="env://", rank=int(env["RANK"]),
+                                world_size=int(env["WORLD_SIZE"]), timeout=timedelta(seconds=timeout_s))
+        entry(payload)
+
+
+def run(entry: Callable[[dict], None], payload: dict, *, workers: int, resources: dict, strategy: str,
+        env: dict, backend: str, timeout_s: int, ready_timeout_s: int, max_failures: int,
+        on_failure: Callable[[Failed], Exception]) -> None:
+    """entry(payload) on `workers` ranks; on failure, up to max_failures fresh attempts, then raise
+    on_failure(the last attempt's Failed). A UserError from a rank is raised as is, without a retry.
+    env: the worker environment (worker_env, OMP_NUM_THREADS) each rank's process starts with."""
+    attempt = 0
+    while True:
+        try:
+            _attempt(entry, payload, workers, resources, strategy, env, backend, timeout_s, ready_timeout_s)
+            return
+        except Failed as failed:
+            error = on_failure(failed)
+            if isinstance(error, UserError) or attempt >= max_failures:
+                raise error from None
+            attempt += 1
+            print(f"[ftcluster] the workers failed ({error}); starting them again, attempt {attempt} of "
+                  f"launcher.max_failures={max_failures}", flush=True)
+
+
+def _attempt(entry, payload, workers, resources, strategy, env, backend, timeout_s, ready_timeout_s) -> None:
+    started = time.time()
+    pg = placement_group([dict(resources)] * workers, strategy=strategy)
+    actors = []
+    try:
+        ready, _ = ray.wait([pg.ready()], timeout=ready_timeout_s)
+        if not ready:
+            raise UserError(f"the placement group for {workers} workers ({resources} each) was not ready within "
+                            f"launcher.ready_timeout_s={ready_timeout_s}: other jobs hold the resources")
+        remote = ray.remote(Rank)
+        actors = [remote.options(num_cpus=resources.get("CPU", 1), num_gpus=resources.get("GPU", 0),
+                                 scheduling_strategy=PlacementGroupSchedulingStrategy(pg, placement_group_bundle_index=i),
+                                 runtime_env={"env_vars": {**WORKER_ENV, **env}}).remote()
+                  for i in range(workers)]
+        places = _wait([a.where.remote() for a in actors], ready_timeout_s, started)
+        calls = [actor.run.remote(entry, payload, rank_env, backend, timeout_s, visible, gpu)
+                 for actor, (rank_env, visible, gpu) in zip(actors, _rank_settings(places, env))]
+        _wait(calls, None, started)
+    finally:
+        for actor in actors:
+            ray.kill(actor, no_restart=True)
+        remove_placement_group(pg)
+
+
+def _rank_settings(places: list[dict], env: dict) -> list[tuple[dict, list[str] | None, str | None]]:
+    """Per rank: its torch environment, the GPUs its process sees (every GPU of its node's ranks) and its own."""
+    nodes = list(dict.fromkeys(p["node_id"] for p in places))
+    master = places[0]
+    settings = []
+    for rank, place in enumerate(places):
+        on_node = [r for r, p in enumerate(places) if p["node_id"] == place["node_id"]]
+        rank_env = {**env, "RANK": str(rank), "WORLD_SIZE": str(len(places)), "LOCAL_RANK": str(on_node.index(rank)),
+                    "LOCAL_WORLD_SIZE": str(len(on_node)), "NODE_RANK": str(nodes.index(place["node_id"])),
+                    "MASTER_ADDR": master["ip"], "MASTER_PORT": str(master["port"])}
+        visible = sorted({g for r in on_node for g in places[r]["gpus"]}, key=lambda g: (len(g), g)) or None
+        settings.append((rank_env, visible, place["gpus"][0] if place["gpus"] else None))
+    return settings
+
+
+def _wait(refs: list, timeout_s: float | None, since: float) -> list:
+    """Every ref's result; on the first failure, Failed with every rank that failed within GRACE_S of it."""
+    deadline = None if timeout_s is None else time.monotonic() + timeout_s
+    pending, failures = list(refs), {}
+    while pending and not failures:
+        if deadline is not None and time.monotonic() > deadline:
+            late = ", ".join(f"rank {refs.index(r)}" for r in pending)
+            raise UserError(f"{late} did not start within launcher.ready_timeout_s={timeout_s}: the node is "
+                            f"overloaded, or Ray cannot start worker processes (see the Ray logs)")
+        done, pending = ray.wait(pending, num_returns=1, timeout=POLL_S)
+        failures.update(_failures(refs, done))
+    if failures:
+        grace = time.monotonic() + GRACE_S
+        while pending and time.monotonic() < grace:
+            done, pending = ray.wait(pending, num_returns=1, timeout=max(0.0, grace - time.monotonic()))
+            failures.update(_failures(refs, done))
+        raise Failed(failures, since)
+    return ray.get(refs)
+
+
+def _failures(refs: list, done: list) -> dict[int, BaseException]:
+    found = {}
+    for ref in done:
+        try:
+            ray.get(ref)
+        except Exception as exc:  # RayTaskError (wrapping the rank's own), RayActorError (a death)
+            cause = getattr(exc, "cause", None)
+            # ftcluster's own errors are their message; anything else keeps Ray's text, the rank's traceback
+            found[refs.index(ref)] = cause if isinstance(cause, (UserError, CollectiveTimeout)) else exc
+    return found
