@@ -60,7 +60,7 @@ def ftcluster_run(a, work: Path, model_dir: Path, reference: str, tag: str) -> d
         f"seed={a.seed}", f"output_dir={out_dir}"]
     cmd = [sys.executable, "-m", "ftcluster.cli", "train", *overrides]
     print(f"[bench] {tag}: ftcluster train stage=dpo stage.dpo.reference={reference}", flush=True)
-    info = run_logged(cmd, work / f"{tag}.log", a.threads, trainer_pattern="RayTrainWorker")
+    info = run_logged(cmd, work / f"{tag}.log", a.threads, trainer_pattern=r"ray::Rank\b")
     rows = [json.loads(line) for line in (out_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
     steps = [{"step": r["step"], "time_s": r["samples_per_s"] and a.global_batch / r["samples_per_s"],
               "loss": r["loss"], "tokens": r["tokens_per_s"] * a.global_batch / r["samples_per_s"]}

@@ -6,7 +6,7 @@ in one run.
     python benchmarks/sft_baselines.py --smoke         # a few steps end to end, report in the work folder
     python benchmarks/sft_baselines.py --launcher processes   # ftcluster's ranks without Ray: what Ray costs
 
-ftcluster runs with launcher=local (its default: a Ray cluster on this machine, one Ray Train worker) unless
+ftcluster runs with launcher=local (its default: a Ray cluster on this machine, one Ray rank actor) unless
 --launcher processes (a plain spawned process, no Ray); the report and its file name say which.
 
 Every side trains the tiny model (ftcluster/assets/models/tiny) from the very same weight file, on the same
@@ -165,9 +165,9 @@ def ftcluster_overrides(a, data_path: Path, model_dir: Path, packing: bool, outp
             "optim.warmup_steps=0", f"seed={a.seed}", f"output_dir={output_dir}"]
 
 
-# The command line of the process that trains, per launcher: the Ray Train worker, or the spawned rank.
-TRAINING_PROCESS = {"local": "RayTrainWorker", "processes": r"multiprocessing\.spawn import spawn_main"}
-LAUNCHERS = {"local": "launcher=local: a Ray cluster on this machine, one Ray Train worker",
+# The command line of the process that trains, per launcher: the Ray rank actor, or the spawned rank.
+TRAINING_PROCESS = {"local": r"ray::Rank\b", "processes": r"multiprocessing\.spawn import spawn_main"}
+LAUNCHERS = {"local": "launcher=local: a Ray cluster on this machine, one Ray rank actor",
              "processes": "launcher=processes: one spawned process, no Ray"}
 
 

@@ -143,7 +143,7 @@ def test_a_rank_of_launcher_processes_takes_its_gpu_before_it_joins_the_group(mo
 
 
 def test_a_launcher_that_made_the_group_keeps_the_device_it_chose(monkeypatch):
-    """Ray Train sets each worker's device itself (not always index LOCAL_RANK), and an RL actor sees one GPU
+    """A Ray rank actor gets its device set before the entry runs (not always index LOCAL_RANK), and an RL actor sees one GPU
     with LOCAL_RANK 0: setup() leaves the device alone there, and dist.device() follows the launcher's choice."""
     cuda = FakeCuda(monkeypatch, group_exists=True)
     _rank_environment(monkeypatch, rank=1)

@@ -390,7 +390,7 @@ def _without_ray(cfg: DictConfig) -> None:
                                            f"launcher={name} runs {spmd} only. Use launcher=local")
     if cfg.launcher.max_failures:
         raise ConfigError("launcher.max_failures", f"got {cfg.launcher.max_failures}; launcher={name} does not "
-                                                   "restart workers (Ray Train does, with launcher=local): set 0 and "
+                                                   "restart workers (launcher=local does): set 0 and "
                                                    "rerun with resume=auto after a failure")
 
 

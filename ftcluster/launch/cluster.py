@@ -25,11 +25,6 @@ WORKER_ENV = {
     "RAY_USAGE_STATS_ENABLED": "0",
     "TOKENIZERS_PARALLELISM": "false",
     "FTCLUSTER_IN_RAY": "1",
-    # Ray Train re-logs every print through its own logger, which reaches the driver twice.
-    "RAY_TRAIN_ENABLE_PRINT_PATCH": "0",
-    # After a failure Ray Train waits this long for every worker to destroy its process group; a hung
-    # worker never does, and a healthy one takes milliseconds (default 30 s).
-    "TORCH_PROCESS_GROUP_SHUTDOWN_TIMEOUT_S": "5",
 }
 
 
@@ -39,7 +34,7 @@ def import_ray():
         import ray  # not at the top: the driver imports this module, and launcher=processes and inline run without Ray
     except ImportError as exc:
         raise UserError(f"launcher=local, ray and slurm place workers with Ray, which cannot be imported here "
-                        f"({exc}): install it (pip install 'ray[default,train]') or use launcher=processes") from None
+                        f"({exc}): install it (pip install 'ray[default,data,tune]') or use launcher=processes") from None
     return ray
 
 
@@ -49,7 +44,7 @@ _START_ONE = "Start a Ray head there (launch/start_head.sh), check the host and 
 def connect(address: str | None, key: str = "launcher.address", fix: str = _START_ONE, dashboard: bool = True) -> None:
     """Start a Ray cluster in this process (address None) or join a running one; `key` and `fix` say, in an
     error, where the address came from and what to do. `dashboard=False` starts a cluster without the dashboard
-    and its agents (for work that needs neither Ray Train nor the state API: a core's worth of start-up on a
+    and its agents (for work that needs no state API: a core's worth of start-up on a
     small machine)."""
     ray = import_ray()
     for name, value in WORKER_ENV.items():
@@ -81,7 +76,7 @@ def _init(ray, address: str | None, dashboard: bool = True) -> None:
         os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = before or "0"
         try:
             # "local": a new cluster even when `ray start` left one running on this machine. The dashboard
-            # (on 8265, else a free port) serves the state API that Ray Train's placement-group cleaner polls.
+            # (on 8265, else a free port) serves the state API (`ray list`, Ray Data's progress).
             ray.init(address="local", include_dashboard=dashboard, _node_ip_address="127.0.0.1", **kwargs)
         finally:
             if before is None:

@@ -1,16 +1,13 @@
 """launcher=local and launcher=ray: a Ray cluster started in this process (local) or the running one at
-launcher.address (ray), and the workers placed there: one worker per GPU (or per cpus_per_worker CPUs), a torch
-process group among them (NCCL on GPU, gloo on CPU), and the worker entry run in each. On launcher=local's one
-node the workers are plain Ray actors (launch/ray_workers.py: seconds sooner to the first step); across nodes
-(ray, slurm) Ray Train's TorchTrainer places them. A controller entry (RL) runs in this process with a
-Placement for its actor groups instead.
+launcher.address (ray), and the workers placed there as rank actors (launch/ray_workers.py): one per GPU (or per
+cpus_per_worker CPUs), a torch process group among them (NCCL on GPU, gloo on CPU), and the worker entry run in
+each. A controller entry (RL) runs in this process with a Placement for its actor groups instead.
 
 Nothing here knows about stages or models: it gets a callable and a plain-data payload.
 """
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
 from typing import Callable
 
@@ -51,47 +48,27 @@ def run_controller(entry: Callable[[dict, Placement], None], payload: dict, cfg:
         placement.shutdown()
 
 
+def _rank_spec(cfg: DictConfig, label_selector: list[dict] | None) -> ray_workers.RankSpec:
+    launcher = cfg.launcher
+    use_gpu = launcher.use_gpu if launcher.use_gpu is not None else ray.cluster_resources().get("GPU", 0) > 0
+    _check_capacity(launcher, use_gpu)
+    backend = "nccl" if use_gpu else "gloo"
+    return ray_workers.RankSpec(
+        workers=launcher.workers, resources={"CPU": launcher.cpus_per_worker, **({"GPU": 1} if use_gpu else {})},
+        strategy=launcher.placement_strategy, label_selector=label_selector,
+        env={**worker_env(cfg, backend), "OMP_NUM_THREADS": str(launcher.cpus_per_worker)}, backend=backend,
+        # gloo raises in Python at the timeout and the worker names the hang itself; NCCL waits longer (worker_env).
+        timeout_s=nccl_timeout_s(launcher.collective_timeout_s) if backend == "nccl" else launcher.collective_timeout_s,
+        ready_timeout_s=launcher.ready_timeout_s)
+
+
 def run_workers(entry: Callable[[dict], None], payload: dict, cfg: DictConfig,
                 label_selector: list[dict] | None = None) -> None:
-    """Run `entry(payload)` on launcher.workers workers; raise when any of them failed, after
-    launcher.max_failures restarts of the whole group. label_selector: one node-label selector per rank, to pin
-    ranks to nodes (launcher=slurm)."""
-    launcher = cfg.launcher
-    gpus = ray.cluster_resources().get("GPU", 0)
-    use_gpu = launcher.use_gpu if launcher.use_gpu is not None else gpus > 0
-    _check_capacity(launcher, use_gpu)
-    resources = {"CPU": launcher.cpus_per_worker, **({"GPU": 1} if use_gpu else {})}
-    backend = "nccl" if use_gpu else "gloo"
-    # gloo raises in Python at the timeout and the worker names the hang itself; NCCL waits longer (worker_env).
-    timeout_s = nccl_timeout_s(launcher.collective_timeout_s) if backend == "nccl" else launcher.collective_timeout_s
-    started = time.time()
-    if launcher.name == "local":
-        env = {**worker_env(cfg, backend), "OMP_NUM_THREADS": str(launcher.cpus_per_worker)}
-        ray_workers.run(entry, payload, workers=launcher.workers, resources=resources,
-                        strategy=launcher.placement_strategy, env=env, backend=backend, timeout_s=timeout_s,
-                        ready_timeout_s=launcher.ready_timeout_s, max_failures=launcher.max_failures,
-                        on_failure=lambda failed: _worker_error(failed, cfg.output_dir, since=failed.since))
-        return
-    # not at the top: Ray Train's imports take seconds, which a controller (run_controller) and launcher=local
-    # do without
-    from ray.train import FailureConfig, RunConfig, ScalingConfig, TrainingFailedError
-    from ray.train.torch import TorchConfig, TorchTrainer
-
-    trainer = TorchTrainer(
-        entry,
-        train_loop_config=payload,
-        torch_config=TorchConfig(backend=backend, timeout_s=timeout_s),
-        scaling_config=ScalingConfig(num_workers=launcher.workers, use_gpu=use_gpu, resources_per_worker=resources,
-                                     placement_strategy=launcher.placement_strategy, label_selector=label_selector),
-        run_config=RunConfig(name=f"train-{time.strftime('%Y%m%d-%H%M%S')}",
-                             storage_path=str(Path(cfg.output_dir, "ray").resolve()),
-                             failure_config=FailureConfig(max_failures=launcher.max_failures),
-                             worker_runtime_env={"env_vars": worker_env(cfg, backend)}),
-    )
-    try:
-        trainer.fit()
-    except TrainingFailedError as exc:
-        raise _worker_error(exc, cfg.output_dir, since=started) from None
+    """Run `entry(payload)` on launcher.workers rank actors (launch/ray_workers.py); raise when any of them
+    failed, after launcher.max_failures restarts of the whole group. label_selector: one node-label selector per
+    rank, to pin ranks to nodes (launcher=slurm)."""
+    ray_workers.run(entry, payload, _rank_spec(cfg, label_selector), max_failures=cfg.launcher.max_failures,
+                    on_failure=lambda failed: _worker_error(failed, cfg.output_dir, since=failed.since))
 
 
 def _check_capacity(launcher: DictConfig, use_gpu: bool) -> None:
@@ -109,11 +86,11 @@ def hang_reports(output_dir: str, since: float) -> list[str]:
     return [p.read_text().strip() for p in found if p.stat().st_mtime >= since]
 
 
-def _worker_error(exc: Exception, output_dir: str, since: float = 0.0) -> Exception:
-    """One message for the run's failure: a worker's user error as it was raised there; else the ranks
+def _worker_error(exc: ray_workers.Failed, output_dir: str, since: float) -> Exception:
+    """One message for an attempt's failure: a worker's user error as it was raised there; else the ranks
     that died (named with their node from workers.json), a collective timeout's diagnosis, or the first
     failing rank's error."""
-    failures = getattr(exc, "worker_failures", None) or {}
+    failures = exc.worker_failures
     for rank in sorted(failures):
         cause = _root_cause(failures[rank], UserError)
         if cause is not None:
@@ -130,10 +107,8 @@ def _worker_error(exc: Exception, output_dir: str, since: float = 0.0) -> Except
         cause = _root_cause(failures[rank], CollectiveTimeout)
         if cause is not None:
             return WorkerFailed(str(cause))
-    if failures:
-        rank = min(failures)
-        return WorkerFailed(f"worker {describe_rank(placement.get(rank), rank)} failed: {_describe(failures[rank])}")
-    return WorkerFailed(str(exc))
+    rank = min(failures)  # a Failed names at least one rank
+    return WorkerFailed(f"worker {describe_rank(placement.get(rank), rank)} failed: {_describe(failures[rank])}")
 
 
 def _root_cause(exc: BaseException | None, kind: type) -> BaseException | None:

@@ -1,23 +1,23 @@
-"""SPMD workers as plain Ray actors on one node (launcher=local): what Ray Train's TorchTrainer does for us
-there, without its controller actor, its worker-group polling and its storage bookkeeping.
+"""SPMD workers as plain Ray actors (launcher=local, ray, slurm): what Ray Train's TorchTrainer did for us,
+without its controller actor, its worker-group polling and its storage bookkeeping (about 9 s before the first
+step on a 2-core machine).
 
-Each rank is one actor on its bundle of one placement group, started with the run's worker environment. One call
-per rank joins the torch process group (env:// rendezvous at rank 0's address, as Ray Train's TorchConfig does:
-RANK, LOCAL_RANK, WORLD_SIZE, LOCAL_WORLD_SIZE, NODE_RANK, MASTER_ADDR, MASTER_PORT; on GPUs every rank of a
-node sees the node's GPUs, so that NCCL can use peer-to-peer) and runs the entry. The first rank to fail ends the
-attempt: the others get a moment to fail too (a rank that died takes its peers' collectives with it, and the
-dead one is the one to name), then every actor is killed. Up to launcher.max_failures times the whole group is
-started again, as Ray Train's FailureConfig does; the entry resumes from the newest checkpoint of its launch.
-
-Saves, on 2 CPU cores: the controller actor's process (~3-6 s of Ray Train imports), the worker group's status
-polls and per-rank set-up round trips. Ray Train stays for multi-node placement (launcher=ray, slurm), where
-ranks are pinned to nodes by label.
+Each rank is one actor on its bundle of one placement group (launcher.placement_strategy; under SLURM each bundle
+carries a node-label selector, so ranks are contiguous per node and rank 0 is on the head), started with the
+run's worker environment. One call per rank joins the torch process group (env:// rendezvous at rank 0's
+address: RANK, LOCAL_RANK, WORLD_SIZE, LOCAL_WORLD_SIZE, NODE_RANK, MASTER_ADDR, MASTER_PORT, as torchrun sets
+them; on GPUs every rank of a node sees the node's GPUs, so that NCCL can use peer-to-peer) and runs the entry.
+The first rank to fail ends the attempt: the others get a moment to fail too (a rank that died takes its peers'
+collectives with it, and the dead one is the one to name), then every actor is killed. Up to
+launcher.max_failures times the whole group is started again; the entry resumes from the newest checkpoint of
+its launch.
 """
 
 from __future__ import annotations
 
 import os
 import time
+from dataclasses import dataclass
 from datetime import timedelta
 from typing import Callable
 
@@ -36,8 +36,7 @@ POLL_S = 0.5
 
 
 class Failed(Exception):
-    """One attempt's failure; worker_failures maps rank -> the exception it raised or died with, as
-    ray.train.TrainingFailedError's does."""
+    """One attempt's failure; worker_failures maps rank -> the exception it raised or died with."""
 
     def __init__(self, worker_failures: dict[int, BaseException], since: float = 0.0):
         super().__init__("; ".join(f"rank {r}: {type(e).__name__}" for r, e in sorted(worker_failures.items())))
@@ -48,9 +47,10 @@ class Rank:
     """One rank's process. Imports nothing of torch until it runs: OMP_NUM_THREADS is read at torch's import."""
 
     def where(self) -> dict:
+        """Where this rank runs, and a free port (rank 0's becomes the group's master port)."""
         import socket
 
-        with socket.socket() as s:  # a free port; rank 0's becomes the group's master port
+        with socket.socket() as s:
             s.bind(("", 0))
             port = s.getsockname()[1]
         return {"node_id": ray.get_runtime_context().get_node_id(), "ip": ray.util.get_node_ip_address(),
@@ -73,16 +73,68 @@ class Rank:
         entry(payload)
 
 
-def run(entry: Callable[[dict], None], payload: dict, *, workers: int, resources: dict, strategy: str,
-        env: dict, backend: str, timeout_s: int, ready_timeout_s: int, max_failures: int,
+@dataclass(frozen=True)
+class RankSpec:
+    """What every attempt's ranks are: how many, what each holds, how they are spread, the environment their
+    processes start with (worker_env, OMP_NUM_THREADS), their process group's backend and timeout."""
+    workers: int
+    resources: dict
+    strategy: str
+    label_selector: list[dict] | None  # one node-label selector per rank, or None
+    env: dict
+    backend: str
+    timeout_s: int
+    ready_timeout_s: int
+
+
+class Ranks:
+    """One attempt's rank actors on their own placement group, started at construction; run() joins them in a
+    process group and runs the entry. close() kills them and frees their bundles."""
+
+    def __init__(self, entry: Callable[[dict], None], spec: RankSpec):
+        self.entry, self.spec, self.started = entry, spec, time.time()
+        self.pg = placement_group([dict(spec.resources)] * spec.workers, strategy=spec.strategy,
+                                  bundle_label_selector=spec.label_selector)
+        self.actors: list = []
+        ready, _ = ray.wait([self.pg.ready()], timeout=spec.ready_timeout_s)
+        if not ready:
+            self.close()
+            raise UserError(f"the placement group for {spec.workers} workers ({spec.resources} each) was not ready "
+                            f"within launcher.ready_timeout_s={spec.ready_timeout_s}: other jobs hold the resources")
+        remote = ray.remote(Rank)
+        self.actors = [remote.options(num_cpus=spec.resources.get("CPU", 1), num_gpus=spec.resources.get("GPU", 0),
+                                      scheduling_strategy=PlacementGroupSchedulingStrategy(self.pg, placement_group_bundle_index=i),
+                                      runtime_env={"env_vars": {**WORKER_ENV, **spec.env}}).remote()
+                       for i in range(spec.workers)]
+        self.places = [actor.where.remote() for actor in self.actors]
+
+    def run(self, payload: dict) -> None:
+        """entry(payload) on every rank; Failed when any rank failed. The actors are gone afterwards."""
+        try:
+            places = _wait(self.places, self.spec.ready_timeout_s, self.started)
+            calls = [actor.run.remote(self.entry, payload, rank_env, self.spec.backend, self.spec.timeout_s, visible, gpu)
+                     for actor, (rank_env, visible, gpu) in zip(self.actors, _rank_settings(places, self.spec.env))]
+            _wait(calls, None, self.started)
+        finally:
+            self.close()
+
+    def close(self) -> None:
+        for actor in self.actors:
+            ray.kill(actor, no_restart=True)
+        self.actors = []
+        if self.pg is not None:
+            remove_placement_group(self.pg)
+            self.pg = None
+
+
+def run(entry: Callable[[dict], None], payload: dict, spec: RankSpec, max_failures: int,
         on_failure: Callable[[Failed], Exception]) -> None:
-    """entry(payload) on `workers` ranks; on failure, up to max_failures fresh attempts, then raise
-    on_failure(the last attempt's Failed). A UserError from a rank is raised as is, without a retry.
-    env: the worker environment (worker_env, OMP_NUM_THREADS) each rank's process starts with."""
+    """entry(payload) on spec.workers ranks; on failure, up to max_failures fresh attempts, then raise
+    on_failure(the last attempt's Failed). A UserError from a rank is raised as is, without a retry."""
     attempt = 0
     while True:
         try:
-            _attempt(entry, payload, workers, resources, strategy, env, backend, timeout_s, ready_timeout_s)
+            Ranks(entry, spec).run(payload)
             return
         except Failed as failed:
             error = on_failure(failed)
@@ -91,30 +143,6 @@ def run(entry: Callable[[dict], None], payload: dict, *, workers: int, resources
             attempt += 1
             print(f"[ftcluster] the workers failed ({error}); starting them again, attempt {attempt} of "
                   f"launcher.max_failures={max_failures}", flush=True)
-
-
-def _attempt(entry, payload, workers, resources, strategy, env, backend, timeout_s, ready_timeout_s) -> None:
-    started = time.time()
-    pg = placement_group([dict(resources)] * workers, strategy=strategy)
-    actors = []
-    try:
-        ready, _ = ray.wait([pg.ready()], timeout=ready_timeout_s)
-        if not ready:
-            raise UserError(f"the placement group for {workers} workers ({resources} each) was not ready within "
-                            f"launcher.ready_timeout_s={ready_timeout_s}: other jobs hold the resources")
-        remote = ray.remote(Rank)
-        actors = [remote.options(num_cpus=resources.get("CPU", 1), num_gpus=resources.get("GPU", 0),
-                                 scheduling_strategy=PlacementGroupSchedulingStrategy(pg, placement_group_bundle_index=i),
-                                 runtime_env={"env_vars": {**WORKER_ENV, **env}}).remote()
-                  for i in range(workers)]
-        places = _wait([a.where.remote() for a in actors], ready_timeout_s, started)
-        calls = [actor.run.remote(entry, payload, rank_env, backend, timeout_s, visible, gpu)
-                 for actor, (rank_env, visible, gpu) in zip(actors, _rank_settings(places, env))]
-        _wait(calls, None, started)
-    finally:
-        for actor in actors:
-            ray.kill(actor, no_restart=True)
-        remove_placement_group(pg)
 
 
 def _rank_settings(places: list[dict], env: dict) -> list[tuple[dict, list[str] | None, str | None]]:

@@ -1,4 +1,4 @@
-"""The environment every worker process gets, whichever launcher starts it (Ray Train or launcher=processes)."""
+"""The environment every worker process gets, whichever launcher starts it (Ray rank actors or launcher=processes)."""
 
 from __future__ import annotations
 

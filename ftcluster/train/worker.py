@@ -2,7 +2,7 @@
 engine, restore a checkpoint when resuming, and hand them to the stage.
 
 `payload` is plain data (the resolved config and the paths the driver prepared), so any launcher
-can ship it: a Ray rank actor, Ray Train, a SLURM task, or a plain function call in tests.
+can ship it: a Ray rank actor, a spawned process, or a plain function call in tests.
 """
 
 from __future__ import annotations

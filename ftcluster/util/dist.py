@@ -1,6 +1,6 @@
 """The process group as the training code sees it: rank, world size, and the few collectives it uses.
 
-Launchers create the group (launcher=local's rank actors and Ray Train do, with gloo on CPU and NCCL on GPU); a single process with
+Launchers create the group (the Ray rank actors do, with gloo on CPU and NCCL on GPU); a single process with
 no launcher gets a group of one, so the same code runs under pytest and in a debugger.
 
 Where tensors live: `device()` is the one source of the compute device (batches, cached tables, partial
@@ -34,7 +34,7 @@ def setup(timeout_s: int = 1800) -> None:
         # This process picks its GPU (launcher=processes and inline: LOCAL_RANK). Before the group exists,
         # because NCCL binds the group to the current device and the first collectives (the placement gather)
         # stage their tensors there: without it every rank of a machine would run on cuda:0. Where a launcher
-        # made the group it has chosen the device too (the rank actors and Ray Train set it, an RL actor sees one GPU).
+        # made the group it has chosen the device too (the Ray rank actors set it, an RL actor sees one GPU).
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
     backend = "nccl" if torch.cuda.is_available() else "gloo"
     # DeepSpeed builds groups of its own (ZeRO's data-parallel group...) without a timeout, so torch
