@@ -18,7 +18,7 @@ import torch
 import torch.distributed as torch_dist
 from omegaconf import OmegaConf
 
-from helpers import TINY, cli
+from helpers import TINY, cli, refused
 from ftcluster.errors import UserError
 from ftcluster.launch import processes
 from ftcluster.errors import WorkerFailed
@@ -58,6 +58,32 @@ def test_a_ray_launcher_without_ray_says_so_and_names_the_alternative(tmp_path, 
     assert result.returncode == 2
     assert "place workers with Ray, which cannot be imported here" in result.stderr
     assert "use launcher=processes" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_ranks_started_early_are_stopped_when_the_data_is_refused(capsys, monkeypatch, tmp_path):
+    """The ranks start once the config is valid, before the data is read (they import torch meanwhile); a bad
+    record refuses the run at its line and the ranks, which have run nothing, are gone with it."""
+    started = []
+
+    class WatchedRanks(processes.Ranks):
+        def __init__(self, *args):
+            super().__init__(*args)
+            started.append(self)
+
+        def close(self):
+            self.alive_at_close = [proc.is_alive() for proc in self.procs]
+            super().close()
+
+    monkeypatch.setattr(processes, "Ranks", WatchedRanks)
+    data = tmp_path / "bad.jsonl"
+    data.write_text('{"instruction": "Say hi.", "output": "hi"}\n{"instruction": 3}\n')
+    line = refused(capsys, "train", *TINY, "launcher=processes", "data=custom", f"data.path={data}", "data.format=alpaca",
+                   f"output_dir={tmp_path / 'run'}")
+    assert f"{data}:2" in line
+    assert len(started) == 1, "the ranks were not started before the data was prepared"
+    ranks = started[0]
+    assert ranks.alive_at_close == [True, True]  # still importing or waiting for their payload
+    assert all(not proc.is_alive() for proc in ranks.procs) and all(proc.exitcode == -9 for proc in ranks.procs)
 
 
 def _cfg(workers=2, output_dir="."):

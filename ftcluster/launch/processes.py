@@ -4,7 +4,8 @@ For a single machine where Ray is not installed or not wanted: a workstation, on
 a GPU box that cannot install packages. Each rank is a fresh interpreter (spawned, so no CUDA or thread
 state is inherited) that gets RANK, LOCAL_RANK, WORLD_SIZE and a master address on loopback, and runs the
 same worker entry as under Ray. The first rank to fail ends the run: the others are stopped rather than
-left waiting in a collective until launcher.collective_timeout_s.
+left waiting in a collective until launcher.collective_timeout_s. The driver starts the ranks before the
+payload exists (start_early): they import the entry's libraries while it checks the run and prepares the data.
 
 Signals (Linux): a rank ignores SIGTERM and SIGUSR1, so that one sent to the whole process group (systemd,
 `kill -- -PGID`) is left to the driver, whose stop request (ftcluster.train.stop) ends every rank after the
@@ -44,30 +45,63 @@ _PR_SET_PDEATHSIG = 1
 
 
 def launch(entry: Callable[[dict], None], payload: dict, cfg: DictConfig) -> None:
-    context = multiprocessing.get_context("spawn")
-    workers = cfg.launcher.workers
-    use_gpu = _use_gpu(cfg)
-    shared = worker_env(cfg, "nccl" if use_gpu else "gloo")
-    env = [{**shared, **rank} for rank in rank_environment(workers, cfg.launcher.cpus_per_worker, use_gpu,
-                                                          free_port())]
-    pipes, procs = [], []
-    for rank in range(workers):
-        receive, send = context.Pipe(duplex=False)
-        proc = context.Process(target=_run_rank, args=(entry, payload, send), name=f"ftcluster-rank{rank}")
-        # The rank's interpreter starts with its environment already set, as torchrun's do: it imports torch
-        # while unpickling its entry, before any code of ours runs there, and torch reads OMP_NUM_THREADS at
-        # that import only (set any later, every rank would start a thread per core of the machine).
-        with environment(env[rank]), _blocked(STOP_SIGNALS):
-            proc.start()
-        send.close()  # the child holds its end; ours closing lets a dead child's pipe read as EOF
-        pipes.append(receive)
-        procs.append(proc)
-    try:
-        failure = _wait_all(procs, pipes)
-    finally:
-        _stop(procs)
-    if failure is not None:
-        raise failure
+    Ranks(entry, cfg).launch(payload)
+
+
+def start_early(entry: Callable[[dict], None], cfg: DictConfig) -> "Ranks":
+    """The ranks' interpreters, started now: each imports `entry`'s module (torch, transformers, DeepSpeed:
+    seconds) while the driver checks the run and prepares the data, then waits for the payload. The caller
+    launches them (Ranks.launch) or closes them."""
+    return Ranks(entry, cfg)
+
+
+class Ranks:
+    """launcher.workers rank processes; each runs the entry once it is handed the payload."""
+
+    def __init__(self, entry: Callable[[dict], None], cfg: DictConfig):
+        context = multiprocessing.get_context("spawn")
+        use_gpu = _use_gpu(cfg)
+        self.cfg, self.backend = cfg, "nccl" if use_gpu else "gloo"
+        env = rank_environment(cfg.launcher.workers, cfg.launcher.cpus_per_worker, use_gpu, free_port())
+        self.reports, self.inboxes, self.procs = [], [], []
+        for rank in range(cfg.launcher.workers):
+            report, send = context.Pipe(duplex=False)
+            inbox, post = context.Pipe(duplex=False)
+            proc = context.Process(target=_run_rank, args=(entry, inbox, send), name=f"ftcluster-rank{rank}")
+            # The rank's interpreter starts with its environment already set, as torchrun's do: it imports torch
+            # while unpickling (or preloading) its entry, first thing, and torch reads OMP_NUM_THREADS at that
+            # import only (set any later, every rank would start a thread per core of the machine).
+            with environment(env[rank]), _blocked(STOP_SIGNALS):
+                proc.start()
+            send.close()  # the child holds its ends; ours closing lets a dead child's pipe read as EOF
+            inbox.close()
+            self.reports.append(report)
+            self.inboxes.append(post)
+            self.procs.append(proc)
+
+    def launch(self, payload: dict) -> None:
+        """entry(payload) on every rank; raises the first failure. The ranks are gone afterwards."""
+        # What needs output_dir (hang reports, NCCL's timeouts and traces): set in each rank before it runs.
+        env = worker_env(self.cfg, self.backend)
+        try:
+            for post in self.inboxes:
+                try:
+                    post.send((payload, env))
+                except (BrokenPipeError, ConnectionResetError):  # died while starting: _wait_all says how
+                    pass
+            failure = _wait_all(self.procs, self.reports)
+        finally:
+            _stop(self.procs)
+        if failure is not None:
+            raise failure
+
+    def close(self) -> None:
+        """No payload is coming: the ranks have run nothing of the entry (they are importing, or waiting), so
+        they are killed at once. Nothing when they already ran."""
+        for proc in self.procs:
+            if proc.is_alive():
+                proc.kill()
+            proc.join()
 
 
 def control(entry: Callable, payload: dict, cfg: DictConfig) -> None:
@@ -111,8 +145,16 @@ def _ignore_stop_signals() -> None:
             os._exit(1)
 
 
-def _run_rank(entry: Callable[[dict], None], payload: dict, report) -> None:
+def _run_rank(entry: Callable[[dict], None], inbox, report) -> None:
     _ignore_stop_signals()
+    preload = getattr(entry, "preload", None)  # an entry by name (launch/entry.py): imported while we wait
+    if preload is not None:
+        preload()
+    try:
+        payload, env = inbox.recv()
+    except EOFError:  # the driver closed us without a payload, or is gone
+        raise SystemExit(0) from None
+    os.environ.update(env)
     try:
         entry(payload)
     except UserError as exc:  # said as the worker said it, like launcher=local does

@@ -4,7 +4,8 @@ Every check that can fail on user input runs here, before any cluster starts: th
 output_dir and resume policy, the model folder, and the whole data set (parsed, templated, tokenized
 and packed once; workers memory-map the result). Then the stage's runner decides what the launcher
 is handed: the worker entry, run on every rank (SPMD stages), or the RL controller, run here with a
-placement for its actor groups.
+placement for its actor groups. A launcher that starts plain processes (launcher=processes) starts them
+as soon as the config is valid: they import the worker's libraries while this process does the rest.
 """
 
 from __future__ import annotations
@@ -18,20 +19,19 @@ from pathlib import Path
 from omegaconf import DictConfig, OmegaConf
 
 from ftcluster.config import to_yaml, validate
-from ftcluster.data.prepare import prepare
 from ftcluster.errors import StoppedOnRequest
 from ftcluster.launch import launcher_for, submitter_for
 from ftcluster.launch.cluster import connect, release_cluster
-from ftcluster.rl.controller import run_controller
+from ftcluster.launch.entry import EntryByName
 from ftcluster.run import lock as run_lock
-from ftcluster.run.manifest import manifest
-from ftcluster.run.preflight import (already_finished, check_eval_references, check_model, check_rewards,
-                                     resolve_resume)
 from ftcluster.stages.registry import STAGES
-from ftcluster.train import checkpoint, stop
+from ftcluster.train import stop
 from ftcluster.train.bundled import resolve_model_path
-from ftcluster.train.model import load_tokenizer, materialize_random_init
-from ftcluster.train.worker import train_worker
+
+# The modules that import torch, transformers, datasets or DeepSpeed (seconds) are imported where they are
+# used, once the ranks of launcher=processes are starting (they import the same libraries meanwhile). The
+# worker entry is named, not imported: it is loaded where it runs.
+TRAIN_WORKER = EntryByName("ftcluster.train.worker", "train_worker")
 
 
 def train(cfg: DictConfig, argv: list[str]) -> Path:
@@ -43,21 +43,40 @@ def train(cfg: DictConfig, argv: list[str]) -> Path:
 
 
 def _train(cfg: DictConfig, argv: list[str]) -> Path:
-    payload = prepare_run(cfg, argv)
-    stop.check_early()  # a stop signal while the data was prepared: exit 75 before any cluster starts
-    if payload is None:
-        print(f"[ftcluster] {cfg.output_dir} is already complete at step {cfg.trainer.max_steps}; final/ is up to date")
-        return Path(cfg.output_dir) / "final"
-    started = time.time()
-    launcher = launcher_for(cfg.launcher.name)
-    # From here SIGTERM/SIGUSR1 ask for a checkpoint and exit 75 (before: recorded by cli's stop.stop_early, and
-    # one that came after the check above is handed over here)
-    with stop.handling_signals(cfg.output_dir):
-        if STAGES[cfg.stage.name].runner == "rl":
-            launcher.control(run_controller, payload, cfg)
-        else:
-            launcher.launch(train_worker, payload, cfg)
-        return _check_outcome(cfg, started)
+    early = _start_early(cfg)
+    try:
+        payload = prepare_run(cfg, argv)
+        stop.check_early()  # a stop signal while the data was prepared: exit 75 before any cluster starts
+        if payload is None:
+            print(f"[ftcluster] {cfg.output_dir} is already complete at step {cfg.trainer.max_steps}; final/ is up to date")
+            return Path(cfg.output_dir) / "final"
+        started = time.time()
+        launcher = launcher_for(cfg.launcher.name)
+        # From here SIGTERM/SIGUSR1 ask for a checkpoint and exit 75 (before: recorded by cli's stop.stop_early, and
+        # one that came after the check above is handed over here)
+        with stop.handling_signals(cfg.output_dir):
+            if STAGES[cfg.stage.name].runner == "rl":
+                from ftcluster.rl.controller import run_controller
+
+                launcher.control(run_controller, payload, cfg)
+            elif early is not None:
+                early.launch(payload)
+            else:
+                launcher.launch(TRAIN_WORKER, payload, cfg)
+            return _check_outcome(cfg, started)
+    finally:
+        if early is not None:
+            early.close()  # the run did not launch them (an error, a stop, nothing left to do): they go
+
+
+def _start_early(cfg: DictConfig):
+    """The ranks a launcher can start before the payload exists (launcher=processes: start_early), once the
+    config is valid; None for the others, and for a controller (it runs here)."""
+    validate(cfg)  # a config error (64 workers...) is said before any process starts
+    start = getattr(launcher_for(cfg.launcher.name), "start_early", None)
+    if start is None or STAGES[cfg.stage.name].runner == "rl":
+        return None
+    return start(TRAIN_WORKER, cfg)
 
 
 def submit(cfg: DictConfig, overrides: list[str], dry_run: bool) -> int | None:
@@ -66,6 +85,8 @@ def submit(cfg: DictConfig, overrides: list[str], dry_run: bool) -> int | None:
     submitter = submitter_for(cfg)
     if submitter is None:
         return None
+    from ftcluster.run.preflight import resolve_resume
+
     derived = validate(cfg)
     run_lock.check_output_dir(cfg.output_dir)
     cfg.output_dir = str(Path(cfg.output_dir).resolve())
@@ -87,6 +108,13 @@ def prepare_cluster(cfg: DictConfig):
 def prepare_run(cfg: DictConfig, argv: list[str]) -> dict | None:
     """Everything before the launch: checks, resume policy, model folder, data, config.yaml and
     manifest.json. Returns the payload every worker entry gets, or None when the run is already complete."""
+    from ftcluster.data.prepare import prepare
+    from ftcluster.run.manifest import manifest
+    from ftcluster.run.preflight import (already_finished, check_eval_references, check_model, check_rewards,
+                                         resolve_resume)
+    from ftcluster.train import checkpoint
+    from ftcluster.train.model import load_tokenizer
+
     derived = validate(cfg)
     if STAGES[cfg.stage.name].runner == "rl":
         check_rewards(cfg)
@@ -130,6 +158,8 @@ def resolve_model(cfg: DictConfig, out: Path) -> str:
     """A local folder every worker can load: bundled models converted, random init materialized."""
     model_dir = resolve_model_path(cfg.model.path)
     if cfg.model.init == "random":
+        from ftcluster.train.model import materialize_random_init
+
         model_dir = materialize_random_init(model_dir, out / "init_model", cfg.seed, cfg.model.trust_remote_code)
     return model_dir
 
@@ -147,6 +177,8 @@ def _report_data(cfg: DictConfig, stats: dict) -> None:
 
 def _check_outcome(cfg: DictConfig, started: float) -> Path:
     """Ray can end 'successfully' with nothing done (e.g. a worker that returned early): check the files."""
+    from ftcluster.train import checkpoint
+
     out = Path(cfg.output_dir)
     final = out / "final"
     finished = final.is_dir() and final.stat().st_mtime >= started
