@@ -44,7 +44,8 @@ class Failed(Exception):
 
 
 class Rank:
-    """One rank's process. Imports nothing of torch until it runs: OMP_NUM_THREADS is read at torch's import."""
+    """One rank's process, started with the run's worker environment (OMP_NUM_THREADS among it, which torch reads
+    once, at its import: that happens when run() unpickles the entry)."""
 
     def where(self) -> dict:
         """Where this rank runs, and a free port (rank 0's becomes the group's master port)."""
