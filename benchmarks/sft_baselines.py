@@ -255,7 +255,7 @@ def hf_worker(spec_path: str) -> None:
     rows = datasets.load_from_disk(spec["rows_dir"])
     if spec["order"] is not None:
         rows = rows.select(spec["order"])
-    rows = rows.remove_columns(["position_ids", "num_examples"])
+    rows = rows.remove_columns(["example_lengths", "num_examples"])
     model = AutoModelForCausalLM.from_pretrained(spec["model_dir"], dtype=torch.float32, attn_implementation="sdpa")
     model.config.use_cache = False  # as ftcluster does; no KV cache is built in training forwards
     shared = dict(

@@ -15,8 +15,7 @@ N = 35  # Not a multiple of the global batch: 3 rows are left over each epoch.
 def make_rows(n=N, extra=0):
     """Row i starts with token i, so a batch says which rows it holds."""
     ids = [[i] + [7] * ((i + extra) % 4) for i in range(n)]
-    positions = [list(range(len(x))) for x in ids]
-    return datasets.Dataset.from_dict({"input_ids": ids, "labels": ids, "position_ids": positions,
+    return datasets.Dataset.from_dict({"input_ids": ids, "labels": ids, "example_lengths": [[len(x)] for x in ids],
                                        "num_examples": [1] * n}, features=FEATURES)
 
 

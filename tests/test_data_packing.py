@@ -26,21 +26,21 @@ def synthetic(lengths):
 
 
 def segments(row):
-    """Split a packed row back into its examples at each position-id restart."""
-    starts = [k for k, p in enumerate(row["position_ids"]) if p == 0] + [len(row["input_ids"])]
-    return [(row["input_ids"][a:b], row["labels"][a:b], row["position_ids"][a:b]) for a, b in zip(starts, starts[1:])]
+    """Split a packed row back into its examples by their lengths."""
+    assert sum(row["example_lengths"]) == len(row["input_ids"]) and len(row["example_lengths"]) == row["num_examples"]
+    starts = [sum(row["example_lengths"][:k]) for k in range(len(row["example_lengths"]) + 1)]
+    return [(row["input_ids"][a:b], row["labels"][a:b]) for a, b in zip(starts, starts[1:])]
 
 
-def test_pack_keeps_every_example_exactly_once_and_restarts_positions():
+def test_pack_keeps_every_example_exactly_once_and_says_where_each_begins():
     rng = random.Random(0)
     examples = synthetic([rng.randint(1, 50) for _ in range(200)])
     rows = pack(examples, 64)
     assert all(len(r["input_ids"]) <= 64 for r in rows)
     assert sum(r["num_examples"] for r in rows) == len(examples)
     found = [seg for row in rows for seg in segments(row)]
-    assert sorted(tuple(ids) for ids, _, _ in found) == sorted(tuple(ids) for ids, _ in examples)
-    for ids, labels, positions in found:
-        assert positions == list(range(len(ids)))
+    assert sorted(tuple(ids) for ids, _ in found) == sorted(tuple(ids) for ids, _ in examples)
+    for ids, labels in found:
         assert labels == [IGNORE] + ids[1:]
     assert packing_efficiency(rows, 64) > 0.9
     assert rows == pack(examples, 64)
@@ -50,7 +50,7 @@ def test_first_label_of_every_packed_example_is_ignored():
     # Even when an encoder left it set: the previous example's last token must not learn to predict it.
     rows = pack([([1, 2, 3], [1, 2, 3]), ([4, 5], [4, 5])], 8)
     assert rows == [{"input_ids": [1, 2, 3, 4, 5], "labels": [IGNORE, 2, 3, IGNORE, 5],
-                     "position_ids": [0, 1, 2, 0, 1], "num_examples": 2}]
+                     "example_lengths": [3, 2], "num_examples": 2}]
 
 
 def test_pack_refuses_an_example_longer_than_a_row():
@@ -120,7 +120,7 @@ def test_packed_and_unpacked_give_the_same_loss_and_logits(chat_examples, attn):
     by_tokens = {tuple(ids): i for i, (ids, _) in enumerate(chat_examples)}
     offset = 0  # the packed batch is the rows flattened end to end
     for row in packed_rows:
-        for ids, _, _ in segments(row):
+        for ids, _ in segments(row):
             i = by_tokens[tuple(ids)]
             torch.testing.assert_close(packed_logits[0, offset:offset + len(ids)], plain_logits[i, :len(ids)],
                                        rtol=1e-5, atol=1e-5)

@@ -144,15 +144,15 @@ def _ids(n: int, seed: int) -> list[int]:
 def sft_rows(count: int = 8, packed: bool = False) -> datasets.Dataset:
     rows = []
     for i in range(count):
-        if packed:  # two examples per row, positions restarting at the second
+        if packed:  # two examples per row
             a, b = 5 + i % 3, 4 + i % 2
             ids = _ids(a + b, i)
             rows.append({"input_ids": ids, "labels": [-100] + ids[1:a] + [-100] + ids[a + 1:],
-                         "position_ids": list(range(a)) + list(range(b)), "num_examples": 2})
+                         "example_lengths": [a, b], "num_examples": 2})
         else:
             n = 6 + i % 4
             ids = _ids(n, i)
-            rows.append({"input_ids": ids, "labels": [-100, -100] + ids[2:], "position_ids": list(range(n)),
+            rows.append({"input_ids": ids, "labels": [-100, -100] + ids[2:], "example_lengths": [n],
                          "num_examples": 1})
     return datasets.Dataset.from_list(rows)
 

@@ -244,8 +244,8 @@ def test_flash_attention_takes_its_varlen_path_with_two_rows_per_micro_batch(wei
         # only at batch size 1, so it runs the dense kernel and the examples see each other (issue 20, point 3).
         width = max(len(r["input_ids"]) for r in rows)
         old = {"input_ids": torch.tensor([r["input_ids"] + [0] * (width - len(r["input_ids"])) for r in rows]),
-               "position_ids": torch.tensor([r["position_ids"] + list(range(width - len(r["input_ids"])))
-                                             for r in rows])}
+               "position_ids": torch.tensor([[p for n in r["example_lengths"] for p in range(n)]
+                                             + list(range(width - len(r["input_ids"]))) for r in rows])}
         kernels.calls.clear()
         model(**old, use_cache=False)
         assert {c[0] for c in kernels.calls} == {"dense"}

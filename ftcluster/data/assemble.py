@@ -99,13 +99,13 @@ class _Buffers:
     def __init__(self):
         self.release()
 
-    def take(self, tokens: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    def take(self, tokens: int) -> tuple[np.ndarray, np.ndarray]:
         if tokens > len(self.ids):  # grown to the largest chunk so far
-            self.ids, self.labels, self.positions = (np.empty(tokens, dtype=np.int32) for _ in range(3))
-        return self.ids[:tokens], self.labels[:tokens], self.positions[:tokens]
+            self.ids, self.labels = (np.empty(tokens, dtype=np.int32) for _ in range(2))
+        return self.ids[:tokens], self.labels[:tokens]
 
     def release(self) -> None:
-        self.ids = self.labels = self.positions = np.empty(0, dtype=np.int32)
+        self.ids = self.labels = np.empty(0, dtype=np.int32)
 
 
 # This process's: the driver's are released after each split; a Ray worker's last while the worker does.
@@ -119,7 +119,7 @@ def _rows_table(sizes: np.ndarray, part: Examples, shards: Path, schema: pa.Sche
     lengths = part.lengths.astype(np.int64)
     starts = np.zeros(len(lengths) + 1, dtype=np.int64)  # where each example begins in the chunk's tokens
     np.cumsum(lengths, out=starts[1:])
-    ids, labels, positions = _BUFFERS.take(int(starts[-1]))
+    ids, labels = _BUFFERS.take(int(starts[-1]))
     by_unit = np.argsort(part.units, kind="stable")
     with _Shards(shards) as open_shards:
         for group in np.split(by_unit, np.flatnonzero(np.diff(part.units[by_unit])) + 1):
@@ -133,17 +133,13 @@ def _rows_table(sizes: np.ndarray, part: Examples, shards: Path, schema: pa.Sche
     # The first token of an example is never a target (packing._row): the previous example's last token would
     # otherwise learn to predict it.
     labels[starts[:-1]] = IGNORE
-    # Positions restart at 0 with each example: ones, each example's first set back by the previous one's
-    # length, then summed in place (no temporaries as large as the chunk).
-    positions.fill(1)
-    positions[:1] = 0
-    positions[starts[1:-1]] = 1 - lengths[:-1]
-    np.cumsum(positions, out=positions)
-    bounds = np.zeros(len(sizes) + 1, dtype=np.int64)
+    bounds = np.zeros(len(sizes) + 1, dtype=np.int64)  # where each row begins in the chunk's examples
     np.cumsum(sizes, out=bounds[1:])
     offsets = pa.array(starts[bounds].astype(np.int32))
     columns = {name: pa.ListArray.from_arrays(offsets, pa.array(values, pa.int32()))
-               for name, values in (("input_ids", ids), ("labels", labels), ("position_ids", positions))}
+               for name, values in (("input_ids", ids), ("labels", labels))}
+    columns["example_lengths"] = pa.ListArray.from_arrays(pa.array(bounds.astype(np.int32)),
+                                                          pa.array(lengths.astype(np.int32)))
     columns["num_examples"] = pa.array(sizes.astype(np.int32), pa.int32())
     return pa.Table.from_pydict(columns, schema=schema)
 
@@ -198,13 +194,16 @@ class _Digest:
     """sha256 of one chunk's rows: lengths, tokens, labels and example counts, each its own stream."""
 
     def __init__(self, table: pa.Table):
-        self.parts = {name: hashlib.sha256() for name in ("lengths", "input_ids", "labels", "num_examples")}
+        self.parts = {name: hashlib.sha256() for name in ("lengths", "input_ids", "labels", "example_lengths",
+                                                           "num_examples")}
         # The values are hashed where they lie (no copies as large as the chunk).
         ids = table.column("input_ids").combine_chunks()
         self.parts["lengths"].update(np.diff(ids.offsets.to_numpy()).astype(np.int64).tobytes())
         self.parts["input_ids"].update(_int32(ids.values))
         labels = table.column("labels").combine_chunks()
         self.parts["labels"].update(_int32(labels.values))
+        # Where the examples begin: the same tokens split otherwise would train differently.
+        self.parts["example_lengths"].update(_int32(table.column("example_lengths").combine_chunks().values))
         self.parts["num_examples"].update(table.column("num_examples").to_numpy().astype(np.int32).tobytes())
 
     def hexdigest(self) -> str:
@@ -228,7 +227,7 @@ def rows_digest(rows: list[dict]) -> str:
             h.update(json.dumps(row, sort_keys=True).encode())
         return h.hexdigest()
     schema = pa.schema([("input_ids", pa.list_(pa.int32())), ("labels", pa.list_(pa.int32())),
-                        ("num_examples", pa.int32())])
+                        ("example_lengths", pa.list_(pa.int32())), ("num_examples", pa.int32())])
     return _combined([_Digest(pa.table({key: [row[key] for row in rows[start:start + CHUNK_ROWS]]
                                         for key in schema.names}, schema=schema)).hexdigest()
                       for start in range(0, len(rows), CHUNK_ROWS)])

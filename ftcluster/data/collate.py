@@ -35,15 +35,15 @@ def collate(rows: list[dict], pad_id: int, packed: bool) -> dict:
 
 
 def flatten(rows: list[dict]) -> dict:
-    """The packed rows as one `[1, ΣL]` row; an example starts wherever a row's position_ids restart at 0."""
+    """The packed rows as one `[1, ΣL]` row; its examples, and their positions from 0, from each row's
+    example_lengths."""
     input_ids, labels, position_ids, starts = [], [], [], []
     for row in rows:
-        offset = len(input_ids)
-        # A row always starts an example, whatever its first position id says.
-        starts += [offset] + [offset + k for k, p in enumerate(row["position_ids"]) if p == 0 and k > 0]
+        for length in row["example_lengths"]:
+            starts.append(len(position_ids))
+            position_ids += range(length)
         input_ids += row["input_ids"]
         labels += row["labels"]
-        position_ids += row["position_ids"]
     for start in starts:
         # The first token of an example is never a target (packing.py writes its rows so): after flattening,
         # the previous example's last token would otherwise learn to predict it.

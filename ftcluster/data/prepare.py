@@ -40,12 +40,12 @@ from ftcluster.errors import ConfigError
 from ftcluster.stages.registry import STAGES
 
 # Bump when the encoding or the layout on disk changes, so older prepared sets are not reused.
-LAYOUT_VERSION = 3
+LAYOUT_VERSION = 4  # 4: rows carry their examples' lengths, not a position id per token
 
 FEATURES = datasets.Features({
     "input_ids": datasets.List(datasets.Value("int32")),
     "labels": datasets.List(datasets.Value("int32")),
-    "position_ids": datasets.List(datasets.Value("int32")),
+    "example_lengths": datasets.List(datasets.Value("int32")),
     "num_examples": datasets.Value("int32"),
 })
 _FEATURES = {"sequences": FEATURES, "pairs": pairs.FEATURES, "prompts": prompts.FEATURES}
