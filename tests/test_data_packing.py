@@ -53,6 +53,15 @@ def test_first_label_of_every_packed_example_is_ignored():
                      "example_lengths": [3, 2], "num_examples": 2}]
 
 
+def test_rows_digest_tells_the_same_tokens_split_into_other_examples():
+    from ftcluster.data.assemble import rows_digest
+
+    one = pack([([1, 2, 3], [1, 2, 3]), ([4, 5], [4, 5])], 8)
+    other = [{**one[0], "example_lengths": [2, 3]}]  # same tokens and labels, other boundaries
+    assert rows_digest(one) == rows_digest(pack([([1, 2, 3], [1, 2, 3]), ([4, 5], [4, 5])], 8))
+    assert rows_digest(one) != rows_digest(other)
+
+
 def test_pack_refuses_an_example_longer_than_a_row():
     with pytest.raises(ValueError, match="truncate first"):
         pack(synthetic([5, 9]), 8)

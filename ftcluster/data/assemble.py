@@ -191,7 +191,7 @@ class _Shards:
 
 
 class _Digest:
-    """sha256 of one chunk's rows: lengths, tokens, labels and example counts, each its own stream."""
+    """sha256 of one chunk's rows: lengths, tokens, labels, the examples' lengths and counts, each its own stream."""
 
     def __init__(self, table: pa.Table):
         self.parts = {name: hashlib.sha256() for name in ("lengths", "input_ids", "labels", "example_lengths",
