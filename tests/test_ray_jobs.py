@@ -150,8 +150,11 @@ def test_ctrl_c_leaves_the_job_running_and_jobs_stop_stops_it(head, capsys):
 
     client = JobSubmissionClient(head.dashboard)
     job = client.submit_job(entrypoint="echo started; sleep 300")
+    # Ctrl-C's default action in the follower, however this suite was started: a shell running it in the background
+    # without job control (`cmd &` in a script) hands every child SIGINT ignored, and Python keeps that.
     follow = subprocess.Popen([sys.executable, "-m", "ftcluster.cli", "jobs", "logs", job, "--follow", "--address",
-                               head.dashboard], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=head.env)
+                               head.dashboard], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=head.env,
+                              preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     watchdog = threading.Timer(120, follow.kill)
     watchdog.start()
     for line in follow.stdout:  # the job's first line, streamed: the follower is following

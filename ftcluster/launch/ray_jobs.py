@@ -177,33 +177,17 @@ def _token_source() -> str:
     return f"the token in {path} is not the cluster's" if path.is_file() else f"this client has no token (no {path})"
 
 
-def _stream_log(client, job_id: str) -> None:
-    """The job's log to stdout until the stream ends. Ctrl-C raises KeyboardInterrupt here within 2 s: the loop
-    runs without asyncio.run's own SIGINT handling, which only cancels the stream and waits for it to end however
-    long that takes; once, in the suite, a follower so interrupted went on waiting for the job instead."""
+def _follow(client, job_id: str, address: str) -> int:
+    """Stream the job's log until it ends; its exit code (0 only for SUCCEEDED)."""
     async def stream():
         async for chunk in client.tail_job_logs(job_id):
             sys.stdout.write(chunk)
             sys.stdout.flush()
 
-    loop = asyncio.new_event_loop()
-    task = loop.create_task(stream())
-    try:
-        loop.run_until_complete(task)
-    except KeyboardInterrupt:
-        task.cancel()  # its connection closed in order, given a moment; a stream that goes on is abandoned
-        loop.run_until_complete(asyncio.wait([task], timeout=2))
-        raise
-    finally:
-        loop.close()
-
-
-def _follow(client, job_id: str, address: str) -> int:
-    """Stream the job's log until it ends; its exit code (0 only for SUCCEEDED)."""
     how = f"--address {shlex.quote(address)}"
     try:
         try:
-            _stream_log(client, job_id)
+            asyncio.run(stream())
         except Exception as exc:  # aiohttp's errors are not all OSErrors; the job's status still says how it ended
             print(f"[ftcluster] the log stream of {job_id} broke ({exc}); waiting for the job to end", file=sys.stderr)
         info = _wait_terminal(client, job_id, timeout_s=None)
