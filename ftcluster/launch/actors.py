@@ -25,6 +25,7 @@ from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from ftcluster.errors import ActorTimeout, UserError, WorkerFailed
 from ftcluster.launch.cluster import WORKER_ENV
+from ftcluster.util.dist import free_port
 from ftcluster.util.text import tail
 
 
@@ -40,11 +41,8 @@ class GroupMember:
 
     def where(self) -> dict:
         """This actor's node, address, pid, and a free port (rank 0's becomes the group's master port)."""
-        with socket.socket() as s:
-            s.bind(("", 0))
-            port = s.getsockname()[1]
         return {"node": os.environ.get("SLURMD_NODENAME") or socket.gethostname(), "pid": os.getpid(),
-                "ip": ray.util.get_node_ip_address(), "port": port}
+                "ip": ray.util.get_node_ip_address(), "port": free_port("")}
 
     def join_group(self, master_addr: str, master_port: int, timeout_s: int) -> None:
         os.environ.update(MASTER_ADDR=master_addr, MASTER_PORT=str(master_port))

@@ -38,7 +38,7 @@ POLL_S = 0.5
 class Failed(Exception):
     """One attempt's failure; worker_failures maps rank -> the exception it raised or died with."""
 
-    def __init__(self, worker_failures: dict[int, BaseException], since: float = 0.0):
+    def __init__(self, worker_failures: dict[int, BaseException], since: float):
         super().__init__("; ".join(f"rank {r}: {type(e).__name__}" for r, e in sorted(worker_failures.items())))
         self.worker_failures, self.since = worker_failures, since
 
@@ -49,13 +49,10 @@ class Rank:
 
     def where(self) -> dict:
         """Where this rank runs, and a free port (rank 0's becomes the group's master port)."""
-        import socket
+        from ftcluster.util.dist import free_port  # here: torch is imported in the rank's process only
 
-        with socket.socket() as s:
-            s.bind(("", 0))
-            port = s.getsockname()[1]
         return {"node_id": ray.get_runtime_context().get_node_id(), "ip": ray.util.get_node_ip_address(),
-                "port": port, "pid": os.getpid(), "gpus": [str(g) for g in ray.get_gpu_ids()]}
+                "port": free_port(""), "pid": os.getpid(), "gpus": [str(g) for g in ray.get_gpu_ids()]}
 
     def run(self, entry: Callable[[dict], None], payload: dict, env: dict, backend: str, timeout_s: int,
             visible_gpus: list[str] | None, gpu: str | None) -> None:
