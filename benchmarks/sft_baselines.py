@@ -626,7 +626,8 @@ def main() -> int:
     from ftcluster.config import compose
     from ftcluster.data.loader import GlobalBatchLoader
     from ftcluster.data.prepare import prepare
-    from ftcluster.train.model import load_tokenizer, materialize_random_init
+    from ftcluster.train.model import materialize_random_init
+    from ftcluster.train.tokenizer import load_tokenizer
 
     # One weight file for every side.
     model_dir = Path(materialize_random_init(str(TINY), work / "init_model", a.seed))

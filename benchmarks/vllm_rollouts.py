@@ -41,7 +41,7 @@ def rollout_speed(prompts: int, new_tokens: int, rounds: int) -> dict:
     from ftcluster.rl.vllm_engine import VLLMSampler
     from ftcluster.rl.weights import split_aliases, with_aliases
     from ftcluster.train.bundled import resolve_model_path
-    from ftcluster.train.model import load_tokenizer
+    from ftcluster.train.tokenizer import load_tokenizer
     from transformers import AutoModelForCausalLM
 
     folder = resolve_model_path(MODEL)

@@ -90,7 +90,9 @@ def _main(argv: list[str]) -> int:
         print(f"ftcluster: unknown command {verb!r}\n\n{USAGE}", file=sys.stderr)
         return 2
     try:
-        if verb != "jobs":  # jobs only talks to a dashboard: no need to import torch (seconds)
+        # jobs only talks to a dashboard: no need to import torch (seconds); train quiets them once it has
+        # started what can start before torch is imported (ftcluster.run.driver)
+        if verb not in ("jobs", "train"):
             from ftcluster.util.quiet import quiet_libraries
 
             quiet_libraries()

@@ -79,7 +79,7 @@ def test_too_long_examples_error_or_are_dropped_and_counted(capsys, tmp_path):
 
     from ftcluster.config import compose
     from ftcluster.data.prepare import prepare
-    from ftcluster.train.model import load_tokenizer
+    from ftcluster.train.tokenizer import load_tokenizer
 
     cfg = compose([*TINY, f"data.path={data}", "data.eval_path=null", "data.format=alpaca", "data.truncation=drop",
                    "trainer.micro_batch_per_device=1", "trainer.global_batch=1", "launcher.workers=1"])

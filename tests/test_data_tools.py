@@ -245,7 +245,7 @@ def test_stats_on_the_tiny_tokenizer_match_what_training_prepares(tmp_path, caps
     from helpers import TINY
     from ftcluster.config import compose
     from ftcluster.data.prepare import prepare
-    from ftcluster.train.model import load_tokenizer
+    from ftcluster.train.tokenizer import load_tokenizer
 
     train = write_lines(tmp_path / "train.jsonl", (BUNDLED / "train.jsonl").read_text().splitlines()[:40])
     evals = write_lines(tmp_path / "eval.jsonl", (BUNDLED / "eval.jsonl").read_text().splitlines()[:10])

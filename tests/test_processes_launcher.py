@@ -20,7 +20,7 @@ from omegaconf import OmegaConf
 
 from helpers import TINY, cli, refused
 from ftcluster.errors import UserError
-from ftcluster.launch import processes
+from ftcluster.launch import processes, rank_processes
 from ftcluster.errors import WorkerFailed
 from ftcluster.util import dist
 from launcher_entries import report_environment, wait_in_a_collective_or_fail
@@ -71,7 +71,7 @@ def test_ranks_started_early_are_stopped_when_the_data_is_refused(capsys, monkey
             started.append(self)
 
         def close(self):
-            self.alive_at_close = [proc.is_alive() for proc in self.procs]
+            self.alive_at_close = self.group.alive()
             super().close()
 
     monkeypatch.setattr(processes, "Ranks", WatchedRanks)
@@ -83,7 +83,10 @@ def test_ranks_started_early_are_stopped_when_the_data_is_refused(capsys, monkey
     assert len(started) == 1, "the ranks were not started before the data was prepared"
     ranks = started[0]
     assert ranks.alive_at_close == [True, True]  # still importing or waiting for their payload
-    assert all(not proc.is_alive() for proc in ranks.procs) and all(proc.exitcode == -9 for proc in ranks.procs)
+    assert ranks.group.alive() == [False, False]
+    # Killed: while their parent imported (it goes, and no rank was forked), or once forked (each rank goes).
+    group = ranks.group
+    assert group.parent.exitcode == -9 if group.pids is None else group.codes == {0: -9, 1: -9}
 
 
 def _cfg(workers=2, output_dir="."):
@@ -98,7 +101,7 @@ def _cfg(workers=2, output_dir="."):
     ("user", UserError, "data.path: bad record on rank 1"),
     ("crash", WorkerFailed, "worker process died: rank 1 (exit code 9)"),
 ])
-def test_a_failing_rank_ends_the_run_and_the_waiting_rank_is_stopped(tmp_path, fail_with, error, message):
+def test_a_failing_rank_ends_the_run_and_the_waiting_rank_is_stopped(tmp_path, fail_with, error, message, rank_group):
     pid_file = tmp_path / "rank0.pid"
     started = time.monotonic()
     with pytest.raises(error) as raised:
@@ -109,7 +112,16 @@ def test_a_failing_rank_ends_the_run_and_the_waiting_rank_is_stopped(tmp_path, f
     assert not psutil.pid_exists(rank0) or psutil.Process(rank0).status() == psutil.STATUS_ZOMBIE
 
 
-def test_each_rank_gets_its_rank_and_a_cpu_share(tmp_path):
+@pytest.fixture(params=["forked", "spawned"])
+def rank_group(request, monkeypatch) -> str:
+    """Both ways of starting ranks: forked from one interpreter (on CPU) and spawned one by one (what a GPU
+    machine gets), the second forced here where there is no GPU."""
+    if request.param == "spawned":
+        monkeypatch.setattr(processes, "ForkedRanks", rank_processes.SpawnedRanks)
+    return request.param
+
+
+def test_each_rank_gets_its_rank_and_a_cpu_share(tmp_path, rank_group):
     processes.launch(report_environment, {"dir": str(tmp_path)}, _cfg(workers=2, output_dir=tmp_path))
     seen = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
     # The shared worker environment (launch/worker_env.py), as Ray's workers get it: where hang reports go.

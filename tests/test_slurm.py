@@ -130,7 +130,7 @@ def test_no_sbatch_on_path(capsys, monkeypatch, tmp_path):
 def test_inside_a_job_an_unreachable_ray_head_fails_fast_naming_it(capsys, monkeypatch, tmp_path):
     """The job side (FTCLUSTER_RAY_ADDRESS, set by slurm/ftcluster.sbatch) when its Ray head is gone: one
     error naming the address instead of a hang. No SLURM cluster needed."""
-    from ftcluster.util.dist import free_port
+    from ftcluster.util.net import free_port
 
     address = f"127.0.0.1:{free_port()}"  # nothing listens there
     monkeypatch.setenv("FTCLUSTER_RAY_ADDRESS", address)

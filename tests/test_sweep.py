@@ -320,7 +320,7 @@ def test_a_sweep_prepares_each_distinct_data_set_once_before_its_trials(tmp_path
     from ftcluster.data.prepare import prepare
     from ftcluster.sweep.data import prepare_before_trials
     from ftcluster.sweep.trial import trial_config
-    from ftcluster.train.model import load_tokenizer
+    from ftcluster.train.tokenizer import load_tokenizer
 
     encoded = []
     real = shards.encode_records

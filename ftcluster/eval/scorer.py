@@ -22,7 +22,8 @@ from ftcluster.config import apply_schema
 from ftcluster.data.template import apply_template_override
 from ftcluster.eval.generate import generate_answers
 from ftcluster.train.evaluation import mean_token_loss
-from ftcluster.train.model import load_model, load_tokenizer
+from ftcluster.train.model import load_model
+from ftcluster.train.tokenizer import load_tokenizer
 from ftcluster.util import dist
 from ftcluster.util.quiet import quiet_libraries
 

@@ -25,7 +25,7 @@ from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from ftcluster.errors import ActorTimeout, UserError, WorkerFailed
 from ftcluster.launch.cluster import WORKER_ENV
-from ftcluster.util.dist import free_port
+from ftcluster.util.net import free_port
 from ftcluster.util.text import tail
 
 

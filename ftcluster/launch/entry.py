@@ -17,7 +17,9 @@ class EntryByName:
     name: str
 
     def preload(self) -> None:
-        importlib.import_module(self.module)
+        """The entry's module imported, and its own `preload()` run where it has one (what its libraries import
+        only on first use)."""
+        getattr(importlib.import_module(self.module), "preload", lambda: None)()
 
     def __call__(self, *args):
         return getattr(importlib.import_module(self.module), self.name)(*args)

@@ -16,7 +16,7 @@ from typing import Callable
 from omegaconf import DictConfig
 
 from ftcluster.errors import ConfigError, UserError
-from ftcluster.util.dist import free_port
+from ftcluster.util.net import free_port
 
 # The world of one this process joined on its first inline run, kept for the life of the process.
 # ftcluster.util.dist.setup builds the torch process group on the first run and DeepSpeed keeps the

@@ -27,6 +27,7 @@ from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from ftcluster.errors import CollectiveTimeout, UserError
 from ftcluster.launch.cluster import WORKER_ENV
+from ftcluster.util.net import free_port
 
 # After a rank fails, how long the others get to fail or finish before the group is killed: long enough for a
 # peer's broken collective to raise, so that the failure named is the rank that died, not its peers' errors.
@@ -49,8 +50,6 @@ class Rank:
 
     def where(self) -> dict:
         """Where this rank runs, and a free port (rank 0's becomes the group's master port)."""
-        from ftcluster.util.dist import free_port  # here: torch is imported in the rank's process only
-
         return {"node_id": ray.get_runtime_context().get_node_id(), "ip": ray.util.get_node_ip_address(),
                 "port": free_port(""), "pid": os.getpid(), "gpus": [str(g) for g in ray.get_gpu_ids()]}
 

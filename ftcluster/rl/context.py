@@ -27,7 +27,7 @@ from ftcluster.rewards import load_reward_fn, score_samples
 from ftcluster.rl import roles
 from ftcluster.rl.experience import sampler_mismatch, shares, truncated_is_weights
 from ftcluster.train import checkpoint, stop
-from ftcluster.train.model import load_tokenizer
+from ftcluster.train.tokenizer import load_tokenizer
 from ftcluster.train.schedule import StepSchedule
 
 

@@ -36,7 +36,8 @@ from ftcluster.train import checkpoint
 from ftcluster.train import engine as ds_engine
 from ftcluster.train.engine import deepspeed_config, full_state_dict, optimizer_step
 from ftcluster.train.export import write_final
-from ftcluster.train.model import DTYPES, load_model, load_tokenizer
+from ftcluster.train.model import DTYPES, load_model
+from ftcluster.train.tokenizer import load_tokenizer
 from ftcluster.util import dist
 from ftcluster.util.quiet import quiet_libraries
 

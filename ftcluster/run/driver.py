@@ -27,6 +27,7 @@ from ftcluster.run import lock as run_lock
 from ftcluster.stages.registry import STAGES
 from ftcluster.train import stop
 from ftcluster.train.bundled import resolve_model_path
+from ftcluster.util.quiet import quiet_libraries
 
 # The modules that import torch, transformers, datasets or DeepSpeed (seconds) are imported where they are
 # used, once the ranks of launcher=processes are starting (they import the same libraries meanwhile). The
@@ -44,6 +45,7 @@ def train(cfg: DictConfig, argv: list[str]) -> Path:
 
 def _train(cfg: DictConfig, argv: list[str]) -> Path:
     early = _start_early(cfg)
+    quiet_libraries()  # imports torch: after the ranks that start early have started
     try:
         payload = prepare_run(cfg, argv)
         stop.check_early()  # a stop signal while the data was prepared: exit 75 before any cluster starts
@@ -85,6 +87,7 @@ def submit(cfg: DictConfig, overrides: list[str], dry_run: bool) -> int | None:
     submitter = submitter_for(cfg)
     if submitter is None:
         return None
+    quiet_libraries()
     from ftcluster.run.preflight import resolve_resume
 
     derived = validate(cfg)
@@ -113,7 +116,7 @@ def prepare_run(cfg: DictConfig, argv: list[str]) -> dict | None:
     from ftcluster.run.preflight import (already_finished, check_eval_references, check_model, check_rewards,
                                          resolve_resume)
     from ftcluster.train import checkpoint
-    from ftcluster.train.model import load_tokenizer
+    from ftcluster.train.tokenizer import load_tokenizer
 
     derived = validate(cfg)
     if STAGES[cfg.stage.name].runner == "rl":

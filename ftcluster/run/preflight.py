@@ -18,7 +18,7 @@ from ftcluster.errors import ConfigError, DataError
 from ftcluster.eval.scores import check_references
 from ftcluster.rewards import load_reward_fn
 from ftcluster.train import checkpoint
-from ftcluster.train.model import load_tokenizer
+from ftcluster.train.tokenizer import load_tokenizer
 
 
 def check_rewards(cfg: DictConfig) -> None:

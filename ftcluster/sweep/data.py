@@ -80,7 +80,7 @@ class _Fingerprints:
         """The tokenizer a trial's run loads: its model folder's, with data.chat_template applied (by
         prepared_key), so one per model and template."""
         from ftcluster.train.bundled import resolve_model_path
-        from ftcluster.train.model import load_tokenizer
+        from ftcluster.train.tokenizer import load_tokenizer
 
         # A random-init model's run loads the tokenizer from its materialized copy, the same files re-saved.
         wanted = (cfg.model.path, cfg.model.trust_remote_code, cfg.data.chat_template)

@@ -151,6 +151,17 @@ def initialize(model: torch.nn.Module, cfg: DictConfig, ds_config: dict):
     return engine
 
 
+def import_deferred() -> None:
+    """What DeepSpeed imports or probes on first use, done now: its Muon optimizer module, which
+    deepspeed.initialize imports to check the optimizer (it pulls in torch._dynamo: a second of CPU), and the
+    op-compatibility probe that dist.setup reads. Where one interpreter forks every rank (launcher=processes on
+    CPU) each rank then inherits them instead of paying them again."""
+    import deepspeed
+    import deepspeed.runtime.zero.muon.muon_optimizer  # noqa: F401
+
+    deepspeed.ops.__compatible_ops__  # noqa: B018  (a probe on first read)
+
+
 def enable_tf32() -> None:
     """fp32 matmuls and convolutions on TF32 tensor cores (about 8x an fp32 H100's throughput, 10 bits of
     mantissa): what fp32 master-weight updates and an fp32 run's matmuls use on CUDA. No effect on CPU."""

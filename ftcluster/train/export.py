@@ -21,7 +21,8 @@ from ftcluster.config import load_run_config
 from ftcluster.data.template import apply_template_override
 from ftcluster.errors import UserError
 from ftcluster.train import checkpoint as ckpt
-from ftcluster.train.model import DTYPES, MODEL_CLASSES, apply_peft, load_tokenizer, peft_config
+from ftcluster.train.model import DTYPES, MODEL_CLASSES, apply_peft, peft_config
+from ftcluster.train.tokenizer import load_tokenizer
 from ftcluster.util.atomic import replacing
 from ftcluster.util.outputs import claim_folder, mark_folder
 

@@ -1,4 +1,4 @@
-"""Model and tokenizer loading: dtype, attention implementation, gradient checkpointing, PEFT.
+"""Model loading: dtype, attention implementation, gradient checkpointing, PEFT.
 
 Packed rows under sdpa run ftcluster.train.attention's per-example sdpa instead of a block mask.
 
@@ -14,11 +14,11 @@ from pathlib import Path
 import torch
 from omegaconf import DictConfig
 from transformers import (AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification,
-                          AutoModelForTokenClassification, AutoTokenizer, BitsAndBytesConfig,
-                          PreTrainedTokenizerBase)
+                          AutoModelForTokenClassification, BitsAndBytesConfig)
 
 from ftcluster.errors import ConfigError
 from ftcluster.train.attention import attn_implementation
+from ftcluster.train.tokenizer import load_tokenizer
 from ftcluster.util.atomic import replacing
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -28,16 +28,6 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 MODEL_CLASSES = {"causal_lm": AutoModelForCausalLM, "reward": AutoModelForSequenceClassification,
                  "value": AutoModelForTokenClassification}
 _PEFT_TASKS = {"causal_lm": "CAUSAL_LM", "reward": "SEQ_CLS", "value": "TOKEN_CLS"}
-
-
-def load_tokenizer(model_dir: str, trust_remote_code: bool = False) -> PreTrainedTokenizerBase:
-    """`trust_remote_code`: model.trust_remote_code, passed by every caller that has the config; without it a
-    folder whose tokenizer is code of its own fails to load instead of running that code."""
-    tokenizer = AutoTokenizer.from_pretrained(model_dir, trust_remote_code=trust_remote_code)
-    if tokenizer.pad_token_id is None:
-        # Padding positions never reach the loss (labels are -100 there), so eos is a safe pad.
-        tokenizer.pad_token = tokenizer.eos_token
-    return tokenizer
 
 
 def materialize_random_init(model_dir: str, out_dir: Path, seed: int, trust_remote_code: bool = False) -> str:

@@ -26,9 +26,15 @@ from ftcluster.stages.registry import STAGES
 from ftcluster.train import checkpoint
 from ftcluster.train import engine as ds_engine
 from ftcluster.train.context import StageContext
-from ftcluster.train.model import load_model, load_tokenizer
+from ftcluster.train.model import load_model
+from ftcluster.train.tokenizer import load_tokenizer
 from ftcluster.util import dist
 from ftcluster.util.quiet import quiet_libraries
+
+
+def preload() -> None:
+    """Before the payload (launch/entry.py): what the run would otherwise import on its first step."""
+    ds_engine.import_deferred()
 
 
 def train_worker(payload: dict) -> None:

@@ -13,11 +13,12 @@ function on the `meta` device, where any tensor left on the CPU, or read back an
 from __future__ import annotations
 
 import os
-import socket
 from datetime import timedelta
 
 import torch
 import torch.distributed as dist
+
+from ftcluster.util.net import free_port
 
 
 def setup(timeout_s: int = 1800) -> None:
@@ -44,13 +45,6 @@ def setup(timeout_s: int = 1800) -> None:
     c10d.default_pg_timeout = c10d.default_pg_nccl_timeout = timedelta(seconds=timeout_s)
     # Reuses the launcher's group when there is one.
     deepspeed.init_distributed(dist_backend=backend, timeout=timedelta(seconds=timeout_s))
-
-
-def free_port(host: str = "127.0.0.1") -> int:
-    """A port free on `host` now ("" for every interface: a master address other nodes reach)."""
-    with socket.socket() as s:
-        s.bind((host, 0))
-        return s.getsockname()[1]
 
 
 def rank() -> int:

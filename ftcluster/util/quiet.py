@@ -5,11 +5,12 @@ from __future__ import annotations
 import os
 import warnings
 
-import torch
-from transformers.utils import logging as hf_logging
-
 
 def quiet_libraries() -> None:
+    """Imports torch and transformers (seconds): callers call it when they are about to use them."""
+    import torch
+    from transformers.utils import logging as hf_logging
+
     if not torch.cuda.is_available():
         # Otherwise DeepSpeed warns on every import that it fell back to its CPU accelerator.
         os.environ.setdefault("DS_ACCELERATOR", "cpu")

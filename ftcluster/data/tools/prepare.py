@@ -10,7 +10,7 @@ from ftcluster.config import compose
 from ftcluster.data.prepare import prepare
 from ftcluster.launch.cluster import connect
 from ftcluster.train.bundled import resolve_model_path
-from ftcluster.train.model import load_tokenizer
+from ftcluster.train.tokenizer import load_tokenizer
 
 
 def prepare_command(overrides: list[str]) -> int:

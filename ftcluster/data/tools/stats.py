@@ -23,7 +23,7 @@ from ftcluster.data.tools.validate import majority_format
 from ftcluster.errors import DataError, UserError
 from ftcluster.stages.registry import for_format
 from ftcluster.train.bundled import resolve_model_path
-from ftcluster.train.model import load_tokenizer
+from ftcluster.train.tokenizer import load_tokenizer
 from ftcluster.util.atomic import replacing
 
 
