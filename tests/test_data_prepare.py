@@ -179,14 +179,10 @@ def two_nodes(tmp_path):
     launch/start_head.sh, a worker node by launch/join_worker.sh, Ray's token authentication on; stopped by
     launch/stop.sh (by the pids they recorded, never `ray stop`)."""
     import os
-    import socket
     import subprocess
     import sys
 
-    def free_port() -> int:
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            return s.getsockname()[1]
+    from ftcluster.util.net import free_port
 
     def sh(*args):
         return subprocess.run([str(a) for a in args], capture_output=True, text=True, env=env, timeout=180)

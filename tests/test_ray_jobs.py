@@ -8,7 +8,6 @@ import re
 import shlex
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -21,15 +20,10 @@ import pytest
 from helpers import TINY
 from ftcluster.cli import main
 from ftcluster.observe.track import read_metrics
+from ftcluster.util.net import free_port
 
 ROOT = Path(__file__).resolve().parent.parent
 LAUNCH = ROOT / "launch"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def alive(pid: int) -> bool:

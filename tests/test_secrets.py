@@ -7,7 +7,6 @@ import json
 import os
 import re
 import shutil
-import socket
 import subprocess
 import sys
 import time
@@ -19,6 +18,7 @@ import pytest
 
 from helpers import INLINE, TINY, train
 from ftcluster.cli import main
+from ftcluster.util.net import free_port
 from ftcluster.util.secrets import MASK, find_secrets, is_secret_name, redact, redact_args, redact_text
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -196,12 +196,6 @@ def _get(url: str, token: str | None = None) -> int:
         return exc.code
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _wait(predicate, what: str, timeout: float = 180) -> None:
     deadline = time.time() + timeout
     while not predicate():
@@ -231,14 +225,14 @@ def test_launch_scripts_cluster_refuses_a_client_without_the_token(tmp_path):
     and join_worker.sh on this machine find the token; a machine without it is refused."""
     home, state = tmp_path / "home", tmp_path / "state"
     home.mkdir()
-    port, dash = _free_port(), _free_port()
+    port, dash = free_port(), free_port()
     temp_dir = f"/tmp/ftc-sec-{os.getpid()}-{port}"
     env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_AUTH") and k != "RAY_ADDRESS"}
     env.update(HOME=str(home), FTCLUSTER_RAY_DIR=str(state), RAY_USAGE_STATS_ENABLED="0",
                PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}")
     started = subprocess.run([ROOT / "launch/start_head.sh", "--port", str(port), "--dashboard-port", str(dash),
-                              "--num-cpus=1", f"--temp-dir={temp_dir}", f"--dashboard-agent-listen-port={_free_port()}",
-                              f"--ray-client-server-port={_free_port()}"], capture_output=True, text=True, env=env,
+                              "--num-cpus=1", f"--temp-dir={temp_dir}", f"--dashboard-agent-listen-port={free_port()}",
+                              f"--ray-client-server-port={free_port()}"], capture_output=True, text=True, env=env,
                              timeout=180)
     try:
         assert started.returncode == 0, started.stdout + started.stderr
