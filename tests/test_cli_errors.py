@@ -2,8 +2,11 @@
 and nothing launched. These run the CLI's main() in process, and the real console script once."""
 
 import json
+import os
+import shutil
 from pathlib import Path
 
+import psutil
 import pytest
 
 from helpers import TINY, cli, own_stderr
@@ -102,6 +105,34 @@ def test_console_script_exits_nonzero_without_traceback(tmp_path):
     assert result.returncode == 2
     assert result.stderr.strip().splitlines() == [
         "ftcluster train: error: config key 'strategy.zero_stage': got 5; it must be 0, 1, 2 or 3"]
+
+
+@pytest.mark.slow
+def test_a_data_error_under_launcher_local_ends_the_cluster_started_meanwhile(tmp_path):
+    """launcher=local starts its Ray cluster on a thread while the data is read (launch/cluster.py); a bad record
+    still refuses the run with its one line, and the cluster goes with the command."""
+    temp = Path(f"/tmp/ftc-early-{os.getpid()}")  # Ray's socket paths must stay short
+    data = write_jsonl(tmp_path / "bad.jsonl", [GOOD, {"instruction": 3, "output": "x"}])
+    try:
+        result = cli("train", *TINY, "launcher=local", "data=custom", f"data.path={data}", "data.format=alpaca",
+                     f"output_dir={tmp_path / 'run'}", env={"RAY_TMPDIR": str(temp)})
+        assert result.returncode == 2
+        assert result.stderr.strip().splitlines() == [
+            f"ftcluster train: error: {data}:2: field 'instruction' must be a string, got int"]
+        assert list((temp / "ray").glob("session_2*")), "no Ray cluster was started while the data was read"
+        assert _processes_mentioning(str(temp)) == []
+    finally:
+        shutil.rmtree(temp, ignore_errors=True)
+
+
+def _processes_mentioning(text: str) -> list[str]:
+    """Command lines of live processes that name `text` (a Ray session's processes name its folder)."""
+    found = []
+    for proc in psutil.process_iter(["cmdline", "status"]):
+        cmdline = " ".join(proc.info["cmdline"] or [])
+        if text in cmdline and proc.info["status"] != psutil.STATUS_ZOMBIE:
+            found.append(cmdline)
+    return found
 
 
 PAIR = {"prompt": "Say hi.", "chosen": "hi", "rejected": "go away"}

@@ -41,7 +41,7 @@ def test_nccl_workers_wait_longer_than_the_hang_diagnosis(tmp_path):
     hang: the workers get NCCL settings that leave the diagnosis time to run first."""
     from ftcluster.config import compose
     from ftcluster.launch.worker_env import worker_env
-    from ftcluster.observe.watchdog import REPORT_DIR_ENV, nccl_timeout_s
+    from ftcluster.observe.placement import REPORT_DIR_ENV, nccl_timeout_s
 
     cfg = compose(["model=tiny", "launcher.collective_timeout_s=600", f"output_dir={tmp_path}"])
     env = worker_env(cfg, "nccl")

@@ -33,9 +33,10 @@ class Launcher(Protocol):
         """Run entry(payload, placement) in this process; `placement` starts actor groups on the cluster
         (ftcluster.launch.actors.Placement). Launchers without Ray refuse with a UserError."""
 
-    # Optional (launcher=processes has it): start_early(entry, cfg) starts the ranks before the payload exists, so
-    # that they import the entry's libraries while the driver checks the run and prepares the data; it returns an
-    # object whose launch(payload) runs them, and whose close() stops them if the run does not launch.
+    # Optional: start_early(entry, cfg) starts what takes seconds before the payload exists (launcher=processes:
+    # the ranks, which import the entry's libraries; launcher=local: its Ray cluster) while the driver checks the
+    # run and prepares the data; it returns None, or an object whose launch(payload) runs the entry, and whose
+    # close() stops what it started if the run does not launch.
 
 
 class Submitter(Protocol):

@@ -16,8 +16,6 @@ import time
 from datetime import timedelta
 
 import ray
-import torch
-import torch.distributed as dist
 from omegaconf import DictConfig
 from ray.exceptions import RayActorError, RayTaskError
 from ray.util.placement_group import placement_group, remove_placement_group
@@ -45,6 +43,9 @@ class GroupMember:
                 "ip": ray.util.get_node_ip_address(), "port": free_port("")}
 
     def join_group(self, master_addr: str, master_port: int, timeout_s: int) -> None:
+        import torch  # here, in the actor's process: the driver imports this module before it needs torch
+        import torch.distributed as dist
+
         os.environ.update(MASTER_ADDR=master_addr, MASTER_PORT=str(master_port))
         if self.world_size > 1 or not dist.is_initialized():
             dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo", rank=self.rank,

@@ -9,6 +9,7 @@ its owner only. The same lookup serves every client (joining, `ftcluster jobs`, 
 
 from __future__ import annotations
 
+import logging
 import os
 import secrets
 import signal
@@ -47,9 +48,10 @@ def connect(address: str | None, key: str = "launcher.address", fix: str = _STAR
     and its agents (for work that needs no state API: a core's worth of start-up on a
     small machine)."""
     ray = import_ray()
-    for name, value in WORKER_ENV.items():
-        if name != "FTCLUSTER_IN_RAY":
-            os.environ.setdefault(name, value)
+    if address is None and _starting is not None:
+        _starting.wait()
+        return
+    _set_worker_env()
     if address not in (None, "auto"):
         check_reachable(address, key, fix)
     if ray.is_initialized():
@@ -63,6 +65,80 @@ def connect(address: str | None, key: str = "launcher.address", fix: str = _STAR
     finally:
         if callable(handler) and threading.current_thread() is threading.main_thread():
             signal.signal(signal.SIGTERM, handler)
+
+
+class ClusterStart:
+    """connect(None) on a thread: the local cluster's start (seconds, mostly waiting for the processes ray.init
+    starts) overlaps what the caller does meanwhile (the driver: its imports, checks and data). connect(None)
+    waits for it and raises its error; finish() waits for it when the run does not go ahead."""
+
+    def __init__(self, ray):
+        # Done here, not on the thread: os.environ is the whole process's, and the main thread is reading it.
+        _set_worker_env()
+        use_token_auth(start=True)
+        self.ray, self.error = ray, None
+        self._up, self._release = threading.Event(), threading.Event()
+        # Ray says it set no SIGTERM handler off the main thread: the command keeps its own (wait() restores it).
+        logging.getLogger("ray._private.worker").addFilter(_drop_sigterm_notice)
+        threading.Thread(target=self._start, name="ftcluster-ray-start", daemon=True).start()
+
+    def _start(self) -> None:
+        try:
+            _init(self.ray, None)
+        except BaseException as exc:  # raised in the thread that waits for the cluster
+            self.error = exc
+        finally:
+            self._up.set()
+        # Ray's processes get SIGKILL when the thread that started them ends (PR_SET_PDEATHSIG is per thread):
+        # this one stays until the cluster is released (release_cluster), or the process exits.
+        self._release.wait()
+
+    def wait(self) -> None:
+        global _starting
+        self._up.wait()
+        _starting = None
+        # Ray's core worker put its crash handler on SIGTERM (it prints a stack, then calls ours); only the main
+        # thread can put the command's handler (a stop request with a checkpoint) back alone.
+        if threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGTERM, signal.getsignal(signal.SIGTERM))
+        if self.error is not None:
+            self._release.set()
+            raise self.error
+        _started.append(self)
+
+    def finish(self) -> None:
+        """The run does not go ahead: the start is waited for (a cluster left half-started would race Ray's own
+        shutdown at exit); the cluster stays up, as after a run, until release_cluster or the process's exit."""
+        try:
+            self.wait()
+        except Exception:  # the run's own error is the one to report
+            pass
+
+
+def start_local() -> ClusterStart | None:
+    """Begin starting this process's local cluster (connect(None)) on a thread; None when one is up already."""
+    global _starting
+    ray = import_ray()
+    if ray.is_initialized():
+        return None
+    if _starting is None:
+        _starting = ClusterStart(ray)
+    return _starting
+
+
+def _drop_sigterm_notice(record: logging.LogRecord) -> bool:
+    return "SIGTERM handler is not set" not in record.getMessage()
+
+
+# The start in progress (connect(None) waits for it), and the threads of started clusters (released with them).
+_starting: ClusterStart | None = None
+_started: list[ClusterStart] = []
+
+
+def _set_worker_env() -> None:
+    for name, value in WORKER_ENV.items():
+        if name != "FTCLUSTER_IN_RAY":
+            os.environ.setdefault(name, value)
 
 
 def _init(ray, address: str | None, dashboard: bool = True) -> None:
@@ -171,5 +247,9 @@ def _host_port(address: str) -> tuple[str, int]:
 def release_cluster() -> None:
     """Disconnect from Ray (stopping it if this process started it), when Ray is imported and connected."""
     ray = sys.modules.get("ray")
+    if _starting is not None:
+        _starting.finish()
     if ray is not None and ray.is_initialized():
         ray.shutdown()
+    while _started:
+        _started.pop()._release.set()

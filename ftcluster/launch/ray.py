@@ -18,15 +18,38 @@ from ray.exceptions import ActorDiedError, ActorUnavailableError, WorkerCrashedE
 from ftcluster.errors import CollectiveTimeout, UserError, WorkerFailed
 from ftcluster.launch import ray_workers
 from ftcluster.launch.actors import Placement
-from ftcluster.launch.cluster import connect
+from ftcluster.launch.cluster import ClusterStart, connect, start_local
 from ftcluster.launch.worker_env import worker_env
-from ftcluster.observe.watchdog import HANG_REPORT, describe_rank, nccl_timeout_s, read_placement
+from ftcluster.observe.placement import HANG_REPORT, describe_rank, nccl_timeout_s, read_placement
 from ftcluster.util.text import tail
 
 
 def launch(entry: Callable[[dict], None], payload: dict, cfg: DictConfig) -> None:
     connect(_address(cfg))
     run_workers(entry, payload, cfg)
+
+
+def start_early(entry: Callable[[dict], None], cfg: DictConfig) -> "ClusterFirst | None":
+    """launcher=local: its cluster starts now, on a thread, while the driver checks the run and prepares the data
+    (which waits for it where it needs Ray). The ranks are not started early: on a machine whose CPUs they fill,
+    ranks holding their bundles would starve Ray Data's preparation tasks."""
+    if cfg.launcher.name != "local":
+        return None
+    start = start_local()
+    return ClusterFirst(entry, cfg, start) if start is not None else None
+
+
+class ClusterFirst:
+    """The early start of launcher=local: launch() waits for the cluster, then places the ranks."""
+
+    def __init__(self, entry: Callable[[dict], None], cfg: DictConfig, start: ClusterStart):
+        self.entry, self.cfg, self.start = entry, cfg, start
+
+    def launch(self, payload: dict) -> None:
+        launch(self.entry, payload, self.cfg)
+
+    def close(self) -> None:
+        self.start.finish()
 
 
 def control(entry: Callable[[dict, Placement], None], payload: dict, cfg: DictConfig) -> None:

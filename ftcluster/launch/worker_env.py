@@ -6,6 +6,8 @@ from pathlib import Path
 
 from omegaconf import DictConfig
 
+from ftcluster.observe.placement import REPORT_DIR_ENV, nccl_timeout_s
+
 
 def worker_env(cfg: DictConfig, backend: str) -> dict[str, str]:
     """Environment of every worker process. Under NCCL ftcluster's stall diagnosis (observe/watchdog.py, at
@@ -13,9 +15,6 @@ def worker_env(cfg: DictConfig, backend: str) -> dict[str, str]:
     heartbeat monitor that kills a stuck NCCL watchdog, are set later (nccl_timeout_s). Async error handling
     stays on (1: tear the process down), set here so that Ray does not pick for us; a timeout also dumps
     NCCL's flight recorder (the last collectives of each rank) into output_dir for a post mortem."""
-    # not at the top: the watchdog imports torch, which launcher=processes starts its ranks without
-    from ftcluster.observe.watchdog import REPORT_DIR_ENV, nccl_timeout_s
-
     env = {REPORT_DIR_ENV: str(Path(cfg.output_dir).resolve())}
     if backend == "nccl":
         nccl_s = nccl_timeout_s(cfg.launcher.collective_timeout_s)

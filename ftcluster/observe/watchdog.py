@@ -27,20 +27,11 @@ from pathlib import Path
 import torch.distributed as torch_dist
 
 from ftcluster.errors import CollectiveTimeout
+from ftcluster.observe.placement import HANG_REPORT, PLACEMENT_FILE, REPORT_DIR_ENV, describe_rank
 from ftcluster.util import dist
 from ftcluster.util.atomic import write_text
 
-PLACEMENT_FILE = "workers.json"
-HANG_REPORT = "hang-rank-{}.txt"
-# Where the launcher tells workers to write hang reports (the run's output_dir).
-REPORT_DIR_ENV = "FTCLUSTER_RUN_DIR"
 _KEY = "ftcluster/heartbeat/{}"
-
-
-def nccl_timeout_s(collective_timeout_s: int) -> int:
-    """NCCL's process-group timeout: later than ftcluster's stall diagnosis (collective_timeout_s) by enough for
-    it to read every rank's heartbeat and write its report."""
-    return collective_timeout_s + max(60, collective_timeout_s // 10)
 
 
 def gather_placement(output_dir: str) -> list[dict]:
@@ -54,40 +45,12 @@ def gather_placement(output_dir: str) -> list[dict]:
     return placement
 
 
-def read_placement(output_dir: str) -> dict[int, dict]:
-    path = Path(output_dir) / PLACEMENT_FILE
-    if not path.is_file():
-        return {}
-    return {entry["rank"]: entry for entry in json.loads(path.read_text())}
-
-
-def describe_rank(entry: dict | None, rank: int) -> str:
-    if not entry:
-        return f"rank {rank}"
-    return f"rank {rank} (node {entry['node']}, {entry['ip']}, pid {entry['pid']})"
-
-
-def summary(placement: list[dict]) -> str:
-    """`node1: ranks 0-1, node2: ranks 2-3`: contiguous ranks per node."""
-    by_node: dict[str, list[int]] = {}
-    for entry in placement:
-        by_node.setdefault(entry["node"], []).append(entry["rank"])
-    return ", ".join(f"{node}: rank{'s' if len(r) > 1 else ''} {_span(r)}" for node, r in by_node.items())
-
-
-def _span(ranks: list[int]) -> str:
-    if ranks == list(range(ranks[0], ranks[-1] + 1)) and len(ranks) > 1:
-        return f"{ranks[0]}-{ranks[-1]}"
-    return ",".join(map(str, ranks))
-
-
 def _node_ip() -> str:
-    try:
-        import ray  # not at the top: the driver imports this module, and launcher=processes runs without Ray
-
-        return ray.util.get_node_ip_address()
-    except Exception:  # not inside Ray (a plain process group in tests)
+    if not os.environ.get("FTCLUSTER_IN_RAY"):  # a rank of launcher=processes or inline: no Ray to import (0.3 s)
         return "127.0.0.1"
+    import ray
+
+    return ray.util.get_node_ip_address()
 
 
 class Watchdog:

@@ -45,10 +45,10 @@ def train(cfg: DictConfig, argv: list[str]) -> Path:
 
 def _train(cfg: DictConfig, argv: list[str]) -> Path:
     early = _start_early(cfg)
-    quiet_libraries()  # imports torch: after the ranks that start early have started
+    quiet_libraries()  # imports torch: after what starts early (ranks, a cluster) has begun
     try:
         payload = prepare_run(cfg, argv)
-        stop.check_early()  # a stop signal while the data was prepared: exit 75 before any cluster starts
+        stop.check_early()  # a stop signal while the data was prepared: exit 75 before any worker runs
         if payload is None:
             print(f"[ftcluster] {cfg.output_dir} is already complete at step {cfg.trainer.max_steps}; final/ is up to date")
             return Path(cfg.output_dir) / "final"
@@ -68,12 +68,12 @@ def _train(cfg: DictConfig, argv: list[str]) -> Path:
             return _check_outcome(cfg, started)
     finally:
         if early is not None:
-            early.close()  # the run did not launch them (an error, a stop, nothing left to do): they go
+            early.close()  # what the run did not use (an error, a stop, nothing left to do) goes
 
 
 def _start_early(cfg: DictConfig):
-    """The ranks a launcher can start before the payload exists (launcher=processes: start_early), once the
-    config is valid; None for the others, and for a controller (it runs here)."""
+    """What a launcher starts before the payload exists (start_early: launcher=processes its ranks, launcher=local
+    its cluster), once the config is valid; None for the others, and for a controller (it runs here)."""
     validate(cfg)  # a config error (64 workers...) is said before any process starts
     start = getattr(launcher_for(cfg.launcher.name), "start_early", None)
     if start is None or STAGES[cfg.stage.name].runner == "rl":

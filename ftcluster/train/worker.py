@@ -21,7 +21,8 @@ from ftcluster.data.loader import GlobalBatchLoader
 from ftcluster.data.template import apply_template_override
 from ftcluster.observe import peak_memory
 from ftcluster.observe.track import make_tracker, truncate_metrics
-from ftcluster.observe.watchdog import Watchdog, gather_placement, is_timeout, nccl_timeout_s, summary
+from ftcluster.observe.placement import nccl_timeout_s, summary
+from ftcluster.observe.watchdog import Watchdog, gather_placement, is_timeout
 from ftcluster.stages.registry import STAGES
 from ftcluster.train import checkpoint
 from ftcluster.train import engine as ds_engine
