@@ -73,9 +73,11 @@ class ClusterStart:
     waits for it and raises its error; finish() waits for it when the run does not go ahead."""
 
     def __init__(self, ray):
-        # Done here, not on the thread: os.environ is the whole process's, and the main thread is reading it.
+        # The environment is set here and put back in wait(), never on the thread: os.environ is the whole
+        # process's, and the main thread reads it meanwhile.
         _set_worker_env()
         use_token_auth(start=True)
+        self._before = _loopback_node()
         self.ray, self.error = ray, None
         self._up, self._release = threading.Event(), threading.Event()
         # Ray says it set no SIGTERM handler off the main thread: the command keeps its own (wait() restores it).
@@ -84,7 +86,7 @@ class ClusterStart:
 
     def _start(self) -> None:
         try:
-            _init(self.ray, None)
+            _init_local(self.ray)
         except BaseException as exc:  # raised in the thread that waits for the cluster
             self.error = exc
         finally:
@@ -96,15 +98,19 @@ class ClusterStart:
     def wait(self) -> None:
         global _starting
         self._up.wait()
-        _starting = None
+        if _starting is self:
+            _starting = None
+            _restore_loopback(self._before)
         # Ray's core worker put its crash handler on SIGTERM (it prints a stack, then calls ours); only the main
         # thread can put the command's handler (a stop request with a checkpoint) back alone.
-        if threading.current_thread() is threading.main_thread():
-            signal.signal(signal.SIGTERM, signal.getsignal(signal.SIGTERM))
+        handler = signal.getsignal(signal.SIGTERM)
+        if threading.current_thread() is threading.main_thread() and handler is not None:
+            signal.signal(signal.SIGTERM, handler)
         if self.error is not None:
             self._release.set()
             raise self.error
-        _started.append(self)
+        if self not in _started:
+            _started.append(self)
 
     def finish(self) -> None:
         """The run does not go ahead: the start is waited for (a cluster left half-started would race Ray's own
@@ -143,21 +149,14 @@ def _set_worker_env() -> None:
 
 def _init(ray, address: str | None, dashboard: bool = True) -> None:
     use_token_auth(start=address is None)
-    kwargs = dict(runtime_env={"env_vars": WORKER_ENV}, log_to_driver=True, configure_logging=False)
     if address is None:
-        # Keeps the node, and gloo's master address, on loopback rather than the network card's address;
-        # only while the local cluster starts: left set, it would stop this process's children (a job,
-        # `ray start` for another node) from ever forming a multi-node cluster.
-        before = os.environ.get("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER")
-        os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = before or "0"
+        before = _loopback_node()
         try:
-            # "local": a new cluster even when `ray start` left one running on this machine. The dashboard
-            # (on 8265, else a free port) serves the state API (`ray list`, Ray Data's progress).
-            ray.init(address="local", include_dashboard=dashboard, _node_ip_address="127.0.0.1", **kwargs)
+            _init_local(ray, dashboard)
         finally:
-            if before is None:
-                del os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"]
+            _restore_loopback(before)
         return
+    kwargs = dict(runtime_env={"env_vars": WORKER_ENV}, log_to_driver=True, configure_logging=False)
     try:
         ray.init(address=address, **kwargs)
     except (ConnectionError, RuntimeError, ValueError, ray.exceptions.AuthenticationError) as exc:
@@ -165,6 +164,27 @@ def _init(ray, address: str | None, dashboard: bool = True) -> None:
         raise UserError(f"launcher.address={address}: cannot join a Ray cluster there ({exc}). Start one "
                         f"with launch/start_head.sh, or use launcher=local; if Ray logged InvalidAuthToken, set "
                         f"RAY_AUTH_TOKEN_PATH to a copy of the cluster's token file") from None
+
+
+def _init_local(ray, dashboard: bool = True) -> None:
+    # "local": a new cluster even when `ray start` left one running on this machine. The dashboard (on 8265,
+    # else a free port) serves the state API (`ray list`, Ray Data's progress).
+    ray.init(address="local", include_dashboard=dashboard, _node_ip_address="127.0.0.1",
+             runtime_env={"env_vars": WORKER_ENV}, log_to_driver=True, configure_logging=False)
+
+
+def _loopback_node() -> str | None:
+    """Keeps the node, and gloo's master address, on loopback rather than the network card's address, while the
+    local cluster starts; returns what to restore: left set, it would stop this process's children (a job,
+    `ray start` for another node) from ever forming a multi-node cluster."""
+    before = os.environ.get("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER")
+    os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = before or "0"
+    return before
+
+
+def _restore_loopback(before: str | None) -> None:
+    if before is None:
+        os.environ.pop("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", None)
 
 
 def use_token_auth(start: bool) -> None:

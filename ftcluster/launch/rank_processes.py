@@ -97,10 +97,14 @@ class ForkedRanks:
         self.workers = len(envs)
 
     def exit_code(self, rank: int, timeout: float = 10.0) -> int | None:
-        """The rank's exit code as its parent reaped it (None when it does not say within `timeout`)."""
+        """The rank's exit code as its parent reaped it; the parent's own when it died before forking (its
+        imports failed, or it was killed); None when neither says within `timeout`."""
         deadline = _deadline(timeout)
         while rank not in self.codes and self._read(_left(deadline)):
             pass
+        if rank not in self.codes and self.pids is None:
+            self.parent.join(_left(deadline))
+            return self.parent.exitcode
         return self.codes.get(rank)
 
     def alive(self) -> list[bool]:
