@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import glob
 import multiprocessing
+import sys
 from multiprocessing.connection import wait
 from typing import Callable
 
@@ -53,7 +54,10 @@ class Ranks:
             self.reports.append(report)
             self.inboxes.append(post)
             ends.append((inbox, send))
-        self.group = (SpawnedRanks if use_gpu else ForkedRanks)(entry, envs, ends)
+        # Forked on a Linux CPU machine only: elsewhere fork is unsafe (macOS's system libraries), and on GPUs
+        # the forking process must not have touched CUDA (launch/rank_processes.py)
+        forked = not use_gpu and sys.platform.startswith("linux")
+        self.group = (ForkedRanks if forked else SpawnedRanks)(entry, envs, ends)
         for inbox, send in ends:  # the ranks hold these ends; ours closed, a dead rank's pipe reads as EOF
             inbox.close()
             send.close()

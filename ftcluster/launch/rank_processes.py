@@ -1,13 +1,13 @@
 """The rank processes of launcher=processes, two ways, behind one interface (start, exit codes, wait, kill):
 
-- ForkedRanks (CPU): one spawned interpreter imports the entry's libraries (torch, transformers, DeepSpeed:
+- ForkedRanks (CPU, Linux): one spawned interpreter imports the entry's libraries (torch, transformers, DeepSpeed:
   seconds of CPU each time) and forks every rank from itself. N ranks pay the imports once instead of N times,
   which on a small machine is most of the time to the first step. multiprocessing's own forkserver is not used:
   it is one per driver process, keeps the environment of its first start for every later run in that process,
   and blocks Process.start() until its preloading ends.
-- SpawnedRanks (GPU): a fresh interpreter per rank. A process that forks ranks must not have touched CUDA, and
-  the libraries probe the devices when imported (DeepSpeed picks its accelerator so); a spawned rank inherits
-  no such state.
+- SpawnedRanks (GPU, and systems other than Linux): a fresh interpreter per rank. A process that forks ranks
+  must not have touched CUDA, and the libraries probe the devices when imported (DeepSpeed picks its
+  accelerator so); a spawned rank inherits no such state. On macOS fork is unsafe in any case.
 
 Either way a rank starts with the stop signals ignored and death with its parent (PR_SET_PDEATHSIG), has the
 entry's module imported (by itself, or before the fork), then runs `serve`: the payload from its inbox, the
