@@ -157,6 +157,9 @@ def _fork_ranks(entry, per_rank: list[dict], ends: list[tuple], status) -> None:
     fork start method, from this process, which runs no thread of its own: a fork copies only the calling one),
     then the ranks waited for and their exits reported."""
     die_with_parent(multiprocessing.parent_process().pid)
+    # Ctrl-C reaches the whole process group: the driver answers it (and stops the ranks); this supervisor
+    # would only print a KeyboardInterrupt of its own. The ranks get Python's usual handler back.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     _preload(entry)
     fork = multiprocessing.get_context("fork")
     ranks = [fork.Process(target=_forked_rank, args=(entry, per_rank, ends, status, rank, os.getpid()),
@@ -177,6 +180,7 @@ def _fork_ranks(entry, per_rank: list[dict], ends: list[tuple], status) -> None:
 
 def _forked_rank(entry, per_rank: list[dict], ends: list[tuple], status, rank: int, parent: int) -> None:
     die_with_parent(parent)
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     # Only this rank's ends stay open here: a rank that dies must leave its pipes with no writer (the driver
     # reads that as its death), and a copy held by another rank would keep them open.
     status.close()
