@@ -7,6 +7,7 @@ name the rank, even while another rank waits in a collective that will never com
 """
 
 import json
+import re
 import sys
 import time
 import types
@@ -21,6 +22,7 @@ from omegaconf import OmegaConf
 from helpers import TINY, cli, refused
 from ftcluster.errors import UserError
 from ftcluster.launch import processes, rank_processes
+from ftcluster.launch.entry import EntryByName
 from ftcluster.errors import WorkerFailed
 from ftcluster.util import dist
 from launcher_entries import report_environment, wait_in_a_collective_or_fail
@@ -119,6 +121,18 @@ def rank_group(request, monkeypatch) -> str:
     if request.param == "spawned":
         monkeypatch.setattr(processes, "ForkedRanks", rank_processes.SpawnedRanks)
     return request.param
+
+
+def test_an_entry_that_cannot_be_imported_names_the_process_that_died(capfd, rank_group):
+    """The entry's module fails to import where the ranks start: in the one interpreter the ranks would be
+    forked from (it dies before any rank exists, and the error says so), or in each spawned rank."""
+    with pytest.raises(WorkerFailed) as raised:
+        processes.launch(EntryByName("no_such_module_of_entries", "entry"), {}, _cfg())
+    expected = {"forked": "worker process died: the process that imports the ranks' libraries, before any rank "
+                          "started (exit code 1; its error is above)",
+                "spawned": r"worker process died: rank [01] \(exit code 1\)"}[rank_group]
+    assert re.fullmatch(expected if rank_group == "spawned" else re.escape(expected), str(raised.value))
+    assert "ModuleNotFoundError: No module named 'no_such_module_of_entries'" in capfd.readouterr().err
 
 
 def test_each_rank_gets_its_rank_and_a_cpu_share(tmp_path, rank_group):

@@ -112,7 +112,7 @@ def _wait_all(group, pipes: list) -> Exception | None:
             try:
                 kind, message = pipe.recv()
             except EOFError:  # died without a word: killed, out of host memory, a crash in native code
-                return WorkerFailed(f"worker process died: rank {rank} (exit code {group.exit_code(rank)})")
+                return WorkerFailed(f"worker process died: {group.death(rank)}")
             if kind == "user":
                 return UserError(message)
             if kind == "failed":

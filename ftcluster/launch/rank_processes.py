@@ -1,4 +1,4 @@
-"""The rank processes of launcher=processes, two ways, behind one interface (start, exit codes, wait, kill):
+"""The rank processes of launcher=processes, two ways, behind one interface (start, deaths, wait, kill):
 
 - ForkedRanks (CPU, Linux): one spawned interpreter imports the entry's libraries (torch, transformers, DeepSpeed:
   seconds of CPU each time) and forks every rank from itself. N ranks pay the imports once instead of N times,
@@ -56,9 +56,10 @@ class SpawnedRanks:
                 proc.start()
             self.procs.append(proc)
 
-    def exit_code(self, rank: int) -> int | None:
+    def death(self, rank: int) -> str:
+        """Which process died, for a rank whose pipe closed without a report, and its exit code."""
         self.procs[rank].join()
-        return self.procs[rank].exitcode
+        return f"rank {rank} (exit code {self.procs[rank].exitcode})"
 
     def alive(self) -> list[bool]:
         return [proc.is_alive() for proc in self.procs]
@@ -96,16 +97,18 @@ class ForkedRanks:
         status_end.close()
         self.workers = len(envs)
 
-    def exit_code(self, rank: int, timeout: float = 10.0) -> int | None:
-        """The rank's exit code as its parent reaped it; the parent's own when it died before forking (its
-        imports failed, or it was killed); None when neither says within `timeout`."""
+    def death(self, rank: int, timeout: float = 10.0) -> str:
+        """Which process died, for a rank whose pipe closed without a report, and its exit code: the rank, as
+        its parent reaped it, or the parent itself when it died before forking (its imports failed, or it was
+        killed)."""
         deadline = _deadline(timeout)
         while rank not in self.codes and self._read(_left(deadline)):
             pass
         if rank not in self.codes and self.pids is None:
             self.parent.join(_left(deadline))
-            return self.parent.exitcode
-        return self.codes.get(rank)
+            return f"the process that imports the ranks' libraries, before any rank started (exit code " \
+                   f"{self.parent.exitcode}; its error is above)"
+        return f"rank {rank} (exit code {self.codes.get(rank)})"
 
     def alive(self) -> list[bool]:
         """Per rank: forked and not yet exited, or still to be forked (the parent is importing)."""
