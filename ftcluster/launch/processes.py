@@ -33,9 +33,9 @@ def launch(entry: Callable[[dict], None], payload: dict, cfg: DictConfig) -> Non
 
 
 def start_early(entry: Callable[[dict], None], cfg: DictConfig) -> "Ranks":
-    """The ranks' interpreters, started now: each imports `entry`'s module (torch, transformers, DeepSpeed:
-    seconds) while the driver checks the run and prepares the data, then waits for the payload. The caller
-    launches them (Ranks.launch) or closes them."""
+    """The ranks, started now: `entry`'s module (torch, transformers, DeepSpeed: seconds) is imported while the
+    driver checks the run and prepares the data (once before the fork on CPU, by each rank on GPU), then they
+    wait for the payload. The caller launches them (Ranks.launch) or closes them."""
     return Ranks(entry, cfg)
 
 

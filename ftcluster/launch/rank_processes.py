@@ -112,8 +112,7 @@ class ForkedRanks:
 
     def alive(self) -> list[bool]:
         """Per rank: forked and not yet exited, or still to be forked (the parent is importing)."""
-        while self._read(0):
-            pass
+        self._drain()
         parent = self.parent.is_alive()
         return [parent and rank not in self.codes for rank in range(self.workers)]
 
@@ -123,8 +122,7 @@ class ForkedRanks:
         return not self.parent.is_alive()
 
     def kill(self) -> None:
-        while self._read(0):
-            pass
+        self._drain()
         if self.pids is None:  # not forked yet (or the news is on its way): the ranks die with their parent
             self.parent.kill()
         else:
@@ -132,6 +130,10 @@ class ForkedRanks:
                 if rank not in self.codes:
                     _kill(pid)  # SIGKILL: a rank ignores SIGTERM; its parent reaps it and exits after the last
         self.parent.join()
+        self._drain()
+
+    def _drain(self) -> None:
+        """Every message the parent has sent so far."""
         while self._read(0):
             pass
 
