@@ -68,8 +68,10 @@ def arrow_files(folder: Path) -> dict[str, bytes]:
 def test_two_workers_prepare_the_same_rows_and_train_the_same_losses(tmp_path, monkeypatch):
     import ftcluster.data.assemble
 
-    # Chunks of 64 rows: several, so the 2-worker set's are written by Ray tasks (the 1-worker set's in-process)
+    # Chunks of 64 rows: several, and written by Ray tasks for the 2-worker set however few (the 1-worker set's
+    # in-process)
     monkeypatch.setattr(ftcluster.data.assemble, "CHUNK_ROWS", 64)
+    monkeypatch.setattr(ftcluster.data.assemble, "PARALLEL_MIN_CHUNKS", 2)
     data = write_jsonl(tmp_path / "chats.jsonl", chats(1500))  # 3 units of 512 lines
     trainer = [*TINY, *INLINE, f"data.path={data}", "data.eval_path=null", "data.format=chat", "trainer.max_steps=3"]
     one = train(tmp_path / "one", *trainer, f"data.prepared_dir={tmp_path / 'store1'}", "data.prepare_workers=1")
@@ -171,6 +173,27 @@ def test_an_interrupted_prepare_leaves_no_set(tmp_path, tokenizer, monkeypatch):
     monkeypatch.undo()
     stats = prepare(config(path, tmp_path / "store"), tokenizer, str(tmp_path / "out"))
     assert json.loads((tmp_path / "out" / "stats.json").read_text()) == stats
+
+
+def test_a_few_chunks_are_written_by_the_driver_even_with_a_cluster(tmp_path, tokenizer, monkeypatch):
+    """Below PARALLEL_MIN_CHUNKS the driver writes the rows itself: Ray's task workers would start slower than
+    it writes. Here any use of Ray fails (the module cannot be imported), and a cluster is said to be there."""
+    import sys
+
+    import ftcluster.data.assemble
+    import ftcluster.data.prepare as preparing
+
+    monkeypatch.setattr(ftcluster.data.assemble, "CHUNK_ROWS", 8)
+    monkeypatch.setattr(preparing, "on_cluster", lambda workers: True)
+    monkeypatch.setitem(sys.modules, "ray", None)
+    path = write_jsonl(tmp_path / "chats.jsonl", chats(200))
+    stats = prepare(config(path, tmp_path / "store"), tokenizer, None)
+    chunks = len(list((Path(stats["dir"]) / "train").glob("*.arrow")))
+    assert 1 < chunks < ftcluster.data.assemble.PARALLEL_MIN_CHUNKS
+    # From the threshold on, the same set goes to Ray's tasks (which cannot be imported here).
+    monkeypatch.setattr(ftcluster.data.assemble, "PARALLEL_MIN_CHUNKS", chunks)
+    with pytest.raises(ImportError):
+        prepare(config(path, tmp_path / "store2"), tokenizer, None)
 
 
 @pytest.fixture()

@@ -5,7 +5,8 @@ uses). The rows are then cut into chunks of CHUNK_ROWS, and each chunk is built 
 examples read from the memory-mapped shards, concatenated, written as one Arrow file of the dataset, and the
 maps released, so a process holds one chunk's tokens, whatever the size of the set. With a Ray cluster
 connected the chunks are written by Ray tasks in parallel (the shards and the set are on storage every node
-reads, as the encoders' are); else one after the other in this process. Either way the files, and the rows'
+reads, as the encoders' are) when there are enough of them to repay starting the tasks' workers; else one
+after the other in this process. Either way the files, and the rows'
 digest (one per chunk, combined in chunk order), depend only on the examples' order: never on how the shards
 were cut, nor on how many processes wrote the chunks.
 """
@@ -29,6 +30,10 @@ from ftcluster.data.template import IGNORE
 
 # Rows per chunk, and so per file: bounds the tokens a process holds (2048 rows of 2048 tokens: 48 MB).
 CHUNK_ROWS = 2048
+# Fewer chunks than this are written by the driver even with a cluster: one core writes a chunk in about
+# 0.15 s, and Ray's task workers take seconds to start and import (measured on 2 cores, 40k chats in 6 chunks:
+# 0.75 s in this process against 2.8 s as tasks; 160k chats in 24 chunks: 4.9 s against 5.2 s).
+PARALLEL_MIN_CHUNKS = 32
 
 
 @dataclass
@@ -46,7 +51,7 @@ class Examples:
 def write_rows(examples: Examples, shards: Path, where: Path, features: datasets.Features, max_seq_len: int,
                packed: bool, parallel: bool = False) -> tuple[int, int, str]:
     """Write the split's rows to `where` (a datasets.load_from_disk folder); (rows, tokens, rows_digest).
-    `parallel`: write the chunks as tasks on the connected Ray cluster."""
+    `parallel`: write the chunks as tasks on the connected Ray cluster (from PARALLEL_MIN_CHUNKS chunks)."""
     members = (pack_order(examples.lengths, max_seq_len) if packed
                else [[i] for i in range(len(examples.lengths))])
     where.mkdir(parents=True)
@@ -59,7 +64,7 @@ def write_rows(examples: Examples, shards: Path, where: Path, features: datasets
         sizes = np.fromiter((len(row) for row in rows), dtype=np.int32, count=len(rows))
         order = np.fromiter(itertools.chain.from_iterable(rows), dtype=np.int64, count=int(sizes.sum()))
         chunks.append((examples.take(order), sizes, str(shards), str(where / names[k]), schema))
-    if parallel and count > 1:
+    if parallel and count >= max(2, PARALLEL_MIN_CHUNKS):
         import ray  # not at the top: the workers and a one-process prepare run without Ray
 
         write = ray.remote(num_cpus=1)(write_chunk)

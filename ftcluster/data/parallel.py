@@ -114,8 +114,10 @@ def _on_ray(units: list[Unit], settings: Settings, tokenizer, shards: Path, work
     import ray.data
 
     logging.getLogger("ray.data").setLevel(logging.WARNING)  # its per-run INFO lines would bury the launch log
+    # The driver shows its own bar, in records; Ray Data would warn, on every first run, that its own is off.
+    logging.getLogger("ray.data._internal.progress").setLevel(logging.ERROR)
     context = ray.data.DataContext.get_current()
-    context.enable_progress_bars = False  # the driver shows its own bar, in records
+    context.enable_progress_bars = False
     context.execution_options.preserve_order = False  # order comes from the unit numbers, not from Ray
     # One block per unit, so the pool hands units out one at a time and no actor waits behind a long one.
     dataset = ray.data.from_items([{"unit": pickle.dumps(unit)} for unit in units], override_num_blocks=len(units))
