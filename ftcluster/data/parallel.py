@@ -24,7 +24,7 @@ from typing import Callable, Iterator
 
 from ftcluster.data.encode import Settings
 from ftcluster.data.shards import Summary, encode_unit, shard_path
-from ftcluster.data.sources import Unit
+from ftcluster.data.sources import Unit, split_sources, unit_count_up_to
 
 
 # Below this many units (UNIT_LINES records each) data.prepare_workers=0 encodes in this process: it finishes
@@ -43,6 +43,23 @@ def worker_count(requested: int, connect: Callable[[], None] | None, unit_count:
     if _ray_if_connected() is not None or (connect is not None and (os.cpu_count() or 1) > 1):
         return 0
     return 1
+
+
+def may_use_cluster(data, kind: str) -> bool:
+    """Whether preparing `data` (a config's data section) for a stage reading `kind` may run on a Ray cluster,
+    as prepare decides it: sequences only, with data.prepare_workers other than 1 and, for 0, at least
+    MIN_UNITS_FOR_WORKERS units. Known before the tokenizer is loaded (a set already prepared may then need no
+    cluster at all); any error is the preparation's to report, so it answers True."""
+    requested = data.get("prepare_workers", 1)
+    if kind != "sequences" or requested == 1:
+        return False
+    if requested > 1:
+        return True
+    try:
+        sources = [s for split in ("train", "eval") for s in split_sources(data, split) or []]
+        return unit_count_up_to(sources, MIN_UNITS_FOR_WORKERS) >= MIN_UNITS_FOR_WORKERS
+    except Exception:
+        return True
 
 
 def pool_size(workers: int) -> int:

@@ -14,6 +14,7 @@ that number, not the worker that ran it, decides where its examples go.
 from __future__ import annotations
 
 import glob
+import itertools
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator
@@ -103,6 +104,13 @@ def units(split: str, sources: list[Source], first_index: int, keep_generate: bo
                 out.append(Unit(first_index + len(out), split, s, path, source.format, kind, start, stop, first_line,
                                 keep_generate))
     return out
+
+
+def unit_count_up_to(sources: list[Source], limit: int) -> int:
+    """How many units `sources` cut into, counted no further than `limit` (cheap: a large file is not read
+    to its end)."""
+    pieces = (piece for source in sources for path in source.files for piece in _pieces(path))
+    return sum(1 for _ in itertools.islice(pieces, limit))
 
 
 def _pieces(path: str) -> Iterator[tuple[str, int, int, int]]:

@@ -33,10 +33,11 @@ class Launcher(Protocol):
         """Run entry(payload, placement) in this process; `placement` starts actor groups on the cluster
         (ftcluster.launch.actors.Placement). Launchers without Ray refuse with a UserError."""
 
-    # Optional: start_early(entry, cfg) starts what takes seconds before the payload exists (launcher=processes:
-    # the ranks, which import the entry's libraries; launcher=local: its Ray cluster) while the driver checks the
-    # run and prepares the data; it returns None, or an object whose launch(payload) runs the entry, and whose
-    # close() stops what it started if the run does not launch.
+    # Optional: start_early(entry, cfg, data_on_cluster) starts what takes seconds before the payload exists
+    # (launcher=processes: the ranks, which import the entry's libraries; launcher=local: its Ray cluster, and
+    # its ranks too unless the data preparation may use the cluster's CPUs) while the driver checks the run and
+    # prepares the data; it returns None, or an object whose launch(payload) runs the entry, and whose close()
+    # stops what it started if the run does not launch.
 
 
 class Submitter(Protocol):

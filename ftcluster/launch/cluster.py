@@ -79,7 +79,8 @@ class ClusterStart:
         use_token_auth(start=True)
         self._before = _loopback_node()
         self.ray, self.error = ray, None
-        self._up, self._release = threading.Event(), threading.Event()
+        # up: set when the start has ended, well or not (error then says why)
+        self.up, self._release = threading.Event(), threading.Event()
         # Ray says it set no SIGTERM handler off the main thread: the command keeps its own (wait() restores it).
         logging.getLogger("ray._private.worker").addFilter(_drop_sigterm_notice)
         threading.Thread(target=self._start, name="ftcluster-ray-start", daemon=True).start()
@@ -90,14 +91,14 @@ class ClusterStart:
         except BaseException as exc:  # raised in the thread that waits for the cluster
             self.error = exc
         finally:
-            self._up.set()
+            self.up.set()
         # Ray's processes get SIGKILL when the thread that started them ends (PR_SET_PDEATHSIG is per thread):
         # this one stays until the cluster is released (release_cluster), or the process exits.
         self._release.wait()
 
     def wait(self) -> None:
         global _starting
-        self._up.wait()
+        self.up.wait()
         if _starting is self:
             _starting = None
             _restore_loopback(self._before)

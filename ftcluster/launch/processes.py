@@ -32,10 +32,11 @@ def launch(entry: Callable[[dict], None], payload: dict, cfg: DictConfig) -> Non
     Ranks(entry, cfg).launch(payload)
 
 
-def start_early(entry: Callable[[dict], None], cfg: DictConfig) -> "Ranks":
+def start_early(entry: Callable[[dict], None], cfg: DictConfig, data_on_cluster: bool) -> "Ranks":
     """The ranks, started now: `entry`'s module (torch, transformers, DeepSpeed: seconds) is imported while the
     driver checks the run and prepares the data (once before the fork on CPU, by each rank on GPU), then they
-    wait for the payload. The caller launches them (Ranks.launch) or closes them."""
+    wait for the payload. The caller launches them (Ranks.launch) or closes them. They hold no cluster
+    resources, so whether the data preparation uses a cluster (`data_on_cluster`) changes nothing."""
     return Ranks(entry, cfg)
 
 

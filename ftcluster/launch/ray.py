@@ -8,6 +8,7 @@ Nothing here knows about stages or models: it gets a callable and a plain-data p
 
 from __future__ import annotations
 
+import threading
 from pathlib import Path
 from typing import Callable
 
@@ -29,27 +30,57 @@ def launch(entry: Callable[[dict], None], payload: dict, cfg: DictConfig) -> Non
     run_workers(entry, payload, cfg)
 
 
-def start_early(entry: Callable[[dict], None], cfg: DictConfig) -> "ClusterFirst | None":
+def start_early(entry: Callable[[dict], None], cfg: DictConfig, data_on_cluster: bool) -> "ClusterFirst | None":
     """launcher=local: its cluster starts now, on a thread, while the driver checks the run and prepares the data
-    (which waits for it where it needs Ray). The ranks are not started early: on a machine whose CPUs they fill,
-    ranks holding their bundles would starve Ray Data's preparation tasks."""
+    (which waits for it where it needs Ray). The ranks are placed as soon as the cluster is up and import their
+    libraries meanwhile, unless the data preparation may use the cluster (`data_on_cluster`): on a machine whose
+    CPUs they fill, ranks holding their bundles would starve Ray Data's encoders."""
     if cfg.launcher.name != "local":
         return None
     start = start_local()
-    return ClusterFirst(entry, cfg, start) if start is not None else None
+    return ClusterFirst(entry, cfg, start, place_ranks=not data_on_cluster) if start is not None else None
 
 
 class ClusterFirst:
-    """The early start of launcher=local: launch() waits for the cluster, then places the ranks."""
+    """The early start of launcher=local: launch() waits for the cluster, then runs the entry on the ranks placed
+    early (a thread placed them once the cluster was up), or on ranks placed now."""
 
-    def __init__(self, entry: Callable[[dict], None], cfg: DictConfig, start: ClusterStart):
+    def __init__(self, entry: Callable[[dict], None], cfg: DictConfig, start: ClusterStart, place_ranks: bool):
         self.entry, self.cfg, self.start = entry, cfg, start
+        self.ranks: ray_workers.Ranks | None = None
+        self.placing = threading.Thread(target=self._place, name="ftcluster-early-ranks", daemon=True)
+        if place_ranks:
+            self.placing.start()
+
+    def _place(self) -> None:
+        self.start.up.wait()
+        if self.start.error is not None:
+            return  # the driver reports it when it waits for the cluster
+        try:
+            self.ranks = ray_workers.Ranks(self.entry, _rank_spec(self.cfg, None))
+            self.ranks.set_up()
+        except Exception:  # an early start that fails is dropped: launch() starts ranks anew and reports the error
+            self._drop_ranks()
 
     def launch(self, payload: dict) -> None:
-        launch(self.entry, payload, self.cfg)
+        connect(None)
+        self._join()
+        ranks, self.ranks = self.ranks, None
+        run_workers(self.entry, payload, self.cfg, first=ranks)
 
     def close(self) -> None:
+        self._join()
+        self._drop_ranks()
         self.start.finish()
+
+    def _join(self) -> None:
+        if self.placing.ident is not None:  # started
+            self.placing.join()
+
+    def _drop_ranks(self) -> None:
+        if self.ranks is not None:
+            self.ranks.close()
+            self.ranks = None
 
 
 def control(entry: Callable[[dict, Placement], None], payload: dict, cfg: DictConfig) -> None:
@@ -86,12 +117,12 @@ def _rank_spec(cfg: DictConfig, label_selector: list[dict] | None) -> ray_worker
 
 
 def run_workers(entry: Callable[[dict], None], payload: dict, cfg: DictConfig,
-                label_selector: list[dict] | None = None) -> None:
-    """Run `entry(payload)` on launcher.workers rank actors (launch/ray_workers.py); raise when any of them
-    failed, after launcher.max_failures restarts of the whole group. label_selector: one node-label selector per
-    rank, to pin ranks to nodes (launcher=slurm)."""
+                label_selector: list[dict] | None = None, first: ray_workers.Ranks | None = None) -> None:
+    """Run `entry(payload)` on launcher.workers rank actors (launch/ray_workers.py; `first`: ranks placed
+    already, for the first attempt); raise when any of them failed, after launcher.max_failures restarts of the
+    whole group. label_selector: one node-label selector per rank, to pin ranks to nodes (launcher=slurm)."""
     ray_workers.run(entry, payload, _rank_spec(cfg, label_selector), max_failures=cfg.launcher.max_failures,
-                    on_failure=lambda failed: _worker_error(failed, cfg.output_dir, since=failed.since))
+                    on_failure=lambda failed: _worker_error(failed, cfg.output_dir, since=failed.since), first=first)
 
 
 def _check_capacity(launcher: DictConfig, use_gpu: bool) -> None:

@@ -6,7 +6,9 @@ Each rank is one actor on its bundle of one placement group (launcher.placement_
 carries a node-label selector, so ranks are contiguous per node and rank 0 is on the head), started with the
 run's worker environment. One call per rank joins the torch process group (env:// rendezvous at rank 0's
 address: RANK, LOCAL_RANK, WORLD_SIZE, LOCAL_WORLD_SIZE, NODE_RANK, MASTER_ADDR, MASTER_PORT, as torchrun sets
-them; on GPUs every rank of a node sees the node's GPUs, so that NCCL can use peer-to-peer) and runs the entry.
+them; on GPUs every rank of a node sees the node's GPUs, so that NCCL can use peer-to-peer) and imports the
+entry's libraries; none of that needs the payload, so it can happen while the driver prepares it (launcher=local
+starts the ranks early when the data is prepared in the driver). A second call runs the entry.
 The first rank to fail ends the attempt: the others get a moment to fail too (a rank that died takes its peers'
 collectives with it, and the dead one is the one to name), then every actor is killed. Up to
 launcher.max_failures times the whole group is started again; the entry resumes from the newest checkpoint of
@@ -46,15 +48,17 @@ class Failed(Exception):
 
 class Rank:
     """One rank's process, started with the run's worker environment (OMP_NUM_THREADS among it, which torch reads
-    once, at its import: that happens when run() unpickles the entry)."""
+    once, at its import). Nothing before run() needs the payload: a rank can be set up while the driver still
+    prepares it."""
 
     def where(self) -> dict:
         """Where this rank runs, and a free port (rank 0's becomes the group's master port)."""
         return {"node_id": ray.get_runtime_context().get_node_id(), "ip": ray.util.get_node_ip_address(),
                 "port": free_port(""), "pid": os.getpid(), "gpus": [str(g) for g in ray.get_gpu_ids()]}
 
-    def run(self, entry: Callable[[dict], None], payload: dict, env: dict, backend: str, timeout_s: int,
-            visible_gpus: list[str] | None, gpu: str | None) -> None:
+    def setup(self, entry: Callable[[dict], None], env: dict, backend: str, timeout_s: int,
+              visible_gpus: list[str] | None, gpu: str | None) -> None:
+        """Join the process group, and import what the entry will (its preload, where it has one)."""
         os.environ.update(env)
         if visible_gpus:  # before torch first touches CUDA, which reads the variable once
             os.environ["CUDA_VISIBLE_DEVICES"] = ",".join(visible_gpus)
@@ -67,6 +71,9 @@ class Rank:
             os.environ["ACCELERATE_TORCH_DEVICE"] = f"cuda:{device}"
         dist.init_process_group(backend, init_method="env://", rank=int(env["RANK"]),
                                 world_size=int(env["WORLD_SIZE"]), timeout=timedelta(seconds=timeout_s))
+        getattr(entry, "preload", lambda: None)()
+
+    def run(self, entry: Callable[[dict], None], payload: dict) -> None:
         entry(payload)
 
 
@@ -85,14 +92,16 @@ class RankSpec:
 
 
 class Ranks:
-    """One attempt's rank actors on their own placement group, started at construction; run() joins them in a
-    process group and runs the entry. close() kills them and frees their bundles."""
+    """One attempt's rank actors on their own placement group, started at construction; set_up() joins them in a
+    process group and has them import the entry's libraries, run() runs the entry (setting them up first if
+    that was not done yet). close() kills them and frees their bundles."""
 
     def __init__(self, entry: Callable[[dict], None], spec: RankSpec):
         self.entry, self.spec, self.started = entry, spec, time.time()
         self.pg = placement_group([dict(spec.resources)] * spec.workers, strategy=spec.strategy,
                                   bundle_label_selector=spec.label_selector)
         self.actors: list = []
+        self.setups: list | None = None
         ready, _ = ray.wait([self.pg.ready()], timeout=spec.ready_timeout_s)
         if not ready:
             self.close()
@@ -105,13 +114,21 @@ class Ranks:
                        for i in range(spec.workers)]
         self.places = [actor.where.remote() for actor in self.actors]
 
+    def set_up(self) -> None:
+        """Once every rank says where it runs: each is handed its torch environment and starts setting up (not
+        waited for here; run() waits). Failed when a rank failed to start."""
+        if self.setups is None:
+            places = _wait(self.places, self.spec.ready_timeout_s, self.started)
+            spec = self.spec
+            self.setups = [actor.setup.remote(self.entry, rank_env, spec.backend, spec.timeout_s, visible, gpu)
+                           for actor, (rank_env, visible, gpu) in zip(self.actors, _rank_settings(places, spec.env))]
+
     def run(self, payload: dict) -> None:
         """entry(payload) on every rank; Failed when any rank failed. The actors are gone afterwards."""
         try:
-            places = _wait(self.places, self.spec.ready_timeout_s, self.started)
-            calls = [actor.run.remote(self.entry, payload, rank_env, self.spec.backend, self.spec.timeout_s, visible, gpu)
-                     for actor, (rank_env, visible, gpu) in zip(self.actors, _rank_settings(places, self.spec.env))]
-            _wait(calls, None, self.started)
+            self.set_up()
+            _wait(self.setups, None, self.started)
+            _wait([actor.run.remote(self.entry, payload) for actor in self.actors], None, self.started)
         finally:
             self.close()
 
@@ -125,13 +142,15 @@ class Ranks:
 
 
 def run(entry: Callable[[dict], None], payload: dict, spec: RankSpec, max_failures: int,
-        on_failure: Callable[[Failed], Exception]) -> None:
-    """entry(payload) on spec.workers ranks; on failure, up to max_failures fresh attempts, then raise
-    on_failure(the last attempt's Failed). A UserError from a rank is raised as is, without a retry."""
+        on_failure: Callable[[Failed], Exception], first: Ranks | None = None) -> None:
+    """entry(payload) on spec.workers ranks (`first`: the first attempt's, started early); on failure, up to
+    max_failures fresh attempts, then raise on_failure(the last attempt's Failed). A UserError from a rank is
+    raised as is, without a retry."""
     attempt = 0
     while True:
         try:
-            Ranks(entry, spec).run(payload)
+            ranks, first = first or Ranks(entry, spec), None
+            ranks.run(payload)
             return
         except Failed as failed:
             error = on_failure(failed)

@@ -4,8 +4,9 @@ Every check that can fail on user input runs here, before any cluster starts: th
 output_dir and resume policy, the model folder, and the whole data set (parsed, templated, tokenized
 and packed once; workers memory-map the result). Then the stage's runner decides what the launcher
 is handed: the worker entry, run on every rank (SPMD stages), or the RL controller, run here with a
-placement for its actor groups. A launcher that starts plain processes (launcher=processes) starts them
-as soon as the config is valid: they import the worker's libraries while this process does the rest.
+placement for its actor groups. The ranks start as soon as the config is valid and import the worker's
+libraries while this process does the rest: launcher=processes always, launcher=local once its cluster is up
+when the data is prepared in this process (Ray Data's encoders would otherwise wait for their CPUs).
 """
 
 from __future__ import annotations
@@ -78,7 +79,9 @@ def _start_early(cfg: DictConfig):
     start = getattr(launcher_for(cfg.launcher.name), "start_early", None)
     if start is None or STAGES[cfg.stage.name].runner == "rl":
         return None
-    return start(TRAIN_WORKER, cfg)
+    from ftcluster.data.parallel import may_use_cluster
+
+    return start(TRAIN_WORKER, cfg, data_on_cluster=may_use_cluster(cfg.data, STAGES[cfg.stage.name].data_kind))
 
 
 def submit(cfg: DictConfig, overrides: list[str], dry_run: bool) -> int | None:
