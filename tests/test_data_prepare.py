@@ -175,6 +175,24 @@ def test_an_interrupted_prepare_leaves_no_set(tmp_path, tokenizer, monkeypatch):
     assert json.loads((tmp_path / "out" / "stats.json").read_text()) == stats
 
 
+def test_whether_the_preparation_may_use_the_cluster_is_known_before_the_tokenizer(tmp_path):
+    """launcher=local places its ranks early only when the data is prepared in the driver (ranks holding every
+    CPU would starve Ray Data's encoders): the same choice prepare makes, from the config and the files alone."""
+    from ftcluster.data.parallel import MIN_UNITS_FOR_WORKERS, may_use_cluster
+    from ftcluster.data.sources import UNIT_LINES
+
+    line = json.dumps(chats(1)[0])
+    few = write_jsonl(tmp_path / "few.jsonl", [line] * (UNIT_LINES * (MIN_UNITS_FOR_WORKERS - 1)))
+    many = write_jsonl(tmp_path / "many.jsonl", [line] * (UNIT_LINES * MIN_UNITS_FOR_WORKERS + 1))
+    data = lambda path, workers: config(path, tmp_path / "store", workers=workers).data  # noqa: E731
+    assert not may_use_cluster(data(few, 0), "sequences")
+    assert may_use_cluster(data(many, 0), "sequences")
+    assert not may_use_cluster(data(many, 1), "sequences")
+    assert may_use_cluster(data(few, 2), "sequences")
+    assert not may_use_cluster(data(many, 0), "pairs")  # preference sets are prepared in the driver
+    assert may_use_cluster(data(str(tmp_path / "missing.jsonl"), 0), "sequences")  # prepare reports that
+
+
 def test_a_few_chunks_are_written_by_the_driver_even_with_a_cluster(tmp_path, tokenizer, monkeypatch):
     """Below PARALLEL_MIN_CHUNKS the driver writes the rows itself: Ray's task workers would start slower than
     it writes. Here any use of Ray fails (the module cannot be imported), and a cluster is said to be there."""
