@@ -1,6 +1,7 @@
 """Time to first step: from the start of `ftcluster train` (the CLI launched as a subprocess) to the first row
 with a loss in its metrics.jsonl, for launcher=local, processes and inline with 1 and 2 workers on the tiny
-model (issue 23, point 1: at most 10 s for 2 workers under launcher=local, at most 5 s under processes).
+model (issue 23, point 1: at most 10 s for 2 workers under launcher=local, at most 5 s under processes), the
+issue's own command, and a first run whose data is prepared on every run (`fresh:2`).
 
 Two code trees side by side in one run, alternating run by run: `before` (a revision, default HEAD, unpacked
 with `git archive` into a temporary folder and put first on PYTHONPATH) and `after` (this working tree). Each
@@ -35,6 +36,10 @@ from common import REPO, RESULTS, Monitor, environment, wait_for_quiet  # noqa: 
 from helpers import TINY  # noqa: E402
 
 CELLS = ["local:2", "local:1", "processes:2", "processes:1", "inline:1"]
+# A first run: launcher=local, its data (FRESH_RECORDS multi-turn chats, fewer than the 16 units of 512 records
+# that would go to Ray Data) prepared in the driver on every run, into a store of its own.
+FRESH_CELL = "fresh:2"
+FRESH_RECORDS = 7600
 # The issue's own command (its defaults: evaluation and generation before the first step), as one more cell.
 ISSUE_CELL = "issue:2"
 # The first printed line matching each pattern ends that phase (in order; a phase a tree does not print is
@@ -57,6 +62,10 @@ def unpack(rev: str, into: Path) -> Path:
 
 def overrides(cell: str, out: Path) -> list[str]:
     launcher, workers = cell.split(":")
+    if launcher == "fresh":
+        return [*TINY, "launcher=local", f"launcher.workers={workers}", "trainer.max_steps=2", "data=custom",
+                f"data.path={out.parent / 'fresh_chats.jsonl'}", "data.format=chat", "data.eval_path=null",
+                "trainer.max_seq_len=1024", f"data.prepared_dir={out / 'prepared'}", f"output_dir={out}"]
     if launcher == "issue":
         # max_steps 4: its 3 warm-up steps must fit
         return ["model=tiny", "peft=none", f"launcher.workers={workers}", "trainer.max_steps=4",
@@ -154,7 +163,9 @@ def report(results: list[dict], env: dict, quiet: dict, args) -> str:
              "Overrides: tests/helpers.py TINY (the tiny model, bundled json_extract data, no evaluation) + "
              "`launcher=L launcher.workers=N trainer.max_steps=2`; `issue:2` is the issue's command as given "
              "(`model=tiny peft=none launcher.workers=2`, its defaults: evaluation with generation before step 1) "
-             "with trainer.max_steps=4 trainer.eval_every_steps=0.", "", *rows, ""]
+             "with trainer.max_steps=4 trainer.eval_every_steps=0; `fresh:2` is a first run under launcher=local: "
+             f"{FRESH_RECORDS} synthetic multi-turn chats (benchmarks/data_prepare.py's), prepared in the driver on "
+             "every run into a store of its own (trainer.max_seq_len=1024).", "", *rows, ""]
     lines += ["## Breakdown (medians, seconds from the command's start)", "",
               "Milestones from the command's own output, stamped on arrival (both trees):", ""]
     names = [n for n, _ in MILESTONES]
@@ -175,7 +186,7 @@ def report(results: list[dict], env: dict, quiet: dict, args) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--cells", default=",".join([*CELLS, ISSUE_CELL]), help="launcher:workers,...")
+    parser.add_argument("--cells", default=",".join([*CELLS, ISSUE_CELL, FRESH_CELL]), help="launcher:workers,...")
     parser.add_argument("--before", default="HEAD", help="the revision measured as `before`")
     parser.add_argument("--no-before", action="store_true", help="measure the working tree only")
     parser.add_argument("--out", default=str(RESULTS / f"time_to_first_step_cpu_{time.strftime('%Y-%m-%d')}.md"))
@@ -190,6 +201,10 @@ def main() -> None:
     if not args.no_before:
         trees = {"before": unpack(args.before, work / "before-tree"), "after": None}
     cells = args.cells.split(",")
+    if FRESH_CELL in cells:
+        from data_prepare import write_chats
+
+        write_chats(work / "fresh_chats.jsonl", FRESH_RECORDS)
     for tag, tree in ({} if args.no_warmup else trees).items():  # bytecode, the prepared data, Ray's first start
         warm = run_once("local:2", tree, work, f"warmup-{tag}")
         print(f"[bench] warm-up {tag}: {warm['first_s']} s (exit {warm['code']})", flush=True)
