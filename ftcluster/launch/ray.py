@@ -48,17 +48,21 @@ class ClusterFirst:
     def __init__(self, entry: Callable[[dict], None], cfg: DictConfig, start: ClusterStart, place_ranks: bool):
         self.entry, self.cfg, self.start = entry, cfg, start
         self.ranks: ray_workers.Ranks | None = None
+        # Set when the run does not go ahead (a data error, a stop): ranks not placed yet are not placed at all,
+        # so the refusal does not wait for them.
+        self.closing = threading.Event()
         self.placing = threading.Thread(target=self._place, name="ftcluster-early-ranks", daemon=True)
         if place_ranks:
             self.placing.start()
 
     def _place(self) -> None:
         self.start.up.wait()
-        if self.start.error is not None:
-            return  # the driver reports it when it waits for the cluster
+        if self.start.error is not None or self.closing.is_set():
+            return  # a start error is the driver's to report when it waits for the cluster
         try:
             self.ranks = ray_workers.Ranks(self.entry, _rank_spec(self.cfg, None))
-            self.ranks.set_up()
+            if not self.closing.is_set():
+                self.ranks.set_up()
         except Exception:  # an early start that fails is dropped: launch() starts ranks anew and reports the error
             self._drop_ranks()
 
@@ -69,6 +73,7 @@ class ClusterFirst:
         run_workers(self.entry, payload, self.cfg, first=ranks)
 
     def close(self) -> None:
+        self.closing.set()
         self._join()
         self._drop_ranks()
         self.start.finish()
