@@ -46,20 +46,19 @@ def worker_count(requested: int, connect: Callable[[], None] | None, unit_count:
 
 
 def may_use_cluster(data, kind: str) -> bool:
-    """Whether preparing `data` (a config's data section) for a stage reading `kind` may run on a Ray cluster,
-    as prepare decides it: sequences only, with data.prepare_workers other than 1 and, for 0, at least
-    MIN_UNITS_FOR_WORKERS units. Known before the tokenizer is loaded (a set already prepared may then need no
-    cluster at all); any error is the preparation's to report, so it answers True."""
+    """Whether preparing `data` (a config's data section) for a stage reading `kind` may run on a Ray cluster:
+    worker_count's answer, as prepare asks it, from the units counted no further than it looks. Known before the
+    tokenizer is loaded (a set already prepared may then need no cluster at all); any error is the
+    preparation's to report, so it answers True."""
     requested = data.get("prepare_workers", 1)
     if kind != "sequences" or requested == 1:
         return False
-    if requested > 1:
-        return True
     try:
         sources = [s for split in ("train", "eval") for s in split_sources(data, split) or []]
-        return unit_count_up_to(sources, MIN_UNITS_FOR_WORKERS) >= MIN_UNITS_FOR_WORKERS
+        count = unit_count_up_to(sources, MIN_UNITS_FOR_WORKERS)
     except Exception:
         return True
+    return count > 1 and worker_count(requested, connect=lambda: None, unit_count=count) != 1
 
 
 def pool_size(workers: int) -> int:

@@ -51,8 +51,9 @@ class ClusterFirst:
         # Set when the run does not go ahead (a data error, a stop): ranks not placed yet are not placed at all,
         # so the refusal does not wait for them.
         self.closing = threading.Event()
-        self.placing = threading.Thread(target=self._place, name="ftcluster-early-ranks", daemon=True)
-        if place_ranks:
+        self.placing = (threading.Thread(target=self._place, name="ftcluster-early-ranks", daemon=True)
+                        if place_ranks else None)
+        if self.placing is not None:
             self.placing.start()
 
     def _place(self) -> None:
@@ -79,7 +80,7 @@ class ClusterFirst:
         self.start.finish()
 
     def _join(self) -> None:
-        if self.placing.ident is not None:  # started
+        if self.placing is not None:
             self.placing.join()
 
     def _drop_ranks(self) -> None:
