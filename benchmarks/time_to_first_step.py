@@ -20,6 +20,7 @@ import argparse
 import io
 import json
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -57,6 +58,9 @@ def unpack(rev: str, into: Path) -> Path:
                           check=True).stdout
     with tarfile.open(fileobj=io.BytesIO(blob)) as tar:
         tar.extractall(into, filter="data")
+    # The config tree as ftcluster.conf inside the package: the editable install maps that name to this
+    # checkout's conf/, which the package path must win over, or `before` composes with today's YAML.
+    shutil.copytree(into / "conf", into / "ftcluster" / "conf")
     return into
 
 

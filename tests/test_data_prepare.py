@@ -53,7 +53,7 @@ def config(path, store_dir: Path, workers: int = 1, **data):
 def local_ray():
     from ftcluster.launch.cluster import connect
 
-    connect(None)
+    connect(None, dashboard=True)  # list_tasks below asks the state API
 
 
 def rows(folder: Path) -> list[dict]:

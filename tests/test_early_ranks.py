@@ -24,7 +24,7 @@ def notes(folder: Path, what: str) -> set[tuple[str, str]]:
 
 
 @pytest.mark.slow
-def test_local_ranks_are_set_up_before_the_payload_and_run_it_in_the_same_processes(tmp_path, monkeypatch):
+def test_local_ranks_are_set_up_before_the_payload_and_run_it_in_the_same_processes(tmp_path, monkeypatch, capfd):
     monkeypatch.setenv("PYTHONPATH", str(TESTS))  # the ranks import the entry's module from here
     release_cluster()  # a cluster another test left up would be used as is, without an early start
     cfg = compose([*TINY, "launcher=local", f"output_dir={tmp_path}"])
@@ -39,20 +39,26 @@ def test_local_ranks_are_set_up_before_the_payload_and_run_it_in_the_same_proces
     finally:
         early.close()
     assert notes(tmp_path, "ran") == notes(tmp_path, "preloaded") and {r for r, _ in notes(tmp_path, "ran")} == {"0", "1"}
+    assert "Ray dashboard" not in capfd.readouterr().out  # launcher.dashboard is off unless asked
     release_cluster()
 
 
 @pytest.mark.slow
-def test_no_rank_is_placed_early_when_the_data_may_use_the_cluster(tmp_path, monkeypatch):
+def test_no_rank_is_placed_early_when_the_data_may_use_the_cluster(tmp_path, monkeypatch, capfd):
     monkeypatch.setenv("PYTHONPATH", str(TESTS))
     release_cluster()
-    cfg = compose([*TINY, "launcher=local", f"output_dir={tmp_path}"])
+    cfg = compose([*TINY, "launcher=local", "launcher.dashboard=true", f"output_dir={tmp_path}"])
     early = ray_launcher.start_early(ENTRY, cfg, data_on_cluster=True)
     try:
         connect(None)  # the cluster is up
         time.sleep(2)
         assert ray.util.placement_group_table() == {}, "ranks were placed while the data might need the CPUs"
         early.launch({})
+        # launcher.dashboard=true: its address said, and the state API it serves answers
+        assert "[ftcluster] Ray dashboard: http://127.0.0.1:" in capfd.readouterr().out
+        from ray.util.state import list_nodes
+
+        assert len(list_nodes()) == 1
     finally:
         early.close()
     assert {r for r, _ in notes(tmp_path, "ran")} == {"0", "1"}

@@ -2,6 +2,8 @@
 overlap_comm, TF32), the refusals, and a bf16 run of the tiny model on CPU against the fp32 one."""
 
 import json
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -21,6 +23,7 @@ def cuda(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 8)
+    monkeypatch.setattr("ftcluster.util.hardware.gpu_device_nodes", lambda: True)  # /dev/nvidia0 and so on
 
 
 def test_auto_is_bf16_on_a_bf16_gpu_and_fp32_elsewhere():
@@ -36,6 +39,20 @@ def test_validate_resolves_auto_to_fp32_on_this_cpu_machine():
     validate(cfg, check_paths=False)
     assert cfg.strategy.precision == "fp32"
     assert deepspeed_config(cfg, derive(cfg))["bf16"]["enabled"] is False
+
+
+def test_validate_on_a_machine_without_gpu_devices_does_not_import_torch():
+    """The driver validates before it starts anything (a cluster, the ranks): torch's import (1-2 s) would
+    delay them all."""
+    from ftcluster.util.hardware import gpu_device_nodes
+
+    if gpu_device_nodes():
+        pytest.skip("this machine shows a GPU device: torch is asked")
+    probe = ("import sys; from ftcluster.config import compose, validate; cfg = compose(['model=tiny', "
+             "'data=json_extract', 'peft=none', 'launcher=local', 'launcher.workers=2']); validate(cfg); "
+             "print(cfg.strategy.precision, 'torch' in sys.modules)")
+    result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True)
+    assert result.stdout.split() == ["fp32", "False"], result.stderr[-2000:]
 
 
 def test_validate_resolves_auto_to_bf16_where_cuda_is(cuda):

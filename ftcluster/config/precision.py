@@ -12,6 +12,8 @@ from typing import Optional
 
 from omegaconf import DictConfig
 
+from ftcluster.util import hardware
+
 PRECISIONS = ("fp32", "bf16", "fp16")
 
 
@@ -24,14 +26,16 @@ def precision_for(requested: str, on_gpu: bool, bf16_supported: bool = True) -> 
 
 def local_precision(requested: str, use_gpu: Optional[bool] = None) -> str:
     """`requested` resolved on this machine. use_gpu (launcher.use_gpu): True trusts that the workers have GPUs
-    even when this process sees none (a driver on a CPU head node), False forces CPU; None asks torch."""
+    even when this process sees none (a driver on a CPU head node), False forces CPU; None asks torch (where the machine shows a GPU device at all)."""
     if requested != "auto":
         return requested
+    if use_gpu is False or (use_gpu is None and not hardware.gpu_device_nodes()):
+        return "fp32"  # without torch: the driver checks the config before it starts anything
     # not at the top: `ftcluster config` and the sweep's many validate() calls should not pay for torch
     import torch
 
     cuda = torch.cuda.is_available()
-    if use_gpu is False or (use_gpu is None and not cuda):
+    if use_gpu is None and not cuda:
         return "fp32"
     return precision_for(requested, on_gpu=True, bf16_supported=torch.cuda.is_bf16_supported() if cuda else True)
 

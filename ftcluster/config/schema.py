@@ -223,6 +223,10 @@ class LauncherConfig:
     collective_timeout_s: int = 1800
     # How long the driver waits for the expected nodes and resources to be visible in the cluster.
     ready_timeout_s: int = 300
+    # launcher=local (and a sweep's or `data prepare`'s own cluster): run Ray's dashboard with the cluster this
+    # process starts (http://127.0.0.1:8265, or the port printed), for `ray list` and the dashboard's views.
+    # Off by default: a second of the start, and CPU the workers could use, on a small machine.
+    dashboard: bool = False
     # Ray Jobs: the folder shipped as the job's working directory (null ships none), and extra
     # runtime_env keys (env_vars, pip, excludes, ...) merged into the job's runtime environment.
     working_dir: Optional[str] = "."

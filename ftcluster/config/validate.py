@@ -24,6 +24,7 @@ from ftcluster.config.schema import CHOICES, FLOAT_KEYS
 from ftcluster.errors import ConfigError
 from ftcluster.eval.scores import check_names
 from ftcluster.stages.registry import FORMAT_FIELDS, STAGES
+from ftcluster.util import hardware
 
 
 _SLURM_MEM = re.compile(r"^\d+[KMGT]?$")
@@ -419,8 +420,11 @@ def _slurm(launcher: DictConfig) -> None:
 
 
 def _has_cuda() -> bool:
-    # torch is imported only when a check needs a device count: `ftcluster config` and the sweep's many
-    # validate() calls on CPU settings should not pay for it.
+    # torch is imported only when a check needs a device count on a machine that shows a GPU: `ftcluster
+    # config`, the sweep's many validate() calls and the driver's first check (before anything starts) should
+    # not pay for it.
+    if not hardware.gpu_device_nodes():
+        return False
     import torch
 
     return torch.cuda.is_available()

@@ -42,11 +42,12 @@ def import_ray():
 _START_ONE = "Start a Ray head there (launch/start_head.sh), check the host and port, or use launcher=local"
 
 
-def connect(address: str | None, key: str = "launcher.address", fix: str = _START_ONE, dashboard: bool = True) -> None:
+def connect(address: str | None, key: str = "launcher.address", fix: str = _START_ONE, dashboard: bool = False) -> None:
     """Start a Ray cluster in this process (address None) or join a running one; `key` and `fix` say, in an
-    error, where the address came from and what to do. `dashboard=False` starts a cluster without the dashboard
-    and its agents (for work that needs no state API: a core's worth of start-up on a
-    small machine)."""
+    error, where the address came from and what to do. `dashboard`: the cluster started here runs Ray's
+    dashboard, and with it the state API (`ray list`, the dashboard's views of actors and Ray Data); off unless
+    asked (launcher.dashboard): it costs about a second of the start and a CPU-second on a small machine. A
+    cluster that is starting or up already is taken as it is."""
     ray = import_ray()
     if address is None and _starting is not None:
         _starting.wait()
@@ -72,13 +73,13 @@ class ClusterStart:
     starts) overlaps what the caller does meanwhile (the driver: its imports, checks and data). connect(None)
     waits for it and raises its error; finish() waits for it when the run does not go ahead."""
 
-    def __init__(self, ray):
+    def __init__(self, ray, dashboard: bool):
         # The environment is set here and put back in wait(), never on the thread: os.environ is the whole
         # process's, and the main thread reads it meanwhile.
         _set_worker_env()
         use_token_auth(start=True)
         self._before = _loopback_node()
-        self.ray, self.error = ray, None
+        self.ray, self.dashboard, self.error = ray, dashboard, None
         # up: set when the start has ended, well or not (error then says why)
         self.up, self._release = threading.Event(), threading.Event()
         # Ray says it set no SIGTERM handler off the main thread: the command keeps its own (wait() restores it).
@@ -87,7 +88,7 @@ class ClusterStart:
 
     def _start(self) -> None:
         try:
-            _init_local(self.ray)
+            _init_local(self.ray, self.dashboard)
         except BaseException as exc:  # raised in the thread that waits for the cluster
             self.error = exc
         finally:
@@ -122,14 +123,14 @@ class ClusterStart:
             pass
 
 
-def start_local() -> ClusterStart | None:
+def start_local(dashboard: bool = False) -> ClusterStart | None:
     """Begin starting this process's local cluster (connect(None)) on a thread; None when one is up already."""
     global _starting
     ray = import_ray()
     if ray.is_initialized():
         return None
     if _starting is None:
-        _starting = ClusterStart(ray)
+        _starting = ClusterStart(ray, dashboard)
     return _starting
 
 
@@ -148,7 +149,7 @@ def _set_worker_env() -> None:
             os.environ.setdefault(name, value)
 
 
-def _init(ray, address: str | None, dashboard: bool = True) -> None:
+def _init(ray, address: str | None, dashboard: bool) -> None:
     use_token_auth(start=address is None)
     if address is None:
         before = _loopback_node()
@@ -167,11 +168,12 @@ def _init(ray, address: str | None, dashboard: bool = True) -> None:
                         f"RAY_AUTH_TOKEN_PATH to a copy of the cluster's token file") from None
 
 
-def _init_local(ray, dashboard: bool = True) -> None:
-    # "local": a new cluster even when `ray start` left one running on this machine. The dashboard (on 8265,
-    # else a free port) serves the state API (`ray list`, Ray Data's progress).
-    ray.init(address="local", include_dashboard=dashboard, _node_ip_address="127.0.0.1",
-             runtime_env={"env_vars": WORKER_ENV}, log_to_driver=True, configure_logging=False)
+def _init_local(ray, dashboard: bool) -> None:
+    # "local": a new cluster even when `ray start` left one running on this machine.
+    context = ray.init(address="local", include_dashboard=dashboard, _node_ip_address="127.0.0.1",
+                       runtime_env={"env_vars": WORKER_ENV}, log_to_driver=True, configure_logging=False)
+    if dashboard and context.dashboard_url:  # 8265, else the free port Ray found
+        print(f"[ftcluster] Ray dashboard: http://{context.dashboard_url}", flush=True)
 
 
 def _loopback_node() -> str | None:

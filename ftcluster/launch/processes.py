@@ -11,7 +11,6 @@ a fresh interpreter (launch/rank_processes.py says why, and how signals reach th
 
 from __future__ import annotations
 
-import glob
 import multiprocessing
 import sys
 from multiprocessing.connection import wait
@@ -22,6 +21,7 @@ from omegaconf import DictConfig
 from ftcluster.errors import UserError, WorkerFailed
 from ftcluster.launch.rank_processes import ForkedRanks, SpawnedRanks
 from ftcluster.launch.worker_env import worker_env
+from ftcluster.util import hardware
 from ftcluster.util.net import free_port
 
 # How long the other ranks get to exit on their own once one has failed, before they are killed.
@@ -124,12 +124,9 @@ def _wait_all(group, pipes: list) -> Exception | None:
 def _use_gpu(cfg: DictConfig) -> bool:
     if cfg.launcher.use_gpu is not None:
         return cfg.launcher.use_gpu
-    if not any(glob.glob(node) for node in _GPU_DEVICE_NODES):
+    if not hardware.gpu_device_nodes():
         return False  # known without importing torch (a second before the ranks can start)
     import torch
 
     return torch.cuda.is_available()
 
-
-# What the kernel shows of a GPU torch could use: NVIDIA's devices, AMD's compute interface, WSL's GPU.
-_GPU_DEVICE_NODES = ("/dev/nvidia[0-9]*", "/dev/kfd", "/dev/dxg")

@@ -26,7 +26,7 @@ from ftcluster.util.text import tail
 
 
 def launch(entry: Callable[[dict], None], payload: dict, cfg: DictConfig) -> None:
-    connect(_address(cfg))
+    connect(_address(cfg), dashboard=cfg.launcher.dashboard)
     run_workers(entry, payload, cfg)
 
 
@@ -37,7 +37,7 @@ def start_early(entry: Callable[[dict], None], cfg: DictConfig, data_on_cluster:
     CPUs they fill, ranks holding their bundles would starve Ray Data's encoders."""
     if cfg.launcher.name != "local":
         return None
-    start = start_local()
+    start = start_local(cfg.launcher.dashboard)
     return ClusterFirst(entry, cfg, start, place_ranks=not data_on_cluster) if start is not None else None
 
 
@@ -90,7 +90,7 @@ class ClusterFirst:
 
 
 def control(entry: Callable[[dict, Placement], None], payload: dict, cfg: DictConfig) -> None:
-    connect(_address(cfg))
+    connect(_address(cfg), dashboard=cfg.launcher.dashboard)
     run_controller(entry, payload, cfg)
 
 

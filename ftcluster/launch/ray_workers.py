@@ -28,7 +28,6 @@ from ray.util.placement_group import placement_group, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from ftcluster.errors import CollectiveTimeout, UserError
-from ftcluster.launch.cluster import WORKER_ENV
 from ftcluster.util.net import free_port
 
 # After a rank fails, how long the others get to fail or finish before the group is killed: long enough for a
@@ -47,9 +46,9 @@ class Failed(Exception):
 
 
 class Rank:
-    """One rank's process, started with the run's worker environment (OMP_NUM_THREADS among it, which torch reads
-    once, at its import). Nothing before run() needs the payload: a rank can be set up while the driver still
-    prepares it."""
+    """One rank's process: a Ray worker of the job, given the run's worker environment by setup() before it
+    imports torch (OMP_NUM_THREADS among it, which torch reads once, at its import). Nothing before run() needs
+    the payload: a rank can be set up while the driver still prepares it."""
 
     def where(self) -> dict:
         """Where this rank runs, and a free port (rank 0's becomes the group's master port)."""
@@ -108,9 +107,11 @@ class Ranks:
             raise UserError(f"the placement group for {spec.workers} workers ({spec.resources} each) was not ready "
                             f"within launcher.ready_timeout_s={spec.ready_timeout_s}: other jobs hold the resources")
         remote = ray.remote(Rank)
+        # No runtime_env of their own: the job's, so that Ray hands them the worker processes it started idle
+        # with the job (a second of process start and imports each on a small machine). Their environment is
+        # set in setup(), before torch is imported.
         self.actors = [remote.options(num_cpus=spec.resources.get("CPU", 1), num_gpus=spec.resources.get("GPU", 0),
-                                      scheduling_strategy=PlacementGroupSchedulingStrategy(self.pg, placement_group_bundle_index=i),
-                                      runtime_env={"env_vars": {**WORKER_ENV, **spec.env}}).remote()
+                                      scheduling_strategy=PlacementGroupSchedulingStrategy(self.pg, placement_group_bundle_index=i)).remote()
                        for i in range(spec.workers)]
         self.places = [actor.where.remote() for actor in self.actors]
 

@@ -108,7 +108,7 @@ def prepare_cluster(cfg: DictConfig):
     if cfg.launcher.name in ("processes", "inline") and cfg.data.prepare_workers == 1:
         return None
     address = cfg.launcher.address if cfg.launcher.name in ("ray", "slurm") else None
-    return lambda: connect(address)
+    return lambda: connect(address, dashboard=cfg.launcher.dashboard)
 
 
 def prepare_run(cfg: DictConfig, argv: list[str]) -> dict | None:

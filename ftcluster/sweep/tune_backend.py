@@ -146,7 +146,7 @@ def _first_line(exc: BaseException) -> str:
 
 def run(plan: Plan, resume: bool) -> None:
     cfg = plan.cfg
-    connect(cfg.launcher.address if cfg.launcher.name == "ray" else None)
+    connect(cfg.launcher.address if cfg.launcher.name == "ray" else None, dashboard=cfg.launcher.dashboard)
     if cfg.launcher.name == "ray":  # a joined cluster: its own resources, now that we can see them
         total = ray.cluster_resources()
         check_concurrency(cfg, total.get("CPU", 0), total.get("GPU", 0))

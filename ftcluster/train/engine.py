@@ -11,8 +11,11 @@ overlap their gradient reduction with the backward (overlap_comm).
 
 from __future__ import annotations
 
+import functools
+import importlib
 import json
 import math
+import sys
 import weakref
 from contextlib import contextmanager
 from pathlib import Path
@@ -153,13 +156,46 @@ def initialize(model: torch.nn.Module, cfg: DictConfig, ds_config: dict):
 
 def import_deferred() -> None:
     """What DeepSpeed imports or probes on first use, done now: its Muon optimizer module, which
-    deepspeed.initialize imports to check the optimizer (it pulls in torch._dynamo: a second of CPU), and the
-    op-compatibility probe that dist.setup reads. Where one interpreter forks every rank (launcher=processes on
-    CPU) each rank then inherits them instead of paying them again."""
+    deepspeed.initialize imports to check the optimizer, and the op-compatibility probe that dist.setup reads.
+    Where one interpreter forks every rank (launcher=processes on CPU) each rank then inherits them instead of
+    paying them again."""
     import deepspeed
-    import deepspeed.runtime.zero.muon.muon_optimizer  # noqa: F401
 
+    _import_muon_without_compiling()
     deepspeed.ops.__compatible_ops__  # noqa: B018  (a probe on first read)
+
+
+_MUON = "deepspeed.runtime.zero.muon.muon_optimizer"
+
+
+def _import_muon_without_compiling() -> None:
+    """DeepSpeed's Muon module, whose kernels are torch.compile'd on their first call instead of at its import.
+    Every ZeRO optimizer imports it to ask whether the optimizer is a Muon one (an isinstance check), and its
+    import wraps two kernels in torch.compile, which imports TorchDynamo and Inductor: 1-2 s of CPU in every
+    rank of every run, Muon or not. Only a Muon run calls the kernels, and pays for the compiler then."""
+    if _MUON in sys.modules:
+        return
+    from deepspeed.runtime import compiler
+
+    eager = compiler.compile
+    compiler.compile = lambda: _compile_on_first_call
+    try:
+        importlib.import_module(_MUON)
+    finally:
+        compiler.compile = eager
+
+
+def _compile_on_first_call(function):
+    compiled = None
+
+    @functools.wraps(function)
+    def call(*args, **kwargs):
+        nonlocal compiled
+        if compiled is None:
+            compiled = torch.compile(function)
+        return compiled(*args, **kwargs)
+
+    return call
 
 
 def enable_tf32() -> None:

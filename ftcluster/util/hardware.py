@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import glob
 import platform
 from pathlib import Path
+
+# What the kernel shows of a GPU torch could use: NVIDIA's devices, AMD's compute interface, WSL's GPU.
+_GPU_DEVICE_NODES = ("/dev/nvidia[0-9]*", "/dev/kfd", "/dev/dxg")
 
 
 def cpu_model() -> str:
@@ -14,3 +18,9 @@ def cpu_model() -> str:
     except OSError:
         pass
     return platform.processor() or platform.machine()
+
+
+def gpu_device_nodes() -> bool:
+    """Whether this machine shows a GPU device node. False means torch would find no GPU either, known without
+    importing torch (a second or two of the start); True means asking torch (torch.cuda.is_available())."""
+    return any(glob.glob(node) for node in _GPU_DEVICE_NODES)

@@ -19,7 +19,7 @@ def prepare_command(overrides: list[str]) -> int:
     # The launcher's cluster: launcher=ray/slurm name its address; otherwise a local Ray on this machine.
     address = cfg.launcher.get("address") if cfg.launcher.name in ("ray", "slurm") else None
     started = time.monotonic()
-    stats = prepare(cfg, tokenizer, None, connect=lambda: connect(address, dashboard=False))
+    stats = prepare(cfg, tokenizer, None, connect=lambda: connect(address, dashboard=cfg.launcher.dashboard))
     print(report(stats, time.monotonic() - started))
     return 0
 
