@@ -125,6 +125,27 @@ def test_a_data_error_under_launcher_local_ends_the_cluster_started_meanwhile(tm
         shutil.rmtree(temp, ignore_errors=True)
 
 
+@pytest.mark.slow
+def test_a_data_error_in_data_prepare_ends_the_cluster_started_meanwhile(tmp_path):
+    """`ftcluster data prepare` with 2 workers (3 units of records) starts its local cluster while it loads the
+    tokenizer; the bad record is still its one line, and the cluster goes with the command."""
+    temp = Path(f"/tmp/ftc-prep-{os.getpid()}")
+    records = [GOOD] * 1100
+    records[1049] = {"instruction": 3, "output": "x"}
+    data = write_jsonl(tmp_path / "bad.jsonl", records)
+    try:
+        result = cli("data", "prepare", *TINY, "data=custom", f"data.path={data}", "data.format=alpaca",
+                     "data.prepare_workers=2", f"data.prepared_dir={tmp_path / 'store'}", env={"RAY_TMPDIR": str(temp)})
+        assert result.returncode == 2, result.stderr[-3000:]
+        assert result.stderr.strip().splitlines() == [
+            f"ftcluster data: error: {data}:1050: field 'instruction' must be a string, got int"]
+        assert list((temp / "ray").glob("session_2*")), "no Ray cluster was started for the 2 workers"
+        assert _processes_mentioning(str(temp)) == []
+        assert not any((tmp_path / "store").glob("*/stats.json")), "a refused set was left as complete"
+    finally:
+        shutil.rmtree(temp, ignore_errors=True)
+
+
 def _processes_mentioning(text: str) -> list[str]:
     """Command lines of live processes that name `text` (a Ray session's processes name its folder)."""
     found = []

@@ -207,9 +207,12 @@ def _wait(predicate, what: str, timeout: float = 180) -> None:
 def test_launcher_local_cluster_refuses_a_client_without_the_token():
     import ray
 
-    from ftcluster.launch.cluster import connect, token_file
+    from ftcluster.launch.cluster import connect, release_cluster, token_file
 
-    connect(None)  # the in-process cluster of launcher=local (shared with the other tests)
+    # The in-process cluster of launcher=local with launcher.dashboard=true (the default runs none at all);
+    # another test's cluster, without it, goes first.
+    release_cluster()
+    connect(None, dashboard=True)
     url = "http://" + ray._private.worker.global_worker.node.webui_url + "/api/jobs/"
     assert os.environ["RAY_AUTH_MODE"] == "token"
     path = token_file()

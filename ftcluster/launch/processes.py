@@ -24,8 +24,10 @@ from ftcluster.launch.worker_env import worker_env
 from ftcluster.util import hardware
 from ftcluster.util.net import free_port
 
-# How long the other ranks get to exit on their own once one has failed, before they are killed.
+# How long the ranks get to exit on their own before they are killed: after success, their interpreters' teardown;
+# after a failure, the others' collectives break within a moment, or they are stuck in one for good.
 GRACE_S = 5.0
+FAILED_GRACE_S = 2.0
 
 
 def launch(entry: Callable[[dict], None], payload: dict, cfg: DictConfig) -> None:
@@ -67,6 +69,7 @@ class Ranks:
         """entry(payload) on every rank; raises the first failure. The ranks are gone afterwards."""
         # What needs output_dir (hang reports, NCCL's timeouts and traces): set in each rank before it runs.
         env = worker_env(self.cfg, self.backend)
+        failure = None
         try:
             for post in self.inboxes:
                 try:
@@ -75,7 +78,7 @@ class Ranks:
                     pass
             failure = _wait_all(self.group, self.reports)
         finally:
-            if not self.group.join(GRACE_S):
+            if not self.group.join(GRACE_S if failure is None else FAILED_GRACE_S):
                 self.group.kill()
         if failure is not None:
             raise failure

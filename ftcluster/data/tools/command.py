@@ -26,7 +26,7 @@ SHOWN = 20
 def data_command(args: list[str]) -> int:
     if args[:1] == ["prepare"]:
         # Its arguments are train's overrides (key=value, group=option), which argparse cannot list.
-        from ftcluster.data.tools.prepare import prepare_command  # imports torch and transformers
+        from ftcluster.data.tools.prepare import prepare_command
 
         return prepare_command(args[1:])
     ns = _parser().parse_args(args)

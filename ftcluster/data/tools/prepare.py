@@ -7,19 +7,30 @@ from __future__ import annotations
 import time
 
 from ftcluster.config import compose
-from ftcluster.data.prepare import prepare
-from ftcluster.launch.cluster import connect
+from ftcluster.data.parallel import may_use_cluster
+from ftcluster.launch.cluster import connect, start_local
+from ftcluster.stages.registry import STAGES
 from ftcluster.train.bundled import resolve_model_path
-from ftcluster.train.tokenizer import load_tokenizer
 
 
 def prepare_command(overrides: list[str]) -> int:
     cfg = compose(overrides)
-    tokenizer = load_tokenizer(resolve_model_path(cfg.model.path), cfg.model.trust_remote_code)
-    # The launcher's cluster: launcher=ray/slurm name its address; otherwise a local Ray on this machine.
-    address = cfg.launcher.get("address") if cfg.launcher.name in ("ray", "slurm") else None
-    started = time.monotonic()
-    stats = prepare(cfg, tokenizer, None, connect=lambda: connect(address, dashboard=cfg.launcher.dashboard))
+    # The launcher's cluster: launcher=ray/slurm name its address; otherwise a local Ray on this machine, started
+    # now when the preparation may use it: its start (seconds) overlaps the imports and the tokenizer's load.
+    address = cfg.launcher.address if cfg.launcher.name in ("ray", "slurm") else None
+    early = None
+    if address is None and may_use_cluster(cfg.data, STAGES[cfg.stage.name].data_kind):
+        early = start_local(cfg.launcher.dashboard)
+    try:
+        from ftcluster.data.prepare import prepare  # torch, transformers and datasets: seconds
+        from ftcluster.train.tokenizer import load_tokenizer
+
+        tokenizer = load_tokenizer(resolve_model_path(cfg.model.path), cfg.model.trust_remote_code)
+        started = time.monotonic()
+        stats = prepare(cfg, tokenizer, None, connect=lambda: connect(address, dashboard=cfg.launcher.dashboard))
+    finally:
+        if early is not None:
+            early.finish()  # a refusal waits for the start: Ray's shutdown at exit must not race it
     print(report(stats, time.monotonic() - started))
     return 0
 
