@@ -183,6 +183,14 @@ def targets(results: list[dict], cores: int) -> list[str]:
                        f"{ours[n, cores]['load1_during_median']}) vs datasets.map {base['wall_s']} s (load "
                        f"{base['load1_during_median']}) = {ratio:.2f}x the baseline's wall time (target <= 1.25x: "
                        f"{'met' if ratio <= 1.25 else 'not met'}).")
+    # The lowest-load rule above can pair runs made far apart; each baseline with the ftcluster run right after it:
+    for n in sorted({r["records"] for r in results}):
+        pairs = [f"{after['wall_s'] / before['wall_s']:.2f}x" for before, after in zip(results, results[1:])
+                 if before["side"].startswith("datasets.map") and before["records"] == n
+                 and after["side"].startswith("ftcluster") and after["records"] == n and after["workers"] == cores]
+        if len(pairs) > 1:
+            out.append(f"- Every baseline run and the ftcluster run ({cores} workers) right after it, at {n} records: "
+                       f"{', '.join(pairs)}.")
     for (n, w), r in sorted(ours.items()):
         if w == 1 and (n, 2) in ours:
             speedup = r["wall_s"] / ours[n, 2]["wall_s"]

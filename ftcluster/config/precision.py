@@ -26,7 +26,8 @@ def precision_for(requested: str, on_gpu: bool, bf16_supported: bool = True) -> 
 
 def local_precision(requested: str, use_gpu: Optional[bool] = None) -> str:
     """`requested` resolved on this machine. use_gpu (launcher.use_gpu): True trusts that the workers have GPUs
-    even when this process sees none (a driver on a CPU head node), False forces CPU; None asks torch (where the machine shows a GPU device at all)."""
+    even when this process sees none (a driver on a CPU head node), False forces CPU; None asks torch, where
+    the machine shows a GPU device at all."""
     if requested != "auto":
         return requested
     if use_gpu is False or (use_gpu is None and not hardware.gpu_device_nodes()):

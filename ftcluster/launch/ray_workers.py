@@ -111,7 +111,8 @@ class Ranks:
         # with the job (a second of process start and imports each on a small machine). Their environment is
         # set in setup(), before torch is imported.
         self.actors = [remote.options(num_cpus=spec.resources.get("CPU", 1), num_gpus=spec.resources.get("GPU", 0),
-                                      scheduling_strategy=PlacementGroupSchedulingStrategy(self.pg, placement_group_bundle_index=i)).remote()
+                                      scheduling_strategy=PlacementGroupSchedulingStrategy(
+                                          self.pg, placement_group_bundle_index=i)).remote()
                        for i in range(spec.workers)]
         self.places = [actor.where.remote() for actor in self.actors]
 
