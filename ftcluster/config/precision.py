@@ -30,14 +30,12 @@ def local_precision(requested: str, use_gpu: Optional[bool] = None) -> str:
     the machine shows a GPU device at all."""
     if requested != "auto":
         return requested
-    if use_gpu is False or (use_gpu is None and not hardware.gpu_device_nodes()):
-        return "fp32"  # without torch: the driver checks the config before it starts anything
-    # not at the top: `ftcluster config` and the sweep's many validate() calls should not pay for torch
+    # torch only where the machine shows a GPU: the driver checks the config before it starts anything
+    cuda = use_gpu is not False and hardware.cuda_available()
+    if use_gpu is False or (use_gpu is None and not cuda):
+        return "fp32"
     import torch
 
-    cuda = torch.cuda.is_available()
-    if use_gpu is None and not cuda:
-        return "fp32"
     return precision_for(requested, on_gpu=True, bf16_supported=torch.cuda.is_bf16_supported() if cuda else True)
 
 

@@ -290,7 +290,7 @@ def _resolve_generation_backend(cfg: DictConfig) -> None:
     if not rl.rollout_workers:
         # One engine per policy rank, each beside its GPU; on CPU one engine with every core in its threads
         # (engines on one node's cores would only share them, each paying for every weight load).
-        on_gpu = cfg.launcher.use_gpu if cfg.launcher.use_gpu is not None else _has_cuda()
+        on_gpu = cfg.launcher.use_gpu if cfg.launcher.use_gpu is not None else hardware.cuda_available()
         rl.rollout_workers = cfg.launcher.workers if on_gpu else 1
 
 
@@ -317,7 +317,7 @@ def _peft(cfg: DictConfig, devices_here: bool = True) -> None:
     _positive(cfg, "peft.r", "peft.alpha")
     if not 0 <= cfg.peft.dropout < 1:
         raise ConfigError("peft.dropout", f"got {cfg.peft.dropout}; it must be in [0, 1)")
-    if method == "qlora" and devices_here and not _has_cuda():
+    if method == "qlora" and devices_here and not hardware.cuda_available():
         raise ConfigError("peft.method", "QLoRA quantizes with bitsandbytes, which needs a CUDA GPU; "
                                          "on CPU use peft=lora")
     if method in ("prompt", "prefix") and stage != "sft":
@@ -419,23 +419,14 @@ def _slurm(launcher: DictConfig) -> None:
                                                     f"{launcher.cpus_per_worker}; use at least {needed}")
 
 
-def _has_cuda() -> bool:
-    # torch is imported only when a check needs a device count on a machine that shows a GPU: `ftcluster
-    # config`, the sweep's many validate() calls and the driver's first check (before anything starts) should
-    # not pay for it.
-    if not hardware.gpu_device_nodes():
-        return False
-    import torch
-
-    return torch.cuda.is_available()
-
-
 def _local_capacity(cfg: DictConfig) -> None:
     """The workers of a launcher on this machine fit on this machine."""
     workers = cfg.launcher.workers
-    use_gpu = cfg.launcher.use_gpu if cfg.launcher.use_gpu is not None else _has_cuda()
+    # torch only where the machine shows a GPU: `ftcluster config`, the sweep's many validate() calls and the
+    # driver's first check (before anything starts) should not pay for it
+    use_gpu = cfg.launcher.use_gpu if cfg.launcher.use_gpu is not None else hardware.cuda_available()
     if use_gpu:
-        import torch  # as in _has_cuda
+        import torch
 
         gpus = torch.cuda.device_count()
         if workers > gpus:

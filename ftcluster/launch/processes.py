@@ -127,9 +127,5 @@ def _wait_all(group, pipes: list) -> Exception | None:
 def _use_gpu(cfg: DictConfig) -> bool:
     if cfg.launcher.use_gpu is not None:
         return cfg.launcher.use_gpu
-    if not hardware.gpu_device_nodes():
-        return False  # known without importing torch (a second before the ranks can start)
-    import torch
-
-    return torch.cuda.is_available()
+    return hardware.cuda_available()  # without torch on a machine with no GPU (a second before the ranks start)
 

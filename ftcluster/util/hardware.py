@@ -24,3 +24,12 @@ def gpu_device_nodes() -> bool:
     """Whether this machine shows a GPU device node. False means torch would find no GPU either, known without
     importing torch (a second or two of the start); True means asking torch (torch.cuda.is_available())."""
     return any(glob.glob(node) for node in _GPU_DEVICE_NODES)
+
+
+def cuda_available() -> bool:
+    """torch.cuda.is_available(), without importing torch where no GPU device node exists."""
+    if not gpu_device_nodes():
+        return False
+    import torch
+
+    return torch.cuda.is_available()

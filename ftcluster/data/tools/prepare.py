@@ -8,18 +8,18 @@ import time
 
 from ftcluster.config import compose
 from ftcluster.data.parallel import may_use_cluster
-from ftcluster.launch.cluster import connect, start_local
+from ftcluster.launch.cluster import start_local
+from ftcluster.run.driver import prepare_cluster
 from ftcluster.stages.registry import STAGES
 from ftcluster.train.bundled import resolve_model_path
 
 
 def prepare_command(overrides: list[str]) -> int:
     cfg = compose(overrides)
-    # The launcher's cluster: launcher=ray/slurm name its address; otherwise a local Ray on this machine, started
-    # now when the preparation may use it: its start (seconds) overlaps the imports and the tokenizer's load.
-    address = cfg.launcher.address if cfg.launcher.name in ("ray", "slurm") else None
+    # The cluster `train` would prepare on; a local one is started now when the preparation may use it: its start
+    # (seconds) overlaps the imports and the tokenizer's load.
     early = None
-    if address is None and may_use_cluster(cfg.data, STAGES[cfg.stage.name].data_kind):
+    if cfg.launcher.name not in ("ray", "slurm") and may_use_cluster(cfg.data, STAGES[cfg.stage.name].data_kind):
         early = start_local(cfg.launcher.dashboard)
     try:
         from ftcluster.data.prepare import prepare  # torch, transformers and datasets: seconds
@@ -27,7 +27,7 @@ def prepare_command(overrides: list[str]) -> int:
 
         tokenizer = load_tokenizer(resolve_model_path(cfg.model.path), cfg.model.trust_remote_code)
         started = time.monotonic()
-        stats = prepare(cfg, tokenizer, None, connect=lambda: connect(address, dashboard=cfg.launcher.dashboard))
+        stats = prepare(cfg, tokenizer, None, connect=prepare_cluster(cfg))
     finally:
         if early is not None:
             early.finish()  # a refusal waits for the start: Ray's shutdown at exit must not race it
