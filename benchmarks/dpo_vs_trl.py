@@ -206,14 +206,15 @@ def main() -> int:
         a.steps, a.warmup, a.rounds = 3, 1, 1
     work, out = folders(a, "ftcluster-dpo-bench-")
 
-    import datasets
+    import pyarrow as pa
 
     from ftcluster.data.loader import GlobalBatchLoader
-    from ftcluster.train.model import materialize_random_init
+    from ftcluster.data.rows import PreparedRows
+    from ftcluster.train.random_init import materialize_random_init
 
     model_dir = Path(materialize_random_init(str(TINY), work / "init_model", a.seed))
     # The order ftcluster's loader reads the 200 pairs in (one row per pair, file order, seeded epochs).
-    index = datasets.Dataset.from_dict({"input_ids": [[i] for i in range(200)]})
+    index = PreparedRows(pa.table({"input_ids": [[i] for i in range(200)]}), "the 200 pairs' order")
     loader = GlobalBatchLoader(index, a.global_batch, a.micro_batch, 0, 1, a.seed, True, 0, False)
     order = [i for step in range(a.warmup + a.steps) for i in loader.global_rows(step)]
 

@@ -178,11 +178,10 @@ def ftcluster_cli() -> list[str]:
 
 def batch_shapes(rows_dir: Path, a, packed: bool, pad_id: int, steps: int) -> list[dict]:
     """Per step, what ftcluster's loader hands the model: real tokens, padded tokens, examples, label tokens."""
-    import datasets
-
     from ftcluster.data.loader import GlobalBatchLoader
+    from ftcluster.data.rows import read_rows
 
-    loader = GlobalBatchLoader(datasets.load_from_disk(str(rows_dir)), a.global_batch, a.micro_batch, 0, 1, a.seed,
+    loader = GlobalBatchLoader(read_rows(rows_dir), a.global_batch, a.micro_batch, 0, 1, a.seed,
                                True, pad_id, packed)
     out = []
     for step in range(steps):
@@ -556,7 +555,7 @@ def write_report(res: dict, md_path: Path) -> None:
              "more real tokens when packed. Tokens/s divides by the step time, so the comparison is per real token.")
     L.append("- Step time: ftcluster's own (sft.py: the loader's micro-batches, forward/backward/optimizer, the loss "
              "all-reduce), from `tokens_per_s` in metrics.jsonl; the baselines' from on_step_end to on_step_end.")
-    L.append("- Initial weights: ftcluster.train.model.materialize_random_init(tiny, seed) written once to a folder; every "
+    L.append("- Initial weights: ftcluster.train.random_init.materialize_random_init(tiny, seed) written once to a folder; every "
              "side loads that folder (ftcluster with model.path=... model.init=pretrained).")
     L.append("- Row order: the Trainer and the unpacked SFTTrainer read the unpacked rows in the order ftcluster's "
              "loader reads them (train_sampling_strategy=\"sequential\" over that order); the packed SFTTrainer reads "
@@ -626,7 +625,7 @@ def main() -> int:
     from ftcluster.config import compose
     from ftcluster.data.loader import GlobalBatchLoader
     from ftcluster.data.prepare import prepare
-    from ftcluster.train.model import materialize_random_init
+    from ftcluster.train.random_init import materialize_random_init
     from ftcluster.train.tokenizer import load_tokenizer
 
     # One weight file for every side.
@@ -639,10 +638,10 @@ def main() -> int:
     # The baselines' rows: ftcluster.data.prepare with data.packing=false, exactly what the unpacked run prepares.
     hf_cfg = compose(ftcluster_overrides(a, data_path, model_dir, False, work / "runs" / "unused"))
     hf_stats = prepare(hf_cfg, load_tokenizer(str(model_dir)), str(work / "hf_data"))
-    import datasets
+    from ftcluster.data.rows import read_rows
 
     hf_rows = work / "hf_data" / "train"
-    order_loader = GlobalBatchLoader(datasets.load_from_disk(str(hf_rows)), a.global_batch, a.micro_batch, 0, 1,
+    order_loader = GlobalBatchLoader(read_rows(hf_rows), a.global_batch, a.micro_batch, 0, 1,
                                      a.seed, True, hf_stats["pad_id"], False)
     total = a.warmup + a.steps
     order = [i for step in range(total) for i in order_loader.global_rows(step)]

@@ -130,3 +130,10 @@ def cli(*args: str, env: dict | None = None, timeout: int = 600) -> subprocess.C
     path = f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"
     return subprocess.run([sys.executable, "-m", "ftcluster.cli", *args], capture_output=True, text=True,
                           timeout=timeout, env={**os.environ, "PATH": path, **(env or {})})
+
+
+def as_rows(dataset, location: str = "rows built by the test"):
+    """A datasets.Dataset a test built, as the PreparedRows the loader reads from a prepared split."""
+    from ftcluster.data.rows import PreparedRows
+
+    return PreparedRows(dataset.with_format("arrow")[:], location)

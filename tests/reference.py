@@ -10,13 +10,13 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-import datasets
 import torch
 import torch.nn.functional as F
 from transformers import AutoModelForCausalLM
 
 from ftcluster.config import load_run_config
 from ftcluster.data.loader import GlobalBatchLoader
+from ftcluster.data.rows import read_rows
 from ftcluster.train.engine import lr_multiplier
 
 
@@ -43,7 +43,7 @@ def reference_run(run_dir: str | Path, steps: int | None = None) -> Reference:
     opt = torch.optim.AdamW(params, lr=cfg.optim.lr, betas=tuple(cfg.optim.betas), eps=cfg.optim.eps,
                             weight_decay=0.0)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_multiplier(s, cfg))
-    rows = datasets.load_from_disk(str(run_dir / "data" / "train"))
+    rows = read_rows(run_dir / "data" / "train")
     g = cfg.trainer.global_batch
     loader = GlobalBatchLoader(rows, g, g, 0, 1, cfg.seed, cfg.data.shuffle, 0, cfg.data.packing)
     losses, norms = [], []

@@ -122,6 +122,34 @@ def test_tiny_model_builds_from_config(tiny_tokenizer):
 
 # ---- bundled: model paths -----------------------------------------------------------------------------
 
+def test_random_init_is_built_once_and_then_copied_without_torch(tmp_path, monkeypatch):
+    """model.init=random: the first materialization builds the model and keeps a copy in the cache; the next
+    one (a fresh interpreter, as a driver is) copies the same bytes without importing torch. Another seed is
+    another entry; a folder over the cache's limit is written and not kept."""
+    from ftcluster.train import random_init
+
+    monkeypatch.setenv("FTCLUSTER_CACHE", str(tmp_path / "cache"))
+    first = Path(random_init.materialize_random_init(str(TINY), tmp_path / "first", seed=3))
+    assert len(list((tmp_path / "cache" / "random_init").iterdir())) == 1
+    probe = ("import sys; from ftcluster.train.random_init import materialize_random_init as m; "
+             f"m({str(TINY)!r}, {str(tmp_path / 'second')!r}, 3); print('torch' in sys.modules)")
+    result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True,
+                            env={"FTCLUSTER_CACHE": str(tmp_path / "cache"), "PATH": "/usr/bin:/bin"})
+    assert result.returncode == 0 and result.stdout.split() == ["False"], result.stdout + result.stderr[-2000:]
+    files = sorted(p.name for p in first.iterdir())
+    assert "model.safetensors" in files and files == sorted(p.name for p in (tmp_path / "second").iterdir())
+    assert all((first / f).read_bytes() == (tmp_path / "second" / f).read_bytes() for f in files)
+
+    other = Path(random_init.materialize_random_init(str(TINY), tmp_path / "other", seed=4))
+    assert (other / "model.safetensors").read_bytes() != (first / "model.safetensors").read_bytes()
+    assert len(list((tmp_path / "cache" / "random_init").iterdir())) == 2
+
+    monkeypatch.setattr(random_init, "CACHE_LIMIT_BYTES", 10_000)  # smaller than the weights: not kept
+    big = Path(random_init.materialize_random_init(str(TINY), tmp_path / "big", seed=5))
+    assert (big / "model.safetensors").is_file()
+    assert len(list((tmp_path / "cache" / "random_init").iterdir())) == 2
+
+
 def test_ordinary_paths_pass_through():
     assert resolve_model_path("/some/folder") == "/some/folder"
     assert resolve_model_path(str(TINY)) == str(TINY)

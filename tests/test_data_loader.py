@@ -4,6 +4,7 @@ import datasets
 import pytest
 import torch
 
+from helpers import as_rows
 from ftcluster.data.loader import GlobalBatchLoader, eval_batches
 from ftcluster.data.prepare import FEATURES
 from ftcluster.data.template import IGNORE
@@ -15,8 +16,9 @@ N = 35  # Not a multiple of the global batch: 3 rows are left over each epoch.
 def make_rows(n=N, extra=0):
     """Row i starts with token i, so a batch says which rows it holds."""
     ids = [[i] + [7] * ((i + extra) % 4) for i in range(n)]
-    return datasets.Dataset.from_dict({"input_ids": ids, "labels": ids, "example_lengths": [[len(x)] for x in ids],
-                                       "num_examples": [1] * n}, features=FEATURES)
+    return as_rows(datasets.Dataset.from_dict({"input_ids": ids, "labels": ids,
+                                               "example_lengths": [[len(x)] for x in ids],
+                                               "num_examples": [1] * n}, features=FEATURES))
 
 
 @pytest.fixture(scope="module")
@@ -101,3 +103,21 @@ def test_eval_batches_cover_each_row_once_with_equal_counts_per_rank():
     assert sorted(trained) == list(range(9))
     filler = per_rank[1][1]
     assert (filler["labels"] == IGNORE).all() and int(filler["num_examples"]) == 0
+
+
+def test_read_rows_maps_a_split_of_several_files_as_datasets_loads_it(tmp_path):
+    """A split of several Arrow files (as a prepare on Ray writes one per chunk) reads, in order and with the
+    same values, as datasets.load_from_disk reads it; the loader's rows come from it."""
+    from ftcluster.data.rows import read_rows
+
+    source = datasets.Dataset.from_dict({"input_ids": [[i] * (i % 3 + 1) for i in range(10)],
+                                         "margin": [i / 4 for i in range(10)]})
+    source.save_to_disk(str(tmp_path / "split"), max_shard_size=60)
+    files = sorted((tmp_path / "split").glob("*.arrow"))
+    assert len(files) > 1, "the test needs a split of several files"
+    rows = read_rows(tmp_path / "split")
+    assert len(rows) == 10 and rows.location == str(tmp_path / "split")
+    assert list(rows) == datasets.load_from_disk(str(tmp_path / "split")).to_list() == source.to_list()
+    assert rows.take([7, 2]) == [{"input_ids": [7, 7], "margin": 1.75}, {"input_ids": [2, 2, 2], "margin": 0.5}]
+    assert rows[4] == {"input_ids": [4, 4], "margin": 1.0}
+    assert rows.list_lengths("input_ids").tolist() == [i % 3 + 1 for i in range(10)]

@@ -22,6 +22,7 @@ import torch
 from transformers import AutoConfig, AutoTokenizer
 from transformers import masking_utils
 
+from helpers import as_rows
 from ftcluster.config import ASSETS, compose
 from ftcluster.data.loader import GlobalBatchLoader
 from ftcluster.objectives.advantages import gae, group_relative, sequence_rewards_to_tokens, whiten
@@ -170,13 +171,13 @@ def pair_rows(count: int = 8) -> datasets.Dataset:
 
 def loader(rows: datasets.Dataset, packed: bool = False) -> GlobalBatchLoader:
     """Two accumulation micro-batches of two rows per step, one rank."""
-    return GlobalBatchLoader(rows, global_batch=4, micro_batch=2, rank=0, world_size=1, seed=0, shuffle=False,
+    return GlobalBatchLoader(as_rows(rows), global_batch=4, micro_batch=2, rank=0, world_size=1, seed=0, shuffle=False,
                              pad_id=PAD, packed=packed)
 
 
 def stage_context(cfg, engine, rows, tmp_path) -> types.SimpleNamespace:
     """What an SPMD stage reads of its StageContext."""
-    return types.SimpleNamespace(cfg=cfg, engine=engine, loader=loader(rows), eval_rows=rows.select(range(5)),
+    return types.SimpleNamespace(cfg=cfg, engine=engine, loader=loader(rows), eval_rows=as_rows(rows.select(range(5))),
                                  eval_prompts=[], tracker=Tracker(), model_dir=str(TINY_DIR), rank=0, world_size=1,
                                  pad_id=PAD, ds_config={"zero_optimization": {"stage": 0}})
 

@@ -108,7 +108,8 @@ def test_trust_remote_code_reaches_every_load(monkeypatch, tmp_path):
     monkeypatch.setattr(tokenizer.AutoTokenizer, "from_pretrained",
                         lambda *a, **k: seen.append(("tokenizer", k.get("trust_remote_code"))) or real_tok(*a, **k))
     cfg = compose(["model=tiny", "peft=none", "model.trust_remote_code=true", "strategy.precision=fp32"])
-    folder = model.materialize_random_init(str(ASSETS / "models" / "tiny"), tmp_path / "init", 0, True)
+    folder = tmp_path / "init"
+    model.write_random_init(str(ASSETS / "models" / "tiny"), folder, 0, True)
     monkeypatch.setattr(model.AutoModelForCausalLM, "from_pretrained", classmethod(
         lambda cls, *a, **k: seen.append(("model", k.get("trust_remote_code"))) or real_model(*a, **k)))
     loaded = model.load_model(cfg, folder)

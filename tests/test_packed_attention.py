@@ -11,6 +11,7 @@ import torch.nn.functional as F
 import transformers.modeling_flash_attention_utils as flash_utils
 from transformers import AutoConfig, AutoModelForCausalLM, DataCollatorWithFlattening
 
+from helpers import as_rows
 from ftcluster.config import ASSETS
 from ftcluster.data.collate import collate, model_inputs
 from ftcluster.data.loader import GlobalBatchLoader
@@ -176,7 +177,7 @@ def test_two_rows_per_micro_batch_lose_what_one_row_does(weights, tmp_path):
     """Through the loader and the loss function as training calls them: micro-batch 2 against micro-batch 1,
     same global batch, summed loss and gradients."""
     rows = pack(examples(40, lengths=(5, 70), seed=2), 128)[:8]
-    table = datasets.Dataset.from_list(rows, features=FEATURES)
+    table = as_rows(datasets.Dataset.from_list(rows, features=FEATURES))
     results = []
     for micro in (1, 2):
         model = tiny(weights, VARLEN_SDPA).train()
@@ -264,8 +265,9 @@ def test_packing_under_sdpa_selects_per_example_sdpa():
 def test_load_model_wires_per_example_sdpa_and_final_config_stays_portable(tmp_path):
     from ftcluster.config import compose
     from ftcluster.train import model as model_loading
+    from ftcluster.train.random_init import materialize_random_init
 
-    folder = model_loading.materialize_random_init(str(TINY), tmp_path / "init", 0)
+    folder = materialize_random_init(str(TINY), tmp_path / "init", 0)
     packed = model_loading.load_model(compose(["model=tiny", "peft=none", "strategy.precision=fp32"]), folder)
     assert packed.config._attn_implementation == VARLEN_SDPA
     plain = model_loading.load_model(compose(["model=tiny", "peft=none", "strategy.precision=fp32",

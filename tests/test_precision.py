@@ -111,7 +111,7 @@ def test_the_loss_of_a_bf16_model_is_summed_in_fp32(tmp_path):
 
     from ftcluster.objectives.cross_entropy import token_loss_sum
     from ftcluster.train.bundled import resolve_model_path
-    from ftcluster.train.model import materialize_random_init
+    from ftcluster.train.random_init import materialize_random_init
 
     cfg = compose(TINY_CPU)
     folder = materialize_random_init(resolve_model_path(cfg.model.path), tmp_path / "m", seed=0)

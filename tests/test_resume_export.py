@@ -35,8 +35,8 @@ def test_resume_continues_exactly_like_an_uninterrupted_run(zero3_run, tmp_path)
 @pytest.mark.slow
 def test_export_round_trip_gives_the_same_eval_loss(zero2_run, tmp_path):
     from ftcluster.data.loader import eval_batches
+    from ftcluster.data.rows import read_rows
     from ftcluster.stages.sft import token_loss_sum
-    import datasets
 
     run, template = zero2_run  # its data.chat_template: ChatML without the default system prompt
     logged = rows(run, "eval_loss")[-1]
@@ -47,7 +47,7 @@ def test_export_round_trip_gives_the_same_eval_loss(zero2_run, tmp_path):
     # the run's chat template travels with the model
     assert AutoTokenizer.from_pretrained(run / "final").chat_template == template.read_text()
     model = AutoModelForCausalLM.from_pretrained(run / "final", dtype=torch.float32)
-    eval_rows = datasets.load_from_disk(str(run / "data" / "eval"))
+    eval_rows = read_rows(run / "data" / "eval")
     total = tokens = 0.0
     with torch.no_grad():
         for batch in eval_batches(eval_rows, 4, 0, 1, 0, True):
@@ -123,7 +123,8 @@ def test_qlora_export_merges_the_adapter_into_a_plain_base(tmp_path):
     from ftcluster.config import compose
     from ftcluster.train.bundled import resolve_model_path
     from ftcluster.train.export import write_final
-    from ftcluster.train.model import materialize_random_init, peft_config
+    from ftcluster.train.model import peft_config
+    from ftcluster.train.random_init import materialize_random_init
 
     cfg = compose(["model=tiny", "peft=qlora", "strategy.precision=fp32"])
     model_dir = materialize_random_init(resolve_model_path(cfg.model.path), tmp_path / "base", seed=0)

@@ -12,7 +12,8 @@ at all. What keeps the examples apart is said twice, for the two kinds of attent
   turns into a block-diagonal causal mask when the kwargs above are not forwarded.
 The model must run with `use_cache=False`: with a cache, transformers skips that detection.
 
-Unpacked: rows right-padded to the longest, with an `attention_mask`.
+Unpacked: rows right-padded to the longest, with an `attention_mask`. Preference pairs (collate_pairs): both
+sides of every pair in one padded batch, chosen first.
 
 Every batch also counts its work for throughput metrics: `num_examples` and `num_tokens` (real tokens,
 padding excluded), as 0-d tensors.
@@ -22,6 +23,7 @@ from __future__ import annotations
 
 import torch
 
+from ftcluster.data.pairs import SIDES
 from ftcluster.data.template import IGNORE
 
 # What the model's forward takes from a batch (`labels` stay out: the losses score them in fp32 themselves).
@@ -78,6 +80,29 @@ def pad(rows: list[dict], pad_id: int) -> dict[str, torch.Tensor]:
     batch["num_examples"] = sum(row["num_examples"] for row in rows)
     batch["num_tokens"] = sum(len(row["input_ids"]) for row in rows)
     return {key: torch.tensor(value, dtype=torch.long) for key, value in batch.items()}
+
+
+def collate_pairs(rows: list[dict], pad_id: int) -> dict[str, torch.Tensor]:
+    """A batch of 2P sequences: rows 0..P-1 the chosen sides, P..2P-1 the rejected ones, right-padded to
+    the longest of all, with an attention mask. `row_index` says which prepared row each pair came from
+    (the reference log-prob cache is indexed by it); `margin` is the per-pair reward-model margin."""
+    sequences = [(row[f"{side}_input_ids"], row[f"{side}_labels"]) for side in SIDES for row in rows]
+    width = max(len(ids) for ids, _ in sequences)
+    input_ids, labels, attention = [], [], []
+    for ids, labs in sequences:
+        pad = width - len(ids)
+        input_ids.append(list(ids) + [pad_id] * pad)
+        labels.append(list(labs) + [IGNORE] * pad)
+        attention.append([1] * len(ids) + [0] * pad)
+    return {
+        "input_ids": torch.tensor(input_ids, dtype=torch.long),
+        "labels": torch.tensor(labels, dtype=torch.long),
+        "attention_mask": torch.tensor(attention, dtype=torch.long),
+        "margin": torch.tensor([row["margin"] for row in rows], dtype=torch.float32),
+        "row_index": torch.tensor([row["row_index"] for row in rows], dtype=torch.long),
+        "num_examples": torch.tensor(len(rows)),
+        "num_tokens": torch.tensor(sum(len(ids) for ids, _ in sequences)),
+    }
 
 
 def model_inputs(batch: dict, device: torch.device | str) -> dict:

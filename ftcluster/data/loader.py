@@ -12,22 +12,19 @@ from __future__ import annotations
 
 import hashlib
 import math
-from pathlib import Path
 from typing import Iterator
 
-import datasets
 import numpy as np
-import pyarrow.compute as pc
 import torch
 
-from ftcluster.data.collate import collate
-from ftcluster.data.pairs import collate_pairs
+from ftcluster.data.collate import collate, collate_pairs
+from ftcluster.data.rows import PreparedRows
 from ftcluster.data.template import IGNORE
 from ftcluster.errors import ConfigError, DataError, UserError
 
 
 class GlobalBatchLoader:
-    def __init__(self, rows: datasets.Dataset, global_batch: int, micro_batch: int, rank: int, world_size: int,
+    def __init__(self, rows: PreparedRows, global_batch: int, micro_batch: int, rank: int, world_size: int,
                  seed: int, shuffle: bool, pad_id: int, packed: bool):
         per_step = micro_batch * world_size
         assert global_batch % per_step == 0, "ftcluster.config.derive refuses such batch sizes before launch"
@@ -35,7 +32,7 @@ class GlobalBatchLoader:
         self.rank, self.seed, self.shuffle = rank, seed, shuffle
         self.pad_id, self.packed = pad_id, packed
         self.accum_steps = global_batch // per_step
-        require_rows(len(rows), global_batch, _location(rows))
+        require_rows(len(rows), global_batch, rows.location)
         self.steps_per_epoch = len(rows) // global_batch
         self.rows_digest = _lengths_digest(rows)
         self._epoch, self._order = -1, []
@@ -97,11 +94,11 @@ def require_rows(num_rows: int, global_batch: int, where: str) -> None:
                         f"Lower it, add data, or set data.packing=false for one row per example")
 
 
-def is_pairs(rows: datasets.Dataset) -> bool:
+def is_pairs(rows: PreparedRows) -> bool:
     return "chosen_input_ids" in rows.column_names
 
 
-def eval_batches(rows: datasets.Dataset, micro_batch: int, rank: int, world_size: int, pad_id: int,
+def eval_batches(rows: PreparedRows, micro_batch: int, rank: int, world_size: int, pad_id: int,
                  packed: bool) -> Iterator[dict]:
     """This rank's share of the eval rows (rows rank::world_size) in micro-batches.
 
@@ -128,22 +125,15 @@ def eval_batches(rows: datasets.Dataset, micro_batch: int, rank: int, world_size
         yield collate(batch_rows, pad_id, packed)
 
 
-def _fetch(rows: datasets.Dataset, indices: list[int]) -> list[dict]:
-    columns = rows[indices]  # One columnar read instead of a read per row.
-    return [{"row_index": index, **{key: columns[key][j] for key in columns}} for j, index in enumerate(indices)]
+def _fetch(rows: PreparedRows, indices: list[int]) -> list[dict]:
+    return [{"row_index": index, **row} for index, row in zip(indices, rows.take(indices))]
 
 
-def _lengths_digest(rows: datasets.Dataset) -> str:
+def _lengths_digest(rows: PreparedRows) -> str:
     # Row lengths change with nearly any change to data, tokenizer or packing, and read cheaply
     # from the Arrow column without touching the tokens.
-    table = rows.with_format("arrow")[:]
     h = hashlib.sha256()
     columns = [c for c in ("input_ids", "chosen_input_ids", "rejected_input_ids", "prompt_ids") if c in rows.column_names]
     for column in columns:
-        h.update(np.asarray(pc.list_value_length(table[column]).to_numpy(), dtype=np.int64).tobytes())
+        h.update(rows.list_lengths(column).tobytes())
     return h.hexdigest()[:16]
-
-
-def _location(rows: datasets.Dataset) -> str:
-    files = rows.cache_files
-    return str(Path(files[0]["filename"]).parent) if files else "training split"

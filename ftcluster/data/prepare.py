@@ -26,7 +26,7 @@ from typing import Callable
 
 import datasets
 
-from ftcluster.data import pairs, prompts, store
+from ftcluster.data import store
 from ftcluster.data.assemble import generate_lines, rows_digest, write_rows
 from ftcluster.data.encode import Settings
 from ftcluster.data.in_memory import hold_out, read_splits, small_rows  # noqa: F401  (hold_out: tools/split.py)
@@ -48,7 +48,19 @@ FEATURES = datasets.Features({
     "example_lengths": datasets.List(datasets.Value("int32")),
     "num_examples": datasets.Value("int32"),
 })
-_FEATURES = {"sequences": FEATURES, "pairs": pairs.FEATURES, "prompts": prompts.FEATURES}
+PAIR_FEATURES = datasets.Features({  # pairs.py's rows
+    "chosen_input_ids": datasets.List(datasets.Value("int32")),
+    "chosen_labels": datasets.List(datasets.Value("int32")),
+    "rejected_input_ids": datasets.List(datasets.Value("int32")),
+    "rejected_labels": datasets.List(datasets.Value("int32")),
+    "margin": datasets.Value("float32"),
+})
+PROMPT_FEATURES = datasets.Features({  # prompts.py's rows
+    "prompt_ids": datasets.List(datasets.Value("int32")),
+    "prompt_json": datasets.Value("string"),
+    "extra_json": datasets.Value("string"),
+})
+_FEATURES = {"sequences": FEATURES, "pairs": PAIR_FEATURES, "prompts": PROMPT_FEATURES}
 
 
 def prepare(cfg, tokenizer, out_dir: str | None, connect: Callable[[], None] | None = None, log=print) -> dict:

@@ -8,15 +8,7 @@ from __future__ import annotations
 
 import json
 
-import datasets
-
 from ftcluster.data.template import encode_prompt, prompt_and_reference
-
-FEATURES = datasets.Features({
-    "prompt_ids": datasets.List(datasets.Value("int32")),
-    "prompt_json": datasets.Value("string"),
-    "extra_json": datasets.Value("string"),
-})
 
 
 def as_prompt(example: dict) -> dict:

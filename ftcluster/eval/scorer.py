@@ -14,11 +14,11 @@ import json
 import time
 from pathlib import Path
 
-import datasets
 import torch
 from omegaconf import DictConfig
 
 from ftcluster.config import apply_schema
+from ftcluster.data.rows import read_rows
 from ftcluster.data.template import apply_template_override
 from ftcluster.eval.generate import generate_answers
 from ftcluster.train.evaluation import mean_token_loss
@@ -78,7 +78,7 @@ def _perplexity_loss(cfg: DictConfig, model, rows_dir: Path, pad_id: int) -> flo
     """Mean loss per scored token of a prepared split (eval, general), None when there is none."""
     if not rows_dir.is_dir():
         return None
-    rows = datasets.load_from_disk(str(rows_dir))
+    rows = read_rows(rows_dir)
     return mean_token_loss(model, rows, cfg.trainer.micro_batch_per_device, dist.rank(), dist.world_size(), pad_id,
                            cfg.data.packing, cfg.trainer.loss_chunk_tokens)
 

@@ -19,7 +19,7 @@ from ftcluster.errors import ConfigError
 from ftcluster.train import checkpoint
 from ftcluster.train.bundled import MODELS, PREFIX, resolve_model_path
 from ftcluster.train.export import export_checkpoint
-from ftcluster.train.model import materialize_random_init
+from ftcluster.train.random_init import materialize_random_init
 
 # With these methods and export.merge, a run's final/ holds merged weights; otherwise the base weights,
 # and final/adapter/ is what was trained.

@@ -15,11 +15,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Protocol
 
-import datasets
-
 from ftcluster.config.schema import TrainConfig
 from ftcluster.data.loader import GlobalBatchLoader
 from ftcluster.data.prompts import decode_row
+from ftcluster.data.rows import PreparedRows, read_rows
 from ftcluster.errors import UserError
 from ftcluster.eval.generate import exact_match_rate
 from ftcluster.observe.track import ROLLOUTS_FILE, make_tracker, truncate_metrics
@@ -66,8 +65,8 @@ class RLContext:
     payload: dict
     tracker: object
     loader: GlobalBatchLoader
-    prompt_rows: datasets.Dataset
-    eval_rows: datasets.Dataset | None
+    prompt_rows: PreparedRows
+    eval_rows: PreparedRows | None
     groups: dict[str, RoleGroup]
     start_step: int
     tokenizer: object
@@ -88,8 +87,8 @@ class RLContext:
     def start(cls, cfg, payload: dict, placement: RolePlacement) -> "RLContext":
         rl, data_dir = cfg.stage.rl, Path(payload["data_dir"])
         stats = json.loads((data_dir / "stats.json").read_text())
-        rows = datasets.load_from_disk(str(data_dir / "train"))
-        eval_rows = datasets.load_from_disk(str(data_dir / "eval")) if (data_dir / "eval").is_dir() else None
+        rows = read_rows(data_dir / "train")
+        eval_rows = read_rows(data_dir / "eval") if (data_dir / "eval").is_dir() else None
         loader = GlobalBatchLoader(rows, rl.prompts_per_step, rl.prompts_per_step, 0, 1, cfg.seed, cfg.data.shuffle,
                                    stats["pad_id"], False)
         start_step, resume = 0, payload.get("resume_from")

@@ -164,7 +164,7 @@ def resolve_model(cfg: DictConfig, out: Path) -> str:
     """A local folder every worker can load: bundled models converted, random init materialized."""
     model_dir = resolve_model_path(cfg.model.path)
     if cfg.model.init == "random":
-        from ftcluster.train.model import materialize_random_init
+        from ftcluster.train.random_init import materialize_random_init
 
         model_dir = materialize_random_init(model_dir, out / "init_model", cfg.seed, cfg.model.trust_remote_code)
     return model_dir

@@ -7,6 +7,7 @@ from typing import TYPE_CHECKING
 
 from ftcluster.config.schema import TrainConfig
 from ftcluster.data.loader import GlobalBatchLoader
+from ftcluster.data.rows import PreparedRows
 from ftcluster.observe.track import NullTracker, Tracker
 from ftcluster.observe.watchdog import Watchdog
 from ftcluster.train import checkpoint, stop
@@ -15,7 +16,6 @@ from ftcluster.train.export import write_final
 from ftcluster.util import dist
 
 if TYPE_CHECKING:  # for the annotations only: both take seconds to import
-    import datasets
     from deepspeed import DeepSpeedEngine
     from transformers import PreTrainedTokenizerBase
 
@@ -29,7 +29,7 @@ class StageContext:
     tokenizer: PreTrainedTokenizerBase
     pad_id: int  # the id padding uses in batches (never attended to, never trained)
     loader: GlobalBatchLoader
-    eval_rows: datasets.Dataset | None
+    eval_rows: PreparedRows | None
     eval_prompts: list[dict]  # [{"prompt": messages, "reference": text}] for generation-based eval
     tracker: Tracker | NullTracker
     model_dir: str

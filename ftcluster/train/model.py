@@ -19,7 +19,6 @@ from transformers import (AutoConfig, AutoModelForCausalLM, AutoModelForSequence
 from ftcluster.errors import ConfigError
 from ftcluster.train.attention import attn_implementation
 from ftcluster.train.tokenizer import load_tokenizer
-from ftcluster.util.atomic import replacing
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -30,21 +29,14 @@ MODEL_CLASSES = {"causal_lm": AutoModelForCausalLM, "reward": AutoModelForSequen
 _PEFT_TASKS = {"causal_lm": "CAUSAL_LM", "reward": "SEQ_CLS", "value": "TOKEN_CLS"}
 
 
-def materialize_random_init(model_dir: str, out_dir: Path, seed: int, trust_remote_code: bool = False) -> str:
-    """Write seeded random weights for a config-only model folder (model.init=random).
-
-    Done once in the driver so that every strategy and world size starts from the very same weights,
-    which is what lets a ZeRO-3 run be compared with a single-process one.
-    """
-    if (out_dir / "config.json").is_file():
-        return str(out_dir)
+def write_random_init(model_dir: str, out_dir: Path, seed: int, trust_remote_code: bool = False) -> None:
+    """Write `model_dir`'s model with weights drawn from `seed`, and its tokenizer, into `out_dir`
+    (random_init.materialize_random_init decides whether to, and where)."""
     torch.manual_seed(seed)
     config = AutoConfig.from_pretrained(model_dir, trust_remote_code=trust_remote_code)
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32, trust_remote_code=trust_remote_code)
-    with replacing(out_dir) as tmp:
-        model.save_pretrained(tmp)
-        load_tokenizer(model_dir, trust_remote_code).save_pretrained(tmp)
-    return str(out_dir)
+    model.save_pretrained(out_dir)
+    load_tokenizer(model_dir, trust_remote_code).save_pretrained(out_dir)
 
 
 def load_model(cfg: DictConfig, model_dir: str, kind: str = "causal_lm", peft: bool = True,

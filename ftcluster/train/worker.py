@@ -12,12 +12,12 @@ import os
 import random
 from pathlib import Path
 
-import datasets
 import numpy as np
 import torch
 
 from ftcluster.config import apply_schema, derive
 from ftcluster.data.loader import GlobalBatchLoader
+from ftcluster.data.rows import read_rows
 from ftcluster.data.template import apply_template_override
 from ftcluster.observe import peak_memory
 from ftcluster.observe.track import make_tracker, truncate_metrics
@@ -69,8 +69,8 @@ def train_worker(payload: dict) -> None:
     engine = ds_engine.initialize(model, cfg, ds_config)
     _seed_everything(cfg.seed + rank)  # e.g. dropout masks differ per rank, as their data does
 
-    train_rows = datasets.load_from_disk(str(data_dir / "train"))
-    eval_rows = datasets.load_from_disk(str(data_dir / "eval")) if (data_dir / "eval").is_dir() else None
+    train_rows = read_rows(data_dir / "train")
+    eval_rows = read_rows(data_dir / "eval") if (data_dir / "eval").is_dir() else None
     loader = GlobalBatchLoader(train_rows, cfg.trainer.global_batch, cfg.trainer.micro_batch_per_device, rank, world,
                                cfg.seed, cfg.data.shuffle, data_stats["pad_id"], cfg.data.packing)
 
