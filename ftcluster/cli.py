@@ -90,12 +90,9 @@ def _main(argv: list[str]) -> int:
         print(f"ftcluster: unknown command {verb!r}\n\n{USAGE}", file=sys.stderr)
         return 2
     try:
-        # jobs only talks to a dashboard: no need to import torch (seconds); train quiets them once it has
-        # started what can start before torch is imported (ftcluster.run.driver)
-        if verb not in ("jobs", "train"):
-            from ftcluster.util.quiet import quiet_libraries
+        from ftcluster.util.quiet import quiet_libraries
 
-            quiet_libraries()
+        quiet_libraries()  # imports nothing: the libraries read it when (and if) they are imported
         return commands[verb](rest) or 0
     except UserError as exc:
         print(f"ftcluster {verb}: error: {exc}", file=sys.stderr)

@@ -150,6 +150,23 @@ def test_random_init_is_built_once_and_then_copied_without_torch(tmp_path, monke
     assert len(list((tmp_path / "cache" / "random_init").iterdir())) == 2
 
 
+def test_model_facts_are_read_with_the_libraries_once_then_from_the_cache(tmp_path, monkeypatch):
+    import transformers
+
+    from ftcluster.data.reuse import tokenizer_facts
+    from ftcluster.train import model_facts
+    from ftcluster.train.tokenizer import load_tokenizer
+
+    monkeypatch.setenv("FTCLUSTER_CACHE", str(tmp_path / "cache"))
+    first = model_facts.folder_facts(str(TINY), False)
+    config = transformers.AutoConfig.from_pretrained(TINY)
+    assert first.tokenizer == tokenizer_facts(load_tokenizer(str(TINY)))
+    assert (first.vocab_size, first.max_position_embeddings) == (config.vocab_size, config.max_position_embeddings)
+    monkeypatch.setattr(model_facts, "_read", lambda *a: pytest.fail("read again instead of from the cache"))
+    assert model_facts.folder_facts(str(TINY), False) == first
+    assert len(list((tmp_path / "cache" / "model_facts").iterdir())) == 1
+
+
 def test_ordinary_paths_pass_through():
     assert resolve_model_path("/some/folder") == "/some/folder"
     assert resolve_model_path(str(TINY)) == str(TINY)

@@ -115,6 +115,49 @@ def test_second_train_reuses_the_set_without_tokenizing(tmp_path, capfd, monkeyp
     assert (tmp_path / "first" / "data").resolve() == (tmp_path / "second" / "data").resolve()
 
 
+# A driver's checks and data preparation in a fresh interpreter (what `ftcluster train` does before it launches),
+# then which of the heavy libraries that imported.
+DRIVER = """
+import json, sys
+from ftcluster.config import compose
+from ftcluster.run.driver import prepare_run
+payload = prepare_run(compose(sys.argv[1:]), ["train"])
+print(json.dumps(sorted(m for m in ("torch", "transformers", "datasets", "pandas") if m in sys.modules)))
+"""
+
+
+def test_a_driver_whose_set_is_prepared_imports_neither_torch_nor_transformers(tmp_path):
+    """The second `ftcluster train` on the same data finds its set from the model folder's cached facts: the same
+    set as the first, which loaded the tokenizer, and no import of torch, transformers or datasets. A changed
+    tokenizer file is another folder's facts: read again, with the libraries."""
+    import shutil
+    import subprocess
+    import sys
+
+    model = tmp_path / "model"
+    shutil.copytree(TOKENIZER, model)
+    env = {"FTCLUSTER_CACHE": str(tmp_path / "cache"), "PATH": "/usr/bin:/bin", "CUDA_VISIBLE_DEVICES": ""}
+
+    def driver(name: str) -> tuple[list[str], str]:
+        args = [*TINY, "launcher=processes", f"model.path={model}", f"output_dir={tmp_path / name}",
+                f"data.prepared_dir={tmp_path / 'store'}"]
+        result = subprocess.run([sys.executable, "-c", DRIVER, *args], capture_output=True, text=True, env=env)
+        assert result.returncode == 0, result.stderr[-3000:]
+        return json.loads(result.stdout.splitlines()[-1]), result.stdout
+
+    first, said = driver("first")
+    assert "torch" in first and "reusing the prepared set" not in said
+    second, said = driver("second")
+    assert second == [] and "reusing the prepared set" in said, said
+    assert (tmp_path / "first" / "data").resolve() == (tmp_path / "second" / "data").resolve()
+
+    config = json.loads((model / "tokenizer_config.json").read_text())
+    (model / "tokenizer_config.json").write_text(json.dumps({**config, "model_max_length": 2048}))
+    third, said = driver("third")
+    assert "transformers" in third, third  # the folder's facts are read again; its set is still the same one
+    assert (tmp_path / "third" / "data").resolve() == (tmp_path / "first" / "data").resolve()
+
+
 def test_mixture_realises_its_weights(tmp_path, tokenizer):
     a = write_jsonl(tmp_path / "a.jsonl", chats(40, seed=1))
     b = write_jsonl(tmp_path / "b.jsonl", chats(30, seed=2))

@@ -27,7 +27,7 @@ from omegaconf import OmegaConf
 from helpers import TINY, last_step, ranks_held
 from ftcluster.observe import track
 from ftcluster.run.preflight import resolve_resume
-from ftcluster.train import checkpoint
+from ftcluster.train import checkpoint, checkpoint_io
 from ftcluster.util import atomic
 
 # Two ranks on plain processes: long enough to interrupt after a couple of steps.
@@ -37,7 +37,7 @@ INLINE_RUN = [*TINY, "launcher=inline", "launcher.workers=1"]
 
 
 class WritingEngine:
-    """DeepSpeed's side of a save, as files: what checkpoint.save and commit are tested on without a model."""
+    """DeepSpeed's side of a save, as files: what checkpoint_io.save and commit are tested on without a model."""
 
     def save_checkpoint(self, save_dir, tag, exclude_frozen_parameters):
         (Path(save_dir) / tag).mkdir(parents=True)
@@ -46,7 +46,7 @@ class WritingEngine:
 
 def save(root: Path, *steps: int, keep_last: int = 0) -> None:
     for step in steps:
-        checkpoint.save(WritingEngine(), root, step, {"data": {}}, keep_last=keep_last, exclude_frozen=False)
+        checkpoint_io.save(WritingEngine(), root, step, {"data": {}}, keep_last=keep_last, exclude_frozen=False)
 
 
 def snapshot(folder: Path) -> dict[str, bytes]:

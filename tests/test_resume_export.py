@@ -8,7 +8,7 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
 from helpers import RESUMABLE, cli, train
-from ftcluster.train import checkpoint
+from ftcluster.train import checkpoint, checkpoint_io
 from ftcluster.observe.track import read_metrics
 
 
@@ -79,9 +79,9 @@ class WritingEngine:
 
 
 def test_a_crash_mid_save_leaves_the_previous_checkpoint_in_charge(tmp_path):
-    checkpoint.save(WritingEngine(), tmp_path, 4, {"data": {}}, keep_last=2, exclude_frozen=False)
+    checkpoint_io.save(WritingEngine(), tmp_path, 4, {"data": {}}, keep_last=2, exclude_frozen=False)
     with pytest.raises(OSError):
-        checkpoint.save(FailingEngine(), tmp_path, 8, {"data": {}}, keep_last=2, exclude_frozen=False)
+        checkpoint_io.save(FailingEngine(), tmp_path, 8, {"data": {}}, keep_last=2, exclude_frozen=False)
     assert checkpoint.latest_checkpoint(tmp_path).name == "step-4"
     assert (tmp_path / "checkpoints" / "step-4" / "state" / "weights.pt").read_bytes() == b"ok"
     # a folder named like a checkpoint but never completed is not picked either
@@ -89,13 +89,13 @@ def test_a_crash_mid_save_leaves_the_previous_checkpoint_in_charge(tmp_path):
     assert checkpoint.latest_checkpoint(tmp_path).name == "step-4"
     # a failed save at the same step as a good one does not destroy the good one
     with pytest.raises(OSError):
-        checkpoint.save(FailingEngine(), tmp_path, 4, {"data": {}}, keep_last=2, exclude_frozen=False)
+        checkpoint_io.save(FailingEngine(), tmp_path, 4, {"data": {}}, keep_last=2, exclude_frozen=False)
     assert (tmp_path / "checkpoints" / "step-4" / "state" / "weights.pt").read_bytes() == b"ok"
 
 
 def test_keep_last_prunes_oldest(tmp_path):
     for step in (2, 4, 6, 8):
-        checkpoint.save(WritingEngine(), tmp_path, step, {"data": {}}, keep_last=2, exclude_frozen=False)
+        checkpoint_io.save(WritingEngine(), tmp_path, step, {"data": {}}, keep_last=2, exclude_frozen=False)
     assert [p.name for p in checkpoint.complete_checkpoints(tmp_path)] == ["step-6", "step-8"]
     assert checkpoint.read_state(tmp_path / "checkpoints" / "step-8")["step"] == 8
 

@@ -18,9 +18,9 @@ import numpy as np
 import torch
 
 from ftcluster.data.collate import collate, collate_pairs
-from ftcluster.data.rows import PreparedRows
+from ftcluster.data.rows import PreparedRows, require_rows
 from ftcluster.data.template import IGNORE
-from ftcluster.errors import ConfigError, DataError, UserError
+from ftcluster.errors import ConfigError, UserError
 
 
 class GlobalBatchLoader:
@@ -83,15 +83,6 @@ class GlobalBatchLoader:
                             f"{len(self.rows)} now, or rows of other lengths): the data files, tokenizer, "
                             f"trainer.max_seq_len or a data.* setting differ. Restore them to resume, or start a new "
                             f"run in a fresh output_dir")
-
-
-def require_rows(num_rows: int, global_batch: int, where: str) -> None:
-    """One global batch needs `global_batch` distinct rows; fewer would make an epoch zero steps long."""
-    if num_rows < global_batch:
-        raise DataError(where, None,
-                        f"the training split has {num_rows} rows (packed sequences when data.packing=true), fewer "
-                        f"than trainer.global_batch={global_batch}; trainer.global_batch must be at most {num_rows}. "
-                        f"Lower it, add data, or set data.packing=false for one row per example")
 
 
 def is_pairs(rows: PreparedRows) -> bool:

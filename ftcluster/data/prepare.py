@@ -15,8 +15,6 @@ worker encoded or wrote what.
 
 from __future__ import annotations
 
-import functools
-import hashlib
 import json
 import sys
 import time
@@ -30,7 +28,8 @@ from ftcluster.data import store
 from ftcluster.data.assemble import generate_lines, rows_digest, write_rows
 from ftcluster.data.encode import Settings
 from ftcluster.data.in_memory import hold_out, read_splits, small_rows  # noqa: F401  (hold_out: tools/split.py)
-from ftcluster.data.loader import require_rows
+from ftcluster.data.reuse import fingerprint, rows_per_step, tokenizer_facts, use, uses_template
+from ftcluster.data.rows import require_rows
 from ftcluster.data.packing import token_efficiency
 from ftcluster.data.parallel import encode_units, on_cluster, pool_size, worker_count
 from ftcluster.data.sources import split_sources, units
@@ -38,9 +37,6 @@ from ftcluster.data import splits as splitting
 from ftcluster.data.template import apply_template_override, prompt_and_reference
 from ftcluster.errors import ConfigError
 from ftcluster.stages.registry import STAGES
-
-# Bump when the encoding or the layout on disk changes, so older prepared sets are not reused.
-LAYOUT_VERSION = 4  # 4: rows carry their examples' lengths, not a position id per token
 
 FEATURES = datasets.Features({
     "input_ids": datasets.List(datasets.Value("int32")),
@@ -86,16 +82,7 @@ def prepare(cfg, tokenizer, out_dir: str | None, connect: Callable[[], None] | N
                 log(f"[ftcluster] data: reusing the prepared set {folder} (prepared by another process meanwhile)")
     else:
         log(f"[ftcluster] data: reusing the prepared set {folder} (fingerprint {key[:12]}); no tokenization")
-    # Checked on a reused set too: it may have been prepared for a smaller trainer.global_batch.
-    require_rows(stats["train"]["rows"], _rows_per_step(cfg), str(folder / "train"))
-    if out_dir is not None:
-        store.link(Path(out_dir), folder)
-    return {**stats, "dir": str(folder), "reused": reused} if out_dir is None else stats
-
-
-def _uses_template(cfg) -> bool:
-    formats = {cfg.data.format} | {s.get("format") or cfg.data.format for s in (cfg.data.get("sources") or [])}
-    return formats != {"text"}
+    return use(cfg, folder, stats, out_dir, reused)
 
 
 def _build(cfg, tokenizer, out: Path, key: str, connect) -> dict:
@@ -154,7 +141,7 @@ def _build_sequences(cfg, tokenizer, out: Path, stats: dict, connect) -> int:
         rows, tokens, digest = write_rows(split.examples, shards, out / name, FEATURES, cfg.trainer.max_seq_len,
                                           bool(data.packing), parallel=on_cluster(workers))
         if name == "train":
-            require_rows(rows, _rows_per_step(cfg), split.first_path)  # before any worker starts
+            require_rows(rows, rows_per_step(cfg), split.first_path)  # before any worker starts
             if data.get("sources"):
                 counts["sources"] = splitting.proportions(split, train_sources)
         counts.update(rows=rows, packing_efficiency=round(token_efficiency(tokens, rows, cfg.trainer.max_seq_len), 4),
@@ -176,7 +163,7 @@ def _build_small(cfg, tokenizer, out: Path, stats: dict, kind: str) -> int:
             continue
         rows, counts, kept = small_rows(kind, name, items, cfg, tokenizer)
         if name == "train":
-            require_rows(len(rows), _rows_per_step(cfg), cfg.data.path)
+            require_rows(len(rows), rows_per_step(cfg), cfg.data.path)
         _save_rows(rows, out / name, _FEATURES[kind])
         stats[name] = {**counts, "rows_digest": rows_digest(rows)}
         if kept:
@@ -184,10 +171,6 @@ def _build_small(cfg, tokenizer, out: Path, stats: dict, kind: str) -> int:
                 (json.dumps(dict(zip(("prompt", "reference"), prompt_and_reference(e))), ensure_ascii=False)
                  for e in kept if "messages" in e), out / "eval_generate.jsonl")
     return 1
-
-
-def _rows_per_step(cfg) -> int:
-    return cfg.stage.rl.prompts_per_step if STAGES[cfg.stage.name].data_kind == "prompts" else cfg.trainer.global_batch
 
 
 @contextmanager
@@ -245,75 +228,6 @@ def _save_rows(rows: list[dict], where: Path, features: datasets.Features) -> No
 def prepared_key(cfg, tokenizer) -> str:
     """The fingerprint prepare() keys cfg's set by: data.chat_template is applied to the tokenizer first (and
     stays applied), as prepare() applies it before encoding."""
-    if _uses_template(cfg):
+    if uses_template(cfg):
         apply_template_override(tokenizer, cfg.data.chat_template)
-    return fingerprint(cfg, tokenizer)
-
-
-def fingerprint(cfg, tokenizer) -> str:
-    """The store's key for cfg's prepared set: the data files' bytes, the tokenizer, and every setting that
-    shapes the rows. Settings that do not (learning rate, steps, the launcher) leave it unchanged, so sweep
-    trials over them share one set."""
-    data = cfg.data
-    h = hashlib.sha256()
-    for split in ("train", "eval"):
-        h.update(split.encode())
-        for source in split_sources(data, split) or []:
-            h.update(json.dumps([source.format, source.weight]).encode())
-            for file in source.files:
-                _hash_file(h, Path(file))
-    h.update(_tokenizer_identity(tokenizer).encode())
-    kind = STAGES[cfg.stage.name].data_kind
-    settings = {
-        "layout": LAYOUT_VERSION,
-        "kind": kind,
-        "room_for_generation": cfg.stage.rl.max_new_tokens if kind == "prompts" else None,
-        "chat_template": tokenizer.chat_template if _uses_template(cfg) else None,
-        "eos": tokenizer.eos_token_id,
-        "format": data.format,
-        "system_prompt": data.system_prompt,
-        "train_on": data.train_on,
-        "packing": data.packing,
-        "truncation": data.truncation,
-        "max_seq_len": cfg.trainer.max_seq_len,
-        # The seed and fraction only shape the data when eval is held out of data.path; the seed also
-        # samples a mixture's weighted sources.
-        "hold_out": None if data.eval_path or not data.eval_fraction else [data.eval_fraction, cfg.seed],
-        "mixture_seed": cfg.seed if data.get("sources") else None,
-    }
-    h.update(json.dumps(settings, sort_keys=True).encode())
-    return h.hexdigest()
-
-
-def _tokenizer_identity(tokenizer) -> str:
-    """What makes the tokenizer's tokens: the fast tokenizer's whole definition, less its padding and truncation
-    state, which the encoder never uses (it tokenizes unpadded, untruncated) and which a saved tokenizer carries
-    from how it was last called (a run's final/ tokenizer pads left for generation), so that eval and a run
-    share a set."""
-    backend = getattr(tokenizer, "backend_tokenizer", None)
-    if backend is None:
-        return json.dumps(sorted(tokenizer.get_vocab().items()))
-    definition = json.loads(backend.to_str())
-    definition.pop("padding", None)
-    definition.pop("truncation", None)
-    return json.dumps(definition, sort_keys=True)
-
-
-def _hash_file(h, path: Path) -> None:
-    h.update(path.name.encode() if path.is_dir() else b"file")
-    files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
-    for file in files:
-        h.update(str(file.relative_to(path) if path.is_dir() else "").encode())
-        stat = file.stat()
-        h.update(_file_digest(str(file.resolve()), stat.st_size, stat.st_mtime_ns, stat.st_ino))
-
-
-@functools.lru_cache(maxsize=4096)
-def _file_digest(path: str, size: int, mtime_ns: int, inode: int) -> bytes:
-    """A data file's sha256, read once per process while the file is unchanged: a sweep fingerprints every
-    trial's config, and a multi-GB data set would otherwise be read again for each."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.digest()
+    return fingerprint(cfg, tokenizer_facts(tokenizer))

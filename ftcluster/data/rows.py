@@ -16,6 +16,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from ftcluster.errors import DataError
+
 
 class PreparedRows:
     """`table`'s rows, where `location` (a folder, or what the rows are, for messages) says they came from."""
@@ -58,3 +60,12 @@ def read_rows(folder: Path | str) -> PreparedRows:
     files = [folder / f["filename"] for f in json.loads((folder / "state.json").read_text())["_data_files"]]
     tables = [pa.ipc.open_stream(pa.memory_map(str(path))).read_all() for path in files]
     return PreparedRows(pa.concat_tables(tables), str(folder))
+
+
+def require_rows(num_rows: int, global_batch: int, where: str) -> None:
+    """One global batch needs `global_batch` distinct rows; fewer would make an epoch zero steps long."""
+    if num_rows < global_batch:
+        raise DataError(where, None,
+                        f"the training split has {num_rows} rows (packed sequences when data.packing=true), fewer "
+                        f"than trainer.global_batch={global_batch}; trainer.global_batch must be at most {num_rows}. "
+                        f"Lower it, add data, or set data.packing=false for one row per example")

@@ -38,7 +38,7 @@ _OVERRIDE_PROBE = [{"role": "user", "content": "Hello"}, {"role": "assistant", "
 def apply_template_override(tokenizer, chat_template: str | None) -> None:
     """Set `data.chat_template` (inline Jinja or a file path) on the tokenizer; fail early if none works."""
     if chat_template is not None:
-        tokenizer.chat_template = _template_text(chat_template)
+        tokenizer.chat_template = template_text(chat_template)
     if not tokenizer.chat_template:
         raise ConfigError("data.chat_template",
                           "the tokenizer has no chat template, so chat and alpaca data cannot be rendered. Set "
@@ -48,7 +48,7 @@ def apply_template_override(tokenizer, chat_template: str | None) -> None:
     _render(tokenizer, _OVERRIDE_PROBE, add_generation_prompt=False)
 
 
-def _template_text(value: str) -> str:
+def template_text(value: str) -> str:
     if "{{" in value or "{%" in value:
         return value
     path = Path(value).expanduser()

@@ -32,7 +32,7 @@ from ftcluster.rl.experience import from_lists, pad_sequences, response_mask, to
 from ftcluster.rl.sampling import sample_responses
 from ftcluster.rl.weights import (checksum, decoder_layers_only, from_arrays, lora_scalings, merged_lora_state,
                                   split_aliases, to_arrays, with_aliases)
-from ftcluster.train import checkpoint
+from ftcluster.train import checkpoint_io
 from ftcluster.train import engine as ds_engine
 from ftcluster.train.engine import deepspeed_config, full_state_dict, optimizer_step
 from ftcluster.train.export import write_final
@@ -104,7 +104,7 @@ class PolicyWorker(RoleWorker):
         resume = self.payload.get("resume_from")
         if resume:
 
-            checkpoint.load_engine(self.engine, Path(resume) / "policy", exclude_frozen=cfg.peft.method != "none")
+            checkpoint_io.load_engine(self.engine, Path(resume) / "policy", exclude_frozen=cfg.peft.method != "none")
 
     def generate(self, prompt_ids: list[list[int]], seed: int, greedy: bool = False,
                  max_new_tokens: int | None = None) -> list[list[int]]:
@@ -214,7 +214,7 @@ class PolicyWorker(RoleWorker):
             return {name: p.detach().clone() for name, p in named} if self.rank == 0 else {}
 
     def save(self, folder: str) -> None:
-        checkpoint.save_engine(self.engine, Path(folder) / "policy", exclude_frozen=self.cfg.peft.method != "none")
+        checkpoint_io.save_engine(self.engine, Path(folder) / "policy", exclude_frozen=self.cfg.peft.method != "none")
 
     def export_final(self, out_dir: str) -> str | None:
         state = full_state_dict(self.engine)
@@ -292,7 +292,7 @@ class CriticWorker(RoleWorker):
         resume = self.payload.get("resume_from")
         if resume:
 
-            checkpoint.load_engine(self.engine, Path(resume) / "critic", exclude_frozen=cfg.peft.method != "none")
+            checkpoint_io.load_engine(self.engine, Path(resume) / "critic", exclude_frozen=cfg.peft.method != "none")
 
     @torch.no_grad()
     def values(self, samples: list[dict]) -> list[list[float]]:
@@ -325,7 +325,7 @@ class CriticWorker(RoleWorker):
         return {"value_loss": dist.to_host(value_loss).item(), "tokens": float(tokens)}
 
     def save(self, folder: str) -> None:
-        checkpoint.save_engine(self.engine, Path(folder) / "critic", exclude_frozen=self.cfg.peft.method != "none")
+        checkpoint_io.save_engine(self.engine, Path(folder) / "critic", exclude_frozen=self.cfg.peft.method != "none")
 
 
 class RolloutWorker(RoleWorker):

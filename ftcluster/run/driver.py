@@ -46,7 +46,7 @@ def train(cfg: DictConfig, argv: list[str]) -> Path:
 
 def _train(cfg: DictConfig, argv: list[str]) -> Path:
     early = _start_early(cfg)
-    quiet_libraries()  # imports torch: after what starts early (ranks, a cluster) has begun
+    quiet_libraries()  # for callers other than the CLI (which did it)
     try:
         payload = prepare_run(cfg, argv)
         stop.check_early()  # a stop signal while the data was prepared: exit 75 before any worker runs
@@ -114,12 +114,12 @@ def prepare_cluster(cfg: DictConfig):
 def prepare_run(cfg: DictConfig, argv: list[str]) -> dict | None:
     """Everything before the launch: checks, resume policy, model folder, data, config.yaml and
     manifest.json. Returns the payload every worker entry gets, or None when the run is already complete."""
-    from ftcluster.data.prepare import prepare
+    from ftcluster.data.reuse import reuse_prepared
     from ftcluster.run.manifest import manifest
     from ftcluster.run.preflight import (already_finished, check_eval_references, check_model, check_rewards,
                                          resolve_resume)
     from ftcluster.train import checkpoint
-    from ftcluster.train.tokenizer import load_tokenizer
+    from ftcluster.train.model_facts import folder_facts
 
     derived = validate(cfg)
     if STAGES[cfg.stage.name].runner == "rl":
@@ -148,8 +148,13 @@ def prepare_run(cfg: DictConfig, argv: list[str]) -> dict | None:
     payload = {"config": OmegaConf.to_container(cfg, resolve=True), "model_dir": model_dir,
                "data_dir": str(out / "data"), "resume_from": str(resume_from) if resume_from else None,
                "launch_id": uuid.uuid4().hex}
-    stats = prepare(cfg, load_tokenizer(model_dir, cfg.model.trust_remote_code), out / "data",
-                    connect=prepare_cluster(cfg))
+    stats = reuse_prepared(cfg, folder_facts(model_dir, cfg.model.trust_remote_code).tokenizer, out / "data")
+    if stats is None:  # the tokenizer, and the libraries that build a set, only now
+        from ftcluster.data.prepare import prepare
+        from ftcluster.train.tokenizer import load_tokenizer
+
+        stats = prepare(cfg, load_tokenizer(model_dir, cfg.model.trust_remote_code), out / "data",
+                        connect=prepare_cluster(cfg))
     if cfg.launcher.name in ("processes", "inline"):
         release_cluster()  # a Ray started here for the data alone would hold the ranks' cores
     _report_data(cfg, stats)

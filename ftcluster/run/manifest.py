@@ -11,11 +11,10 @@ import sys
 import time
 from pathlib import Path
 
-import torch
 from omegaconf import DictConfig
 
 from ftcluster.config import Derived
-from ftcluster.util.hardware import cpu_model
+from ftcluster.util.hardware import cpu_model, cuda_available
 from ftcluster.util.secrets import redact_args
 
 PACKAGES = ["ftcluster", "torch", "deepspeed", "transformers", "peft", "ray", "hydra-core", "wandb", "datasets",
@@ -32,7 +31,7 @@ def manifest(cfg: DictConfig, derived: Derived, argv: list[str], stats: dict) ->
         "hardware": _hardware(),
         # strategy.precision after validate() resolved auto, and whether fp32 matmuls ran on TF32 (engine.enable_tf32).
         "precision": cfg.strategy.precision,
-        "tf32": torch.cuda.is_available(),
+        "tf32": cuda_available(),
         "world_size": derived.world_size,
         "grad_accum_steps": derived.grad_accum_steps,
         "data_fingerprint": stats.get("fingerprint"),
@@ -57,7 +56,12 @@ def _version(name: str) -> str | None:
 
 
 def _hardware() -> dict:
-    info = {"machine": platform.machine(), "cpu_model": cpu_model(), "cpus": os.cpu_count(), "cuda": torch.version.cuda}
-    if torch.cuda.is_available():
+    """Without a GPU, without importing torch (seconds of a driver's start): its build, CUDA or not, is in the
+    version under packages (2.x.y+cu128, +cpu)."""
+    info = {"machine": platform.machine(), "cpu_model": cpu_model(), "cpus": os.cpu_count(), "cuda": None}
+    if cuda_available():
+        import torch
+
+        info["cuda"] = torch.version.cuda
         info["gpus"] = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
     return info

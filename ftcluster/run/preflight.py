@@ -9,7 +9,6 @@ import json
 from pathlib import Path
 
 from omegaconf import DictConfig
-from transformers import AutoConfig
 
 from ftcluster.config import Derived
 from ftcluster.data.formats import read_records, to_example
@@ -18,7 +17,7 @@ from ftcluster.errors import ConfigError, DataError
 from ftcluster.eval.scores import check_references
 from ftcluster.rewards import load_reward_fn
 from ftcluster.train import checkpoint
-from ftcluster.train.tokenizer import load_tokenizer
+from ftcluster.train.model_facts import folder_facts
 
 
 def check_rewards(cfg: DictConfig) -> None:
@@ -31,6 +30,10 @@ def check_rewards(cfg: DictConfig) -> None:
     folder = Path(rl.reward_model)
     if not (folder / "config.json").is_file():
         raise ConfigError("stage.rl.reward_model", f"{folder} is not a Hugging Face model folder (no config.json)")
+    from transformers import AutoConfig  # an RL run's driver imports transformers in any case
+
+    from ftcluster.train.tokenizer import load_tokenizer
+
     config = AutoConfig.from_pretrained(folder, trust_remote_code=cfg.model.trust_remote_code)
     if not any(arch.endswith("ForSequenceClassification") for arch in config.architectures or []):
         raise ConfigError("stage.rl.reward_model", f"{folder} holds {config.architectures}, not a sequence "
@@ -111,16 +114,14 @@ def check_model(cfg: DictConfig, model_dir: str) -> None:
     if not any((folder / name).is_file() for name in _TOKENIZER):
         raise ConfigError("model.path", f"{where} has no tokenizer (tokenizer.json or tokenizer_config.json); copy "
                                         f"the model's tokenizer files into it")
-    trust = cfg.model.trust_remote_code
-    text = AutoConfig.from_pretrained(folder, trust_remote_code=trust).get_text_config()
-    vocab = getattr(text, "vocab_size", None)
-    size = len(load_tokenizer(model_dir, trust))
+    facts = folder_facts(model_dir, cfg.model.trust_remote_code)
+    vocab, size = facts.vocab_size, facts.tokenizer.size
     if vocab is not None and size > vocab:
         raise ConfigError("model.path", f"the tokenizer in {where} has {size} tokens but the model only {vocab} "
                                         f"embeddings (vocab_size in config.json): ids past {vocab - 1} have no "
                                         f"embedding. Use the tokenizer the model was trained with, or resize the "
                                         f"embeddings and save the model first")
-    positions = getattr(text, "max_position_embeddings", None)
+    positions = facts.max_position_embeddings
     if positions is not None and cfg.trainer.max_seq_len > positions:
         raise ConfigError("trainer.max_seq_len", f"got {cfg.trainer.max_seq_len}; the model in {where} has "
                                                  f"{positions} positions (max_position_embeddings); use "

@@ -13,23 +13,21 @@ a checkpoint older than the newest (resume=PATH, or an unreadable newest) moves 
 way, into checkpoints/abandoned-<UTC time>/ (abandon_after), where nothing looks for a checkpoint: resume=auto,
 The launcher's restarts of the workers (the newest of the same launch) and keep-last-K (pruning) only ever see the checkpoints
 of the run's current history. Nothing is deleted; resume=PATH to an abandoned one switches back.
+
+The ranks write and read what is inside (checkpoint_io.py); this module, which imports no torch, is also the
+launching process's.
 """
 
 from __future__ import annotations
 
 import json
-import random
 import re
 import shutil
 import time
 from pathlib import Path
 from typing import Callable
 
-import numpy as np
-import torch
-
-from ftcluster.train.safe_load import weights_only_loads
-from ftcluster.util import atomic, dist
+from ftcluster.util import atomic
 
 TAG = "state"
 STATE_FILE = "trainer_state.json"
@@ -127,20 +125,6 @@ def abandon_after(output_dir: str | Path, step: int) -> Path | None:
     return aside
 
 
-def save(engine, output_dir: str | Path, step: int, trainer_state: dict, keep_last: int,
-         exclude_frozen: bool) -> Path:
-    """Collective: every rank calls it. Returns the final checkpoint path."""
-    tmp = begin(output_dir, step) if dist.rank() == 0 else atomic.pending(step_path(output_dir, step))
-    dist.barrier()
-    save_engine(engine, tmp, exclude_frozen)
-    dist.barrier()
-    final = step_path(output_dir, step)
-    if dist.rank() == 0:
-        commit(tmp, {"step": step, **trainer_state}, keep_last)
-    dist.barrier()
-    return final
-
-
 def step_path(output_dir: str | Path, step: int) -> Path:
     return checkpoints_dir(output_dir) / f"step-{step}"
 
@@ -162,47 +146,7 @@ def commit(tmp: Path, trainer_state: dict, keep_last: int) -> Path:
     return final
 
 
-def save_engine(engine, folder: Path, exclude_frozen: bool) -> None:
-    """Collective within the engine's group: its DeepSpeed shards and each rank's RNG state."""
-    engine.save_checkpoint(str(folder), tag=TAG, exclude_frozen_parameters=exclude_frozen)
-    torch.save(_rng_state(), Path(folder) / f"rng_rank{dist.rank()}.pt")
-
-
 def prune(output_dir: str | Path, keep_last: int) -> None:
     """Keep the newest `keep_last` complete checkpoints (0 keeps them all)."""
     for stale in complete_checkpoints(output_dir)[:-keep_last]:
         shutil.rmtree(stale)
-
-
-def load(engine, checkpoint: Path, exclude_frozen: bool) -> dict:
-    """Restores model, optimizer, scheduler and this rank's RNG; returns the trainer state."""
-    load_engine(engine, checkpoint, exclude_frozen)
-    return read_state(checkpoint)
-
-
-def load_engine(engine, folder: Path, exclude_frozen: bool) -> None:
-    # A checkpoint folder can be handed over by anyone: nothing in it may run code when unpickled, including
-    # inside DeepSpeed's load_checkpoint, which calls torch.load(weights_only=False) itself.
-    with weights_only_loads():
-        load_path, _ = engine.load_checkpoint(str(folder), tag=TAG, load_optimizer_states=True,
-                                              load_lr_scheduler_states=True, load_module_strict=not exclude_frozen)
-        if load_path is None:
-            raise RuntimeError(f"DeepSpeed could not load {folder}")
-        rng_file = Path(folder) / f"rng_rank{dist.rank()}.pt"
-        if rng_file.is_file():  # absent when the world size changed; data order does not depend on it
-            _set_rng_state(torch.load(rng_file))
-
-
-def _rng_state() -> dict:
-    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state()
-    return state
-
-
-def _set_rng_state(state: dict) -> None:
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state(state["cuda"])

@@ -10,7 +10,7 @@ from ftcluster.data.loader import GlobalBatchLoader
 from ftcluster.data.rows import PreparedRows
 from ftcluster.observe.track import NullTracker, Tracker
 from ftcluster.observe.watchdog import Watchdog
-from ftcluster.train import checkpoint, stop
+from ftcluster.train import checkpoint_io, stop
 from ftcluster.train.engine import full_state_dict
 from ftcluster.train.export import write_final
 from ftcluster.util import dist
@@ -50,7 +50,7 @@ class StageContext:
         """Collective: model, optimizer, schedule, RNG and data position, atomically."""
         state = {"data": self.loader.state_dict(step), "model_dir": self.model_dir, "world_size": self.world_size,
                  "launch_id": self.launch_id, "model_kind": self.model_kind}
-        path = checkpoint.save(self.engine, self.cfg.output_dir, step, state, self.cfg.trainer.keep_last_checkpoints,
+        path = checkpoint_io.save(self.engine, self.cfg.output_dir, step, state, self.cfg.trainer.keep_last_checkpoints,
                                exclude_frozen=self.cfg.peft.method != "none")
         self.tracker.message(f"saved {path}")
 

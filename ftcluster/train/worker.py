@@ -24,18 +24,19 @@ from ftcluster.observe.track import make_tracker, truncate_metrics
 from ftcluster.observe.placement import nccl_timeout_s, summary
 from ftcluster.observe.watchdog import Watchdog, gather_placement, is_timeout
 from ftcluster.stages.registry import STAGES
-from ftcluster.train import checkpoint
+from ftcluster.train import checkpoint, checkpoint_io
 from ftcluster.train import engine as ds_engine
 from ftcluster.train.context import StageContext
-from ftcluster.train.model import load_model
+from ftcluster.train.model import build_loading_tables, load_model
 from ftcluster.train.tokenizer import load_tokenizer
 from ftcluster.util import dist
 from ftcluster.util.quiet import quiet_libraries
 
 
 def preload() -> None:
-    """Before the payload (launch/entry.py): what the run would otherwise import on its first step."""
+    """Before the payload (launch/entry.py): what the run would otherwise import or build on its first step."""
     ds_engine.import_deferred()
+    build_loading_tables()
 
 
 def train_worker(payload: dict) -> None:
@@ -77,7 +78,7 @@ def train_worker(payload: dict) -> None:
     start_step = 0
     resume_from = _resume_point(payload, cfg.output_dir)
     if resume_from:
-        state = checkpoint.load(engine, Path(resume_from), exclude_frozen=cfg.peft.method != "none")
+        state = checkpoint_io.load(engine, Path(resume_from), exclude_frozen=cfg.peft.method != "none")
         loader.check_state(state["data"])
         start_step = state["step"]
         if rank == 0:

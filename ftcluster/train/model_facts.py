@@ -1,0 +1,72 @@
+"""What a launching process needs to know of a model folder, without loading it: its tokenizer's identity, chat
+template, end-of-sequence id and size (the prepared data's fingerprint; the model checks), its vocabulary and
+positions (the model checks).
+
+Loading a tokenizer imports transformers, and torch under it: 3-4 s of CPU in a driver whose data is already
+prepared, on the path to the first step (and beside the ranks, which import them meanwhile). So the facts are
+read once with the libraries and kept in the cache, keyed by the folder's files other than its weights, by
+trust_remote_code and by the transformers and tokenizers versions; a later run reads a small JSON file.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import importlib.metadata
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from ftcluster.data.reuse import TokenizerFacts, tokenizer_facts
+from ftcluster.train.bundled import cache_root
+
+# Files that hold weights, not the tokenizer or the config: left out of the key (they can be GBs).
+_WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf", ".h5", ".msgpack", ".ckpt", ".onnx")
+_MAX_KEYED_BYTES = 512 * 2**20  # a folder with more than this of other files is read each time, not kept
+
+
+@dataclass(frozen=True)
+class FolderFacts:
+    tokenizer: TokenizerFacts
+    vocab_size: int | None  # of the (text) model's embedding
+    max_position_embeddings: int | None
+
+
+def folder_facts(folder: str, trust_remote_code: bool) -> FolderFacts:
+    """The facts of the model folder `folder` as ftcluster.train.tokenizer.load_tokenizer and AutoConfig read
+    it; from the cache when the folder's files are unchanged."""
+    entry = _cache_entry(Path(folder), trust_remote_code)
+    if entry is not None and entry.is_file():
+        saved = json.loads(entry.read_text())
+        return FolderFacts(TokenizerFacts(**saved.pop("tokenizer")), **saved)
+    facts = _read(folder, trust_remote_code)
+    if entry is not None:  # written whole under a name of this process's, then renamed: readers see all or nothing
+        entry.parent.mkdir(parents=True, exist_ok=True)
+        tmp = entry.with_name(f".{entry.name}.{os.getpid()}")
+        tmp.write_text(json.dumps(dataclasses.asdict(facts)))
+        os.replace(tmp, entry)
+    return facts
+
+
+def _read(folder: str, trust_remote_code: bool) -> FolderFacts:
+    from transformers import AutoConfig
+
+    from ftcluster.train.tokenizer import load_tokenizer
+
+    text = AutoConfig.from_pretrained(folder, trust_remote_code=trust_remote_code).get_text_config()
+    return FolderFacts(tokenizer_facts(load_tokenizer(folder, trust_remote_code)), getattr(text, "vocab_size", None),
+                       getattr(text, "max_position_embeddings", None))
+
+
+def _cache_entry(folder: Path, trust_remote_code: bool) -> Path | None:
+    files = sorted(p for p in folder.rglob("*") if p.is_file() and not p.name.endswith(_WEIGHT_SUFFIXES)
+                   and "__pycache__" not in p.parts)
+    if not files or sum(p.stat().st_size for p in files) > _MAX_KEYED_BYTES:
+        return None
+    h = hashlib.sha256()
+    for path in files:
+        h.update(str(path.relative_to(folder)).encode() + b"\0" + path.read_bytes() + b"\0")
+    versions = [importlib.metadata.version(name) for name in ("transformers", "tokenizers")]
+    h.update(repr((trust_remote_code, versions)).encode())
+    return cache_root() / "model_facts" / f"{h.hexdigest()[:32]}.json"
