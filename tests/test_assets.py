@@ -167,6 +167,18 @@ def test_model_facts_are_read_with_the_libraries_once_then_from_the_cache(tmp_pa
     assert len(list((tmp_path / "cache" / "model_facts").iterdir())) == 1
 
 
+def test_a_cache_that_cannot_be_written_only_costs_the_caching(tmp_path, monkeypatch):
+    """FTCLUSTER_CACHE unwritable (here a file, which even root cannot make a folder in): the facts and the
+    random weights are still given, just not kept."""
+    from ftcluster.train import model_facts, random_init
+
+    (tmp_path / "not_a_folder").write_text("")
+    monkeypatch.setenv("FTCLUSTER_CACHE", str(tmp_path / "not_a_folder"))
+    assert model_facts.folder_facts(str(TINY), False).vocab_size > 0
+    folder = Path(random_init.materialize_random_init(str(TINY), tmp_path / "init", seed=0))
+    assert (folder / "model.safetensors").is_file() and (tmp_path / "not_a_folder").is_file()
+
+
 def test_ordinary_paths_pass_through():
     assert resolve_model_path("/some/folder") == "/some/folder"
     assert resolve_model_path(str(TINY)) == str(TINY)

@@ -10,11 +10,13 @@ trust_remote_code and by the transformers and tokenizers versions; a later run r
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import importlib.metadata
 import json
 import os
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -41,11 +43,15 @@ def folder_facts(folder: str, trust_remote_code: bool) -> FolderFacts:
         saved = json.loads(entry.read_text())
         return FolderFacts(TokenizerFacts(**saved.pop("tokenizer")), **saved)
     facts = _read(folder, trust_remote_code)
-    if entry is not None:  # written whole under a name of this process's, then renamed: readers see all or nothing
-        entry.parent.mkdir(parents=True, exist_ok=True)
-        tmp = entry.with_name(f".{entry.name}.{os.getpid()}")
-        tmp.write_text(json.dumps(dataclasses.asdict(facts)))
-        os.replace(tmp, entry)
+    if entry is not None:  # written whole under a name of this thread's, then renamed: readers see all or nothing
+        tmp = entry.with_name(f".{entry.name}.{os.getpid()}.{threading.get_ident()}")
+        try:
+            entry.parent.mkdir(parents=True, exist_ok=True)
+            tmp.write_text(json.dumps(dataclasses.asdict(facts)))
+            os.replace(tmp, entry)
+        except OSError:  # a cache that cannot be written (read-only, full): the facts are read again next time
+            with contextlib.suppress(OSError):
+                tmp.unlink()
     return facts
 
 

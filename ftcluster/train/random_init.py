@@ -38,8 +38,11 @@ def materialize_random_init(model_dir: str, out_dir: Path, seed: int, trust_remo
     with replacing(out_dir) as tmp:
         write_random_init(model_dir, tmp, seed, trust_remote_code)
     if cached is not None and _size(out_dir) <= CACHE_LIMIT_BYTES:
-        with publishing(cached) as tmp:
-            shutil.copytree(out_dir, tmp, dirs_exist_ok=True)
+        try:
+            with publishing(cached) as tmp:
+                shutil.copytree(out_dir, tmp, dirs_exist_ok=True)
+        except OSError:  # a cache that cannot be written (read-only, full): built again next time
+            pass
     return str(out_dir)
 
 
