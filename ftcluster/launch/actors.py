@@ -53,7 +53,9 @@ class GroupMember:
 
 
 class ActorGroup:
-    """`count` actors of `actor_class`, rank i on `bundles[i]` of `placement_group`."""
+    """`count` actors of `actor_class`, rank i on `bundles[i]` of `placement_group`: started at construction,
+    without waiting (their processes start and import meanwhile, beside other groups'); join() waits for them
+    and joins them in their process group."""
 
     def __init__(self, role: str, actor_class: type, count: int, placement_group, bundles: list[int],
                  resources: list[dict], timeout_s: int, start_timeout_s: int, *args):
@@ -69,10 +71,14 @@ class ActorGroup:
                 ).remote(role, i, count, *args)
             for i, b in enumerate(bundles)]
         self.places = None
+        self._starting = (start_timeout_s, [a.where.remote() for a in self.actors])
+
+    def join(self) -> None:
         # Starting a process and importing what it needs can take a while on a busy node.
-        self.places = Pending(self, [a.where.remote() for a in self.actors], "start", start_timeout_s).get()
+        start_timeout_s, where = self._starting
+        self.places = Pending(self, where, "start", start_timeout_s).get()
         master = self.places[0]
-        self.call("join_group", master["ip"], master["port"], timeout_s)
+        self.call("join_group", master["ip"], master["port"], self.timeout_s)
 
     def __len__(self) -> int:
         return len(self.actors)
@@ -171,6 +177,8 @@ class Placement:
             started[name] = ActorGroup(name, actor_class, count, pg, bundles, resources, timeout_s,
                                        self.cfg.launcher.ready_timeout_s, *args)
             self.groups.append(started[name])
+        for group in started.values():  # every group's actors are starting: their imports overlap
+            group.join()
         return started
 
     def _share(self, actors: int) -> dict:
