@@ -15,6 +15,7 @@ For a caller (the driver, `ftcluster eval`, a sweep), the whole API is:
     store.complete(entry, fingerprint)                      # its stats when it is there and whole, else None
     prepare.prepare(cfg, tokenizer, out_dir)                # builds it if needed; out_dir links to it
     prepare.prepared_key(cfg, tokenizer)                    # the key, without preparing anything
+    reuse.reuse_prepared(cfg, tokenizer_facts, out_dir)     # the set if it is there, without the tokenizer
 """
 
 from __future__ import annotations

@@ -31,8 +31,8 @@ from ftcluster.train.bundled import resolve_model_path
 from ftcluster.util.quiet import quiet_libraries
 
 # The modules that import torch, transformers, datasets or DeepSpeed (seconds) are imported where they are
-# used, once the ranks of launcher=processes are starting (they import the same libraries meanwhile). The
-# worker entry is named, not imported: it is loaded where it runs.
+# used, and a run whose data is prepared uses none of them here (test_data_prepare checks it): the ranks import
+# them. The worker entry is named, not imported: it is loaded where it runs.
 TRAIN_WORKER = EntryByName("ftcluster.train.worker", "train_worker")
 
 
