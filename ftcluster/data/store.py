@@ -30,13 +30,13 @@ from typing import Callable, Iterator
 from filelock import FileLock, Timeout
 
 from ftcluster.util.atomic import PENDING_PREFIX
+from ftcluster.util.cache import cache_root
 
 
 def root(prepared_dir: str | None) -> Path:
     if prepared_dir:
         return Path(prepared_dir).expanduser().resolve()
-    cache = os.environ.get("FTCLUSTER_CACHE") or Path.home() / ".cache" / "ftcluster"
-    return Path(cache).expanduser().resolve() / "prepared"
+    return cache_root().expanduser().resolve() / "prepared"
 
 
 def entry(prepared_dir: str | None, fingerprint: str) -> Path:

@@ -15,7 +15,7 @@ from omegaconf.errors import OmegaConfBaseException
 
 from ftcluster.config import conf_dir
 from ftcluster.errors import ConfigError
-from ftcluster.train.bundled import cache_root
+from ftcluster.util.cache import cache_root
 from ftcluster.util import atomic
 from ftcluster.util.hardware import cpu_model
 

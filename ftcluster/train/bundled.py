@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import importlib.metadata
 import json
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -18,6 +17,7 @@ from filelock import FileLock
 
 from ftcluster.errors import ConfigError, UserError
 from ftcluster.util.atomic import replacing
+from ftcluster.util.cache import cache_root
 
 PREFIX = "bundled:"
 
@@ -42,10 +42,6 @@ MODELS = {
         config="model_configs/smollm2_135m_instruct",
     ),
 }
-
-
-def cache_root() -> Path:
-    return Path(os.environ.get("FTCLUSTER_CACHE") or Path.home() / ".cache" / "ftcluster")
 
 
 def resolve_model_path(path: str) -> str:

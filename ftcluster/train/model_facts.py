@@ -12,8 +12,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import hashlib
-import importlib.metadata
 import json
 import os
 import threading
@@ -21,7 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ftcluster.data.reuse import TokenizerFacts, tokenizer_facts
-from ftcluster.train.bundled import cache_root
+from ftcluster.util.cache import cache_root, content_key
 
 # Files that hold weights, not the tokenizer or the config: left out of the key (they can be GBs).
 _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf", ".h5", ".msgpack", ".ckpt", ".onnx")
@@ -70,9 +68,5 @@ def _cache_entry(folder: Path, trust_remote_code: bool) -> Path | None:
                    and "__pycache__" not in p.parts)
     if not files or sum(p.stat().st_size for p in files) > _MAX_KEYED_BYTES:
         return None
-    h = hashlib.sha256()
-    for path in files:
-        h.update(str(path.relative_to(folder)).encode() + b"\0" + path.read_bytes() + b"\0")
-    versions = [importlib.metadata.version(name) for name in ("transformers", "tokenizers")]
-    h.update(repr((trust_remote_code, versions)).encode())
-    return cache_root() / "model_facts" / f"{h.hexdigest()[:32]}.json"
+    key = content_key(folder, files, (trust_remote_code,), ("transformers", "tokenizers"))
+    return cache_root() / "model_facts" / f"{key}.json"

@@ -11,12 +11,10 @@ ranks, which import that stack themselves, are meanwhile waiting on. Big models 
 
 from __future__ import annotations
 
-import hashlib
-import importlib.metadata
 import shutil
 from pathlib import Path
 
-from ftcluster.train.bundled import cache_root
+from ftcluster.util.cache import cache_root, content_key
 from ftcluster.util.atomic import publishing, replacing
 
 CACHE_LIMIT_BYTES = 64 * 2**20
@@ -52,12 +50,8 @@ def _cache_entry(model_dir: Path, seed: int, trust_remote_code: bool) -> Path | 
     files = sorted(p for p in model_dir.rglob("*") if p.is_file())
     if sum(p.stat().st_size for p in files) > CACHE_LIMIT_BYTES:
         return None
-    h = hashlib.sha256()
-    for path in files:
-        h.update(str(path.relative_to(model_dir)).encode() + b"\0" + path.read_bytes() + b"\0")
-    versions = [importlib.metadata.version(name) for name in ("torch", "transformers")]
-    h.update(repr((seed, trust_remote_code, versions)).encode())
-    return cache_root() / "random_init" / h.hexdigest()[:32]
+    return cache_root() / "random_init" / content_key(model_dir, files, (seed, trust_remote_code),
+                                                      ("torch", "transformers"))
 
 
 def _size(folder: Path) -> int:

@@ -24,7 +24,7 @@ from ftcluster.data.loader import eval_batches
 from ftcluster.objectives.logprobs import pair_logps
 from ftcluster.objectives.losses import SequenceLogps
 from ftcluster.train import engine as ds_engine
-from ftcluster.train.bundled import cache_root
+from ftcluster.util.cache import cache_root
 from ftcluster.train.model import load_model
 from ftcluster.util import atomic, dist
 
