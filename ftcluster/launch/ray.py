@@ -19,7 +19,7 @@ from ray.exceptions import ActorDiedError, ActorUnavailableError, WorkerCrashedE
 from ftcluster.errors import CollectiveTimeout, UserError, WorkerFailed
 from ftcluster.launch import ray_workers
 from ftcluster.launch.actors import Placement
-from ftcluster.launch.cluster import ClusterStart, connect, start_local
+from ftcluster.launch.cluster import WORKER_ENV, ClusterStart, connect, start_local
 from ftcluster.launch.worker_env import worker_env
 from ftcluster.observe.placement import HANG_REPORT, describe_rank, nccl_timeout_s, read_placement
 from ftcluster.util.text import tail
@@ -116,7 +116,8 @@ def _rank_spec(cfg: DictConfig, label_selector: list[dict] | None) -> ray_worker
     return ray_workers.RankSpec(
         workers=launcher.workers, resources={"CPU": launcher.cpus_per_worker, **({"GPU": 1} if use_gpu else {})},
         strategy=launcher.placement_strategy, label_selector=label_selector,
-        env={**worker_env(cfg, backend), "OMP_NUM_THREADS": str(launcher.cpus_per_worker)}, backend=backend,
+        env={**worker_env(cfg, backend), "OMP_NUM_THREADS": str(launcher.cpus_per_worker), **WORKER_ENV},
+        backend=backend,
         # gloo raises in Python at the timeout and the worker names the hang itself; NCCL waits longer (worker_env).
         timeout_s=nccl_timeout_s(launcher.collective_timeout_s) if backend == "nccl" else launcher.collective_timeout_s,
         ready_timeout_s=launcher.ready_timeout_s)
