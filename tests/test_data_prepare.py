@@ -124,6 +124,13 @@ from ftcluster.run.driver import prepare_run
 payload = prepare_run(compose(sys.argv[1:]), ["train"])
 print(json.dumps(sorted(m for m in ("torch", "transformers", "datasets", "pandas") if m in sys.modules)))
 """
+# The same for `ftcluster data prepare`.
+PREPARE_COMMAND = """
+import json, sys
+from ftcluster.data.tools.prepare import prepare_command
+prepare_command(sys.argv[1:])
+print(json.dumps(sorted(m for m in ("torch", "transformers", "datasets", "pandas") if m in sys.modules)))
+"""
 
 
 def test_a_driver_whose_set_is_prepared_imports_neither_torch_nor_transformers(tmp_path):
@@ -138,10 +145,10 @@ def test_a_driver_whose_set_is_prepared_imports_neither_torch_nor_transformers(t
     shutil.copytree(TOKENIZER, model)
     env = {"FTCLUSTER_CACHE": str(tmp_path / "cache"), "PATH": "/usr/bin:/bin", "CUDA_VISIBLE_DEVICES": ""}
 
-    def driver(name: str) -> tuple[list[str], str]:
+    def driver(name: str, script: str = DRIVER) -> tuple[list[str], str]:
         args = [*TINY, "launcher=processes", f"model.path={model}", f"output_dir={tmp_path / name}",
                 f"data.prepared_dir={tmp_path / 'store'}"]
-        result = subprocess.run([sys.executable, "-c", DRIVER, *args], capture_output=True, text=True, env=env)
+        result = subprocess.run([sys.executable, "-c", script, *args], capture_output=True, text=True, env=env)
         assert result.returncode == 0, result.stderr[-3000:]
         return json.loads(result.stdout.splitlines()[-1]), result.stdout
 
@@ -150,6 +157,9 @@ def test_a_driver_whose_set_is_prepared_imports_neither_torch_nor_transformers(t
     second, said = driver("second")
     assert second == [] and "reusing the prepared set" in said, said
     assert (tmp_path / "first" / "data").resolve() == (tmp_path / "second" / "data").resolve()
+    # `ftcluster data prepare` with the same overrides finds the same set the same way
+    command, said = driver("unused", PREPARE_COMMAND)
+    assert command == [] and f"reused {(tmp_path / 'first' / 'data').resolve()} " in said, said
 
     config = json.loads((model / "tokenizer_config.json").read_text())
     (model / "tokenizer_config.json").write_text(json.dumps({**config, "model_max_length": 2048}))

@@ -8,14 +8,28 @@ import time
 
 from ftcluster.config import compose
 from ftcluster.data.parallel import may_use_cluster
+from ftcluster.data.reuse import reuse_prepared
 from ftcluster.launch.cluster import start_local
 from ftcluster.run.driver import prepare_cluster
 from ftcluster.stages.registry import STAGES
 from ftcluster.train.bundled import resolve_model_path
+from ftcluster.train.model_facts import folder_facts
 
 
 def prepare_command(overrides: list[str]) -> int:
     cfg = compose(overrides)
+    model_dir = resolve_model_path(cfg.model.path)
+    started = time.monotonic()
+    # A set in the store is found from the model folder's facts, without the libraries that build one.
+    stats = reuse_prepared(cfg, folder_facts(model_dir, cfg.model.trust_remote_code).tokenizer, None)
+    if stats is None:
+        stats, started = _prepare(cfg, model_dir)
+    print(report(stats, time.monotonic() - started))
+    return 0
+
+
+def _prepare(cfg, model_dir: str) -> tuple[dict, float]:
+    """The set prepared, and when its preparation began (after the libraries' imports and the tokenizer)."""
     # The cluster `train` would prepare on; a local one is started now when the preparation may use it: its start
     # (seconds) overlaps the imports and the tokenizer's load.
     early = None
@@ -25,14 +39,12 @@ def prepare_command(overrides: list[str]) -> int:
         from ftcluster.data.prepare import prepare  # torch, transformers and datasets: seconds
         from ftcluster.train.tokenizer import load_tokenizer
 
-        tokenizer = load_tokenizer(resolve_model_path(cfg.model.path), cfg.model.trust_remote_code)
+        tokenizer = load_tokenizer(model_dir, cfg.model.trust_remote_code)
         started = time.monotonic()
-        stats = prepare(cfg, tokenizer, None, connect=prepare_cluster(cfg))
+        return prepare(cfg, tokenizer, None, connect=prepare_cluster(cfg)), started
     finally:
         if early is not None:
             early.finish()  # a refusal waits for the start: Ray's shutdown at exit must not race it
-    print(report(stats, time.monotonic() - started))
-    return 0
 
 
 def report(stats: dict, wall_s: float) -> str:
