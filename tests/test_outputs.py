@@ -1,7 +1,8 @@
 """No command writes over what it did not create, and one process writes a run: `export`, `data` and `eval`
 refuse an --out / output_dir holding anything else (the input, a run, the user's files) and replace only their
 own marked earlier output with --overwrite; train refuses an empty or foreign output_dir and holds a lock on
-its run that a second launch cannot take while the holder lives. Every check on real files, byte for byte."""
+its run that a second launch cannot take while the holder lives. Every check on real files, byte for byte.
+And what a run prints: its step bar only where the output is a terminal, unless asked."""
 
 import hashlib
 import json
@@ -293,3 +294,23 @@ def test_a_requeued_slurm_job_takes_over_its_earlier_attempt_s_lock(tmp_path, mo
     lock.acquire(tmp_path)
     assert json.loads(path.read_text())["slurm_job"] == "77:1"
     lock.release(tmp_path)
+
+
+def test_the_step_bar_is_drawn_on_a_terminal_only_unless_asked(tmp_path, capfd, monkeypatch):
+    """tracking.progress null (the default): a bar when the command's output is a terminal; in a log file its
+    redraws would repeat around every line. true or false decides either way; config.yaml keeps what was asked."""
+    import sys
+
+    run = [*TINY, *INLINE, "tracking=default", "trainer.max_steps=2"]
+    train(tmp_path / "log-file", *run)  # pytest captures stderr: no terminal
+    assert "step/s" not in capfd.readouterr().err
+    assert "progress: null" in (tmp_path / "log-file" / "config.yaml").read_text()
+
+    train(tmp_path / "asked", *run, "tracking.progress=true")
+    assert "step/s" in capfd.readouterr().err
+
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: True)
+    train(tmp_path / "terminal", *run)
+    assert "step/s" in capfd.readouterr().err
+    train(tmp_path / "declined", *run, "tracking.progress=false")
+    assert "step/s" not in capfd.readouterr().err

@@ -272,7 +272,9 @@ class WandbConfig:
 @dataclass
 class TrackingConfig:
     name: str = "default"
-    progress: bool = True
+    # A progress bar of the training steps: None (auto) shows one when the command's output is a terminal; in a
+    # log file (SLURM, CI, nohup) its redraws would only repeat around every line.
+    progress: Optional[bool] = None
     tensorboard: bool = False
     wandb: WandbConfig = field(default_factory=WandbConfig)
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 import time
 import uuid
 from pathlib import Path
@@ -148,6 +149,9 @@ def prepare_run(cfg: DictConfig, argv: list[str]) -> dict | None:
     payload = {"config": OmegaConf.to_container(cfg, resolve=True), "model_dir": model_dir,
                "data_dir": str(out / "data"), "resume_from": str(resume_from) if resume_from else None,
                "launch_id": uuid.uuid4().hex}
+    # tracking.progress null: decided here, where the output goes (a rank's output is a pipe or a Ray log file)
+    if cfg.tracking.progress is None:
+        payload["config"]["tracking"]["progress"] = sys.stderr.isatty()
     stats = reuse_prepared(cfg, folder_facts(model_dir, cfg.model.trust_remote_code).tokenizer, out / "data")
     if stats is None:  # the tokenizer, and the libraries that build a set, only now
         from ftcluster.data.prepare import prepare
