@@ -75,6 +75,8 @@ export RAY_USAGE_STATS_ENABLED="${RAY_USAGE_STATS_ENABLED:-0}"
 export RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S="${RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S:-0}"
 # Set to 0 (a single-machine setting, e.g. by a local ftcluster run) it refuses other nodes.
 export RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=1
+# Ray starts its workers at nice 15, below everything else on the node: the ranks are the node's work.
+export RAY_worker_niceness="${RAY_worker_niceness:-0}"
 setsid "$python" -m ray.scripts.scripts start --block --log-color=false "--address=$address" \
   ${extra[@]+"${extra[@]}"} </dev/null >"$log" 2>&1 &
 pid=$!

@@ -83,6 +83,8 @@ export RAY_USAGE_STATS_ENABLED="${RAY_USAGE_STATS_ENABLED:-0}"
 export RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S="${RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S:-0}"
 # Set to 0 (a single-machine setting, e.g. by a local ftcluster run) it refuses other nodes.
 export RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=1
+# Ray starts its workers at nice 15, below everything else on the node: the ranks are the node's work.
+export RAY_worker_niceness="${RAY_worker_niceness:-0}"
 dash_args=(--include-dashboard=false)
 [[ $dashboard == true ]] &&
   dash_args=(--include-dashboard=true "--dashboard-host=$dashboard_host" "--dashboard-port=$dashboard_port")

@@ -173,9 +173,14 @@ def _init(ray, address: str | None, dashboard: bool) -> None:
 
 
 def _init_local(ray, dashboard: bool) -> None:
+    # Ray starts its workers at nice 15, below its own daemons: ranks doing the machine's work would lose every
+    # contested time slice to the driver, Ray's processes and anything else running there, and a rank whose
+    # threads synchronise each step waits for the slowest. Same priority as the command instead, unless
+    # RAY_worker_niceness says otherwise (Ray reads it itself).
+    system = None if "RAY_worker_niceness" in os.environ else {"worker_niceness": 0}
     # "local": a new cluster even when `ray start` left one running on this machine.
     context = ray.init(address="local", include_dashboard=dashboard, _node_ip_address="127.0.0.1",
-                       log_to_driver=True, configure_logging=False)
+                       log_to_driver=True, configure_logging=False, _system_config=system)
     if dashboard and context.dashboard_url:  # 8265, else the free port Ray found
         print(f"[ftcluster] Ray dashboard: http://{context.dashboard_url}", flush=True)
 
