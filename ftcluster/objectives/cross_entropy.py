@@ -30,8 +30,10 @@ def token_loss_sum(model, batch: dict, chunk_tokens: int = 0) -> torch.Tensor:
     logits = model(**inputs, use_cache=False).logits
     labels = labels.to(logits.device)
     logits = logits[:, -labels.shape[1]:]  # prompt tuning prepends virtual tokens
-    return F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=IGNORE,
-                           reduction="sum")
+    # The labels shifted left (IGNORE at the end), not the logits shifted right: a slice of the logits would be
+    # copied whole by flatten, [rows x tokens x vocab] floats, where the labels' copy is a row of integers.
+    targets = F.pad(labels[:, 1:], (0, 1), value=IGNORE)
+    return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=IGNORE, reduction="sum")
 
 
 def label_tokens(batch: dict, rows: int | None = None) -> int:
