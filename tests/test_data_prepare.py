@@ -4,6 +4,7 @@ skip tokenization, mixtures, compressed shards, and bad records reported at thei
 import gzip
 import json
 import random
+import time
 from pathlib import Path
 
 import datasets
@@ -85,9 +86,17 @@ def test_two_workers_prepare_the_same_rows_and_train_the_same_losses(tmp_path, m
     assert first["prepare"]["workers"] == 1
     assert two["rows_digest"] == first["rows_digest"]
     assert rows(Path(two["dir"])) == rows(tmp_path / "one" / "data")
+    import ray
     from ray.util.state import list_tasks
 
-    assert list_tasks(filters=[("name", "=", "write_chunk")]), "the 2-worker set's chunks were not written on Ray"
+    # This cluster's address, not Ray's guess (the newest cluster started on the machine, alive or not). The state
+    # API learns of finished tasks from events their workers send about once a second: asked at once, it may not
+    # know them yet.
+    deadline = time.monotonic() + 20
+    while not (tasks := list_tasks(address=ray.get_runtime_context().gcs_address,
+                                   filters=[("name", "=", "write_chunk")])) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert tasks, "the 2-worker set's chunks were not written on Ray"
     written = arrow_files(Path(two["dir"]))
     assert len(written) == -(-first["train"]["rows"] // 64) > 2 and written == arrow_files(tmp_path / "one" / "data")
 
