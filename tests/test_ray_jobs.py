@@ -166,15 +166,25 @@ def test_ctrl_c_leaves_the_job_running_and_jobs_stop_stops_it(head, capsys):
     assert client.get_job_status(job) == JobStatus.STOPPED
 
 
-@pytest.mark.parametrize("scheme", ["http://", ""])  # submit a job / join from here
-def test_unreachable_address_fails_fast(tmp_path, capsys, scheme):
-    address = f"{scheme}127.0.0.1:{free_port()}"  # nothing listens there
+@pytest.mark.parametrize("how", ["submit", "join", "auto"])
+def test_unreachable_address_fails_fast_and_touches_no_output(tmp_path, capsys, monkeypatch, how):
+    """A cluster that is not there is said within seconds, before output_dir exists (a run folder left behind
+    would make the corrected command ask for resume=auto). "auto" is where Ray would look: RAY_ADDRESS here; a
+    head that stopped since it was recorded on the machine is the same case (Ray would retry for minutes)."""
+    port = free_port()
+    dead = f"127.0.0.1:{port}"  # nothing listens there
+    address = {"submit": f"http://{dead}", "join": dead, "auto": "auto"}[how]
+    if how == "auto":
+        monkeypatch.setenv("RAY_ADDRESS", dead)
     started = time.time()
     code = main(["train", *TINY, "launcher=ray", f"launcher.address={address}", f"output_dir={tmp_path / 'run'}"])
     assert time.time() - started < 10
     assert code == 2
     err = capsys.readouterr().err
-    assert f"launcher.address={address}" in err and "launch/start_head.sh" in err
+    # (Ray writes this machine's own address for 127.0.0.1 where it looks for "auto")
+    assert f"launcher.address={address}" in err and "nothing answers at " in err and f":{port} (" in err, err
+    assert "launch/start_head.sh" in err
+    assert not (tmp_path / "run").exists()
 
 
 @pytest.mark.slow

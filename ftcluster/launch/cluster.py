@@ -57,8 +57,7 @@ def connect(address: str | None, key: str = "launcher.address", fix: str = _STAR
         _starting.wait()
         return
     _set_worker_env()
-    if address not in (None, "auto"):
-        check_reachable(address, key, fix)
+    check_address(address, key, fix)
     if ray.is_initialized():
         return
     # ray.init replaces this process's SIGTERM handler (with one that exits at once, or that kills the local
@@ -255,13 +254,38 @@ def ensure_token_file() -> Path | None:
     return path
 
 
-def check_reachable(address: str, key: str, fix: str = _START_ONE, timeout_s: float = 5.0) -> None:
-    """A TCP connect first: ray.init on a dead address retries for a minute or more before failing."""
+def check_reachable(address: str, key: str, fix: str = _START_ONE, timeout_s: float = 5.0,
+                    shown: str | None = None) -> None:
+    """A TCP connect first: ray.init on a dead address retries for a minute or more before failing. `shown`: what
+    the user wrote, when `address` was found from it ("auto")."""
     host, port = _host_port(address)
     try:
         socket.create_connection((host, port), timeout=timeout_s).close()
     except OSError as exc:
-        raise UserError(f"{key}={address}: nothing answers at {host}:{port} ({exc.strerror or exc}). {fix}") from None
+        found = "" if shown is None else (f" (found as {address}: RAY_ADDRESS, else the cluster last started on "
+                                          f"this machine, which may have stopped since)")
+        raise UserError(f"{key}={shown or address}{found}: nothing answers at {host}:{port} "
+                        f"({exc.strerror or exc}). {fix}") from None
+
+
+def check_address(address: str | None, key: str = "launcher.address", fix: str = _START_ONE) -> None:
+    """A UserError within seconds when nothing answers at the cluster `address` names (None: one to start here,
+    nothing to check; "auto": where Ray would look)."""
+    if address == "auto":
+        check_reachable(_found_address(key, fix), key, fix, shown="auto")
+    elif address is not None:
+        check_reachable(address, key, fix)
+
+
+def _found_address(key: str, fix: str) -> str:
+    """What Ray makes of address "auto": RAY_ADDRESS, else the cluster `ray start` last recorded on this machine
+    (a file Ray leaves behind when that cluster dies), else a GCS process found running here."""
+    from ray._private.services import canonicalize_bootstrap_address_or_die  # Ray's own lookup, to check it first
+
+    try:
+        return canonicalize_bootstrap_address_or_die("auto")
+    except ConnectionError as exc:
+        raise UserError(f"{key}=auto: no Ray cluster found on this machine ({exc}). {fix}") from None
 
 
 def _host_port(address: str) -> tuple[str, int]:

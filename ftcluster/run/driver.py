@@ -23,7 +23,7 @@ from omegaconf import DictConfig, OmegaConf
 from ftcluster.config import to_yaml, validate
 from ftcluster.errors import StoppedOnRequest
 from ftcluster.launch import launcher_for, submitter_for
-from ftcluster.launch.cluster import connect, release_cluster
+from ftcluster.launch.cluster import check_address, connect, release_cluster
 from ftcluster.launch.entry import EntryByName
 from ftcluster.run import lock as run_lock
 from ftcluster.stages.registry import STAGES
@@ -77,6 +77,8 @@ def _start_early(cfg: DictConfig):
     """What a launcher starts before the payload exists (start_early: launcher=processes its ranks, launcher=local
     its cluster), once the config is valid; None for the others, and for a controller (it runs here)."""
     validate(cfg)  # a config error (64 workers...) is said before any process starts
+    if cfg.launcher.name == "ray":
+        check_address(cfg.launcher.address)  # a cluster that is not there, before output_dir is touched
     start = getattr(launcher_for(cfg.launcher.name), "start_early", None)
     if start is None or STAGES[cfg.stage.name].runner == "rl":
         return None
