@@ -256,23 +256,23 @@ def ensure_token_file() -> Path | None:
 
 def check_reachable(address: str, key: str, fix: str = _START_ONE, timeout_s: float = 5.0,
                     shown: str | None = None) -> None:
-    """A TCP connect first: ray.init on a dead address retries for a minute or more before failing. `shown`: what
-    the user wrote, when `address` was found from it ("auto")."""
+    """A TCP connect first: ray.init on a dead address retries for a minute or more before failing. `shown`: how
+    the error gives the key's value, when `address` was found from it rather than written."""
     host, port = _host_port(address)
     try:
         socket.create_connection((host, port), timeout=timeout_s).close()
     except OSError as exc:
-        found = "" if shown is None else (f" (found as {address}: RAY_ADDRESS, else the cluster last started on "
-                                          f"this machine, which may have stopped since)")
-        raise UserError(f"{key}={shown or address}{found}: nothing answers at {host}:{port} "
-                        f"({exc.strerror or exc}). {fix}") from None
+        raise UserError(f"{key}={shown or address}: nothing answers at {host}:{port} ({exc.strerror or exc}). "
+                        f"{fix}") from None
 
 
 def check_address(address: str | None, key: str = "launcher.address", fix: str = _START_ONE) -> None:
     """A UserError within seconds when nothing answers at the cluster `address` names (None: one to start here,
     nothing to check; "auto": where Ray would look)."""
     if address == "auto":
-        check_reachable(_found_address(key, fix), key, fix, shown="auto")
+        found = _found_address(key, fix)
+        check_reachable(found, key, fix, shown=f"auto (found as {found}: RAY_ADDRESS, else the cluster last started "
+                                               f"on this machine, which may have stopped since)")
     elif address is not None:
         check_reachable(address, key, fix)
 
