@@ -71,7 +71,17 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return _main(argv)
     finally:
+        _release_ray()
         restore(early)
+
+
+def _release_ray() -> None:
+    # A Ray cluster this command started stops now, not in Ray's own exit hook, which first sleeps half a second
+    # "so that log messages finish printing" (they have: the command is done).
+    if "ray" in sys.modules:
+        from ftcluster.launch.cluster import release_cluster
+
+        release_cluster()
 
 
 def _main(argv: list[str]) -> int:

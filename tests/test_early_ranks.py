@@ -65,3 +65,24 @@ def test_no_rank_is_placed_early_when_the_data_may_use_the_cluster(tmp_path, mon
     assert {r for r, _ in notes(tmp_path, "ran")} == {"0", "1"}
     assert notes(tmp_path, "ran") == notes(tmp_path, "preloaded")
     release_cluster()
+
+
+@pytest.mark.slow
+def test_releasing_a_local_cluster_stops_its_monitor_before_ray_and_leaves_no_process(monkeypatch):
+    """Ray 2.60's shutdown stops the GCS first; the autoscaler's monitor then spends a second, until it is killed,
+    reporting its SIGTERM to that GCS. release_cluster kills the monitor while the GCS is still up."""
+    import psutil
+
+    release_cluster()
+    connect(None)
+    monitor = ray._private.worker._global_node.all_processes["monitor"][0].process
+    started = {p.pid for p in psutil.Process().children(recursive=True)}
+    assert monitor.pid in started and monitor.poll() is None
+    at_shutdown = []
+    shutdown = ray.shutdown
+    monkeypatch.setattr(ray, "shutdown", lambda *a, **k: (at_shutdown.append(monitor.poll()), shutdown(*a, **k)))
+    release_cluster()
+    assert at_shutdown and at_shutdown[0] is not None, "the monitor was still running when Ray's shutdown began"
+    assert not ray.is_initialized()
+    assert not [p for p in psutil.Process().children(recursive=True) if p.pid in started and p.is_running()
+                and p.status() != psutil.STATUS_ZOMBIE]

@@ -306,6 +306,24 @@ def release_cluster() -> None:
     if _starting is not None:
         _starting.finish()
     if ray is not None and ray.is_initialized():
+        _kill_autoscaler_monitor(ray)
         ray.shutdown()
     while _started:
         _started.pop()._release.set()
+
+
+def _kill_autoscaler_monitor(ray) -> None:
+    """Ray's shutdown (2.60) stops the GCS before the autoscaler's monitor, whose SIGTERM handler then writes the
+    news to that GCS and waits on it until Ray kills it a second later: a second of every local cluster's stop.
+    A cluster this process started is one machine's, with nothing for an autoscaler to do: its monitor is killed
+    first, outright. Nothing is done for a joined cluster (this process runs none of its processes), nor where
+    Ray's internals differ (the shutdown is then as slow as before, no worse)."""
+    node = getattr(getattr(ray, "_private", None) and ray._private.worker, "_global_node", None)
+    processes = getattr(node, "all_processes", None)
+    if not isinstance(processes, dict):
+        return
+    for info in processes.pop("monitor", []):
+        process = getattr(info, "process", None)
+        if process is not None and process.poll() is None:
+            process.kill()
+            process.wait(timeout=5)
