@@ -229,3 +229,35 @@ def test_smollm2_converts_once_and_loads(tmp_path, monkeypatch, capsys):
     inputs = tok(prompt, return_tensors="pt")
     out = model.generate(**inputs, max_new_tokens=12, do_sample=False)
     assert "Paris" in tok.decode(out[0, inputs.input_ids.shape[1]:])
+
+
+def test_a_tokenizer_with_cached_facts_loads_without_autotokenizer_and_is_the_same(tmp_path, monkeypatch):
+    """The facts name the class AutoTokenizer chose; load_tokenizer then loads that class directly (AutoTokenizer's
+    model-config lookup imports torch), giving the same tokenizer."""
+    import pickle
+    import subprocess
+    import sys
+
+    from ftcluster.train import model_facts
+    from ftcluster.train.tokenizer import load_tokenizer
+
+    monkeypatch.setenv("FTCLUSTER_CACHE", str(tmp_path / "cache"))
+    assert load_tokenizer(str(TINY)) is not None and model_facts.cached_facts(str(TINY), False) is None
+    auto = load_tokenizer(str(TINY))  # no facts yet: AutoTokenizer
+    facts = model_facts.folder_facts(str(TINY), False)
+    assert facts.tokenizer_class == type(auto).__name__
+    assert pickle.dumps(load_tokenizer(str(TINY))) == pickle.dumps(auto)
+    probe = ("import sys; from ftcluster.train.tokenizer import load_tokenizer; "
+             f"t = load_tokenizer({str(TINY)!r}); print(type(t).__name__, 'torch' in sys.modules)")
+    shown = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True).stdout.split()
+    assert shown == [type(auto).__name__, "False"], "torch was imported to load a tokenizer whose class is known"
+
+
+def test_facts_of_an_older_layout_are_read_again(tmp_path, monkeypatch):
+    from ftcluster.train import model_facts
+
+    monkeypatch.setenv("FTCLUSTER_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(model_facts, "_FACTS_VERSION", 1)
+    model_facts.folder_facts(str(TINY), False)
+    monkeypatch.setattr(model_facts, "_FACTS_VERSION", 2)
+    assert model_facts.cached_facts(str(TINY), False) is None  # a new key: the older entry is not taken

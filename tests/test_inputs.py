@@ -101,11 +101,13 @@ def test_trust_remote_code_reaches_every_load(monkeypatch, tmp_path):
     from omegaconf import OmegaConf
 
     from ftcluster.config import ASSETS, compose
-    from ftcluster.train import export, model, tokenizer
+    from ftcluster.train import export, model
 
+    # No model facts cached: a tokenizer whose class the facts name is loaded through that class, no AutoTokenizer.
+    monkeypatch.setenv("FTCLUSTER_CACHE", str(tmp_path / "cache"))
     seen = []
     real_tok, real_model = transformers.AutoTokenizer.from_pretrained, model.AutoModelForCausalLM.from_pretrained
-    monkeypatch.setattr(tokenizer.AutoTokenizer, "from_pretrained",
+    monkeypatch.setattr(transformers.AutoTokenizer, "from_pretrained",
                         lambda *a, **k: seen.append(("tokenizer", k.get("trust_remote_code"))) or real_tok(*a, **k))
     cfg = compose(["model=tiny", "peft=none", "model.trust_remote_code=true", "strategy.precision=fp32"])
     folder = tmp_path / "init"
