@@ -276,6 +276,31 @@ def test_a_few_chunks_are_written_by_the_driver_even_with_a_cluster(tmp_path, to
         prepare(config(path, tmp_path / "store2"), tokenizer, None)
 
 
+def test_the_driver_encodes_while_ray_starts_at_a_lower_priority_than_the_start(tmp_path, monkeypatch):
+    """The thread that encodes units while Ray and its encoders start runs at MEANWHILE_NICENESS above the
+    command's: it fills idle cores and yields them to Ray's processes. The rest of the process keeps its own."""
+    import os
+    import threading
+    import types
+
+    from ftcluster.data import parallel
+
+    def niceness() -> int:
+        return os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
+
+    seen = []
+    monkeypatch.setattr(parallel, "encode_unit",
+                        lambda unit, *a: seen.append(niceness()) or types.SimpleNamespace(unit=unit.index))
+    units = [types.SimpleNamespace(index=i) for i in range(3)]
+    own = niceness()
+    with parallel._encoding_meanwhile(units, None, None, tmp_path) as (done, _):
+        deadline = time.monotonic() + 30
+        while len(done) < len(units) and time.monotonic() < deadline:
+            time.sleep(0.01)
+    assert seen == [min(19, own + parallel.MEANWHILE_NICENESS)] * len(units)
+    assert niceness() == own
+
+
 @pytest.fixture()
 def two_nodes(tmp_path):
     """A Ray cluster of two nodes on this machine, one CPU each, brought up as on a real cluster: a head by
