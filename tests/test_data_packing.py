@@ -78,8 +78,10 @@ def test_collate_packed_flattens_the_rows_without_padding():
     assert (int(batch["num_examples"]), int(batch["num_tokens"])) == (3, 9)
 
 
-def test_collate_unpacked_has_attention_mask():
+def test_collate_unpacked_has_attention_mask_and_leaves_positions_to_the_model():
+    # The model's own positions (0.. on every row) are the right ones: the next test's losses say so.
     batch = collate(unpacked(synthetic([3, 1])), pad_id=7, packed=False)
+    assert set(batch) == {"input_ids", "labels", "attention_mask", "num_examples", "num_tokens"}
     assert batch["attention_mask"].tolist() == [[1, 1, 1], [1, 0, 0]]
     assert batch["input_ids"].tolist() == [[0, 1, 2], [1000, 7, 7]]
     assert batch["labels"].tolist() == [[IGNORE, 1, 2], [IGNORE, IGNORE, IGNORE]]
