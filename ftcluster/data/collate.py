@@ -14,8 +14,8 @@ The model must run with `use_cache=False`: with a cache, transformers skips that
 
 Unpacked: rows right-padded to the longest, with an `attention_mask` and no `position_ids`: the model's own,
 0..width-1 on every row, are the same positions, and given explicitly as a `[rows, width]` tensor they cost the
-rotary embedding a row of cos/sin per example (3-5% of a tiny model's step, measured side by side). Preference pairs (collate_pairs): both
-sides of every pair in one padded batch, chosen first.
+rotary embedding a row of cos/sin per example (3-5% of a tiny model's step, measured side by side). Preference
+pairs (collate_pairs): both sides of every pair in one padded batch, chosen first.
 
 Every batch also counts its work for throughput metrics: `num_examples` and `num_tokens` (real tokens,
 padding excluded), as 0-d tensors.

@@ -318,11 +318,11 @@ def _kill_autoscaler_monitor(ray) -> None:
     A cluster this process started is one machine's, with nothing for an autoscaler to do: its monitor is killed
     first, outright. Nothing is done for a joined cluster (this process runs none of its processes), nor where
     Ray's internals differ (the shutdown is then as slow as before, no worse)."""
-    node = getattr(getattr(ray, "_private", None) and ray._private.worker, "_global_node", None)
-    processes = getattr(node, "all_processes", None)
+    worker = getattr(getattr(ray, "_private", None), "worker", None)
+    processes = getattr(getattr(worker, "_global_node", None), "all_processes", None)
     if not isinstance(processes, dict):
         return
-    for info in processes.pop("monitor", []):
+    for info in processes.pop("monitor", []):  # popped: Ray's shutdown then has no monitor left to wait for
         process = getattr(info, "process", None)
         if process is not None and process.poll() is None:
             process.kill()

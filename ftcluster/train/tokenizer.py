@@ -8,19 +8,24 @@ directly."""
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
 
-def load_tokenizer(model_dir: str, trust_remote_code: bool = False):
+if TYPE_CHECKING:  # transformers' import is what this module defers
+    from transformers import PreTrainedTokenizerBase
+
+
+def load_tokenizer(model_dir: str, trust_remote_code: bool = False) -> PreTrainedTokenizerBase:
     """`trust_remote_code`: model.trust_remote_code, passed by every caller that has the config; without it a
     folder whose tokenizer is code of its own fails to load instead of running that code."""
     direct = _direct_class(model_dir, trust_remote_code)
     if direct is not None:
-        return ready(direct.from_pretrained(model_dir))
+        return _ready(direct.from_pretrained(model_dir))
     from transformers import AutoTokenizer
 
-    return ready(AutoTokenizer.from_pretrained(model_dir, trust_remote_code=trust_remote_code))
+    return _ready(AutoTokenizer.from_pretrained(model_dir, trust_remote_code=trust_remote_code))
 
 
-def ready(tokenizer):
+def _ready(tokenizer):
     if tokenizer.pad_token_id is None:
         # Padding positions never reach the loss (labels are -100 there), so eos is a safe pad.
         tokenizer.pad_token = tokenizer.eos_token
