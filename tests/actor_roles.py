@@ -15,6 +15,12 @@ class Echo:
         return {"role": self.role, "rank": dist.get_rank(), "world": dist.get_world_size(), "pid": os.getpid(),
                 "bundle": context.get_assigned_resources(), "pg": context.get_placement_group_id()}
 
+    def environment(self) -> dict:
+        import torch
+
+        return {"threads": torch.get_num_threads(), "omp": os.environ.get("OMP_NUM_THREADS"),
+                "in_ray": os.environ.get("FTCLUSTER_IN_RAY")}
+
     def total(self, value: int) -> int:
         """An all-reduce over the group's process group."""
         import torch

@@ -39,6 +39,10 @@ def test_colocated_roles_share_bundles_and_each_group_has_its_own_process_group(
         # bundle 0 holds policy rank 0 and the critic: half a CPU each; bundle 1 policy rank 1 alone
         assert [p["bundle"]["CPU"] for p in policy] == [0.5, 1.0] and critic[0]["bundle"]["CPU"] == 0.5
         assert groups["policy"].call("total", 3) == [6, 6] and groups["critic"].call("total", 3) == [3]
+        # No runtime environment of their own: the group sets their variables and their torch threads (one per
+        # whole CPU held, at least one).
+        environments = groups["policy"].call("environment") + groups["critic"].call("environment")
+        assert environments == [{"threads": 1, "omp": "1", "in_ray": "1"}] * 3
     finally:
         placement.shutdown()
 

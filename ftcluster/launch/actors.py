@@ -32,9 +32,15 @@ class GroupMember:
     actor knows its role, rank and group size, and joins its group's process group (gloo or NCCL).
     The actor class's own constructor gets the remaining arguments."""
 
-    def __init__(self, role: str, rank: int, world_size: int, *args):
+    def __init__(self, role: str, rank: int, world_size: int, threads: int, *args):
         self.role, self.rank, self.world_size = role, rank, world_size
-        os.environ.update(RANK=str(rank), LOCAL_RANK="0", WORLD_SIZE=str(world_size))
+        # The actor has no runtime environment of its own (see ActorGroup): its variables are set here, and its
+        # threads on torch itself, which the actor class's module may have imported with another count already.
+        os.environ.update(WORKER_ENV, RANK=str(rank), LOCAL_RANK="0", WORLD_SIZE=str(world_size),
+                          OMP_NUM_THREADS=str(threads))
+        import torch
+
+        torch.set_num_threads(threads)
         super().__init__(*args)
 
     def where(self) -> dict:
@@ -62,13 +68,14 @@ class ActorGroup:
         self.role, self.timeout_s = role, timeout_s
         member = type(actor_class.__name__, (GroupMember, actor_class), {"__module__": actor_class.__module__})
         remote = ray.remote(member)
+        # No runtime_env per actor: with one, Ray starts a new worker process for each actor instead of handing
+        # it one of those it keeps idle (a second of process start and imports each, on a small machine).
         self.actors = [
             remote.options(
                 num_cpus=resources[i].get("CPU", 0), num_gpus=resources[i].get("GPU", 0),
                 scheduling_strategy=PlacementGroupSchedulingStrategy(placement_group, placement_group_bundle_index=b),
                 # One thread per whole CPU the actor holds, at least one (colocated actors hold fractions).
-                runtime_env={"env_vars": {**WORKER_ENV, "OMP_NUM_THREADS": str(max(1, int(resources[i].get("CPU", 1))))}},
-                ).remote(role, i, count, *args)
+                ).remote(role, i, count, max(1, int(resources[i].get("CPU", 1))), *args)
             for i, b in enumerate(bundles)]
         self.places = None
         self._starting = (start_timeout_s, [a.where.remote() for a in self.actors])
