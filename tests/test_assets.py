@@ -242,8 +242,8 @@ def test_a_tokenizer_with_cached_facts_loads_without_autotokenizer_and_is_the_sa
     from ftcluster.train.tokenizer import load_tokenizer
 
     monkeypatch.setenv("FTCLUSTER_CACHE", str(tmp_path / "cache"))
-    assert load_tokenizer(str(TINY)) is not None and model_facts.cached_facts(str(TINY), False) is None
     auto = load_tokenizer(str(TINY))  # no facts yet: AutoTokenizer
+    assert auto is not None and model_facts.cached_facts(str(TINY), False) is None
     facts = model_facts.folder_facts(str(TINY), False)
     assert facts.tokenizer_class == type(auto).__name__
     assert pickle.dumps(load_tokenizer(str(TINY))) == pickle.dumps(auto)

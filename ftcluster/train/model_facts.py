@@ -84,10 +84,10 @@ def _read(folder: str, trust_remote_code: bool) -> FolderFacts:
     # hold changes).
     tokenizer = AutoTokenizer.from_pretrained(folder, trust_remote_code=trust_remote_code)
     return FolderFacts(tokenizer_facts(tokenizer), getattr(text, "vocab_size", None),
-                       getattr(text, "max_position_embeddings", None), _direct_class(folder, tokenizer))
+                       getattr(text, "max_position_embeddings", None), _direct_class_name(folder, tokenizer))
 
 
-def _direct_class(folder: str, tokenizer) -> str | None:
+def _direct_class_name(folder: str, tokenizer) -> str | None:
     """The name of the tokenizer's class when transformers exports it and its from_pretrained alone makes the same
     tokenizer (compared whole, pickled: vocabulary, special tokens, template, settings); else None."""
     import pickle
