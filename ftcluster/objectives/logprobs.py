@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 from ftcluster.data.collate import model_inputs
 from ftcluster.data.template import IGNORE
 from ftcluster.objectives import chunked
+from ftcluster.objectives.cross_entropy import at_label_positions
 from ftcluster.objectives.losses import SequenceLogps
 from ftcluster.util import dist
 
@@ -31,12 +33,16 @@ def model_labelled_logps(model, batch: dict, temperature: float = 1.0,
     head = chunked.head_of(model) if chunk_tokens > 0 else None
     if head is not None:
         hidden = chunked.final_hidden(model, inputs, head)
-        return chunked.labelled_logps(hidden[:, -labels.shape[1]:], labels, head, chunk_tokens, temperature)
+        return chunked.labelled_logps(at_label_positions(hidden, labels), labels, head, chunk_tokens, temperature)
     logits = model(**inputs, use_cache=False).logits
     labels = labels.to(logits.device)
-    logits = logits[:, -labels.shape[1]:, :]  # prompt tuning prepends virtual tokens
-    mask = labels[:, 1:] != IGNORE
-    return token_logps(logits[:, :-1], labels[:, 1:], temperature) * mask, mask
+    # Every position scored against the next label (IGNORE after the last), and the last column of the
+    # [rows, positions] result dropped: slicing the logits instead would cost their backward a zero-filled
+    # copy of the whole [rows, positions, vocab] tensor.
+    targets = F.pad(labels[:, 1:], (0, 1), value=IGNORE)
+    mask = targets != IGNORE
+    logps = token_logps(at_label_positions(logits, labels), targets, temperature) * mask
+    return logps[:, :-1], mask[:, :-1]
 
 
 def pair_logps(model, batch: dict, chunk_tokens: int = 0) -> SequenceLogps:
