@@ -7,6 +7,7 @@ from transformers import AutoModelForCausalLM
 
 from helpers import INLINE, train
 from ftcluster.observe.track import read_metrics
+from reference import reference_run
 
 
 def losses(run):
@@ -32,6 +33,20 @@ def test_peft_methods_train_and_export(tmp_path, method, extra):
     changed = any(not torch.equal(a, b) for a, b in zip(model.state_dict().values(), base.state_dict().values()))
     # DoRA merges into the weights; prompt and prefix tuning leave the base weights as they were.
     assert changed == (method == "dora")
+
+
+def test_one_rank_without_zero_reduces_no_gradients_and_matches_the_reference(tmp_path):
+    """With one data-parallel rank and fp32 gradients DeepSpeed's gradient all-reduce is skipped (it would
+    all-reduce across that one rank): no time in collectives, with 4 accumulation micro-batches and clipping,
+    and the same losses and gradient norms as the plain-torch reference."""
+    run = tmp_path / "one_rank"
+    train(run, *INLINE, "strategy=zero0", "strategy.precision=fp32", "strategy.gradient_clipping=0.5",
+          "trainer.max_steps=4", "trainer.profile_comms=true")
+    rows = [r for r in read_metrics(run) if "loss" in r]
+    assert [r["comm_time_s"] for r in rows] == [0.0] * 4
+    reference = reference_run(run)
+    assert [r["loss"] for r in rows] == pytest.approx(reference.losses, rel=1e-5, abs=1e-6)
+    assert [r["grad_norm"] for r in rows] == pytest.approx(reference.grad_norms, rel=1e-4)
 
 
 # ---- NCCL and ftcluster's hang diagnosis: which fires first -------------------------------------------------
