@@ -1,6 +1,8 @@
-"""Peak memory and time of one SFT micro-batch (forward + backward) with the full logits and with the chunked
-loss (trainer.loss_chunk_tokens, ftcluster.objectives.chunked), side by side, on the tiny model's shape with
-a Llama-3-sized vocabulary (128256) where the logits dominate.
+"""Peak memory and time of one SFT micro-batch (forward + backward) with the model's full logits (as
+ftcluster took them before the head projected labelled positions only), with ftcluster's loss from the
+labelled positions in one piece (trainer.loss_chunk_tokens=0, the default) and in recomputed chunks
+(loss_chunk_tokens=N, ftcluster.objectives.chunked), side by side, on the tiny model's shape with a
+Llama-3-sized vocabulary (128256) where the logits dominate.
 
 Each side runs in a fresh process (so one side's freed memory cannot serve the other's peak), with glibc
 set to hand freed blocks back at once (ftcluster.observe.peak_memory.return_freed_memory), so the resident
@@ -58,9 +60,17 @@ def measure(vocab: int, rows: int, width: int, chunk_tokens: int, steps: int) ->
     labels[:, :PROMPT_TOKENS] = IGNORE
     batch = {"input_ids": input_ids, "labels": labels, "position_ids": torch.arange(width).expand(rows, -1)}
 
+    def loss_sum() -> torch.Tensor:
+        if chunk_tokens >= 0:
+            return token_loss_sum(model, batch, chunk_tokens)
+        logits = model(**{k: v for k, v in batch.items() if k != "labels"}, use_cache=False).logits
+        targets = torch.nn.functional.pad(labels[:, 1:], (0, 1), value=IGNORE)
+        return torch.nn.functional.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=IGNORE,
+                                                 reduction="sum")
+
     def step() -> float:
         model.zero_grad(set_to_none=False)  # gradients stay allocated: the step's peak is its activations
-        loss = token_loss_sum(model, batch, chunk_tokens)
+        loss = loss_sum()
         loss.backward()
         return loss.item()
 
@@ -68,7 +78,7 @@ def measure(vocab: int, rows: int, width: int, chunk_tokens: int, steps: int) ->
     weights = {p.untyped_storage().data_ptr() for p in model.parameters()}
     saved = []
     with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
-        token_loss_sum(model, batch, chunk_tokens)
+        loss_sum()
     storages = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in saved}  # once per storage
     saved_bytes = sum(size for ptr, size in storages.items() if ptr not in weights)
     saved.clear()  # the graph they belong to is gone; drop the references before measuring
@@ -106,7 +116,8 @@ def report(args, sides: list[dict]) -> str:
         "",
         f"Model: the tiny Llama's shape (2 layers, hidden 64) with a {args.vocab}-token vocabulary, fp32, untied "
         f"head. One micro-batch of {args.rows} rows x {args.tokens} tokens, the first {PROMPT_TOKENS} of each row "
-        f"unlabelled ({full['label_tokens']} label tokens). Forward + backward of `token_loss_sum`; full [tokens, "
+        f"unlabelled ({full['label_tokens']} label tokens). Forward + backward of `token_loss_sum` (the full-logits "
+        "side: the model's logits and cross-entropy over them); full [tokens, "
         f"vocab] logits in fp32 would be {logits_mib:.0f} MiB. Each side in a fresh process, freed memory "
         "handed back to the OS at once; figures from the last of the measured steps after one warm-up.",
         "",
@@ -118,7 +129,8 @@ def report(args, sides: list[dict]) -> str:
         "|---|---|---|---|---|",
     ]
     for side in sides:
-        name = "0 (full logits)" if side["chunk_tokens"] == 0 else str(side["chunk_tokens"])
+        name = {-1: "full logits", 0: "0 (labelled positions, one piece)"}.get(side["chunk_tokens"],
+                                                                               str(side["chunk_tokens"]))
         lines.append(f"| {name} | {side['peak_over_start_mib']:.0f} | {side['saved_for_backward_mib']:.1f} | "
                      f"{side['step_s']:.2f} | {side['loss']:.6f} |")
     lines += ["", "Largest loss difference from the full-logits side: "
@@ -141,7 +153,7 @@ def main() -> None:
     if args.side is not None:
         print(json.dumps(measure(args.vocab, args.rows, args.tokens, args.side, args.steps)))
         return
-    sides = [run_side(args, chunk) for chunk in [0, *args.chunks]]
+    sides = [run_side(args, chunk) for chunk in [-1, 0, *args.chunks]]  # -1: the full logits
     args.out.write_text(report(args, sides))
     args.out.with_suffix(".json").write_text(json.dumps(sides, indent=1))
     print(args.out.read_text())

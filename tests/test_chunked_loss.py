@@ -1,9 +1,11 @@
-"""The chunked loss and log-probs (ftcluster.objectives.chunked) against today's full-logits path: the same
-value and the same gradient on every trainable parameter to 1e-5, for the model variants it must serve;
-and an SFT run whose losses match the full-logits run step for step."""
+"""The loss and log-probs from the labelled positions' hidden states (ftcluster.objectives.chunked), in one
+piece (loss_chunk_tokens=0, the default) and in recomputed chunks, against the model's full logits computed
+here: the same value and the same gradient on every trainable parameter to 1e-5, for the model variants it
+must serve; and an SFT run in chunks whose losses match the one-piece run step for step."""
 
 import pytest
 import torch
+import torch.nn.functional as F
 from transformers import Gemma2Config, GPT2Config, GPT2LMHeadModel, Gemma2ForCausalLM, LlamaConfig, LlamaForCausalLM
 
 from helpers import INLINE, losses, train
@@ -57,6 +59,24 @@ def batch(rows: int = 3, width: int = 23) -> dict:
             "num_tokens": torch.tensor(int(attention_mask.sum())), "num_examples": torch.tensor(rows)}
 
 
+def full_logits(model, mb: dict) -> torch.Tensor:
+    """The model's own logits at the labels' positions (prompt tuning prepends virtual tokens), in fp32."""
+    return model(**model_inputs(mb, "cpu"), use_cache=False).logits[:, -mb["labels"].shape[1]:].float()
+
+
+def full_logits_loss(model, mb: dict) -> torch.Tensor:
+    targets = F.pad(mb["labels"][:, 1:], (0, 1), value=IGNORE)
+    return F.cross_entropy(full_logits(model, mb).flatten(0, 1), targets.flatten(), ignore_index=IGNORE,
+                           reduction="sum")
+
+
+def full_logits_logps(model, mb: dict, temperature: float) -> tuple[torch.Tensor, torch.Tensor]:
+    labels = mb["labels"][:, 1:]
+    logps = torch.log_softmax(full_logits(model, mb)[:, :-1] / temperature, dim=-1)
+    mask = labels != IGNORE
+    return logps.gather(2, labels.clamp(min=0).unsqueeze(-1)).squeeze(-1) * mask, mask
+
+
 def value_and_grads(model, loss_fn) -> tuple[torch.Tensor, dict]:
     model.zero_grad()
     loss = loss_fn()
@@ -84,24 +104,27 @@ MODELS = {
 
 
 @pytest.mark.parametrize("name", MODELS)
-def test_chunked_loss_matches_the_full_logits_in_value_and_gradients(name):
+@pytest.mark.parametrize("chunk_tokens", [0, CHUNK])
+def test_loss_matches_the_full_logits_in_value_and_gradients(name, chunk_tokens):
     model = MODELS[name]()
     assert chunked.head_of(model) is not None
     mb = batch()
-    assert_same(model, lambda: token_loss_sum(model, mb), lambda: token_loss_sum(model, mb, chunk_tokens=CHUNK))
+    assert_same(model, lambda: full_logits_loss(model, mb), lambda: token_loss_sum(model, mb, chunk_tokens))
 
 
-@pytest.mark.parametrize("name", ["untied", "tied", "lora_on_the_head"])
-def test_chunked_logps_match_the_full_logits_in_value_and_gradients(name):
-    model = MODELS[name]()
+@pytest.mark.parametrize("name", ["untied", "tied", "lora_on_the_head", "gpt2"])
+def test_logps_match_the_full_logits_in_value_and_gradients(name):
+    model = gpt2() if name == "gpt2" else MODELS[name]()
     mb = batch(rows=4)
     weights = torch.linspace(-1.0, 1.0, mb["labels"].shape[1] - 1)  # a loss that weighs every position
     for temperature in (1.0, 0.7):
-        def weighted(chunk_tokens, temperature=temperature):
-            logps, mask = model_labelled_logps(model, mb, temperature, chunk_tokens)
+        def weighted(logps_and_mask):
+            logps, mask = logps_and_mask
             return (logps * mask * weights).sum()
 
-        assert_same(model, lambda: weighted(0), lambda: weighted(CHUNK))
+        for chunk_tokens in (0, CHUNK):
+            assert_same(model, lambda: weighted(full_logits_logps(model, mb, temperature)),
+                        lambda: weighted(model_labelled_logps(model, mb, temperature, chunk_tokens)))
     full, chunk = pair_logps(model, mb), pair_logps(model, mb, chunk_tokens=CHUNK)
     for side in ("chosen", "rejected", "chosen_tokens", "rejected_tokens"):
         torch.testing.assert_close(getattr(chunk, side), getattr(full, side), rtol=1e-5, atol=1e-5)
@@ -117,28 +140,38 @@ def test_a_batch_with_no_label_gives_zero_and_zero_gradients_on_every_parameter(
     assert all(g.abs().sum() == 0 for g in grads.values()) and grads.keys() == dict(model.named_parameters()).keys()
 
 
-def test_chunks_keep_no_logits_for_backward():
-    # What the graph saves for backward, weights aside: nothing of vocabulary width (the full-logits path
-    # saves the logits and their fp32 copy).
+def test_chunks_keep_no_logits_for_backward_and_one_piece_only_the_labelled_ones():
+    # What the graph saves for backward, weights aside: nothing of vocabulary width in chunks; in one piece,
+    # only the labelled positions' logits (the full logits' cross-entropy saves all rows x width of them).
     model = llama()
+    mb = batch()
     weights = {p.untyped_storage().data_ptr() for p in model.parameters()}
 
-    def saved_activations(chunk_tokens):
+    def saved_activations(loss):
         saved = []
         with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
-            token_loss_sum(model, batch(), chunk_tokens)
-        return [t.shape for t in saved if t.untyped_storage().data_ptr() not in weights]
+            loss()
+        return [tuple(t.shape) for t in saved if t.untyped_storage().data_ptr() not in weights]
 
-    vocab_wide = lambda shapes: [s for s in shapes if SHAPE["vocab_size"] in s]
-    assert vocab_wide(saved_activations(0)) and not vocab_wide(saved_activations(CHUNK))
+    vocab_wide = lambda shapes: {s for s in shapes if SHAPE["vocab_size"] in s}
+    labelled = int((mb["labels"][:, 1:] != IGNORE).sum())
+    assert (3 * 23, SHAPE["vocab_size"]) in vocab_wide(saved_activations(lambda: full_logits_loss(model, mb)))
+    assert vocab_wide(saved_activations(lambda: token_loss_sum(model, mb, 0))) == {(labelled, SHAPE["vocab_size"])}
+    assert not vocab_wide(saved_activations(lambda: token_loss_sum(model, mb, CHUNK)))
+
+
+def gpt2() -> GPT2LMHeadModel:
+    torch.manual_seed(0)
+    return GPT2LMHeadModel(GPT2Config(n_embd=32, n_layer=1, n_head=2, vocab_size=SHAPE["vocab_size"], bos_token_id=1,
+                                      eos_token_id=1)).eval()  # eval: no dropout
 
 
 def test_model_families_with_unknown_logit_processing_take_the_full_logits():
-    model = GPT2LMHeadModel(GPT2Config(n_embd=32, n_layer=1, n_head=2, vocab_size=SHAPE["vocab_size"], bos_token_id=1,
-                                       eos_token_id=1)).eval()  # eval: no dropout
+    model = gpt2()
     assert chunked.head_of(model) is None
     mb = batch()
     assert token_loss_sum(model, mb, chunk_tokens=CHUNK).item() == token_loss_sum(model, mb).item()
+    assert token_loss_sum(model, mb).item() == pytest.approx(full_logits_loss(model, mb).item(), rel=1e-6)
 
 
 def test_every_model_input_reaches_the_model_and_bookkeeping_does_not():
@@ -150,9 +183,10 @@ def test_every_model_input_reaches_the_model_and_bookkeeping_does_not():
 
 
 @pytest.mark.parametrize("strategy", ["zero2", "zero3"])
-def test_sft_losses_match_the_full_logits_run_step_for_step(tmp_path, strategy):
+def test_sft_losses_in_chunks_match_the_one_piece_run_step_for_step(tmp_path, strategy):
     # Through the DeepSpeed engine; under ZeRO-3 the head's weight is partitioned and gathered by its hooks,
-    # also in the backward recompute. 64 label tokens per chunk: several chunks per micro-batch.
+    # also in the backward recompute. 64 label tokens per chunk: several chunks per micro-batch. (The one-piece
+    # default against the full logits of a plain torch loop: test_train_distributed.py's reference runs.)
     common = [*INLINE, f"strategy={strategy}", "trainer.max_steps=3", "trainer.global_batch=4"]
     train(tmp_path / "full", *common)
     train(tmp_path / "chunked", *common, "trainer.loss_chunk_tokens=64")

@@ -311,9 +311,11 @@ class TrainerConfig:
     # be saved (the newest checkpoint stays the last good one). "skip" (drop that update) is refused by
     # validate(): under ZeRO the norm is only known inside DeepSpeed's step, after the update is applied.
     on_nonfinite: Annotated[str, Literal["stop", "skip"]] = "stop"
-    # Label tokens per chunk of the SFT loss: the head projects that many at a time, in fp32, recomputed in
-    # backward, so the full [tokens, vocab] logits never exist (Liger's fused kernel on CUDA where
-    # installed). 0: the full logits. ftcluster.objectives.chunked.
+    # The loss (and DPO/RL log-probs) come from the final hidden states at the labelled positions only: the
+    # head projects no prompt or padding token, and the full [tokens, vocab] logits never exist. 0: the
+    # labelled positions in one piece; N > 0: N label tokens at a time, in fp32, recomputed in backward, which
+    # bounds the logits' memory whatever the micro-batch (Liger's fused kernel on CUDA where installed, either
+    # way). Model families ftcluster.objectives.chunked does not know take the full logits.
     loss_chunk_tokens: int = 0
 
 

@@ -18,11 +18,12 @@ from ftcluster.util import dist
 def token_loss_sum(model, batch: dict, chunk_tokens: int = 0) -> torch.Tensor:
     """Summed next-token cross-entropy over label positions, in fp32.
 
-    chunk_tokens > 0: from the final hidden states, that many label tokens at a time, without the full
-    logits (ftcluster.objectives.chunked), for models it knows; others, and 0, take the full logits."""
+    From the final hidden states at the labelled positions only (ftcluster.objectives.chunked), for model
+    families it knows: in one piece with chunk_tokens=0, else that many label tokens at a time, recomputed in
+    backward. Other families take the model's full logits."""
     inputs = model_inputs(batch, dist.device())
     labels = batch["labels"]
-    head = chunked.head_of(model) if chunk_tokens > 0 else None
+    head = chunked.head_of(model)
     if head is not None:
         hidden = chunked.final_hidden(model, inputs, head)
         return chunked.loss_sum(at_label_positions(hidden, labels), labels, head, chunk_tokens)

@@ -27,10 +27,10 @@ def token_logps(logits: torch.Tensor, targets: torch.Tensor, temperature: float 
 def model_labelled_logps(model, batch: dict, temperature: float = 1.0,
                          chunk_tokens: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     """One forward over `batch`: [batch, length - 1] log-probs of its labels (0 where unlabelled) and the
-    label mask. chunk_tokens > 0: without the full logits, as token_loss_sum does."""
+    label mask. From the labelled positions' hidden states where the family is known, as token_loss_sum."""
     inputs = model_inputs(batch, dist.device())
     labels = batch["labels"]
-    head = chunked.head_of(model) if chunk_tokens > 0 else None
+    head = chunked.head_of(model)
     if head is not None:
         hidden = chunked.final_hidden(model, inputs, head)
         return chunked.labelled_logps(at_label_positions(hidden, labels), labels, head, chunk_tokens, temperature)

@@ -6,11 +6,11 @@ Features and their trade-offs:
   world_size / global_label_tokens before DeepSpeed's backward (which averages over ranks), so the
   gradient equals that of one big batch on one device, whatever the packing, padding, micro-batch size
   or world size. Costs one all-reduce of two numbers per step.
-- Chunked loss (trainer.loss_chunk_tokens > 0): the head projects only labelled tokens, that many at a
-  time, upcast to fp32 per chunk and recomputed in backward, so the [tokens, vocab] logits never exist
-  (the memory that dominates at a 128k vocabulary); costs one extra head matmul per chunk. Fused (Liger)
-  on CUDA where installed. Model families it does not know take the full logits
-  (ftcluster.objectives.chunked).
+- The head projects only labelled tokens (prompt and padding positions score nothing), so the full
+  [tokens, vocab] logits never exist; with trainer.loss_chunk_tokens > 0, that many at a time, upcast to
+  fp32 per chunk and recomputed in backward (the memory that dominates at a 128k vocabulary), at one
+  extra head matmul per chunk. Fused (Liger) on CUDA where installed. Model families it does not know
+  take the full logits (ftcluster.objectives.chunked).
 - Packing: rows hold several examples with position ids restarting per example; attention never
   crosses examples (see ftcluster.data.packing).
 - Evaluation at step 0, every trainer.eval_every_steps and at the last step: eval_loss, eval_ppl. With
