@@ -5,11 +5,13 @@ in one run.
     python benchmarks/sft_baselines.py                 # full measurement, report in benchmarks/results/
     python benchmarks/sft_baselines.py --smoke         # a few steps end to end, report in the work folder
     python benchmarks/sft_baselines.py --launcher processes   # ftcluster's ranks without Ray: what Ray costs
+    python benchmarks/sft_baselines.py --model smollm2  # SmolLM2-135M against the Trainer alone (~10 min)
 
 ftcluster runs with launcher=local (its default: a Ray cluster on this machine, one Ray rank actor) unless
 --launcher processes (a plain spawned process, no Ray); the report and its file name say which.
 
-Every side trains the tiny model (ftcluster/assets/models/tiny) from the very same weight file, on the same
+Every side trains the tiny model (ftcluster/assets/models/tiny; with --model smollm2 the pretrained
+SmolLM2-135M-Instruct, where the per-step overhead matters less) from the very same weight file, on the same
 seeded variable-length chat data set (built here, written once as JSONL), tokenized the same way, with the
 same batch (rows per micro-batch, rows per optimizer step), optimizer (torch AdamW, same lr, betas, eps, no
 weight decay, constant schedule, no warm-up), gradient clipping (1.0), precision (fp32), no gradient
@@ -72,6 +74,16 @@ from common import (REPO, add_logged_losses, add_run_arguments, busy_processes, 
                     run_logged, run_worker, start_worker, step_timer, wait_for_quiet)
 
 TINY = REPO / "ftcluster" / "assets" / "models" / "tiny"
+# --model: what it trains, and the defaults that keep a run affordable on a 2-core CPU. SmolLM2 takes ~100
+# real tokens/s in fp32 there: shorter examples and rows, a few long steps (their own noise averages out
+# within each), a learning rate for a pretrained model, and the Trainer alone (the issue's targets are against
+# it; TRL's runs would double the time).
+MODELS = {
+    "tiny": {"title": "tiny model", "defaults": {}},
+    "smollm2": {"title": "SmolLM2-135M-Instruct (pretrained)",
+                "defaults": {"records": 300, "max_len": 240, "max_seq_len": 256, "steps": 3, "warmup": 1,
+                             "lr": 1e-5, "baselines": "trainer"}},
+}
 PACKAGES = ["ftcluster", "torch", "transformers", "trl", "accelerate", "datasets", "deepspeed", "ray",
             "hydra-core", "tokenizers", "numpy"]
 
@@ -154,7 +166,7 @@ def _distribution(values: list[int]) -> dict:
 
 
 def ftcluster_overrides(a, data_path: Path, model_dir: Path, packing: bool, output_dir: Path) -> list[str]:
-    return ["model=tiny", f"model.path={model_dir}", "model.init=pretrained", "model.attn_implementation=sdpa",
+    return [f"model={a.model}", f"model.path={model_dir}", "model.init=pretrained", "model.attn_implementation=sdpa",
             "data=custom", f"data.path={data_path}", "data.format=chat", f"data.packing={str(packing).lower()}",
             "peft=none", "strategy=zero0", "strategy.precision=fp32", "strategy.gradient_clipping=1.0",
             f"launcher={a.launcher}", "launcher.workers=1", f"launcher.cpus_per_worker={a.threads}", "tracking=none",
@@ -373,6 +385,16 @@ COMPARISONS = (
     ("unpacked_vs_trl", "ftcluster-unpacked", "trl-unpacked", "SFTTrainer", None,
      "4. ftcluster no packing vs SFTTrainer no packing (equal padding)"),
 )
+# A round's runs in order: each ftcluster run between the two baselines it is compared with.
+ROUND_NAMES = {"trl-packed": "SFTTrainer packed", "ftcluster-packed": "ftcluster packed", "trainer-a": "Trainer",
+               "trl-unpacked": "SFTTrainer unpacked", "ftcluster-unpacked": "ftcluster unpacked",
+               "trainer-b": "Trainer"}
+
+
+def round_order(with_trl: bool) -> list[str]:
+    return [name for name in ROUND_NAMES if with_trl or not name.startswith("trl-")]
+
+
 # The baselines that read ftcluster's unpacked micro-batches, so their losses must match its own step by step.
 SAME_BATCHES = {"trainer-b": "Trainer", "trl-unpacked": "SFTTrainer"}
 
@@ -390,6 +412,8 @@ def summarize(res: dict) -> None:
         r["figures"] = figures(r, warmup)
     comparisons = {}
     for key, ft_name, base_name, base_label, target, title in COMPARISONS:
+        if f"r1-{base_name}" not in runs:  # a baseline this measurement left out (--baselines)
+            continue
         rounds = []
         for n in range(1, res["settings"]["rounds"] + 1):
             ft, base = runs[f"r{n}-{ft_name}"]["figures"], runs[f"r{n}-{base_name}"]["figures"]
@@ -408,7 +432,7 @@ def summarize(res: dict) -> None:
                                     "no" if meeting == 0 else "inconclusive")
     res["comparisons"] = comparisons
     res["loss_agreement"] = {name: loss_agreement(runs["r1-ftcluster-unpacked"], runs[f"r1-{name}"])
-                             for name in SAME_BATCHES}
+                             for name in SAME_BATCHES if f"r1-{name}" in runs}
 
 
 def _f(x: float, digits: int = 0) -> str:
@@ -433,8 +457,12 @@ def write_report(res: dict, md_path: Path) -> None:
     runs = {r["tag"]: r for r in res["runs"]}
     L = []
     launcher = a.get("launcher", "local")  # reports measured before --launcher existed ran launcher=local
-    title = "" if launcher == "local" else f", launcher={launcher}"
-    L.append(f"# ftcluster SFT vs Hugging Face Trainer and TRL SFTTrainer on CPU ({res['date']}{title})\n")
+    model = a.get("model", "tiny")  # and before --model, the tiny model
+    with_trl = "r1-trl-packed" in runs
+    title = ("" if model == "tiny" else f", {MODELS[model]['title']}") + (
+        "" if launcher == "local" else f", launcher={launcher}")
+    sides = "Hugging Face Trainer and TRL SFTTrainer" if with_trl else "the Hugging Face Trainer"
+    L.append(f"# ftcluster SFT vs {sides} on CPU ({res['date']}{title})\n")
     if res.get("smoke"):
         L.append("**Smoke configuration: too few steps for the figures to mean anything.**\n")
     if q["quiet"] is False:
@@ -444,7 +472,7 @@ def write_report(res: dict, md_path: Path) -> None:
                  f"runs went, see Machine); the script waited {q['waited_s']} s for a quiet machine first. Absolute "
                  f"figures are not representative; the ratios compare runs taken minutes apart, but contention still "
                  f"weighs on them (ftcluster's launcher processes compete for the same cores). Re-run on a quiet machine.\n")
-    L.append(f"ftcluster ran with {LAUNCHERS[launcher]}. Same tiny model and initial weights, same data, "
+    L.append(f"ftcluster ran with {LAUNCHERS[launcher]}. Same {MODELS[model]['title']} and initial weights, same data, "
              f"tokenization and batch; one training process with {a['threads']} threads each. Effective tokens/s = "
              f"real (non-padding) tokens per second of training step time, median over {a['steps']} steps after {w} "
              "warm-up steps (start-up excluded); min and max beside it. "
@@ -488,8 +516,8 @@ def write_report(res: dict, md_path: Path) -> None:
              + "; ".join(f"comparison {c['title'][:1]} " + ", ".join(f"{x['ratio_baseline_core_time']:.2f}x"
                                                                        for x in c["rounds"]) for c in comps.values())
              + ".\n")
-    trl_p = runs["r1-trl-packed"]
-    L.append(f"SFTTrainer's packing (comparison 3): BFD packed the {ds['records']} examples into "
+    trl_p = runs.get("r1-trl-packed")
+    L.append("" if trl_p is None else f"SFTTrainer's packing (comparison 3): BFD packed the {ds['records']} examples into "
              f"{trl_p['prepared']['rows']} rows of at most {a['max_seq_len']} tokens ({trl_p['prepared']['fill']:.1%} "
              f"full; ftcluster: {ds['prepared_packed']['train']['rows']} rows, "
              f"{ds['prepared_packed']['train']['packing_efficiency']:.1%}). TRL always trains BFD-packed rows "
@@ -500,8 +528,10 @@ def write_report(res: dict, md_path: Path) -> None:
              f"micro-batch's total length squared; ftcluster's packed micro-batch is {a['micro_batch']} rows of "
              f"{a['max_seq_len']} with a block-diagonal mask per row. TRL's preparation (tokenized rows in, packing) "
              f"took {trl_p['setup_s']:.1f} s of trainer construction, outside the timed steps.\n")
+    L.append("" if with_trl else "TRL's SFTTrainer left out of this measurement (--baselines trainer).\n")
     la = res["loss_agreement"]
-    L.append("Correctness check (comparisons 2 and 4 read identical micro-batches on all three sides): per-step "
+    L.append(("Correctness check (comparisons 2 and 4 read identical micro-batches on all three sides)" if with_trl else
+              "Correctness check (comparison 2 reads identical micro-batches on both sides)") + ": per-step "
              "losses of the first round's ftcluster unpacked run against "
              + "; ".join(f"{SAME_BATCHES[name]}: at most {d['max_abs_diff']:.2e} apart over {d['steps_compared']} steps (step 1: "
                          f"{d['first'][0]:.5f} vs {d['first'][1]:.5f}; last: {d['last'][0]:.5f} vs {d['last'][1]:.5f})"
@@ -527,7 +557,7 @@ def write_report(res: dict, md_path: Path) -> None:
     L.append("## Data set\n")
     L.append(f"{ds['records']} single-turn chats (system `{SYSTEM}`, user, assistant) of random English words, built "
              f"with seed {a['seed']}; target lengths log-uniform on [{a['min_len']}, {a['max_len']}] tokens. Token counts "
-             f"per example under the tiny tokenizer with the chat template:\n")
+             f"per example under the {model} tokenizer with the chat template:\n")
     d = ds["lengths"]
     L.append("| min | p10 | p25 | median | p75 | p90 | max | mean | total |")
     L.append("|---|---|---|---|---|---|---|---|---|")
@@ -548,15 +578,16 @@ def write_report(res: dict, md_path: Path) -> None:
              f"optimizer step (gradient accumulation {a['global_batch'] // a['micro_batch']}); torch AdamW lr {a['lr']}, "
              f"betas (0.9, 0.999), eps 1e-8, weight decay 0, constant schedule, no warm-up, gradient clipping 1.0; fp32; "
              f"no gradient checkpointing; sdpa attention; {w} warm-up + {a['steps']} measured steps; {a['rounds']} "
-             f"round(s) of (SFTTrainer packed, ftcluster packed, Trainer, SFTTrainer unpacked, ftcluster unpacked, "
-             f"Trainer); seed {a['seed']}.")
+             f"round(s) of ({', '.join(ROUND_NAMES[name] for name in round_order(with_trl))}); seed {a['seed']}.")
     L.append("- A row is one example for the Trainer, the unpacked SFTTrainer and ftcluster data.packing=false, and "
              "up to max_seq_len tokens of several examples when packed: the same number of rows per step carries "
              "more real tokens when packed. Tokens/s divides by the step time, so the comparison is per real token.")
     L.append("- Step time: ftcluster's own (sft.py: the loader's micro-batches, forward/backward/optimizer, the loss "
              "all-reduce), from `tokens_per_s` in metrics.jsonl; the baselines' from on_step_end to on_step_end.")
-    L.append("- Initial weights: ftcluster.train.random_init.materialize_random_init(tiny, seed) written once to a folder; every "
-             "side loads that folder (ftcluster with model.path=... model.init=pretrained).")
+    L.append("- Initial weights: " + ("ftcluster.train.random_init.materialize_random_init(tiny, seed) written once to a "
+                                      "folder" if model == "tiny" else "the pretrained weights of ftcluster's converted "
+                                      f"`model={model}` folder") + "; every side loads that folder (ftcluster with "
+             "model.path=... model.init=pretrained).")
     L.append("- Row order: the Trainer and the unpacked SFTTrainer read the unpacked rows in the order ftcluster's "
              "loader reads them (train_sampling_strategy=\"sequential\" over that order); the packed SFTTrainer reads "
              "its own packed rows in its default seeded random order. Every side sets use_cache=False.")
@@ -568,6 +599,8 @@ def write_report(res: dict, md_path: Path) -> None:
     L.append("```bash\n" + first_ft["command"].replace(" model=", " \\\n  model=", 1) + "\n```\n")
     for tag, what in (("r1-trainer-a", "Trainer"), ("r1-trl-unpacked", "SFTTrainer, unpacked"),
                       ("r1-trl-packed", "SFTTrainer, packed")):
+        if tag not in runs:
+            continue
         r = runs[tag]
         config = "TrainingArguments" if r["side"] == "trainer" else "SFTConfig"
         order = " and their order" if r["arguments"]["train_sampling_strategy"] == "sequential" else ""
@@ -592,6 +625,10 @@ def rewrite_report(json_path: Path, notes: list[str]) -> None:
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--model", choices=sorted(MODELS), default="tiny",
+                   help="what every side trains; smollm2 changes the other defaults (see MODELS)")
+    p.add_argument("--baselines", choices=["trainer,trl", "trainer"], default="trainer,trl",
+                   help="the Hugging Face sides to run (the Trainer always)")
     p.add_argument("--hf-worker", help=argparse.SUPPRESS)
     p.add_argument("--smoke", action="store_true", help="3 measured steps after 1 warm-up, 1 round, 200 records")
     p.add_argument("--records", type=int, default=1000)
@@ -602,6 +639,7 @@ def main() -> int:
     p.add_argument("--report-from", metavar="JSON", help="measure nothing: rebuild the report of a finished "
                                                           "measurement from its .json (raw figures)")
     add_run_arguments(p, steps=30)
+    p.set_defaults(**MODELS[p.parse_known_args()[0].model]["defaults"])
     a = p.parse_args()
     if a.hf_worker:
         hf_worker(a.hf_worker)
@@ -629,7 +667,13 @@ def main() -> int:
     from ftcluster.train.tokenizer import load_tokenizer
 
     # One weight file for every side.
-    model_dir = Path(materialize_random_init(str(TINY), work / "init_model", a.seed))
+    if a.model == "tiny":
+        model_dir = Path(materialize_random_init(str(TINY), work / "init_model", a.seed))
+    else:
+        from ftcluster.config import compose as compose_model
+        from ftcluster.train.bundled import resolve_model_path
+
+        model_dir = Path(resolve_model_path(compose_model([f"model={a.model}"]).model.path))
     tokenizer = load_tokenizer(str(model_dir))
     data_path = work / "train.jsonl"
     lengths = build_dataset(data_path, a.records, a.min_len, a.max_len, a.max_seq_len, a.seed, tokenizer)
@@ -653,18 +697,21 @@ def main() -> int:
 
     started_at = time.strftime("%Y-%m-%dT%H:%M:%S%z")
     runs = []
+    start_run = {
+        "trl-packed": lambda tag: run_baseline(a, work, model_dir, hf_rows, "trl", True, None, tag),
+        "ftcluster-packed": lambda tag: run_ftcluster(a, work, data_path, model_dir, True, tag),
+        "trainer-a": lambda tag: run_baseline(a, work, model_dir, hf_rows, "trainer", False, order, tag),
+        "trl-unpacked": lambda tag: run_baseline(a, work, model_dir, hf_rows, "trl", False, order, tag),
+        "ftcluster-unpacked": lambda tag: run_ftcluster(a, work, data_path, model_dir, False, tag),
+        "trainer-b": lambda tag: run_baseline(a, work, model_dir, hf_rows, "trainer", False, order, tag),
+    }
     for r in range(1, a.rounds + 1):
-        # Each ftcluster run between the two baselines it is compared with.
-        round_runs = [run_baseline(a, work, model_dir, hf_rows, "trl", True, None, f"r{r}-trl-packed"),
-                      run_ftcluster(a, work, data_path, model_dir, True, f"r{r}-ftcluster-packed"),
-                      run_baseline(a, work, model_dir, hf_rows, "trainer", False, order, f"r{r}-trainer-a"),
-                      run_baseline(a, work, model_dir, hf_rows, "trl", False, order, f"r{r}-trl-unpacked"),
-                      run_ftcluster(a, work, data_path, model_dir, False, f"r{r}-ftcluster-unpacked"),
-                      run_baseline(a, work, model_dir, hf_rows, "trainer", False, order, f"r{r}-trainer-b")]
-        runs += round_runs
-        tp, fp, h1, tu, fu, h2 = (figures(x, a.warmup)["median_tokens_per_s"] for x in round_runs)
-        print(f"[bench] round {r}: packed/Trainer {fp / h1:.2f}x, unpacked/Trainer {fu / h2:.2f}x, packed/SFTTrainer "
-              f"{fp / tp:.2f}x, unpacked/SFTTrainer {fu / tu:.2f}x", flush=True)
+        rate = {}
+        for name in round_order("trl" in a.baselines):
+            runs.append(start_run[name](f"r{r}-{name}"))
+            rate[name] = figures(runs[-1], a.warmup)["median_tokens_per_s"]
+        print(f"[bench] round {r}: " + ", ".join(f"{ft_name} / {base} {rate[ft_name] / rate[base]:.2f}x"
+                                                 for _, ft_name, base, *_ in COMPARISONS if base in rate), flush=True)
     finished_at = time.strftime("%Y-%m-%dT%H:%M:%S%z")
 
     ft_u1 = next(x for x in runs if x["side"] == "ftcluster" and not x["packing"])
@@ -676,7 +723,8 @@ def main() -> int:
         "environment": environment(PACKAGES),
         "quiet": quiet, "workdir": str(work),
         "reproduce": "python benchmarks/sft_baselines.py" + (" --smoke" if a.smoke else "")
-                     + ("" if a.launcher == "local" else f" --launcher {a.launcher}"),
+                     + ("" if a.launcher == "local" else f" --launcher {a.launcher}")
+                     + ("" if a.model == "tiny" else f" --model {a.model}"),
         "dataset": {"records": a.records, "lengths": _distribution(lengths), "prepared_unpacked": hf_stats,
                     "prepared_packed": packed_stats,
                     "same_fingerprint": ft_u1["data_stats"]["fingerprint"] == hf_stats["fingerprint"]},
@@ -686,7 +734,8 @@ def main() -> int:
     if not res["dataset"]["same_fingerprint"]:
         res["notes"].append("The baselines' prepared rows do not have the fingerprint of ftcluster's unpacked run.")
     summarize(res)
-    stem = f"sft_baselines_cpu_{date}" if a.launcher == "local" else f"sft_baselines_{a.launcher}_cpu_{date}"
+    stem = "_".join(["sft_baselines", *([a.model] if a.model != "tiny" else []),
+                     *([a.launcher] if a.launcher != "local" else []), "cpu", date])
     (out / f"{stem}.json").write_text(json.dumps(res, indent=1) + "\n")
     write_report(res, out / f"{stem}.md")
     for c in res["comparisons"].values():
