@@ -74,7 +74,7 @@ from common import (REPO, add_logged_losses, add_run_arguments, busy_processes, 
                     run_logged, run_worker, start_worker, step_timer, wait_for_quiet)
 
 TINY = REPO / "ftcluster" / "assets" / "models" / "tiny"
-# --model: what it trains, and the defaults that keep a run affordable on a 2-core CPU. SmolLM2 takes ~100
+# --model: what it trains, and the defaults that keep a run affordable on a 2-core CPU. SmolLM2 takes 100-250
 # real tokens/s in fp32 there: shorter examples and rows, a few long steps (their own noise averages out
 # within each), a learning rate for a pretrained model, and the Trainer alone (the targets are against
 # it; TRL's runs would double the time).
