@@ -5,7 +5,7 @@ in one run.
     python benchmarks/sft_baselines.py                 # full measurement, report in benchmarks/results/
     python benchmarks/sft_baselines.py --smoke         # a few steps end to end, report in the work folder
     python benchmarks/sft_baselines.py --launcher processes   # ftcluster's ranks without Ray: what Ray costs
-    python benchmarks/sft_baselines.py --model smollm2  # SmolLM2-135M against the Trainer alone (~10 min)
+    python benchmarks/sft_baselines.py --model smollm2  # SmolLM2-135M against the Trainer alone (~12 min)
 
 ftcluster runs with launcher=local (its default: a Ray cluster on this machine, one Ray rank actor) unless
 --launcher processes (a plain spawned process, no Ray); the report and its file name say which.
@@ -75,13 +75,13 @@ from common import (REPO, add_logged_losses, add_run_arguments, busy_processes, 
 
 TINY = REPO / "ftcluster" / "assets" / "models" / "tiny"
 # --model: what it trains, and the defaults that keep a run affordable on a 2-core CPU. SmolLM2 takes 100-250
-# real tokens/s in fp32 there: shorter examples and rows, a few long steps (their own noise averages out
-# within each), a learning rate for a pretrained model, and the Trainer alone (the targets are against
+# real tokens/s in fp32 there: shorter examples and rows, a few long steps (with 3 per run rounds came out
+# 0.2-0.4x apart, with 6 0.03x), a learning rate for a pretrained model, and the Trainer alone (the targets are against
 # it; TRL's runs would double the time).
 MODELS = {
     "tiny": {"title": "tiny model", "defaults": {}},
     "smollm2": {"title": "SmolLM2-135M-Instruct (pretrained)",
-                "defaults": {"records": 300, "max_len": 240, "max_seq_len": 256, "steps": 3, "warmup": 1,
+                "defaults": {"records": 300, "max_len": 240, "max_seq_len": 256, "steps": 6, "warmup": 1,
                              "lr": 1e-5, "baselines": "trainer"}},
 }
 PACKAGES = ["ftcluster", "torch", "transformers", "trl", "accelerate", "datasets", "deepspeed", "ray",
