@@ -47,7 +47,7 @@ def measure(vocab: int, rows: int, width: int, chunk_tokens: int, steps: int) ->
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from ftcluster.data.template import IGNORE
-    from ftcluster.objectives.cross_entropy import token_loss_sum
+    from ftcluster.objectives.cross_entropy import next_token_targets, token_loss_sum
     from ftcluster.observe.peak_memory import return_freed_memory
 
     return_freed_memory()
@@ -64,7 +64,7 @@ def measure(vocab: int, rows: int, width: int, chunk_tokens: int, steps: int) ->
         if chunk_tokens >= 0:
             return token_loss_sum(model, batch, chunk_tokens)
         logits = model(**{k: v for k, v in batch.items() if k != "labels"}, use_cache=False).logits
-        targets = torch.nn.functional.pad(labels[:, 1:], (0, 1), value=IGNORE)
+        targets = next_token_targets(labels)
         return torch.nn.functional.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=IGNORE,
                                                  reduction="sum")
 

@@ -31,10 +31,15 @@ def token_loss_sum(model, batch: dict, chunk_tokens: int = 0) -> torch.Tensor:
     logits = model(**inputs, use_cache=False).logits
     labels = labels.to(logits.device)
     logits = at_label_positions(logits, labels)
-    # The labels shifted left (IGNORE at the end), not the logits shifted right: a slice of the logits would be
-    # copied whole by flatten, [rows x tokens x vocab] floats, where the labels' copy is a row of integers.
-    targets = F.pad(labels[:, 1:], (0, 1), value=IGNORE)
+    targets = next_token_targets(labels)
     return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=IGNORE, reduction="sum")
+
+
+def next_token_targets(labels: torch.Tensor) -> torch.Tensor:
+    """What each position predicts: the labels shifted left, IGNORE after the last. Shifting the labels rather
+    than slicing the logits keeps the logits whole: a slice would be copied by flatten ([rows x tokens x vocab]
+    floats, where the labels' copy is a row of integers) and zero-filled again in its backward."""
+    return F.pad(labels[:, 1:], (0, 1), value=IGNORE)
 
 
 def at_label_positions(outputs: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:

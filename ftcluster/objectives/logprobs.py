@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
 from ftcluster.data.collate import model_inputs
 from ftcluster.data.template import IGNORE
 from ftcluster.objectives import chunked
-from ftcluster.objectives.cross_entropy import at_label_positions
+from ftcluster.objectives.cross_entropy import at_label_positions, next_token_targets
 from ftcluster.objectives.losses import SequenceLogps
 from ftcluster.util import dist
 
@@ -36,10 +35,9 @@ def model_labelled_logps(model, batch: dict, temperature: float = 1.0,
         return chunked.labelled_logps(at_label_positions(hidden, labels), labels, head, chunk_tokens, temperature)
     logits = model(**inputs, use_cache=False).logits
     labels = labels.to(logits.device)
-    # Every position scored against the next label (IGNORE after the last), and the last column of the
-    # [rows, positions] result dropped: slicing the logits instead would cost their backward a zero-filled
-    # copy of the whole [rows, positions, vocab] tensor.
-    targets = F.pad(labels[:, 1:], (0, 1), value=IGNORE)
+    # Every position scored against its next-token target, and the last column of the [rows, positions] result
+    # dropped (its target is IGNORE), rather than slicing the logits.
+    targets = next_token_targets(labels)
     mask = targets != IGNORE
     logps = token_logps(at_label_positions(logits, labels), targets, temperature) * mask
     return logps[:, :-1], mask[:, :-1]
