@@ -9,13 +9,20 @@ from pathlib import Path
 import psutil
 import pytest
 
-from helpers import TINY, cli, own_stderr
+from helpers import INLINE, TINY, cli, own_stderr
 from ftcluster.cli import main
 
 
 def run_cli(capsys, *overrides):
     code = main(["train", *TINY, *overrides])
     return code, own_stderr(capsys)
+
+
+def data_cli(capsys, *overrides):
+    """run_cli for a run its data refuses, under launcher=inline: the refusal comes before the launch, the same
+    under every launcher, and inline starts no cluster meanwhile that the refusal would wait for (seconds each).
+    launcher=local's early cluster and its end on a bad record have their own test below."""
+    return run_cli(capsys, *INLINE, *overrides)
 
 
 def write_jsonl(path: Path, records) -> str:
@@ -58,7 +65,7 @@ def test_config_errors(capsys, tmp_path, override, expected):
 ])
 def test_data_errors_name_file_and_line(capsys, tmp_path, records, fmt, expected):
     data = write_jsonl(tmp_path / "bad.jsonl", records)
-    code, err = run_cli(capsys, f"data.path={data}", "data.eval_path=null", f"data.format={fmt}",
+    code, err = data_cli(capsys, f"data.path={data}", "data.eval_path=null", f"data.format={fmt}",
                         f"output_dir={tmp_path}/run")
     assert code == 2
     assert expected in err, err
@@ -68,7 +75,7 @@ def test_data_errors_name_file_and_line(capsys, tmp_path, records, fmt, expected
 
 def test_chat_without_assistant_turn_is_explained(capsys, tmp_path):
     data = write_jsonl(tmp_path / "bad.jsonl", [{"messages": [{"role": "user", "content": "hi"}]}])
-    code, err = run_cli(capsys, f"data.path={data}", "data.eval_path=null", "data.format=chat",
+    code, err = data_cli(capsys, f"data.path={data}", "data.eval_path=null", "data.format=chat",
                         f"output_dir={tmp_path}/run")
     assert code == 2 and "assistant" in err
 
@@ -76,7 +83,7 @@ def test_chat_without_assistant_turn_is_explained(capsys, tmp_path):
 def test_too_long_examples_error_or_are_dropped_and_counted(capsys, tmp_path):
     long = {"instruction": "word " * 400, "output": "ok"}
     data = write_jsonl(tmp_path / "long.jsonl", [GOOD, long])
-    code, err = run_cli(capsys, f"data.path={data}", "data.eval_path=null", "data.format=alpaca",
+    code, err = data_cli(capsys, f"data.path={data}", "data.eval_path=null", "data.format=alpaca",
                         "data.truncation=error", f"output_dir={tmp_path}/run")
     assert code == 2 and "long.jsonl:2" in err and "trainer.max_seq_len" in err
 
@@ -170,7 +177,7 @@ PAIR = {"prompt": "Say hi.", "chosen": "hi", "rejected": "go away"}
 ])
 def test_bad_preference_records_name_file_and_line(capsys, tmp_path, records, expected):
     data = write_jsonl(tmp_path / "pairs.jsonl", records)
-    code, err = run_cli(capsys, "stage=dpo", f"data.path={data}", "data.eval_path=null", "data.format=preference",
+    code, err = data_cli(capsys, "stage=dpo", f"data.path={data}", "data.eval_path=null", "data.format=preference",
                         f"output_dir={tmp_path}/run")
     assert code == 2 and expected in err, err
     assert not (tmp_path / "run" / "config.yaml").exists()

@@ -13,8 +13,12 @@ from test_cli_errors import run_cli, write_jsonl
 GOOD = {"instruction": "Say hi.", "output": "hi"}
 
 
-def refused(capsys, tmp_path, *overrides):
-    code, err = run_cli(capsys, *overrides, f"output_dir={tmp_path}/run")
+def refused(capsys, tmp_path, *overrides, launcher=INLINE):
+    # launcher=inline by default: every refusal here comes before the launch, the same under every launcher, and
+    # inline starts no cluster meanwhile that the refusal would wait for (launcher=local's early start and its end
+    # on a bad record: test_cli_errors.py::test_a_data_error_under_launcher_local_ends_the_cluster_started_meanwhile).
+    # The RL stages run only under a Ray launcher, which starts nothing early for them.
+    code, err = run_cli(capsys, *launcher, *overrides, f"output_dir={tmp_path}/run")
     assert code == 2, err
     assert "Traceback" not in err and len(err.strip().splitlines()) == 1, err
     assert not (tmp_path / "run" / "config.yaml").exists()  # nothing launched
@@ -225,7 +229,7 @@ def test_reward_function_that_cannot_take_the_records(capsys, tmp_path):
     data = write_jsonl(tmp_path / "prompts.jsonl", [{"prompt": "Count.", "reference": "1"},
                                                     {"prompt": "Count.", "answer": "2"}])
     err = refused(capsys, tmp_path, "stage=grpo", f"stage.rl.reward_fn={rewards}:score", f"data.path={data}",
-                  "data.eval_path=null", "data.format=prompt")
+                  "data.eval_path=null", "data.format=prompt", launcher=[])
     assert "prompts.jsonl:2: stage.rl.reward_fn=" in err and "answer" in err, err
 
 
