@@ -7,7 +7,7 @@
 Every side trains the tiny model (ftcluster/assets/models/tiny) from the same weight file on the bundled
 preference pairs (ftcluster/assets/data/json_extract/pairs_train.jsonl, 200 pairs in conversational form),
 with the same batch (pairs per micro-batch and per optimizer step), sigmoid DPO loss (beta 0.1), optimizer
-(torch AdamW, same lr, constant schedule, no weight decay), gradient clipping 1.0, fp32, no gradient
+(torch's fused AdamW, same lr, constant schedule, no weight decay), gradient clipping 1.0, fp32, no gradient
 checkpointing, one training process with 2 threads and the same number of steps, reading the pairs in the
 same order (TRL's sampler is sequential over the order ftcluster's loader uses). The sides:
 
@@ -101,7 +101,7 @@ def trl_worker(spec_path: str) -> None:
     args = DPOConfig(
         output_dir=spec["output_dir"], max_steps=spec["max_steps"], per_device_train_batch_size=spec["micro_batch"],
         gradient_accumulation_steps=spec["accum"], learning_rate=spec["lr"], lr_scheduler_type="constant",
-        warmup_steps=0, weight_decay=0.0, optim="adamw_torch", max_grad_norm=1.0, beta=spec["beta"],
+        warmup_steps=0, weight_decay=0.0, optim="adamw_torch_fused", max_grad_norm=1.0, beta=spec["beta"],
         loss_type=["sigmoid"], precompute_ref_log_probs=spec["precompute"], max_length=256, bf16=False, fp16=False,
         gradient_checkpointing=False, use_cpu=True, seed=spec["seed"], logging_steps=1, save_strategy="no",
         eval_strategy="no", report_to=[], disable_tqdm=True, train_sampling_strategy="sequential",
@@ -165,7 +165,7 @@ def write_report(res: dict, path: Path) -> None:
          f"Machine {'quiet' if res['quiet']['quiet'] else 'NOT quiet'} at the start (1-min load "
          f"{res['quiet']['load1']:.2f}).{' SMOKE RUN: too few steps to mean anything.' if res['smoke'] else ''}\n",
          f"Tiny model (2 layers, hidden 64), 200 bundled pairs, {a['micro_batch']} pairs per micro-batch, "
-         f"{a['global_batch']} per step, sigmoid DPO beta {a['beta']} (no RPO term), AdamW lr {a['lr']} constant, fp32, "
+         f"{a['global_batch']} per step, sigmoid DPO beta {a['beta']} (no RPO term), fused AdamW lr {a['lr']} constant, fp32, "
          f"{a['threads']} threads, {a['warmup']} warm-up + {a['steps']} measured steps, {a['rounds']} rounds.\n",
          "## Result\n",
          "| ratio of pairs/s | geometric mean | per round |", "|---|---|---|"]

@@ -13,7 +13,7 @@ ftcluster runs with launcher=local (its default: a Ray cluster on this machine, 
 Every side trains the tiny model (ftcluster/assets/models/tiny; with --model smollm2 the pretrained
 SmolLM2-135M-Instruct, where the per-step overhead matters less) from the very same weight file, on the same
 seeded variable-length chat data set (built here, written once as JSONL), tokenized the same way, with the
-same batch (rows per micro-batch, rows per optimizer step), optimizer (torch AdamW, same lr, betas, eps, no
+same batch (rows per micro-batch, rows per optimizer step), optimizer (torch's fused AdamW, the Trainer's default, same lr, betas, eps, no
 weight decay, constant schedule, no warm-up), gradient clipping (1.0), precision (fp32), no gradient
 checkpointing, one training process with 2 threads and the same number of steps. Only the batching policy and
 the training loop differ. Four comparisons:
@@ -273,7 +273,7 @@ def hf_worker(spec_path: str) -> None:
         output_dir=spec["output_dir"], max_steps=spec["max_steps"], per_device_train_batch_size=spec["micro_batch"],
         gradient_accumulation_steps=spec["accum"], learning_rate=spec["lr"], lr_scheduler_type="constant",
         warmup_steps=0, weight_decay=0.0, adam_beta1=0.9, adam_beta2=0.999, adam_epsilon=1e-8,
-        optim="adamw_torch", max_grad_norm=1.0, logging_strategy="steps", logging_steps=1, save_strategy="no",
+        optim="adamw_torch_fused", max_grad_norm=1.0, logging_strategy="steps", logging_steps=1, save_strategy="no",
         eval_strategy="no", report_to=[], use_cpu=True, seed=spec["seed"], dataloader_pin_memory=False,
         disable_tqdm=True, bf16=False, fp16=False, gradient_checkpointing=False,
         # Given an order, read it as is; otherwise the Trainer's default seeded random order.
@@ -575,7 +575,7 @@ def write_report(res: dict, md_path: Path) -> None:
              f"identical on all sides.\n")
     L.append("## Settings and commands\n")
     L.append(f"- max_seq_len {a['max_seq_len']}; {a['micro_batch']} rows per micro-batch, {a['global_batch']} rows per "
-             f"optimizer step (gradient accumulation {a['global_batch'] // a['micro_batch']}); torch AdamW lr {a['lr']}, "
+             f"optimizer step (gradient accumulation {a['global_batch'] // a['micro_batch']}); torch fused AdamW lr {a['lr']}, "
              f"betas (0.9, 0.999), eps 1e-8, weight decay 0, constant schedule, no warm-up, gradient clipping 1.0; fp32; "
              f"no gradient checkpointing; sdpa attention; {w} warm-up + {a['steps']} measured steps; {a['rounds']} "
              f"round(s) of ({', '.join(ROUND_NAMES[name] for name in round_order(with_trl))}); seed {a['seed']}.")

@@ -364,19 +364,9 @@ def _gathered_bytes(shape: ModelShape, tensors: list[Tensor], setup: TrainSetup)
 
 
 def _step_temporaries(tensors: list[Tensor], setup: TrainSetup) -> int:
-    """What the step needs beside the gradients, in turn: ZeRO-0's flattened all-reduce bucket, then torch
-    AdamW's temporaries in fp32 (the square root of the second moment of what it updates at once: one
-    tensor, twice briefly, sqrt then the division; with its multi-tensor path on GPUs, a whole group)."""
-    slices = optimizer_slices(tensors, setup)
-    if not slices:
-        return 0
-    if setup.offload_optimizer:
-        adam = 0
-    elif setup.zero_stage == 0 and setup.on_gpu:
-        adam = FP32 * max(sum(t.numel for t in g) for g in optimizer_groups(tensors))
-    else:
-        adam = 2 * FP32 * max(slices)
-    if setup.zero_stage == 0:
+    """What the step needs beside the gradients: ZeRO-0's flattened all-reduce bucket. torch's fused AdamW
+    (ftcluster.train.engine) updates its states in place, one kernel over every tensor: no temporaries."""
+    if setup.zero_stage == 0 and optimizer_slices(tensors, setup):
         trainable = sum(t.numel for t in tensors if t.trainable)
-        return max(adam, setup.dtype_bytes * min(trainable, ALLREDUCE_BUCKET))
-    return adam
+        return setup.dtype_bytes * min(trainable, ALLREDUCE_BUCKET)
+    return 0

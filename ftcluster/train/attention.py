@@ -65,9 +65,12 @@ def varlen_sdpa(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor,
     # Rows laid end to end (a no-op for a flattened batch) so that one list of boundaries covers them all.
     q, k, v = (x.transpose(0, 1).reshape(1, x.shape[1], batch * length, x.shape[3]) for x in (query, key, value))
     groups = getattr(module, "num_key_value_groups", 1)
-    out = torch.cat([F.scaled_dot_product_attention(q[:, :, a:b], k[:, :, a:b], v[:, :, a:b], dropout_p=dropout,
-                                                    is_causal=True, scale=scaling, enable_gqa=groups > 1)
-                     for a, b in zip(bounds, bounds[1:])], dim=2)
+    # split, not one slice per example: the backward of a slice writes a zero-filled gradient of the whole row
+    # for every example (and autograd then sums them), split's is one concatenation.
+    lengths = [b - a for a, b in zip(bounds, bounds[1:])]
+    out = torch.cat([F.scaled_dot_product_attention(qe, ke, ve, dropout_p=dropout, is_causal=True, scale=scaling,
+                                                    enable_gqa=groups > 1)
+                     for qe, ke, ve in zip(*(x.split(lengths, dim=2) for x in (q, k, v)))], dim=2)
     return out.reshape(out.shape[1], batch, length, -1).permute(1, 2, 0, 3).contiguous(), None
 
 
