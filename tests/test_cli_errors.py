@@ -66,7 +66,7 @@ def test_config_errors(capsys, tmp_path, override, expected):
 def test_data_errors_name_file_and_line(capsys, tmp_path, records, fmt, expected):
     data = write_jsonl(tmp_path / "bad.jsonl", records)
     code, err = data_cli(capsys, f"data.path={data}", "data.eval_path=null", f"data.format={fmt}",
-                        f"output_dir={tmp_path}/run")
+                         f"output_dir={tmp_path}/run")
     assert code == 2
     assert expected in err, err
     assert "Traceback" not in err
@@ -76,7 +76,7 @@ def test_data_errors_name_file_and_line(capsys, tmp_path, records, fmt, expected
 def test_chat_without_assistant_turn_is_explained(capsys, tmp_path):
     data = write_jsonl(tmp_path / "bad.jsonl", [{"messages": [{"role": "user", "content": "hi"}]}])
     code, err = data_cli(capsys, f"data.path={data}", "data.eval_path=null", "data.format=chat",
-                        f"output_dir={tmp_path}/run")
+                         f"output_dir={tmp_path}/run")
     assert code == 2 and "assistant" in err
 
 
@@ -84,7 +84,7 @@ def test_too_long_examples_error_or_are_dropped_and_counted(capsys, tmp_path):
     long = {"instruction": "word " * 400, "output": "ok"}
     data = write_jsonl(tmp_path / "long.jsonl", [GOOD, long])
     code, err = data_cli(capsys, f"data.path={data}", "data.eval_path=null", "data.format=alpaca",
-                        "data.truncation=error", f"output_dir={tmp_path}/run")
+                         "data.truncation=error", f"output_dir={tmp_path}/run")
     assert code == 2 and "long.jsonl:2" in err and "trainer.max_seq_len" in err
 
     from ftcluster.config import compose
@@ -178,7 +178,7 @@ PAIR = {"prompt": "Say hi.", "chosen": "hi", "rejected": "go away"}
 def test_bad_preference_records_name_file_and_line(capsys, tmp_path, records, expected):
     data = write_jsonl(tmp_path / "pairs.jsonl", records)
     code, err = data_cli(capsys, "stage=dpo", f"data.path={data}", "data.eval_path=null", "data.format=preference",
-                        f"output_dir={tmp_path}/run")
+                         f"output_dir={tmp_path}/run")
     assert code == 2 and expected in err, err
     assert not (tmp_path / "run" / "config.yaml").exists()
 
