@@ -12,6 +12,7 @@ import os
 import platform
 import re
 import shlex
+import shutil
 import statistics
 import subprocess
 import sys
@@ -305,3 +306,18 @@ def folders(a: argparse.Namespace, prefix: str) -> tuple[Path, Path]:
     out.mkdir(parents=True, exist_ok=True)
     print(f"[bench] work folder {work}", flush=True)
     return work, out
+
+
+def drop_run_weights(a: argparse.Namespace, work: Path) -> None:
+    """Once the report is written: the runs' checkpoints and exported models leave the temp work folder this
+    script made (a SmolLM2 run left 8 GiB of them in /tmp, each ftcluster run's last checkpoint holding Adam's
+    states); logs, metrics and reports stay. A --workdir the user named keeps everything."""
+    if a.workdir:
+        return
+    weights = [*work.glob("runs/*/checkpoints"), *work.glob("runs/*/final"), *work.glob("runs/*/checkpoint-*")]
+    freed = sum(f.stat().st_size for folder in weights for f in folder.rglob("*") if f.is_file())
+    for folder in weights:
+        shutil.rmtree(folder)
+    if weights:
+        print(f"[bench] removed the runs' checkpoints and final models from {work} ({freed / 2**20:,.0f} MiB; "
+              f"--workdir keeps them)", flush=True)

@@ -36,8 +36,8 @@ import sys
 import time
 from pathlib import Path
 
-from common import (REPO, add_logged_losses, add_run_arguments, busy_processes, environment, folders, load1,
-                    run_logged, run_worker, start_worker, step_timer, wait_for_quiet)
+from common import (REPO, add_logged_losses, add_run_arguments, busy_processes, drop_run_weights, environment, folders,
+                    load1, run_logged, run_worker, start_worker, step_timer, wait_for_quiet)
 
 TINY = REPO / "ftcluster" / "assets" / "models" / "tiny"
 PAIRS = REPO / "ftcluster" / "assets" / "data" / "json_extract" / "pairs_train.jsonl"
@@ -240,6 +240,7 @@ def main() -> int:
     for name, r in res["ratios"].items():
         print(f"[bench] {name}: {r['ratio']:.2f}x", flush=True)
     print(f"[bench] wrote {out / (stem + '.md')}", flush=True)
+    drop_run_weights(a, work)
     return 0
 
 

@@ -70,8 +70,8 @@ import sys
 import time
 from pathlib import Path
 
-from common import (REPO, add_logged_losses, add_run_arguments, busy_processes, environment, folders, load1,
-                    run_logged, run_worker, start_worker, step_timer, wait_for_quiet)
+from common import (REPO, add_logged_losses, add_run_arguments, busy_processes, drop_run_weights, environment, folders,
+                    load1, run_logged, run_worker, start_worker, step_timer, wait_for_quiet)
 
 TINY = REPO / "ftcluster" / "assets" / "models" / "tiny"
 # --model: what it trains, and the defaults that keep a run affordable on a 2-core CPU. SmolLM2 takes 100-250
@@ -743,6 +743,7 @@ def main() -> int:
         print(f"[bench] {c['title']}: {c['ratio']:.2f}x (rounds: " + ", ".join(f"{x['ratio']:.2f}x" for x in c["rounds"])
               + target + ")", flush=True)
     print(f"[bench] wrote {out / (stem + '.md')} and {out / (stem + '.json')}", flush=True)
+    drop_run_weights(a, work)
     return 0
 
 
