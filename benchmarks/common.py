@@ -314,7 +314,7 @@ def drop_run_weights(a: argparse.Namespace, work: Path) -> None:
     states); logs, metrics and reports stay. A --workdir the user named keeps everything."""
     if a.workdir:
         return
-    weights = [*work.glob("runs/*/checkpoints"), *work.glob("runs/*/final"), *work.glob("runs/*/checkpoint-*")]
+    weights = [*work.glob("runs/*/checkpoints"), *work.glob("runs/*/final")]  # the baselines save nothing
     freed = sum(f.stat().st_size for folder in weights for f in folder.rglob("*") if f.is_file())
     for folder in weights:
         shutil.rmtree(folder)

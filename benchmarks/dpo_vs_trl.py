@@ -165,7 +165,8 @@ def write_report(res: dict, path: Path) -> None:
          f"Machine {'quiet' if res['quiet']['quiet'] else 'NOT quiet'} at the start (1-min load "
          f"{res['quiet']['load1']:.2f}).{' SMOKE RUN: too few steps to mean anything.' if res['smoke'] else ''}\n",
          f"Tiny model (2 layers, hidden 64), 200 bundled pairs, {a['micro_batch']} pairs per micro-batch, "
-         f"{a['global_batch']} per step, sigmoid DPO beta {a['beta']} (no RPO term), fused AdamW lr {a['lr']} constant, fp32, "
+         f"{a['global_batch']} per step, sigmoid DPO beta {a['beta']} (no RPO term), fused AdamW lr {a['lr']} "
+         f"constant, fp32, "
          f"{a['threads']} threads, {a['warmup']} warm-up + {a['steps']} measured steps, {a['rounds']} rounds.\n",
          "## Result\n",
          "| ratio of pairs/s | geometric mean | per round |", "|---|---|---|"]

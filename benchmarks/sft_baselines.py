@@ -13,10 +13,10 @@ ftcluster runs with launcher=local (its default: a Ray cluster on this machine, 
 Every side trains the tiny model (ftcluster/assets/models/tiny; with --model smollm2 the pretrained
 SmolLM2-135M-Instruct, where the per-step overhead matters less) from the very same weight file, on the same
 seeded variable-length chat data set (built here, written once as JSONL), tokenized the same way, with the
-same batch (rows per micro-batch, rows per optimizer step), optimizer (torch's fused AdamW, the Trainer's default, same lr, betas, eps, no
-weight decay, constant schedule, no warm-up), gradient clipping (1.0), precision (fp32), no gradient
-checkpointing, one training process with 2 threads and the same number of steps. Only the batching policy and
-the training loop differ. Four comparisons:
+same batch (rows per micro-batch, rows per optimizer step), optimizer (torch's fused AdamW, the Trainer's
+default, same lr, betas, eps, no weight decay, constant schedule, no warm-up), gradient clipping (1.0), precision
+(fp32), no gradient checkpointing, one training process with 2 threads and the same number of steps. Only the
+batching policy and the training loop differ. Four comparisons:
 
   1. ftcluster with packing (data.packing=true, its default) vs the Trainer padding each micro-batch to its
      longest example (DataCollatorForSeq2Seq(padding=True), labels -100 on padding).
@@ -76,8 +76,8 @@ from common import (REPO, add_logged_losses, add_run_arguments, busy_processes, 
 TINY = REPO / "ftcluster" / "assets" / "models" / "tiny"
 # --model: what it trains, and the defaults that keep a run affordable on a 2-core CPU. SmolLM2 takes 100-250
 # real tokens/s in fp32 there: shorter examples and rows, a few long steps (with 3 per run rounds came out
-# 0.2-0.4x apart, with 6 0.03x), a learning rate for a pretrained model, and the Trainer alone (the targets are against
-# it; TRL's runs would double the time).
+# 0.2-0.4x apart, with 6 0.03x), a learning rate for a pretrained model, and the Trainer alone (the issue's
+# targets are against it; TRL's runs would double the time).
 MODELS = {
     "tiny": {"title": "tiny model", "defaults": {}},
     "smollm2": {"title": "SmolLM2-135M-Instruct (pretrained)",
@@ -575,7 +575,8 @@ def write_report(res: dict, md_path: Path) -> None:
              f"identical on all sides.\n")
     L.append("## Settings and commands\n")
     L.append(f"- max_seq_len {a['max_seq_len']}; {a['micro_batch']} rows per micro-batch, {a['global_batch']} rows per "
-             f"optimizer step (gradient accumulation {a['global_batch'] // a['micro_batch']}); torch fused AdamW lr {a['lr']}, "
+             f"optimizer step (gradient accumulation {a['global_batch'] // a['micro_batch']}); torch fused AdamW "
+             f"lr {a['lr']}, "
              f"betas (0.9, 0.999), eps 1e-8, weight decay 0, constant schedule, no warm-up, gradient clipping 1.0; fp32; "
              f"no gradient checkpointing; sdpa attention; {w} warm-up + {a['steps']} measured steps; {a['rounds']} "
              f"round(s) of ({', '.join(ROUND_NAMES[name] for name in round_order(with_trl))}); seed {a['seed']}.")

@@ -366,7 +366,6 @@ def _gathered_bytes(shape: ModelShape, tensors: list[Tensor], setup: TrainSetup)
 def _step_temporaries(tensors: list[Tensor], setup: TrainSetup) -> int:
     """What the step needs beside the gradients: ZeRO-0's flattened all-reduce bucket. torch's fused AdamW
     (ftcluster.train.engine) updates its states in place, one kernel over every tensor: no temporaries."""
-    if setup.zero_stage == 0 and optimizer_slices(tensors, setup):
-        trainable = sum(t.numel for t in tensors if t.trainable)
-        return setup.dtype_bytes * min(trainable, ALLREDUCE_BUCKET)
-    return 0
+    if setup.zero_stage != 0:
+        return 0
+    return setup.dtype_bytes * min(sum(t.numel for t in tensors if t.trainable), ALLREDUCE_BUCKET)
