@@ -239,3 +239,44 @@ def test_spans_from_one_marked_render_are_the_prefix_renders_spans(tokenizer, na
             assert got == expected, (case, chat, full)
         assert t._assistant_spans(chat, tokenizer, from_turn) == (full, expected)
     assert answered >= at_least if at_least else answered == 0
+
+
+def test_marked_contents_only_for_well_formed_pairs_that_add_nothing_else():
+    from ftcluster.data.render import MARK_CLOSE as C, MARK_OPEN as O
+    from ftcluster.data.template import _marked_contents
+
+    full = "<a>Hi</a><a>yo</a>"
+    assert _marked_contents(f"<a>{O}Hi{C}</a><a>{O}yo{C}</a>", full) == [(3, 5), (12, 14)]
+    assert _marked_contents(f"<a>{O}{C}Hi</a><a>yo</a>", full) == [(3, 3)]  # an empty content
+    for bad in (f"<a>{O}Hi</a><a>yo{C}{C}</a>",  # a close without its open
+                f"<a>{C}Hi{O}</a><a>yo</a>",  # close before open
+                f"<a>{O}H{O}i{C}</a><a>yo{C}</a>",  # nested
+                f"<a>{O}Hi</a><a>yo</a>",  # never closed
+                f"<a>{O}Hi{C}</a><a>{O}yo!{C}</a>",  # the template changed the text beside the markers
+                f"<a>{O}Hi{C}</a>"):  # shorter
+        assert _marked_contents(bad, full) is None, bad
+
+
+def test_prefix_renders_are_apply_chat_templates_for_plain_and_converted_messages(tokenizer):
+    """render.py converts a conversation once (plain role/content dicts: copied, skipping transformers' conversion)
+    and renders its prefixes: each must be what apply_chat_template renders, also for messages the conversion
+    changes (a None field dropped, a reasoning field aliased, a name kept)."""
+    from ftcluster.data.render import _fast, prefix_renderer
+
+    apply_template_override(tokenizer, "{% for m in messages %}<{{ m.role }}{% if m.name %} {{ m.name }}{% endif %}>"
+                                       "{% if m.reasoning_content %}[{{ m.reasoning_content }}]{% endif %}"
+                                       "{{ m.content }}{% if m.tool_calls is defined %}(calls){% endif %}</s>"
+                                       "{% endfor %}{% if add_generation_prompt %}<assistant>{% endif %}")
+    assert _fast(tokenizer) is not None  # what is checked here: the renderer that skips apply_chat_template
+    conversations = [CHAT,
+                     [*CHAT[:2], {**CHAT[2], "tool_calls": None}, CHAT[3], {**CHAT[4], "thinking": "recall"}],
+                     [{**CHAT[1], "name": "ann"}, {**CHAT[2], "reasoning": "sum"}]]
+    for messages in conversations:
+        render = prefix_renderer(tokenizer)(messages)
+        for n in range(1, len(messages) + 1):
+            for generate in (False, True):
+                want = tokenizer.apply_chat_template(messages[:n], tokenize=False, add_generation_prompt=generate)
+                assert render(n, generate) == want, (messages[:n], generate)
+    # The conversions did matter here: an aliased reasoning field is rendered, a None one is not.
+    assert "[recall]" in prefix_renderer(tokenizer)(conversations[1])(5, False)
+    assert "(calls)" not in prefix_renderer(tokenizer)(conversations[1])(5, False)

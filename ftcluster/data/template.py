@@ -113,7 +113,6 @@ def _prefix_spans(messages: list[dict], render, full: str, from_turn: int) -> li
     return spans
 
 
-_MARKS = re.compile(f"[{MARK_OPEN}{MARK_CLOSE}]")
 # template_key -> (text between a span's start and its content, text between the content and its end) or None
 _FRAMINGS: dict[tuple, tuple[str, str] | None] = {}
 
@@ -128,7 +127,7 @@ def _framed_spans(messages: list[dict], tokenizer, render, full: str, from_turn:
     answers = [i for i, m in enumerate(messages) if m["role"] == "assistant"]
     # One answer takes two renders either way, one of them shorter without markers. An assistant turn first has
     # no prefix to render: _prefix_spans reports that as apply_chat_template does.
-    if framing is None or len(answers) < 2 or answers[0] == 0 or _MARKS.search(full):
+    if framing is None or len(answers) < 2 or answers[0] == 0 or MARK_OPEN in full or MARK_CLOSE in full:
         return None
     contents = _marked_contents(render(len(messages), False, True), full)
     if contents is None or len(contents) != len(answers):
@@ -167,16 +166,20 @@ def _learn_framing(tokenizer) -> tuple[str, str] | None:
 
 def _marked_contents(marked: str, full: str) -> list[tuple[int, int]] | None:
     """Where each marked content lies in `full`, in order; None unless `marked` is exactly `full` with pairs of
-    markers added."""
-    edges, expected = [], MARK_OPEN
-    for removed, mark in enumerate(_MARKS.finditer(marked)):
-        if mark.group() != expected:
-            return None
-        edges.append(mark.start() - removed)
-        expected = MARK_CLOSE if expected == MARK_OPEN else MARK_OPEN
-    if expected != MARK_OPEN or _MARKS.sub("", marked) != full:
+    markers added. (String methods, not a regex over the markers: this runs for every conversation.)"""
+    before, *pieces = marked.split(MARK_OPEN)
+    if MARK_CLOSE in before:
         return None
-    return list(zip(edges[::2], edges[1::2]))
+    contents, at = [], len(before)
+    for piece in pieces:
+        content, closed, after = piece.partition(MARK_CLOSE)
+        if not closed or MARK_CLOSE in after:
+            return None
+        contents.append((at, at + len(content)))
+        at += len(content) + len(after)
+    if at != len(full) or marked.replace(MARK_OPEN, "").replace(MARK_CLOSE, "") != full:
+        return None
+    return contents
 
 
 def encode_chat(messages: list[dict], tokenizer, train_on: str = "assistant",
