@@ -3,12 +3,12 @@
 Packing runs on the driver from token lengths alone (packing.pack_order, the best-fit decreasing `pack`
 uses). The rows are then cut into chunks of CHUNK_ROWS, and each chunk is built and written on its own: its
 examples read from the memory-mapped shards, concatenated, written as one Arrow file of the dataset, and the
-maps released, so a process holds one chunk's tokens, whatever the size of the set. With a Ray cluster
+maps released, so a writer holds one chunk's tokens, whatever the size of the set. With a Ray cluster
 connected the chunks are written by Ray tasks in parallel (the shards and the set are on storage every node
-reads, as the encoders' are) when there are enough of them to repay starting the tasks' workers; else one
-after the other in this process. Either way the files, and the rows'
-digest (one per chunk, combined in chunk order), depend only on the examples' order: never on how the shards
-were cut, nor on how many processes wrote the chunks.
+reads, as the encoders' are) when there are enough of them to repay starting the tasks' workers; else by a few
+threads of this process (WRITER_THREADS). Either way the files, and the rows' digest (one per chunk, combined
+in chunk order), depend only on the examples' order: never on how the shards were cut, nor on how many
+processes or threads wrote the chunks.
 """
 
 from __future__ import annotations
