@@ -93,7 +93,8 @@ def _fast(tokenizer):
 def _plain_copies(messages: list[dict]) -> list[dict] | None:
     """The conversion's result, without it, for the messages most data holds: dicts of a role and a string content.
     Each conversion step leaves those as they are (no None to drop, nothing but exact strings, no reasoning field
-    to alias), so the result is a copy of each; a fifth of a conversation's rendering time saved. None otherwise."""
+    to alias), so the result is a copy of each (0.028 -> 0.009 ms a chat of benchmarks/data_prepare.py). None
+    otherwise."""
     for message in messages:
         if type(message) is not dict or message.keys() - _PLAIN_KEYS or not all(
                 type(value) is str for value in message.values()):
