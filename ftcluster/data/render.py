@@ -99,4 +99,4 @@ def _plain_copies(messages: list[dict]) -> list[dict] | None:
         if type(message) is not dict or message.keys() - _PLAIN_KEYS or not all(
                 type(value) is str for value in message.values()):
             return None
-    return [dict(message) for message in messages] or None
+    return [dict(message) for message in messages]

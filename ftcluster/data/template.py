@@ -177,7 +177,7 @@ def _marked_contents(marked: str, full: str) -> list[tuple[int, int]] | None:
             return None
         contents.append((at, at + len(content)))
         at += len(content) + len(after)
-    if at != len(full) or marked.replace(MARK_OPEN, "").replace(MARK_CLOSE, "") != full:
+    if marked.replace(MARK_OPEN, "").replace(MARK_CLOSE, "") != full:
         return None
     return contents
 
