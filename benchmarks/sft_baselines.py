@@ -367,6 +367,32 @@ def figures(run: dict, warmup: int) -> dict:
     return out
 
 
+def matmul_weights(model_dir: Path) -> dict:
+    """Per token, the weights its matmuls go through: all decoder layers', and the output layer's."""
+    from ftcluster.plan.flops import layer_matmul_weights
+    from ftcluster.plan.shape import read_shape
+
+    shape = read_shape(str(model_dir))
+    return {"layers": shape.layers * layer_matmul_weights(shape), "head": shape.vocab * shape.hidden}
+
+
+def step_flops(step: dict, weights: dict, side: str) -> int:
+    """The training matmul FLOPs of one step of full fine-tuning: 6 per weight per token (forward, activation and
+    weight gradients: ftcluster.plan.flops' convention), attention's own matmuls left out. The decoder layers run
+    on every position of the micro-batches, padding included; the output layer on the positions whose logits the
+    side computes: ftcluster's the labelled ones only (ftcluster.objectives.chunked), the Trainer's every one."""
+    head_positions = step["label_tokens"] if side == "ftcluster" else step["processed"]
+    return 6 * (weights["layers"] * step["processed"] + weights["head"] * head_positions)
+
+
+def work_figures(run: dict, warmup: int, weights: dict) -> dict:
+    """The measured steps' matmul FLOPs per real token, and the matmul FLOP/s the run reached."""
+    measured = [s for s in run["steps"] if s["step"] > warmup]
+    flops = sum(step_flops(s, weights, run["side"]) for s in measured)
+    return {"flops_per_real_token": flops / sum(s["real"] for s in measured),
+            "matmul_gflops_per_s": flops / sum(s["time_s"] for s in measured) / 1e9}
+
+
 def loss_agreement(ft: dict, hf: dict) -> dict:
     pairs = [(a["loss"], b["loss"]) for a, b in zip(ft["steps"], hf["steps"]) if b.get("loss") is not None]
     diffs = [abs(x - y) for x, y in pairs]
@@ -408,8 +434,11 @@ def summarize(res: dict) -> None:
     """
     warmup = res["settings"]["warmup"]
     runs = {r["tag"]: r for r in res["runs"]}
+    weights = res.get("matmul_weights")
     for r in res["runs"]:
         r["figures"] = figures(r, warmup)
+        if weights and r["side"] in ("ftcluster", "trainer"):
+            r["figures"].update(work_figures(r, warmup, weights))
     comparisons = {}
     for key, ft_name, base_name, base_label, target, title in COMPARISONS:
         if f"r1-{base_name}" not in runs:  # a baseline this measurement left out (--baselines)
@@ -421,10 +450,17 @@ def summarize(res: dict) -> None:
                            "ratio": ft["median_tokens_per_s"] / base["median_tokens_per_s"],
                            "ratio_aggregate": ft["aggregate_tokens_per_s"] / base["aggregate_tokens_per_s"],
                            "ratio_baseline_core_time": ft["median_tokens_per_s"] / base["median_core_tokens_per_s"]})
+            if "flops_per_real_token" in ft and "flops_per_real_token" in base:
+                # What the ratio would be if both sides ran their matmuls at the same FLOP/s: the limit of
+                # this data and batching, which only faster kernels on one side can pass.
+                rounds[-1]["ratio_at_equal_flops"] = base["flops_per_real_token"] / ft["flops_per_real_token"]
         ratio = math.exp(statistics.fmean(math.log(x["ratio"]) for x in rounds))
         comparisons[key] = {"title": title, "baseline": base_label, "target": target, "ratio": ratio,
                             "ratio_min": min(x["ratio"] for x in rounds), "ratio_max": max(x["ratio"] for x in rounds),
                             "rounds": rounds}
+        if all("ratio_at_equal_flops" in x for x in rounds):
+            comparisons[key]["ratio_at_equal_flops"] = math.exp(statistics.fmean(
+                math.log(x["ratio_at_equal_flops"]) for x in rounds))
         if target is not None:
             meeting = sum(x["ratio"] >= target for x in rounds)
             # Met only when every round meets it; rounds on both sides of the target leave it open.
@@ -491,6 +527,15 @@ def write_report(res: dict, md_path: Path) -> None:
                  + f" | {target} | {met} | {r0['ftcluster']['packing_efficiency']:.1%} / "
                  f"{r0['baseline']['packing_efficiency']:.1%} |")
     L.append("")
+    equal = [c for c in comps.values() if "ratio_at_equal_flops" in c]
+    if equal:
+        L.append("At equal speed per FLOP (both sides' matmuls at the same FLOP/s) these batches would give: "
+                 + "; ".join(f"comparison {c['title'][:1]} {c['ratio_at_equal_flops']:.2f}x" for c in equal)
+                 + ". That is the limit of the data and the batching: the real tokens per matmul FLOP of each side "
+                 "(6 FLOPs per weight per token; the decoder layers on every position, padding included; the output "
+                 "layer on the labelled positions for ftcluster, on every position for the Trainer; attention left "
+                 "out). A measured ratio above it means ftcluster's kernels ran faster per FLOP; the per-run matmul "
+                 "GFLOP/s are below.\n")
     L.append("Effective tokens/s per run, median (min-max) over the measured steps:\n")
     L.append("| comparison | round | ftcluster | baseline | ratio of medians | ratio of aggregates |")
     L.append("|---|---|---|---|---|---|")
@@ -501,14 +546,15 @@ def write_report(res: dict, md_path: Path) -> None:
     L.append("")
     L.append("Aggregate = sum of real tokens / sum of step times over the measured steps. Per run (peak RSS: the "
              "training process's: for ftcluster its rank, not the launcher around it):\n")
-    L.append("| run | median step time | real tokens / step | padded tokens / step | examples / step | peak RSS | "
-             "1-min load during the run |")
-    L.append("|---|---|---|---|---|---|---|")
+    L.append("| run | median step time | real tokens / step | padded tokens / step | examples / step | "
+             "matmul GFLOP/s | peak RSS | 1-min load during the run |")
+    L.append("|---|---|---|---|---|---|---|---|")
     for r in res["runs"]:
         f, ld = r["figures"], r["load1_during"]
         rss = f"{r['trainer_peak_rss_mib']:.0f} MiB" if r.get("trainer_peak_rss_mib") else "?"
+        gflops = f"{f['matmul_gflops_per_s']:.0f}" if "matmul_gflops_per_s" in f else "-"
         L.append(f"| {r['tag']} | {f['median_step_s'] * 1000:.0f} ms | {_f(f['real_tokens_per_step'])} | "
-                 f"{_f(f['padded_tokens_per_step'])} | {f['examples_per_step']:.1f} | {rss} | "
+                 f"{_f(f['padded_tokens_per_step'])} | {f['examples_per_step']:.1f} | {gflops} | {rss} | "
                  f"{ld.get('min', '?')}-{ld.get('max', '?')} (median {ld.get('median', '?')}) |")
     L.append("\nA baseline's step time is a whole loop iteration (on_step_end to on_step_end). Counting only "
              "on_step_begin to on_step_end (leaving out fetching and collating the step's micro-batches and the "
@@ -612,10 +658,21 @@ def write_report(res: dict, md_path: Path) -> None:
     md_path.write_text("\n".join(L))
 
 
+def pretrained_folder(model: str) -> Path:
+    """The converted folder of a conf/model/ name (SmolLM2: the bundled model, converted on first use)."""
+    from ftcluster.config import compose
+    from ftcluster.train.bundled import resolve_model_path
+
+    return Path(resolve_model_path(compose([f"model={model}"]).model.path))
+
+
 def rewrite_report(json_path: Path, notes: list[str]) -> None:
     """Recompute the summaries of a finished measurement from its raw figures and rewrite .json and .md."""
     res = json.loads(json_path.read_text())
     res["notes"] = [*res.get("notes", []), *notes]
+    if "matmul_weights" not in res:  # measured before the report had them: the model's shape gives them
+        model = res["settings"].get("model", "tiny")
+        res["matmul_weights"] = matmul_weights(TINY if model == "tiny" else pretrained_folder(model))
     summarize(res)
     json_path.write_text(json.dumps(res, indent=1) + "\n")
     write_report(res, json_path.with_suffix(".md"))
@@ -671,10 +728,7 @@ def main() -> int:
     if a.model == "tiny":
         model_dir = Path(materialize_random_init(str(TINY), work / "init_model", a.seed))
     else:
-        from ftcluster.config import compose as compose_model
-        from ftcluster.train.bundled import resolve_model_path
-
-        model_dir = Path(resolve_model_path(compose_model([f"model={a.model}"]).model.path))
+        model_dir = pretrained_folder(a.model)
     tokenizer = load_tokenizer(str(model_dir))
     data_path = work / "train.jsonl"
     lengths = build_dataset(data_path, a.records, a.min_len, a.max_len, a.max_seq_len, a.seed, tokenizer)
@@ -730,6 +784,7 @@ def main() -> int:
                     "prepared_packed": packed_stats,
                     "same_fingerprint": ft_u1["data_stats"]["fingerprint"] == hf_stats["fingerprint"]},
         "notes": list(a.note),
+        "matmul_weights": matmul_weights(model_dir),
         "runs": runs,
     }
     if not res["dataset"]["same_fingerprint"]:
