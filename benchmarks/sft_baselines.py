@@ -43,7 +43,9 @@ its default seeded random sampler, as ftcluster's loader shuffles its own.
 Measured per optimizer step, after the first --warmup steps (start-up excluded: model load, Ray start, TRL's
 data preparation):
   effective tokens/s = real (non-padding) tokens of the step / step time, and
-  packing efficiency  = real tokens / (rows x padded width), summed over the measured micro-batches.
+  packing efficiency  = real tokens / (rows x padded width), summed over the measured micro-batches, and
+  against the Trainer, the ratio at equal speed per FLOP = the Trainer's matmul FLOPs per real token / ftcluster's
+  (step_flops): the limit of the data and batching when both sides' kernels run equally fast.
 ftcluster's figures come from its own output_dir/metrics.jsonl (`tokens_per_s`: real tokens over the time of
 loader + forward/backward/optimizer, see ftcluster/stages/sft.py); the padded widths are recomputed with
 ftcluster's loader over the rows it prepared. A baseline's step time is one whole iteration of its loop
