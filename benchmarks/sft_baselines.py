@@ -354,8 +354,12 @@ ARGS_SHOWN = ("max_steps", "per_device_train_batch_size", "gradient_accumulation
 # ----------------------------------------------------------------------------------------------------------
 # Figures
 
+def _measured(run: dict, warmup: int) -> list[dict]:
+    return [s for s in run["steps"] if s["step"] > warmup]
+
+
 def figures(run: dict, warmup: int) -> dict:
-    measured = [s for s in run["steps"] if s["step"] > warmup]
+    measured = _measured(run, warmup)
     rates = [s["tokens_per_s"] for s in measured]
     real, processed = sum(s["real"] for s in measured), sum(s["processed"] for s in measured)
     out = {"steps": len(measured), "median_tokens_per_s": statistics.median(rates), "min_tokens_per_s": min(rates),
@@ -389,7 +393,7 @@ def step_flops(step: dict, weights: dict, side: str) -> int:
 
 def work_figures(run: dict, warmup: int, weights: dict) -> dict:
     """The measured steps' matmul FLOPs per real token, and the matmul FLOP/s the run reached."""
-    measured = [s for s in run["steps"] if s["step"] > warmup]
+    measured = _measured(run, warmup)
     flops = sum(step_flops(s, weights, run["side"]) for s in measured)
     return {"flops_per_real_token": flops / sum(s["real"] for s in measured),
             "matmul_gflops_per_s": flops / sum(s["time_s"] for s in measured) / 1e9}
